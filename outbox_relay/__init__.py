@@ -1,0 +1,1 @@
+"""The outbox relay: delivers outbox events as signed HTTP callbacks."""

@@ -1,0 +1,192 @@
+"""The `payment-service` command: one entry point for every process the service runs.
+
+Each subcommand imports what it needs when it runs, so `--help` is instant and the relay's
+commands never load the HTTP stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+from payment_service import __version__
+from payment_service.config import ConfigurationError, Settings, load_settings
+from payment_service.logs import configure_logging
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _database_settings() -> Settings:
+    settings = _settings()
+    settings.dsn()  # fails with a clear message when no database is configured
+    return settings
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from payment_service.supervisor import run_all
+
+    return run_all(_settings(), with_relay=not args.no_relay)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import serve
+
+    settings = _database_settings()
+    return serve(settings, host=args.host, port=args.port, workers=args.workers)
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from outbox_relay.main import run_relay
+
+    return run_relay(_database_settings())
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from payment_service.database import wait_for_database
+    from payment_service.migrations import migrate
+
+    settings = _database_settings()
+
+    async def _migrate() -> list[int]:
+        conn = await wait_for_database(settings.dsn(), timeout=args.wait)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(_migrate())
+    if applied:
+        print(f"applied migration(s): {', '.join(f'{v:04d}' for v in applied)}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def cmd_outbox_stats(args: argparse.Namespace) -> int:
+    from outbox_relay.admin import outbox_stats
+
+    return outbox_stats(_database_settings(), as_json=args.json)
+
+
+def cmd_outbox_dead(args: argparse.Namespace) -> int:
+    from outbox_relay.admin import outbox_dead
+
+    return outbox_dead(_database_settings(), limit=args.limit, as_json=args.json)
+
+
+def cmd_outbox_replay(args: argparse.Namespace) -> int:
+    from outbox_relay.admin import outbox_replay
+
+    return outbox_replay(_database_settings(), event_id=args.event_id, dead=args.dead)
+
+
+def cmd_notification_sink(args: argparse.Namespace) -> int:
+    from payment_service.sink import run_sink
+
+    settings = _settings()
+    return run_sink(settings, args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from payment_service.check import run_check
+
+    return run_check(_database_settings(), as_json=args.json)
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="payment-service",
+        description=(
+            "Payments, refunds and the transactional outbox of the ride-hailing platform. "
+            "Configuration comes from environment variables (and .env); see .env.example."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+            parent: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
+            ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = add(
+        "run",
+        cmd_run,
+        "Run everything locally: an embedded PostgreSQL under PAYMENT_SERVICE_DATA_DIR when no "
+        "database is configured, migrations, then the API and the relay as supervised processes. "
+        "Ctrl-C stops all.",
+    )
+    run.add_argument("--no-relay", action="store_true", help="start the API only")
+
+    serve = add("serve", cmd_serve, "Serve the HTTP API with Hypercorn.")
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")  # noqa: S104
+    serve.add_argument("--port", type=int, help="port (default SERVICE_PORT, 8082)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+
+    add("relay", cmd_relay, "Deliver outbox events to the Notification Service.")
+
+    migrate = add(
+        "migrate",
+        cmd_migrate,
+        "Apply pending migrations under an advisory lock (safe from many replicas at once).",
+    )
+    migrate.add_argument(
+        "--wait", type=float, default=60, help="seconds to wait for the database (default 60)"
+    )
+
+    outbox = commands.add_parser(
+        "outbox", help="Operate the outbox.", description="Operate the outbox."
+    )
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
+    stats = add("stats", cmd_outbox_stats, "Counts by status and the oldest pending age.",
+                outbox_commands)
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    dead = add("dead", cmd_outbox_dead, "List dead events.", outbox_commands)
+    dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    dead.add_argument("--json", action="store_true", help="machine-readable output")
+    replay = add("replay", cmd_outbox_replay, "Put dead events back in line for delivery.",
+                 outbox_commands)
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event-id", help="the event_id (uuid) of one dead event")
+    which.add_argument("--dead", action="store_true", help="every dead event")
+
+    sink = add(
+        "notification-sink",
+        cmd_notification_sink,
+        "A stand-in Notification Service: receives callbacks, verifies signatures, prints events.",
+    )
+    sink.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sink.add_argument("--port", type=int, default=8085, help="port (default 8085)")
+
+    check = add(
+        "check",
+        cmd_check,
+        "Check the database's consistency: events, idempotency records and refund sums.",
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigurationError as error:
+        print(f"payment-service: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

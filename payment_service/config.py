@@ -1,0 +1,179 @@
+"""Typed configuration, read once from the environment (and `.env`) at start-up."""
+
+from __future__ import annotations
+
+import base64
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PAYMENT_METHODS = ("CARD", "UPI", "WALLET", "CASH", "NETBANKING")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class ConfigurationError(Exception):
+    """The configuration is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the API, the relay and the commands.
+
+    Field names are the environment variables, case-insensitively. `DATABASE_URL` wins over the
+    `DB_*` parts; with neither, only `payment-service run` works (it starts an embedded database).
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str | None = None
+    db_host: str | None = None
+    db_port: int = Field(default=5432, ge=1, le=65535)
+    db_name: str = "postgres"
+    db_user: str = "postgres"
+    db_pass: str | None = Field(default=None, repr=False)
+    db_pool_min: int = Field(default=2, ge=0, le=1000)
+    db_pool_max: int = Field(default=10, ge=1, le=1000)
+
+    service_port: int = Field(default=8082, ge=1, le=65535)
+    api_prefix: str = ""
+    idempotency_key_ttl: int = Field(default=86400, ge=1)
+
+    trip_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8081")
+    driver_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8083")
+    rider_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8084")
+    notification_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8085")
+    notification_callback_path: str = "/notifications"
+    callback_signing_secret: str | None = Field(default=None, repr=False)
+
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(default=(), repr=False)
+    async_methods: Annotated[tuple[str, ...], NoDecode] = ()
+    default_currency: str = "INR"
+    max_payment_amount: Decimal = Field(default=Decimal("1000000.00"), gt=0, le=Decimal("9999999999.99"))
+
+    environment: Literal["development", "test", "staging", "production"] = "development"
+    debug: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    relay_batch_size: int = Field(default=100, ge=1, le=10000)
+    relay_concurrency: int = Field(default=32, ge=1, le=1000)
+    relay_lease_seconds: float = Field(default=30, gt=0)
+    relay_max_attempts: int = Field(default=12, ge=1, le=100)
+    relay_poll_interval: float = Field(default=1.0, gt=0)
+    relay_request_timeout: float = Field(default=10, gt=0)
+    relay_metrics_port: int = Field(default=9102, ge=0, le=65535)
+    outbox_retention_hours: float = Field(default=168, ge=0)
+
+    payment_service_data_dir: Path = Path(".data")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_keys", "async_methods", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("async_methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(method.upper() for method in value)
+        unknown = sorted(set(methods) - set(PAYMENT_METHODS))
+        if unknown:
+            raise ValueError(f"unknown payment method(s) {unknown}; use {list(PAYMENT_METHODS)}")
+        return methods
+
+    @field_validator("default_currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if not _CURRENCY.match(value):
+            raise ValueError("must be three upper-case letters (ISO 4217)")
+        return value
+
+    @field_validator("api_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError("must look like /v1 (a path starting with '/')")
+        return value
+
+    @field_validator("notification_callback_path")
+    @classmethod
+    def _callback_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("callback_signing_secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith("whsec_"):
+            raise ValueError("must be 'whsec_' followed by base64 (Standard Webhooks format)")
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            raise ValueError("the part after 'whsec_' is not valid base64") from None
+        if len(key) < 24:
+            raise ValueError("the key must be at least 24 random bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
+        if self.environment == "production":
+            if not self.api_keys:
+                raise ValueError("API_KEYS must be set when ENVIRONMENT=production")
+            if not self.callback_signing_secret:
+                raise ValueError("CALLBACK_SIGNING_SECRET must be set when ENVIRONMENT=production")
+        return self
+
+    @property
+    def has_database(self) -> bool:
+        return bool(self.database_url or self.db_host)
+
+    def dsn(self) -> str:
+        """The database address: `DATABASE_URL`, else one built from the `DB_*` parts."""
+        if self.database_url:
+            return self.database_url
+        if not self.db_host:
+            raise ConfigurationError(
+                "DATABASE_URL (or DB_HOST and friends) is not set; set it, or use "
+                "'payment-service run', which starts an embedded PostgreSQL"
+            )
+        auth = quote(self.db_user, safe="")
+        if self.db_pass:
+            auth += ":" + quote(self.db_pass, safe="")
+        return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
+
+    @property
+    def notification_url(self) -> str:
+        return str(self.notification_service_url).rstrip("/") + self.notification_callback_path
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation error into one line that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = "_".join(str(part) for part in first["loc"]).upper()
+        message = first["msg"].removeprefix("Value error, ")
+        where = f"{loc}: " if loc else ""
+        raise ConfigurationError(f"invalid configuration: {where}{message}") from None

@@ -1,0 +1,76 @@
+"""Connections to PostgreSQL: one asyncpg pool per process, and the errors that mean "down"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import asyncpg
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+logger = logging.getLogger(__name__)
+
+# Errors that say "the database cannot be reached right now", as opposed to a bug in a query.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+CONNECT_TIMEOUT_SECONDS = 5
+COMMAND_TIMEOUT_SECONDS = 15
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb comes back as text (passed through to clients untouched) and goes in from Python
+    # objects; json.dumps never sees a float because amounts are numeric strings or Decimals.
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=lambda text: text, schema="pg_catalog"
+    )
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        **kwargs,
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
+    await _init_connection(conn)
+    return conn
+
+
+async def wait_for_database(dsn: str, *, timeout: float = 60) -> asyncpg.Connection:
+    """Connect, retrying while the database is starting (compose, a fresh container)."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(UNAVAILABLE_ERRORS),
+        wait=wait_exponential(multiplier=0.1, max=2),
+        stop=stop_after_delay(timeout),
+        before_sleep=before_sleep_log(logger, logging.INFO),
+        reraise=True,
+    ):
+        with attempt:
+            return await connect(dsn)
+    raise AssertionError("unreachable")
