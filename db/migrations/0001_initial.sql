@@ -159,3 +159,16 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'reference',   p.reference
     )
 $$;
+
+-- The JSON document of a refund, as GET /payments/{id} and /payments/{id}/refunds answer it.
+CREATE FUNCTION refund_json(r payment_refunds) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'refund_id',  r.refund_id,
+        'payment_id', r.payment_id,
+        'amount',     r.amount,
+        'status',     r.status,
+        'metadata',   r.metadata,
+        'created_at', r.created_at
+    )
+$$;
