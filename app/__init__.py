@@ -1,1 +1,221 @@
-"""The HTTP API of the Payment Service (Quart on Hypercorn)."""
+"""The HTTP API of the Payment Service (Quart on Hypercorn).
+
+`create_app(settings)` builds the application; nothing connects or reads the environment at import
+time. The database pool opens when the server starts serving and closes when it stops.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from quart import Response, g, request
+from quart_schema import QuartSchema, hide
+from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
+from werkzeug.exceptions import HTTPException
+
+from app.context import PaymentApp
+from app.errors import APIError, database_unavailable, problem_body, problem_document
+from app.metrics import Metrics
+from app.models import MAX_BODY_BYTES, Health
+from app.routes import blueprint
+from payment_service import SERVICE_NAME, __version__
+from payment_service.config import Settings
+from payment_service.database import UNAVAILABLE_ERRORS, create_pool
+from payment_service.migrations import pending_check
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("payment_service.access")
+
+HEALTH_TIMEOUT_SECONDS = 2.0
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_HTTP_CODES = {
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+class _ProblemAwareOpenAPI(OpenAPIProvider):
+    """Error responses are documented as application/problem+json, as they are sent."""
+
+    _cached: dict[str, Any] | None = None
+
+    def schema(self) -> dict[str, Any]:
+        if self._cached is None:
+            document = super().schema()
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    for status, response in operation.get("responses", {}).items():
+                        content = response.get("content", {})
+                        if int(status) >= 400 and "application/json" in content:
+                            content["application/problem+json"] = content.pop("application/json")
+            self._cached = document
+        return self._cached
+
+
+def create_app(settings: Settings) -> PaymentApp:
+    app = PaymentApp(__name__)
+    app.settings = settings
+    app.metrics = Metrics()
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    QuartSchema(
+        app,
+        info=Info(title="Payment Service", version=__version__),
+        security_schemes={"bearer": HttpSecurityScheme(scheme="bearer")}
+        if settings.api_keys
+        else None,
+        security=[{"bearer": []}] if settings.api_keys else None,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        openapi_provider_class=_ProblemAwareOpenAPI,
+    )
+    app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
+    _install_lifecycle(app)
+    _install_request_hooks(app)
+    _install_error_handlers(app)
+    _install_operational_routes(app)
+    return app
+
+
+def _install_lifecycle(app: PaymentApp) -> None:
+    @app.before_serving
+    async def open_pool() -> None:
+        settings = app.settings
+        app._pool = await create_pool(
+            settings.dsn(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        async with app.connection() as conn:
+            await pending_check(conn)
+        if not settings.callback_signing_secret:
+            logger.warning("CALLBACK_SIGNING_SECRET is unset: callbacks will be unsigned")
+        logger.info("API ready", extra={"api_prefix": settings.api_prefix or "/"})
+
+    @app.after_serving
+    async def close_pool() -> None:
+        if app._pool is not None:
+            await app._pool.close()
+            app._pool = None
+
+
+def _install_request_hooks(app: PaymentApp) -> None:
+    protected = (app.settings.api_prefix + "/payments").encode()
+    keys = [key.encode() for key in app.settings.api_keys]
+
+    @app.before_request
+    async def start() -> None:
+        g.started = time.perf_counter()
+        sent = request.headers.get("X-Request-ID", "")
+        g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
+        if keys and request.path.encode().startswith(protected):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(token.strip().encode(), key) for key in keys
+            ):
+                raise APIError(
+                    401,
+                    "UNAUTHORIZED",
+                    "Send a valid API key as 'Authorization: Bearer <key>'.",
+                    headers={"WWW-Authenticate": 'Bearer realm="payment-service"'},
+                )
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        elapsed = time.perf_counter() - getattr(g, "started", time.perf_counter())
+        app.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        app.metrics.latency.labels(route, request.method).observe(elapsed)
+        if response.status_code == 409:
+            app.metrics.conflicts.labels(getattr(g, "error_code", "CONFLICT")).inc()
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "route": route,
+                    "status": response.status_code,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+        return response
+
+
+def _problem_response(error: APIError) -> Response:
+    g.error_code = error.code
+    response = Response(
+        problem_body(error.problem()),
+        status=error.status,
+        content_type="application/problem+json",
+    )
+    response.headers.update(error.headers)
+    return response
+
+
+def _install_error_handlers(app: PaymentApp) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError) -> Response:
+        return _problem_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, "HTTP_ERROR")
+        detail = {
+            404: "No such resource.",
+            405: "This method is not allowed on this resource.",
+            413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
+        }.get(status, error.description or "")
+        return _problem_response(APIError(status, code, detail))
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        if isinstance(error, UNAVAILABLE_ERRORS):
+            logger.warning("database unavailable", extra={"error": type(error).__name__})
+            return _problem_response(database_unavailable())
+        logger.exception("unhandled error", extra={"request_id": getattr(g, "request_id", None)})
+        return _problem_response(
+            APIError(500, "INTERNAL_ERROR", "An unexpected error occurred; it has been logged.")
+        )
+
+
+def _install_operational_routes(app: PaymentApp) -> None:
+    @app.get("/health")
+    @hide
+    async def health() -> tuple[dict[str, Any], int]:
+        database = "ok"
+        try:
+            async with app.connection() as conn:
+                await conn.fetchval("SELECT 1", timeout=HEALTH_TIMEOUT_SECONDS)
+        except Exception as error:  # any failure to answer is "unhealthy"
+            logger.warning("health check failed", extra={"error": type(error).__name__})
+            database = "unavailable"
+        document = Health(
+            status="healthy" if database == "ok" else "unhealthy",
+            service=SERVICE_NAME,
+            version=__version__,
+            checks={"database": database},
+        )
+        return document.model_dump(), 200 if database == "ok" else 503
+
+    @app.get("/health/live")
+    @hide
+    async def live() -> dict[str, str]:
+        return {"status": "alive", "service": SERVICE_NAME}
+
+    @app.get("/metrics")
+    @hide
+    async def metrics() -> Response:
+        return Response(app.metrics.render(), content_type=app.metrics.content_type)
+
+
+__all__ = ["create_app", "problem_document"]

@@ -112,9 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
-            parent: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
-            ) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+        parent: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
+    ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
         return sub
@@ -148,14 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         "outbox", help="Operate the outbox.", description="Operate the outbox."
     )
     outbox_commands = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
-    stats = add("stats", cmd_outbox_stats, "Counts by status and the oldest pending age.",
-                outbox_commands)
+    stats = add(
+        "stats", cmd_outbox_stats, "Counts by status and the oldest pending age.", outbox_commands
+    )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     dead = add("dead", cmd_outbox_dead, "List dead events.", outbox_commands)
     dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     dead.add_argument("--json", action="store_true", help="machine-readable output")
-    replay = add("replay", cmd_outbox_replay, "Put dead events back in line for delivery.",
-                 outbox_commands)
+    replay = add(
+        "replay", cmd_outbox_replay, "Put dead events back in line for delivery.", outbox_commands
+    )
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--event-id", help="the event_id (uuid) of one dead event")
     which.add_argument("--dead", action="store_true", help="every dead event")

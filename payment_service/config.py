@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(default=(), repr=False)
     async_methods: Annotated[tuple[str, ...], NoDecode] = ()
     default_currency: str = "INR"
-    max_payment_amount: Decimal = Field(default=Decimal("1000000.00"), gt=0, le=Decimal("9999999999.99"))
+    max_payment_amount: Decimal = Field(
+        default=Decimal("1000000.00"), gt=0, le=Decimal("9999999999.99")
+    )
 
     environment: Literal["development", "test", "staging", "production"] = "development"
     debug: bool = False

@@ -32,6 +32,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONNECT_TIMEOUT_SECONDS = 5
 COMMAND_TIMEOUT_SECONDS = 15
+# A request waits at most this long for a pooled connection before answering 503.
+ACQUIRE_TIMEOUT_SECONDS = 5
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -78,8 +78,14 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(SYSTEM_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 SYSTEM_USER],
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    SYSTEM_USER,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -112,11 +118,13 @@ class EmbeddedPostgres:
         logger.info("initialising embedded PostgreSQL", extra={"data_dir": str(self.data_dir)})
         self._run(
             "initdb",
-            "-D", str(self.data_dir),
+            "-D",
+            str(self.data_dir),
             "--auth=trust",
             "--encoding=UTF8",
             "--locale=C",
-            "-U", "postgres",
+            "-U",
+            "postgres",
         )
 
     def running(self) -> bool:
@@ -148,10 +156,14 @@ class EmbeddedPostgres:
             "pg_ctl",
             "start",
             "-w",
-            "-t", str(START_TIMEOUT_SECONDS),
-            "-D", str(self.data_dir),
-            "-l", str(self.data_dir / "server.log"),
-            "-o", " ".join(options),
+            "-t",
+            str(START_TIMEOUT_SECONDS),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.data_dir / "server.log"),
+            "-o",
+            " ".join(options),
             timeout=START_TIMEOUT_SECONDS + 10,
         )
 
@@ -176,8 +188,20 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        return self._run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                         "-d", self.dsn(database), "-c", sql, timeout=60)
+        return self._run(
+            "psql",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            self.dsn(database),
+            "-c",
+            sql,
+            timeout=60,
+        )
 
     def ensure_database(self, name: str) -> None:
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").strip()

@@ -1,0 +1,32 @@
+"""The Quart application type of the API: settings, pool and metrics as typed attributes."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import asyncpg
+from asyncpg.pool import PoolAcquireContext
+from quart import Quart, current_app
+
+from app.metrics import Metrics
+from payment_service.config import Settings
+from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
+
+
+class PaymentApp(Quart):
+    settings: Settings
+    metrics: Metrics
+    _pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the database pool is opened when the server starts serving")
+        return self._pool
+
+    def connection(self) -> PoolAcquireContext:
+        return self.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)
+
+
+def current_payment_app() -> PaymentApp:
+    return cast(PaymentApp, current_app._get_current_object())  # type: ignore[attr-defined]

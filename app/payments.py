@@ -1,0 +1,250 @@
+"""SQL for the payments table. Functions take the connection first; the caller owns the transaction.
+
+The write statements are single statements with data-modifying CTEs: the payment, its outbox event,
+the idempotency row with its answer and the NOTIFY go to PostgreSQL in one round trip and are
+atomic even without an explicit transaction. Documents are built by the SQL functions of the
+schema (`payment_json`, `payment_event_json`) and come back as jsonb text, sent as is.
+"""
+
+from __future__ import annotations
+
+import secrets
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from app.idempotency import IdempotencyKey
+from payment_service import OUTBOX_CHANNEL
+
+EVENT_FOR_STATUS = {
+    "SUCCESS": "payment.succeeded",
+    "PENDING": "payment.pending",
+    "FAILED": "payment.failed",
+}
+
+
+def new_reference_suffix() -> str:
+    """The random part of `PAY-YYYYMMDD-<8 hex>`; the date comes from the database clock."""
+    return secrets.token_hex(4)
+
+
+async def insert_payment(
+    conn: asyncpg.Connection,
+    *,
+    key: IdempotencyKey,
+    request_path: str,
+    request_fingerprint: str,
+    ttl_seconds: int,
+    trip_id: int,
+    amount: Decimal,
+    currency: str,
+    method: str,
+    status: str,
+    metadata: dict[str, Any],
+    extra_fields: dict[str, Any],
+    response_status: int,
+) -> tuple[bool, str | None]:
+    """Insert a payment, its outbox event and the key's stored answer, if the key's lock is free.
+
+    Returns (acquired, body): acquired is False when another transaction holds the key's lock
+    (nothing was written). Unique violations (key already stored, trip already charged,
+    reference collision) propagate as asyncpg.UniqueViolationError.
+    """
+    row = await conn.fetchrow(
+        """
+        WITH lock AS (
+            SELECT pg_try_advisory_xact_lock($1) AS acquired
+        ), payment AS (
+            INSERT INTO payments
+                   (trip_id, amount, currency, method, status, reference, idempotency_hash,
+                    metadata)
+            SELECT $3, $4, $5, $6, $7,
+                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $8,
+                   $2, $9
+              FROM lock
+             WHERE lock.acquired
+         RETURNING payments
+        ), event AS (
+            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
+            SELECT e.event_id, $10::text, (p.payments).payment_id,
+                   payment_event_json(p.payments, e.event_id, $10::text)
+              FROM payment AS p
+             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
+        ), answer AS (
+            SELECT payment_json(p.payments) || $11::jsonb AS body
+              FROM payment AS p
+        ), stored AS (
+            INSERT INTO idempotency_keys
+                   (key_hash, request_path, request_fingerprint, response_status, response_data,
+                    expires_at)
+            SELECT $2, $12, $13, $14, answer.body, now() + make_interval(secs => $15)
+              FROM answer
+        )
+        SELECT lock.acquired,
+               (SELECT body FROM answer) AS body,
+               (SELECT pg_notify($16, '') FROM answer) AS notified
+          FROM lock
+        """,
+        key.lock_id,
+        key.key_hash,
+        trip_id,
+        amount,
+        currency,
+        method,
+        status,
+        new_reference_suffix(),
+        metadata,
+        EVENT_FOR_STATUS[status],
+        extra_fields,
+        request_path,
+        request_fingerprint,
+        response_status,
+        ttl_seconds,
+        OUTBOX_CHANNEL,
+    )
+    assert row is not None
+    return row["acquired"], row["body"]
+
+
+async def select_live_payment_for_trip(conn: asyncpg.Connection, *, trip_id: int) -> int | None:
+    """The trip's PENDING/SUCCESS/refunded payment, if any (FAILED ones do not count)."""
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        """
+        SELECT payment_id
+          FROM payments
+         WHERE trip_id = $1
+           AND status <> 'FAILED'
+        """,
+        trip_id,
+    )
+
+
+async def select_payment_for_update(
+    conn: asyncpg.Connection, *, payment_id: int
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """
+        SELECT payment_id, status, amount, refunded_amount, currency
+          FROM payments
+         WHERE payment_id = $1
+           FOR UPDATE
+        """,
+        payment_id,
+    )
+
+
+async def update_payment_settlement(
+    conn: asyncpg.Connection,
+    *,
+    key: IdempotencyKey,
+    request_path: str,
+    request_fingerprint: str,
+    ttl_seconds: int,
+    payment_id: int,
+    status: str,
+    gateway_reference: str | None,
+    failure_reason: str | None,
+) -> str:
+    """Settle a PENDING payment (locked by the caller): status, outbox event, stored answer."""
+    body = await conn.fetchval(
+        """
+        WITH payment AS (
+            UPDATE payments
+               SET status = $2,
+                   gateway_reference = $3,
+                   failure_reason = $4,
+                   updated_at = now()
+             WHERE payment_id = $1
+         RETURNING payments
+        ), event AS (
+            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
+            SELECT e.event_id, $5::text, (p.payments).payment_id,
+                   payment_event_json(p.payments, e.event_id, $5::text)
+              FROM payment AS p
+             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
+        ), answer AS (
+            SELECT payment_json(p.payments) AS body
+              FROM payment AS p
+        ), stored AS (
+            INSERT INTO idempotency_keys
+                   (key_hash, request_path, request_fingerprint, response_status, response_data,
+                    expires_at)
+            SELECT $6, $7, $8, 200, answer.body, now() + make_interval(secs => $9)
+              FROM answer
+        )
+        SELECT answer.body, pg_notify($10, '')
+          FROM answer
+        """,
+        payment_id,
+        status,
+        gateway_reference,
+        failure_reason,
+        EVENT_FOR_STATUS[status],
+        key.key_hash,
+        request_path,
+        request_fingerprint,
+        ttl_seconds,
+        OUTBOX_CHANNEL,
+    )
+    return body  # type: ignore[no-any-return]
+
+
+async def select_payment_document(conn: asyncpg.Connection, *, payment_id: int) -> str | None:
+    """GET /payments/{id}: the payment with its refunds, oldest refund first."""
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        """
+        SELECT payment_json(p) || jsonb_build_object(
+                   'refunds', coalesce((SELECT jsonb_agg(refund_json(r) ORDER BY r.refund_id)
+                                          FROM payment_refunds AS r
+                                         WHERE r.payment_id = p.payment_id), '[]'::jsonb))
+          FROM payments AS p
+         WHERE p.payment_id = $1
+        """,
+        payment_id,
+    )
+
+
+async def select_payments_page(
+    conn: asyncpg.Connection,
+    *,
+    trip_id: int | None,
+    status: str | None,
+    limit: int,
+    starting_after: int | None,
+) -> str:
+    """GET /payments: newest first, keyset pagination on payment_id."""
+    conditions = []
+    args: list[Any] = []
+    for column, operator, value in (
+        ("trip_id", "=", trip_id),
+        ("status", "=", status),
+        ("payment_id", "<", starting_after),
+    ):
+        if value is not None:
+            args.append(value)
+            conditions.append(f"p.{column} {operator} ${len(args)}")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    limit_arg, fetch_arg = len(args) + 1, len(args) + 2
+    # One row more than asked tells whether there is a next page.
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        f"""
+        WITH page AS (
+            SELECT p
+              FROM payments AS p
+              {where}
+             ORDER BY p.payment_id DESC
+             LIMIT ${fetch_arg}
+        )
+        SELECT jsonb_build_object(
+                   'data', coalesce((SELECT jsonb_agg(payment_json(shown.p)
+                                                      ORDER BY (shown.p).payment_id DESC)
+                                       FROM (SELECT p FROM page
+                                              ORDER BY (p).payment_id DESC
+                                              LIMIT ${limit_arg}) AS shown), '[]'::jsonb),
+                   'has_more', (SELECT count(*) FROM page) > ${limit_arg})
+        """,
+        *args,
+        limit,
+        limit + 1,
+    )

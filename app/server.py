@@ -1,0 +1,49 @@
+"""`payment-service serve`: the API under Hypercorn, in one or more worker processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hypercorn.config import Config
+from hypercorn.run import run
+
+from payment_service.config import Settings
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_TIMEOUT_SECONDS = 10
+KEEP_ALIVE_SECONDS = 75
+
+
+def hypercorn_config(settings: Settings, *, host: str, port: int, workers: int) -> Config:
+    config = Config()
+    config.application_path = "app.asgi:build()"
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    # One process serves in place; more are spawned by Hypercorn and share the socket.
+    config.workers = 0 if workers <= 1 else workers
+    config.worker_class = "uvloop" if _has_uvloop() else "asyncio"
+    config.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
+    config.backlog = 2048
+    config.accesslog = None  # the app writes its own JSON access log
+    config.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
+    return config
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def serve(settings: Settings, *, host: str, port: int | None, workers: int) -> int:
+    port = port or settings.service_port
+    if workers < 1:
+        raise SystemExit("payment-service serve: --workers must be at least 1")
+    # Workers are separate processes that read their settings from the environment again.
+    os.environ.setdefault("SERVICE_PORT", str(port))
+    logger.info("serving", extra={"host": host, "port": port, "workers": workers})
+    return run(hypercorn_config(settings, host=host, port=port, workers=workers))

@@ -1,0 +1,244 @@
+"""The operations behind the write endpoints. Each owns its transaction.
+
+The common case of a new payment is one statement (one round trip): `insert_payment` takes the
+key's advisory lock, writes payment + outbox event + key with its answer, and NOTIFYs. Anything
+unusual (the key already used or expired, the trip already charged, a reference collision)
+surfaces as a unique violation and takes the careful path: an explicit transaction that claims
+the key first and decides under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from app import payments, refunds
+from app.errors import APIError
+from app.idempotency import (
+    IdempotencyKey,
+    StoredResponse,
+    claim_key,
+    insert_key_response,
+    key_in_progress,
+)
+from app.models import CreatePayment, CreateRefund, Settle
+from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
+
+logger = logging.getLogger(__name__)
+
+# A unique violation means another writer got there first; after it, the careful path decides
+# under the key's lock. Two more rounds cover a reference collision on top of a race.
+CAREFUL_ATTEMPTS = 3
+PENDING_MESSAGE = "Payment accepted for processing"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What an operation needs to know about its idempotency key."""
+
+    key: IdempotencyKey
+    path: str
+    fingerprint: str
+    ttl_seconds: int
+
+
+def _replay(stored: StoredResponse) -> Outcome:
+    return Outcome(stored.status, stored.body, replayed=True)
+
+
+async def _store_business_error(conn: asyncpg.Connection, guard: Guard, error: APIError) -> Outcome:
+    stored = await insert_key_response(
+        conn,
+        key=guard.key,
+        path=guard.path,
+        request_fingerprint=guard.fingerprint,
+        ttl_seconds=guard.ttl_seconds,
+        status=error.status,
+        body=error.problem(),
+    )
+    return Outcome(stored.status, stored.body)
+
+
+# -- payments ------------------------------------------------------------------------------------
+async def create_payment(
+    pool: asyncpg.Pool,
+    request: CreatePayment,
+    *,
+    guard: Guard,
+    currency: str,
+    asynchronous: bool,
+) -> Outcome:
+    status, response_status = ("PENDING", 202) if asynchronous else ("SUCCESS", 200)
+    extra = {"message": PENDING_MESSAGE} if asynchronous else {}
+    arguments: dict[str, Any] = {
+        "key": guard.key,
+        "request_path": guard.path,
+        "request_fingerprint": guard.fingerprint,
+        "ttl_seconds": guard.ttl_seconds,
+        "trip_id": request.trip_id,
+        "amount": request.amount,
+        "currency": currency,
+        "method": request.method,
+        "status": status,
+        "metadata": request.metadata or {},
+        "extra_fields": extra,
+        "response_status": response_status,
+    }
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+        try:
+            acquired, body = await payments.insert_payment(conn, **arguments)
+        except asyncpg.UniqueViolationError:
+            pass  # the careful path below finds out which and answers accordingly
+        else:
+            if not acquired:
+                raise key_in_progress()
+            assert body is not None
+            return Outcome(response_status, body)
+
+        for attempt in range(CAREFUL_ATTEMPTS):
+            try:
+                async with conn.transaction():
+                    stored = await claim_key(
+                        conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
+                    )
+                    if stored is not None:
+                        return _replay(stored)
+                    charged = await payments.select_live_payment_for_trip(
+                        conn, trip_id=request.trip_id
+                    )
+                    if charged is not None:
+                        return await _store_business_error(
+                            conn, guard, trip_already_charged(charged)
+                        )
+                    acquired, body = await payments.insert_payment(conn, **arguments)
+                    assert acquired and body is not None
+                    return Outcome(response_status, body)
+            except asyncpg.UniqueViolationError as error:
+                logger.info(
+                    "payment insert raced; deciding again",
+                    extra={"constraint": error.constraint_name, "attempt": attempt + 1},
+                )
+        raise APIError(
+            503,
+            "CONFLICT_RETRY",
+            "Too much contention; retry with the same key.",
+            headers={"Retry-After": "1"},
+        )
+
+
+def trip_already_charged(payment_id: int) -> APIError:
+    return APIError(
+        409,
+        "TRIP_ALREADY_CHARGED",
+        f"Trip already has payment {payment_id}; a trip is charged at most once.",
+        payment_id=payment_id,
+    )
+
+
+async def settle_payment(
+    pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
+) -> Outcome:
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
+        stored = await claim_key(
+            conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
+        )
+        if stored is not None:
+            return _replay(stored)
+        payment = await payments.select_payment_for_update(conn, payment_id=payment_id)
+        if payment is None:
+            raise payment_not_found(payment_id)
+        if payment["status"] != "PENDING":
+            return await _store_business_error(
+                conn,
+                guard,
+                APIError(
+                    409,
+                    "PAYMENT_NOT_PENDING",
+                    f"Payment {payment_id} is {payment['status']}; only a PENDING payment "
+                    "can be settled.",
+                    payment_status=payment["status"],
+                ),
+            )
+        body = await payments.update_payment_settlement(
+            conn,
+            key=guard.key,
+            request_path=guard.path,
+            request_fingerprint=guard.fingerprint,
+            ttl_seconds=guard.ttl_seconds,
+            payment_id=payment_id,
+            status=request.status,
+            gateway_reference=request.gateway_reference,
+            failure_reason=request.failure_reason if request.status == "FAILED" else None,
+        )
+        return Outcome(200, body)
+
+
+# -- refunds -------------------------------------------------------------------------------------
+REFUNDABLE = frozenset({"SUCCESS", "PARTIALLY_REFUNDED"})
+
+
+async def refund_payment(
+    pool: asyncpg.Pool, payment_id: int, request: CreateRefund, *, guard: Guard
+) -> Outcome:
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
+        stored = await claim_key(
+            conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
+        )
+        if stored is not None:
+            return _replay(stored)
+        # The row lock serialises concurrent refunds of one payment: each sees the last one's sum.
+        payment = await payments.select_payment_for_update(conn, payment_id=payment_id)
+        if payment is None:
+            raise payment_not_found(payment_id)
+        if payment["status"] not in REFUNDABLE:
+            return await _store_business_error(
+                conn,
+                guard,
+                APIError(
+                    400,
+                    "PAYMENT_NOT_REFUNDABLE",
+                    f"Payment {payment_id} is {payment['status']}; only SUCCESS or "
+                    "PARTIALLY_REFUNDED payments can be refunded.",
+                    payment_status=payment["status"],
+                ),
+            )
+        remaining: Decimal = payment["amount"] - payment["refunded_amount"]
+        amount = request.amount if request.amount is not None else remaining
+        if amount > remaining:
+            return await _store_business_error(
+                conn,
+                guard,
+                APIError(
+                    400,
+                    "REFUND_EXCEEDS_REMAINING",
+                    f"The refund of {amount} exceeds the remaining {remaining} "
+                    f"{payment['currency']}.",
+                    remaining_amount=str(remaining),
+                ),
+            )
+        body = await refunds.insert_refund(
+            conn,
+            key=guard.key,
+            request_path=guard.path,
+            request_fingerprint=guard.fingerprint,
+            ttl_seconds=guard.ttl_seconds,
+            payment_id=payment_id,
+            amount=amount,
+            metadata=request.metadata or {},
+        )
+        return Outcome(200, body)
+
+
+def payment_not_found(payment_id: int) -> APIError:
+    return APIError(404, "PAYMENT_NOT_FOUND", f"No payment with payment_id {payment_id}.")
