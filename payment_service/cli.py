@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from payment_service import __version__
 from payment_service.config import ConfigurationError, Settings, load_settings
 from payment_service.logs import configure_logging
+from payment_service.migrations import MigrationError
 
 
 def _settings() -> Settings:
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except ConfigurationError as error:
+    except (ConfigurationError, MigrationError) as error:
         print(f"payment-service: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

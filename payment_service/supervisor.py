@@ -1,0 +1,168 @@
+"""`payment-service run`: the one-command local service.
+
+Starts an embedded PostgreSQL when no database is configured (data kept under
+PAYMENT_SERVICE_DATA_DIR), applies migrations, then runs the API and the relay as two child
+processes, restarting one that dies. SIGINT/SIGTERM stop the children, then the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from payment_service.config import Settings
+from payment_service.database import wait_for_database
+from payment_service.embedded import EmbeddedPostgres
+from payment_service.migrations import migrate
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "payments"
+STOP_GRACE_SECONDS = 20
+RESTART_DELAY_SECONDS = 2.0
+MAX_RESTARTS_PER_MINUTE = 5
+POLL_SECONDS = 0.2  # how often children are checked; a signal handler runs at once regardless
+
+
+def say(message: str) -> None:
+    """Progress for the person at the terminal (logs stay JSON on stdout)."""
+    print(f"payment-service: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.argv, env=env)
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _apply_migrations(dsn: str) -> list[int]:
+    async def go() -> list[int]:
+        conn = await wait_for_database(dsn, timeout=60)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0.1") -> int:
+    port = settings.service_port
+    if not _port_free(host, port):
+        say(f"port {port} on {host} is in use; stop what uses it or set SERVICE_PORT")
+        return 1
+
+    embedded: EmbeddedPostgres | None = None
+    env = dict(os.environ)
+    if settings.has_database:
+        dsn = settings.dsn()
+        say("using the configured database")
+    else:
+        data_dir = settings.payment_service_data_dir.resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedPostgres(data_dir / "postgres")
+        say(f"starting the embedded PostgreSQL (data in {data_dir / 'postgres'})")
+        embedded.start()
+        embedded.ensure_database(EMBEDDED_DATABASE)
+        dsn = embedded.dsn(EMBEDDED_DATABASE)
+        env["DATABASE_URL"] = dsn
+        say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
+
+    try:
+        applied = _apply_migrations(dsn)
+        say(f"applied migrations {applied}" if applied else "database schema is up to date")
+
+        command = [sys.executable, "-m", "payment_service.cli"]
+        children = [Child("api", [*command, "serve", "--host", host, "--port", str(port)])]
+        if with_relay:
+            children.append(Child("relay", [*command, "relay"]))
+        return _supervise(children, env, host, port, settings)
+    finally:
+        if embedded is not None:
+            say("stopping the embedded PostgreSQL")
+            embedded.stop()
+
+
+def _supervise(
+    children: list[Child], env: dict[str, str], host: str, port: int, settings: Settings
+) -> int:
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child.start(env)
+        say(f"API on http://{host}:{port}  (try: curl http://{host}:{port}/health)")
+        if len(children) > 1:
+            say(f"relay delivering callbacks to {settings.notification_url}")
+        say("press Ctrl-C to stop")
+        while not stopping:
+            for child in children:
+                code = child.exited()
+                if code is None or stopping:
+                    continue
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                if len(child.restarts) > MAX_RESTARTS_PER_MINUTE:
+                    say(f"{child.name} keeps exiting (last code {code}); giving up")
+                    stopping = True
+                    break
+                say(f"{child.name} exited with code {code}; restarting")
+                time.sleep(RESTART_DELAY_SECONDS)
+                child.start(env)
+            if not stopping:
+                time.sleep(POLL_SECONDS)
+        return _stop_children(children)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_children(children: list[Child]) -> int:
+    say("stopping")
+    for child in children:
+        if child.process is not None and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    clean = True
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            say(f"{child.name} did not stop within {STOP_GRACE_SECONDS} s; killing it")
+            child.process.kill()
+            child.process.wait()
+            clean = False
+    return 0 if clean else 1
