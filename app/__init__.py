@@ -14,14 +14,14 @@ import uuid
 from typing import Any
 
 from quart import Response, g, request
-from quart_schema import QuartSchema, hide
+from quart_schema import QuartSchema, document_response, hide
 from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
 from werkzeug.exceptions import HTTPException
 
 from app.context import PaymentApp
 from app.errors import APIError, database_unavailable, problem_body, problem_document
 from app.metrics import Metrics
-from app.models import MAX_BODY_BYTES, Health
+from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health
 from app.routes import blueprint
 from payment_service import SERVICE_NAME, __version__
 from payment_service.config import Settings
@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> PaymentApp:
     app = PaymentApp(__name__)
     app.settings = settings
     app.metrics = Metrics()
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = DRAIN_BODY_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     QuartSchema(
         app,
@@ -88,11 +88,20 @@ def _install_lifecycle(app: PaymentApp) -> None:
     @app.before_serving
     async def open_pool() -> None:
         settings = app.settings
-        app._pool = await create_pool(
-            settings.dsn(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
-        )
-        async with app.connection() as conn:
-            await pending_check(conn)
+        try:
+            app._pool = await create_pool(
+                settings.dsn(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            )
+            async with app.connection() as conn:
+                await pending_check(conn)
+        except UNAVAILABLE_ERRORS as error:
+            # Serve anyway: requests answer 503 until the database is back, and the pool
+            # connects lazily then. The schema check is the migrate job's (compose runs it).
+            logger.warning(
+                "database unavailable at start; answering 503 until it is back",
+                extra={"error": type(error).__name__},
+            )
+            app._pool = await create_pool(settings.dsn(), min_size=0, max_size=settings.db_pool_max)
         if not settings.callback_signing_secret:
             logger.warning("CALLBACK_SIGNING_SECRET is unset: callbacks will be unsigned")
         logger.info("API ready", extra={"api_prefix": settings.api_prefix or "/"})
@@ -190,7 +199,8 @@ def _install_error_handlers(app: PaymentApp) -> None:
 
 def _install_operational_routes(app: PaymentApp) -> None:
     @app.get("/health")
-    @hide
+    @document_response(Health, 200)
+    @document_response(Health, 503)
     async def health() -> tuple[dict[str, Any], int]:
         database = "ok"
         try:
@@ -208,7 +218,6 @@ def _install_operational_routes(app: PaymentApp) -> None:
         return document.model_dump(), 200 if database == "ok" else 503
 
     @app.get("/health/live")
-    @hide
     async def live() -> dict[str, str]:
         return {"status": "alive", "service": SERVICE_NAME}
 

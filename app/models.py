@@ -27,6 +27,9 @@ from app.errors import APIError, validation_error
 
 INT64_MAX = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
+# Bodies up to this size are read to the end before a 413, so that the client can read the answer;
+# beyond it the connection is answered and closed at once.
+DRAIN_BODY_BYTES = 4 * 1024 * 1024
 METADATA_MAX_KEYS = 50
 METADATA_MAX_BYTES = 8 * 1024
 IDEMPOTENCY_KEY_MAX_CHARS = 255

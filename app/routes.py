@@ -13,6 +13,7 @@ from app.errors import APIError
 from app.idempotency import IdempotencyKey, fingerprint, request_path
 from app.models import (
     INT64_MAX,
+    MAX_BODY_BYTES,
     CreatePayment,
     CreateRefund,
     ListQuery,
@@ -50,7 +51,10 @@ async def _json_body() -> dict[str, Any]:
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
         raise APIError(415, "UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json.")
-    return parse_json_object(await request.get_data(as_text=False))
+    raw = await request.get_data(as_text=False)
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, "PAYLOAD_TOO_LARGE", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+    return parse_json_object(raw)
 
 
 def _idempotency_key(data: dict[str, Any]) -> str:

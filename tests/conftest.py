@@ -48,14 +48,20 @@ def _docker_answers() -> bool:
 
 
 def _start_container() -> tuple[str, object]:
-    from testcontainers.postgres import PostgresContainer
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers < 4.14
+        from testcontainers.postgres import PostgresContainer  # type: ignore[no-redef]
 
     os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
     image = os.environ.get("TEST_POSTGRES_IMAGE", "postgres:16-alpine")
-    container = PostgresContainer(image, username="postgres", password="test", dbname="postgres",
-                                  driver=None)
-    container.with_command("postgres -c fsync=off -c synchronous_commit=off "
-                           "-c full_page_writes=off -c max_connections=300")
+    container = PostgresContainer(
+        image, username="postgres", password="test", dbname="postgres", driver=None
+    )
+    container.with_command(
+        "postgres -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=300"
+    )
     container.start()
     return container.get_connection_url(), container
 
@@ -70,10 +76,22 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         print(f"\n[test database] provider=url server={urlsplit(url).hostname}")
         yield PostgresServer("url", url)
         return
-    if wanted == "docker" or (not wanted and _docker_answers()):
+    container = None
+    if wanted == "docker":
         dsn, container = _start_container()
-        print(f"\n[test database] provider=testcontainers image={container.image} "  # type: ignore[attr-defined]
-              f"container={container.get_wrapped_container().short_id} dsn-host=127.0.0.1")  # type: ignore[attr-defined]
+    elif not wanted and _docker_answers():
+        try:
+            dsn, container = _start_container()
+        except Exception as error:  # e.g. the image cannot be had: fall back, and say so
+            print(
+                f"\n[test database] testcontainers failed ({type(error).__name__}: {error}); "
+                "falling back to the embedded server"
+            )
+    if container is not None:
+        print(
+            f"\n[test database] provider=testcontainers image={container.image} "  # type: ignore[attr-defined]
+            f"container={container.get_wrapped_container().short_id} dsn-host=127.0.0.1"
+        )  # type: ignore[attr-defined]
         try:
             yield PostgresServer("testcontainers", dsn)
         finally:
@@ -83,8 +101,12 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 
     server = EmbeddedPostgres(
         tmp_path_factory.mktemp("pg") / "data",
-        settings=["fsync=off", "synchronous_commit=off", "full_page_writes=off",
-                  "max_connections=300"],
+        settings=[
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "max_connections=300",
+        ],
     )
     server.start()
     print(f"\n[test database] provider=embedded (pgserver) port={server.port}")
@@ -122,7 +144,9 @@ async def template_database(postgres_server: PostgresServer) -> AsyncIterator[st
 
 
 @pytest.fixture
-async def database_url(postgres_server: PostgresServer, template_database: str) -> AsyncIterator[str]:
+async def database_url(
+    postgres_server: PostgresServer, template_database: str
+) -> AsyncIterator[str]:
     """A fresh, migrated database for this test; its DSN."""
     name = f"payments_test_{os.getpid()}_{next(_counter)}"
     admin = await asyncpg.connect(postgres_server.admin_dsn)
