@@ -1,0 +1,457 @@
+"""`payment-service check`: does the database hold what the service promises?
+
+Each check is one read-only SQL query that returns its violations as `(id, detail)` rows; every
+query runs in one REPEATABLE READ snapshot, so the checks agree with each other even while the API
+and the relay are writing. Exit 0 when every check passes, 1 when one fails, 2 when the database
+cannot be read.
+
+Two housekeeping jobs delete rows legitimately, and the rules account for them exactly:
+
+- Idempotency records expire `IDEMPOTENCY_KEY_TTL` seconds after they were claimed and are then
+  purged, or replaced when a new request claims the expired key. A claim row is written in the
+  transaction that creates its payment or refund, so it shares that row's `created_at` (the
+  transaction's `now()`). Hence a payment or refund created less than the TTL ago must still have
+  its claim row (`key_hash = idempotency_hash`, same `created_at`, a 2xx answer naming it); an
+  older one may have lost it. Run the check with the API's `IDEMPOTENCY_KEY_TTL`: a larger value
+  reports rows that were purged legitimately, a smaller one only checks fewer rows.
+- Delivered outbox events are deleted `OUTBOX_RETENTION_HOURS` after delivery, so an event is
+  required only for a state change made less than the retention ago (an event is created with its
+  state change and delivered after it). Duplicates, orphans and contradictions are reported at any
+  age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import textwrap
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TextIO
+
+import asyncpg
+
+from payment_service.config import Settings
+from payment_service.database import UNAVAILABLE_ERRORS, connect
+
+EXAMPLES_PER_CHECK = 20
+REPORT_WIDTH = 100
+
+
+@dataclass(frozen=True)
+class Check:
+    """One invariant: its name, what it asserts, and a query returning `(id, detail)` violations.
+
+    Queries may name two parameters (timestamptz, from the snapshot's `now()`): `:keys_since`, the
+    oldest creation time that still needs its idempotency record, and `:events_since`, the oldest
+    state change that still needs its outbox event.
+    """
+
+    name: str
+    subject: str
+    assertion: str
+    sql: str
+
+
+CHECKS: tuple[Check, ...] = (
+    Check(
+        "payment_events",
+        "payment",
+        "each payment has the events of its state changes, once each and in order: "
+        "payment.succeeded or payment.pending at creation, payment.succeeded or payment.failed "
+        "at settlement",
+        # One scan of the outbox grouped by payment, hash-joined to payments.
+        """
+        SELECT payment_id AS id, detail
+        FROM (
+            SELECT p.payment_id,
+                   concat_ws('; ',
+                       CASE WHEN e.pending > 1 THEN e.pending || ' payment.pending events' END,
+                       CASE WHEN e.succeeded > 1
+                            THEN e.succeeded || ' payment.succeeded events' END,
+                       CASE WHEN e.failed > 1 THEN e.failed || ' payment.failed events' END,
+                       CASE WHEN p.status = 'PENDING' AND (e.succeeded > 0 OR e.failed > 0)
+                            THEN 'status PENDING but a settlement event exists' END,
+                       CASE WHEN p.status = 'FAILED' AND e.succeeded > 0
+                            THEN 'status FAILED but a payment.succeeded event exists' END,
+                       CASE WHEN p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
+                                 AND e.failed > 0
+                            THEN 'status ' || p.status || ' but a payment.failed event exists' END,
+                       CASE WHEN e.last_pending > e.first_settled
+                            THEN 'settlement event before the payment.pending event' END,
+                       CASE WHEN e.first_refunded < e.last_charge
+                            THEN 'payment.refunded event before the charge event' END,
+                       -- Required events, for state changes younger than the retention.
+                       CASE WHEN p.status IN ('PENDING', 'FAILED') AND p.created_at > :events_since
+                                 AND coalesce(e.pending, 0) = 0
+                            THEN 'no payment.pending event' END,
+                       CASE WHEN p.status = 'FAILED' AND p.updated_at > :events_since
+                                 AND coalesce(e.failed, 0) = 0
+                            THEN 'no payment.failed event' END,
+                       CASE WHEN p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
+                                 AND p.created_at > :events_since AND coalesce(e.succeeded, 0) = 0
+                            THEN 'no payment.succeeded event' END
+                   ) AS detail
+            FROM payments AS p
+            LEFT JOIN (
+                SELECT aggregate_id,
+                       count(*) FILTER (WHERE event_type = 'payment.pending')   AS pending,
+                       count(*) FILTER (WHERE event_type = 'payment.succeeded') AS succeeded,
+                       count(*) FILTER (WHERE event_type = 'payment.failed')    AS failed,
+                       max(id) FILTER (WHERE event_type = 'payment.pending')    AS last_pending,
+                       min(id) FILTER (WHERE event_type IN ('payment.succeeded', 'payment.failed'))
+                                                                                AS first_settled,
+                       max(id) FILTER (WHERE event_type <> 'payment.refunded')  AS last_charge,
+                       min(id) FILTER (WHERE event_type = 'payment.refunded')   AS first_refunded
+                FROM outbox_events
+                GROUP BY aggregate_id
+            ) AS e ON e.aggregate_id = p.payment_id
+        ) AS v
+        WHERE detail <> ''
+        """,
+    ),
+    Check(
+        "refund_events",
+        "refund",
+        "each refund has exactly one payment.refunded event, and each payment.refunded event "
+        "names a refund of its payment",
+        # Refunds full-outer-joined to the refund events grouped by (payment, refund).
+        """
+        SELECT coalesce(r.refund_id, e.refund_id) AS id,
+               CASE WHEN r.refund_id IS NULL
+                        THEN e.events || ' payment.refunded event(s) of payment '
+                             || e.aggregate_id || ' name no refund of that payment'
+                    WHEN e.events > 1
+                        THEN e.events || ' payment.refunded events'
+                    ELSE 'no payment.refunded event'
+               END AS detail
+        FROM payment_refunds AS r
+        FULL JOIN (
+            SELECT aggregate_id, (payload ->> 'refund_id')::bigint AS refund_id, count(*) AS events
+            FROM outbox_events
+            WHERE event_type = 'payment.refunded'
+            GROUP BY 1, 2
+        ) AS e ON e.aggregate_id = r.payment_id AND e.refund_id = r.refund_id
+        WHERE r.refund_id IS NULL
+           OR e.events > 1
+           OR (e.events IS NULL AND r.created_at > :events_since)
+        """,
+    ),
+    Check(
+        "event_payloads",
+        "event",
+        "each event is about an existing payment and its payload names the same event, type and "
+        "payment as its row",
+        """
+        SELECT o.id,
+               concat_ws('; ',
+                   CASE WHEN p.payment_id IS NULL
+                        THEN 'payment ' || o.aggregate_id || ' does not exist' END,
+                   CASE WHEN (o.payload ->> 'event_id') IS DISTINCT FROM o.event_id::text
+                        THEN 'payload event_id differs from the row' END,
+                   CASE WHEN (o.payload ->> 'event_type') IS DISTINCT FROM o.event_type
+                        THEN 'payload event_type differs from the row' END,
+                   CASE WHEN (o.payload ->> 'payment_id') IS DISTINCT FROM o.aggregate_id::text
+                        THEN 'payload payment_id differs from aggregate_id' END
+               ) AS detail
+        FROM outbox_events AS o
+        LEFT JOIN payments AS p ON p.payment_id = o.aggregate_id
+        WHERE p.payment_id IS NULL
+           OR (o.payload ->> 'event_id') IS DISTINCT FROM o.event_id::text
+           OR (o.payload ->> 'event_type') IS DISTINCT FROM o.event_type
+           OR (o.payload ->> 'payment_id') IS DISTINCT FROM o.aggregate_id::text
+        """,
+    ),
+    Check(
+        "orphan_refunds",
+        "refund",
+        "each refund belongs to an existing payment",
+        """
+        SELECT r.refund_id AS id, 'payment ' || r.payment_id || ' does not exist' AS detail
+        FROM payment_refunds AS r
+        WHERE NOT EXISTS (SELECT 1 FROM payments AS p WHERE p.payment_id = r.payment_id)
+        """,
+    ),
+    Check(
+        "refund_sums",
+        "payment",
+        "the refunds of each payment sum to its refunded_amount, which never exceeds its amount",
+        """
+        SELECT p.payment_id AS id,
+               'refunds sum to ' || coalesce(r.total, 0) || ', refunded_amount is '
+               || p.refunded_amount || ', amount is ' || p.amount AS detail
+        FROM payments AS p
+        LEFT JOIN (
+            SELECT payment_id, sum(amount) AS total
+            FROM payment_refunds
+            WHERE status = 'REFUNDED'
+            GROUP BY payment_id
+        ) AS r ON r.payment_id = p.payment_id
+        WHERE coalesce(r.total, 0) <> p.refunded_amount
+           OR coalesce(r.total, 0) > p.amount
+           OR p.refunded_amount > p.amount
+        """,
+    ),
+    Check(
+        "refund_status",
+        "payment",
+        "each payment's status agrees with its refunds: REFUNDED iff refunded_amount = amount, "
+        "PARTIALLY_REFUNDED iff 0 < refunded_amount < amount, nothing refunded otherwise",
+        """
+        SELECT payment_id AS id,
+               'status ' || status || ' with refunded_amount ' || refunded_amount
+               || ' of ' || amount AS detail
+        FROM payments
+        WHERE (status = 'REFUNDED') <> (refunded_amount = amount)
+           OR (status = 'PARTIALLY_REFUNDED') <> (refunded_amount > 0 AND refunded_amount < amount)
+           OR (status IN ('PENDING', 'SUCCESS', 'FAILED') AND refunded_amount <> 0)
+        """,
+    ),
+    Check(
+        "payment_idempotency",
+        "payment",
+        "each payment younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim of "
+        "its key made in the same transaction, answering 2xx with this payment",
+        # Young payments only; one primary-key probe each.
+        """
+        SELECT p.payment_id AS id,
+               CASE WHEN k.key_hash IS NULL THEN 'no idempotency record for its key'
+                    WHEN k.created_at <> p.created_at
+                        THEN 'its key was claimed again at ' || k.created_at
+                             || ' before expiring'
+                    ELSE 'its idempotency record answers ' || k.response_status
+                         || ' with payment ' || coalesce(k.response_data ->> 'payment_id', 'none')
+               END AS detail
+        FROM payments AS p
+        LEFT JOIN idempotency_keys AS k ON k.key_hash = p.idempotency_hash
+        WHERE p.created_at > :keys_since
+          AND (k.key_hash IS NULL
+               OR k.created_at <> p.created_at
+               OR k.response_status NOT BETWEEN 200 AND 299
+               OR (k.response_data ->> 'payment_id') IS DISTINCT FROM p.payment_id::text)
+        """,
+    ),
+    Check(
+        "refund_idempotency",
+        "refund",
+        "each refund younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim of its "
+        "key made in the same transaction, answering 2xx with this refund",
+        """
+        SELECT r.refund_id AS id,
+               CASE WHEN k.key_hash IS NULL THEN 'no idempotency record for its key'
+                    WHEN k.created_at <> r.created_at
+                        THEN 'its key was claimed again at ' || k.created_at
+                             || ' before expiring'
+                    ELSE 'its idempotency record answers ' || k.response_status
+                         || ' with refund ' || coalesce(k.response_data ->> 'refund_id', 'none')
+               END AS detail
+        FROM payment_refunds AS r
+        LEFT JOIN idempotency_keys AS k ON k.key_hash = r.idempotency_hash
+        WHERE r.created_at > :keys_since
+          AND (k.key_hash IS NULL
+               OR k.created_at <> r.created_at
+               OR k.response_status NOT BETWEEN 200 AND 299
+               OR (k.response_data ->> 'refund_id') IS DISTINCT FROM r.refund_id::text)
+        """,
+    ),
+    Check(
+        "orphan_idempotency",
+        "idempotency key",
+        "each stored 2xx answer names a payment or refund that exists (a refund made with "
+        "that key)",
+        # Keys are few (purged after the TTL); one primary-key probe per stored answer.
+        """
+        SELECT k.id, k.detail
+        FROM (
+            SELECT left(key_hash, 16) || '…' AS id,
+                   CASE WHEN response_data ? 'refund_id'
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM payment_refunds AS r
+                                 WHERE r.refund_id = (response_data ->> 'refund_id')::bigint
+                                   AND r.idempotency_hash = key_hash)
+                            THEN 'answered refund ' || (response_data ->> 'refund_id')
+                                 || ', which does not exist with this key'
+                        WHEN NOT response_data ? 'refund_id'
+                             AND response_data ? 'payment_id'
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM payments AS p
+                                 WHERE p.payment_id = (response_data ->> 'payment_id')::bigint)
+                            THEN 'answered payment ' || (response_data ->> 'payment_id')
+                                 || ', which does not exist'
+                   END AS detail
+            FROM idempotency_keys
+            WHERE response_status BETWEEN 200 AND 299
+              AND jsonb_typeof(response_data) = 'object'
+        ) AS k
+        WHERE k.detail IS NOT NULL
+        """,
+    ),
+)
+
+SUMMARY_SQL = """
+SELECT (SELECT count(*) FROM payments)                                      AS payments,
+       (SELECT count(*) FROM payment_refunds)                               AS refunds,
+       (SELECT count(*) FROM idempotency_keys)                              AS idempotency_keys,
+       (SELECT count(*) FROM outbox_events)                                 AS events,
+       (SELECT count(*) FROM outbox_events WHERE status = 'PENDING')        AS events_pending,
+       (SELECT count(*) FROM outbox_events WHERE status = 'DEAD')           AS events_dead,
+       now()                                                                AS checked_at
+"""
+
+
+_PARAMETER = re.compile(r"(?<!:):([a-z_]+)\b")
+
+
+def _bind(sql: str, **values: Any) -> tuple[str, list[Any]]:
+    """Turn `:name` parameters into asyncpg's `$n`, in order of first use."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return _PARAMETER.sub(number, sql), [values[name] for name in names]
+
+
+@dataclass
+class CheckResult:
+    name: str
+    subject: str
+    assertion: str
+    ok: bool
+    violations: int
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    consistent: bool
+    checked_at: str
+    idempotency_key_ttl_seconds: int
+    outbox_retention_hours: float
+    summary: dict[str, int]
+    checks: list[CheckResult]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+async def check_database(
+    conn: asyncpg.Connection,
+    *,
+    idempotency_key_ttl: int,
+    outbox_retention_hours: float,
+    examples: int = EXAMPLES_PER_CHECK,
+) -> Report:
+    """Run every check in one read-only snapshot and return the report."""
+    results: list[CheckResult] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        summary = dict(await conn.fetchrow(SUMMARY_SQL))
+        checked_at: datetime = summary.pop("checked_at")
+        keys_since = checked_at - timedelta(seconds=idempotency_key_ttl)
+        # With no retention every delivered event may be gone at once: require none.
+        events_since = (
+            checked_at - timedelta(hours=outbox_retention_hours)
+            if outbox_retention_hours > 0
+            else checked_at
+        )
+        for check in CHECKS:
+            query = f"""
+                SELECT id::text AS id, detail, count(*) OVER () AS total
+                FROM ({check.sql}) AS violations
+                ORDER BY violations.id
+                LIMIT {int(examples)}
+            """
+            query, args = _bind(query, keys_since=keys_since, events_since=events_since)
+            rows = await conn.fetch(query, *args)
+            total = int(rows[0]["total"]) if rows else 0
+            results.append(
+                CheckResult(
+                    name=check.name,
+                    subject=check.subject,
+                    assertion=check.assertion,
+                    ok=total == 0,
+                    violations=total,
+                    examples=[{"id": row["id"], "detail": row["detail"]} for row in rows],
+                )
+            )
+    return Report(
+        consistent=all(result.ok for result in results),
+        checked_at=checked_at.isoformat(),
+        idempotency_key_ttl_seconds=idempotency_key_ttl,
+        outbox_retention_hours=outbox_retention_hours,
+        summary={key: int(value) for key, value in summary.items()},
+        checks=results,
+    )
+
+
+def render_text(report: Report, out: TextIO) -> None:
+    """The human-readable report: one line per check, examples under each failure."""
+    s = report.summary
+    print(
+        f"payment-service check at {report.checked_at}: {s['payments']} payments, "
+        f"{s['refunds']} refunds, {s['idempotency_keys']} idempotency keys, {s['events']} events "
+        f"({s['events_pending']} pending, {s['events_dead']} dead)",
+        file=out,
+    )
+    print(
+        f"windows: idempotency records required for rows younger than "
+        f"{report.idempotency_key_ttl_seconds} s; events for state changes younger than "
+        f"{report.outbox_retention_hours:g} h",
+        file=out,
+    )
+    width = max(len(result.name) for result in report.checks)
+    for result in report.checks:
+        mark = "ok  " if result.ok else "FAIL"
+        lead = f"  {mark}  {result.name:<{width}}  "
+        print(
+            textwrap.fill(
+                result.assertion,
+                REPORT_WIDTH,
+                initial_indent=lead,
+                subsequent_indent=" " * len(lead),
+            ),
+            file=out,
+        )
+        if not result.ok:
+            print(f"        {result.violations} {result.subject}(s) violate it:", file=out)
+            for example in result.examples:
+                print(f"          {result.subject} {example['id']}: {example['detail']}", file=out)
+            if result.violations > len(result.examples):
+                print(f"          … and {result.violations - len(result.examples)} more", file=out)
+    failed = sum(not result.ok for result in report.checks)
+    verdict = (
+        "consistent"
+        if report.consistent
+        else f"INCONSISTENT: {failed} of {len(report.checks)} checks failed"
+    )
+    print(verdict, file=out)
+
+
+async def _run(settings: Settings) -> Report:
+    conn = await connect(settings.dsn())
+    try:
+        return await check_database(
+            conn,
+            idempotency_key_ttl=settings.idempotency_key_ttl,
+            outbox_retention_hours=settings.outbox_retention_hours,
+        )
+    finally:
+        await conn.close()
+
+
+def run_check(settings: Settings, as_json: bool = False) -> int:
+    """The `check` command: 0 consistent, 1 inconsistent, 2 the database could not be read."""
+    try:
+        report = asyncio.run(_run(settings))
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
+        print(f"payment-service check: cannot read the database: {error}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(report.to_json())
+    else:
+        render_text(report, sys.stdout)
+    return 0 if report.consistent else 1
