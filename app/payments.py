@@ -9,6 +9,7 @@ schema (`payment_json`, `payment_event_json`) and come back as jsonb text, sent 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +23,13 @@ EVENT_FOR_STATUS = {
     "PENDING": "payment.pending",
     "FAILED": "payment.failed",
 }
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    acquired: bool  # False: another transaction holds the key
+    taken: bool  # the key is stored already, or the trip has a live payment: nothing written
+    body: str | None  # the answer, when the payment was written
 
 
 def new_reference_suffix() -> str:
@@ -44,17 +52,23 @@ async def insert_payment(
     metadata: dict[str, Any],
     extra_fields: dict[str, Any],
     response_status: int,
-) -> tuple[bool, str | None]:
+) -> InsertResult:
     """Insert a payment, its outbox event and the key's stored answer, if the key's lock is free.
 
-    Returns (acquired, body): acquired is False when another transaction holds the key's lock
-    (nothing was written). Unique violations (key already stored, trip already charged,
-    reference collision) propagate as asyncpg.UniqueViolationError.
+    Nothing is written when another transaction holds the key's lock (`acquired` False) or when
+    the key is already stored or the trip already charged (`taken`). A race past those checks
+    (or a reference collision) raises asyncpg.UniqueViolationError and writes nothing either.
     """
     row = await conn.fetchrow(
         """
         WITH lock AS (
             SELECT pg_try_advisory_xact_lock($1) AS acquired
+        ), taken AS (
+            -- Cheap index probes that send retries and charged trips to the careful path
+            -- without a doomed insert; the unique indexes still decide every race.
+            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $2)
+                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $3 AND status <> 'FAILED')
+                   AS taken
         ), payment AS (
             INSERT INTO payments
                    (trip_id, amount, currency, method, status, reference, idempotency_hash,
@@ -62,8 +76,9 @@ async def insert_payment(
             SELECT $3, $4, $5, $6, $7,
                    'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $8,
                    $2, $9
-              FROM lock
+              FROM lock, taken
              WHERE lock.acquired
+               AND NOT taken.taken
          RETURNING payments
         ), event AS (
             INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
@@ -82,9 +97,10 @@ async def insert_payment(
               FROM answer
         )
         SELECT lock.acquired,
+               taken.taken,
                (SELECT body FROM answer) AS body,
                (SELECT pg_notify($16, '') FROM answer) AS notified
-          FROM lock
+          FROM lock, taken
         """,
         key.lock_id,
         key.key_hash,
@@ -104,7 +120,7 @@ async def insert_payment(
         OUTBOX_CHANNEL,
     )
     assert row is not None
-    return row["acquired"], row["body"]
+    return InsertResult(row["acquired"], row["taken"], row["body"])
 
 
 async def select_live_payment_for_trip(conn: asyncpg.Connection, *, trip_id: int) -> int | None:

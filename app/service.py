@@ -97,14 +97,14 @@ async def create_payment(
     }
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
         try:
-            acquired, body = await payments.insert_payment(conn, **arguments)
+            result = await payments.insert_payment(conn, **arguments)
         except asyncpg.UniqueViolationError:
-            pass  # the careful path below finds out which and answers accordingly
+            pass  # a race: the careful path below finds out which and answers accordingly
         else:
-            if not acquired:
+            if not result.acquired:
                 raise key_in_progress()
-            assert body is not None
-            return Outcome(response_status, body)
+            if result.body is not None:
+                return Outcome(response_status, result.body)
 
         for attempt in range(CAREFUL_ATTEMPTS):
             try:
@@ -121,14 +121,16 @@ async def create_payment(
                         return await _store_business_error(
                             conn, guard, trip_already_charged(charged)
                         )
-                    acquired, body = await payments.insert_payment(conn, **arguments)
-                    assert acquired and body is not None
-                    return Outcome(response_status, body)
+                    result = await payments.insert_payment(conn, **arguments)
+                    if result.body is not None:
+                        return Outcome(response_status, result.body)
+                    # The trip was charged by someone else just now: decide again.
             except asyncpg.UniqueViolationError as error:
                 logger.info(
                     "payment insert raced; deciding again",
                     extra={"constraint": error.constraint_name, "attempt": attempt + 1},
                 )
+                continue
         raise APIError(
             503,
             "CONFLICT_RETRY",

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -98,8 +101,11 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         return
     from payment_service.embedded import EmbeddedPostgres
 
+    # Not under pytest's basetemp: pytest prunes old basetemps, and a concurrent session doing
+    # so would delete a running server's data directory.
+    base = Path(tempfile.mkdtemp(prefix="payments-test-pg-"))
     server = EmbeddedPostgres(
-        tmp_path_factory.mktemp("pg") / "data",
+        base / "data",
         settings=[
             "fsync=off",
             "synchronous_commit=off",
@@ -113,6 +119,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         yield PostgresServer("embedded", server.dsn(), embedded=server)
     finally:
         server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
