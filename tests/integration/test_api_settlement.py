@@ -1,0 +1,191 @@
+"""Asynchronous payments (DESIGN §4): 202 PENDING for ASYNC_METHODS, then the gateway's settlement
+SUCCESS or FAILED; only a PENDING payment settles; one outbox event per state change."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.integration.support import (
+    assert_problem,
+    create_payment,
+    error_fields,
+    exact_json,
+    new_key,
+    outbox_rows,
+    payment_body,
+    post_json,
+)
+
+
+async def settle(client: httpx.AsyncClient, payment_id: int | str, **body: Any) -> httpx.Response:
+    return await post_json(
+        client,
+        f"/payments/{payment_id}/settlement",
+        {"idempotency_key": new_key("settle"), **body},
+    )
+
+
+async def test_async_method_is_accepted_pending(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    response = await post_json(
+        client, "/payments", payment_body(method="UPI", amount=Decimal("42.50"))
+    )
+
+    assert response.status_code == 202, response.text
+    body = exact_json(response)
+    assert body["status"] == "PENDING"
+    assert body["message"] == "Payment accepted for processing"
+    assert isinstance(body["payment_id"], int), "a real payment_id, so clients can poll"
+    assert body["amount"] == Decimal("42.50")
+    assert body["method"] == "UPI"
+    fetched = exact_json(await client.get(f"/payments/{body['payment_id']}"))
+    assert fetched["status"] == "PENDING"
+
+    events = await outbox_rows(db, body["payment_id"])
+    assert [e["event_type"] for e in events] == ["payment.pending"]
+    assert events[0]["payload"]["status"] == "PENDING"
+    assert events[0]["payload"]["amount"] == Decimal("42.50")
+
+
+async def test_pending_replay_is_byte_identical_202(client: httpx.AsyncClient) -> None:
+    body = payment_body(method="UPI")
+    first = await post_json(client, "/payments", body)
+    again = await post_json(client, "/payments", body)
+    assert first.status_code == again.status_code == 202
+    assert again.content == first.content
+    assert again.headers.get("idempotent-replayed") == "true"
+
+
+async def test_sync_methods_are_not_pending(client: httpx.AsyncClient) -> None:
+    response = await post_json(client, "/payments", payment_body(method="CARD"))
+    assert response.status_code == 200
+    assert "message" not in exact_json(response)
+
+
+async def test_settlement_success(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    pending = await create_payment(client, method="UPI", amount=Decimal("99.99"))
+
+    response = await settle(
+        client, pending["payment_id"], status="SUCCESS", gateway_reference="gw-123"
+    )
+
+    assert response.status_code == 200, response.text
+    payment = exact_json(response)
+    assert payment["payment_id"] == pending["payment_id"]
+    assert payment["status"] == "SUCCESS"
+    assert payment["amount"] == Decimal("99.99")
+    assert payment["reference"] == pending["reference"]
+    row = await db.fetchrow(
+        "SELECT status, gateway_reference FROM payments WHERE payment_id = $1",
+        pending["payment_id"],
+    )
+    assert tuple(row) == ("SUCCESS", "gw-123")
+    events = await outbox_rows(db, pending["payment_id"])
+    assert [e["event_type"] for e in events] == ["payment.pending", "payment.succeeded"]
+    assert events[1]["payload"]["status"] == "SUCCESS"
+    assert events[1]["payload"]["event_id"] == str(events[1]["event_id"])
+
+    # A settled payment is an ordinary one: refundable.
+    refund = await post_json(
+        client, f"/payments/{pending['payment_id']}/refunds", {"idempotency_key": new_key("r")}
+    )
+    assert refund.status_code == 200, refund.text
+
+
+async def test_settlement_failed_frees_the_trip(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+
+    response = await settle(
+        client, pending["payment_id"], status="FAILED", failure_reason="declined"
+    )
+
+    assert response.status_code == 200, response.text
+    payment = exact_json(response)
+    assert payment["status"] == "FAILED"
+    assert (
+        await db.fetchval(
+            "SELECT failure_reason FROM payments WHERE payment_id = $1", pending["payment_id"]
+        )
+        == "declined"
+    )
+    events = await outbox_rows(db, pending["payment_id"])
+    assert [e["event_type"] for e in events] == ["payment.pending", "payment.failed"]
+    assert events[1]["payload"]["status"] == "FAILED"
+
+    # A FAILED payment is not a live charge: the trip may be charged again.
+    retry = await post_json(client, "/payments", payment_body(trip_id=pending["trip_id"]))
+    assert retry.status_code == 200, retry.text
+
+
+async def test_only_pending_payments_settle(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+    card = await create_payment(client, method="CARD")
+    assert (await settle(client, pending["payment_id"], status="SUCCESS")).status_code == 200
+    events_before = await db.fetchval("SELECT count(*) FROM outbox_events")
+
+    assert_problem(
+        await settle(client, pending["payment_id"], status="FAILED"), 409, "PAYMENT_NOT_PENDING"
+    )
+    assert_problem(
+        await settle(client, pending["payment_id"], status="SUCCESS"), 409, "PAYMENT_NOT_PENDING"
+    )
+
+    assert_problem(
+        await settle(client, card["payment_id"], status="SUCCESS"), 409, "PAYMENT_NOT_PENDING"
+    )
+    assert await db.fetchval("SELECT count(*) FROM outbox_events") == events_before
+    assert (
+        await db.fetchval(
+            "SELECT status FROM payments WHERE payment_id = $1", pending["payment_id"]
+        )
+        == "SUCCESS"
+    )
+
+
+async def test_settlement_replay(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    pending = await create_payment(client, method="UPI")
+    body = {"idempotency_key": new_key("settle"), "status": "SUCCESS"}
+    path = f"/payments/{pending['payment_id']}/settlement"
+    first = await post_json(client, path, body)
+    again = await post_json(client, path, body)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert await db.fetchval("SELECT count(*) FROM outbox_events") == 2
+
+
+async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -> None:
+    assert_problem(await settle(client, 987654, status="SUCCESS"), 404, "PAYMENT_NOT_FOUND")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "PENDING"},
+        {"status": "success"},
+        {},
+        {"status": None},
+        {"status": "SUCCESS", "x": 1},
+        {"status": "FAILED", "failure_reason": 5},
+        {"status": "SUCCESS", "gateway_reference": ["a"]},
+    ],
+    ids=["pending", "lowercase", "missing", "null", "unknown-field", "reason-number", "ref-list"],
+)
+async def test_bad_settlement_bodies(client: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    pending = await create_payment(client, method="UPI")
+    problem = assert_problem(
+        await settle(client, pending["payment_id"], **body), 400, "VALIDATION_ERROR"
+    )
+    assert error_fields(problem)
+    fetched = exact_json(await client.get(f"/payments/{pending['payment_id']}"))
+    assert fetched["status"] == "PENDING"

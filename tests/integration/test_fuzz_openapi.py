@@ -1,0 +1,108 @@
+"""Fuzz the API from its own /openapi.json with schemathesis (DESIGN §8): whatever is sent, valid or
+not, no answer is a 5xx, and every answer matches the document (status code, content type, body
+schema). The live server runs in this test's event loop; the fuzzing (blocking requests) runs in a
+worker thread, so the loop keeps serving while hypothesis generates cases.
+
+The example budget is fixed and the generation derandomized, so a run is repeatable and bounded
+(well under a minute); FUZZ_EXAMPLES raises the budget for a deeper local run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import hypothesis
+import hypothesis.errors
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.integration.support import RunningApi
+
+EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "50"))
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+CHECKS = {
+    GenerationMode.POSITIVE: CONFORMANCE,
+    # Data the document calls invalid must be refused with a 4xx, never accepted.
+    GenerationMode.NEGATIVE: [*CONFORMANCE, negative_data_rejection],
+}
+
+
+SETTINGS = hypothesis.settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+    print_blob=False,
+)
+
+
+def operation_takes_input(operation: Any) -> bool:
+    definition = operation.definition.raw
+    return bool(definition.get("parameters") or definition.get("requestBody"))
+
+
+def fuzz(document: dict[str, Any], base_url: str) -> tuple[int, list[str]]:
+    """Run every operation in both modes; return (cases sent, failure reports)."""
+    schema = schemathesis.openapi.from_dict(document)
+    failures: list[str] = []
+    sent = [0]
+    with requests.Session() as session:
+
+        def runner(strategy: Any, checks: list[Any]) -> Any:
+            @SETTINGS
+            @hypothesis.given(case=strategy)
+            def run(case: schemathesis.Case) -> None:
+                sent[0] += 1
+                case.call_and_validate(
+                    base_url=base_url, session=session, checks=checks, timeout=10
+                )
+
+            return run
+
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            for mode, checks in CHECKS.items():
+                try:
+                    runner(operation.as_strategy(generation_mode=mode), checks)()
+                except hypothesis.errors.Unsatisfiable:
+                    # An operation without parameters or body has no invalid input to generate.
+                    if mode is GenerationMode.POSITIVE or operation_takes_input(operation):
+                        failures.append(f"{operation.label} [{mode.value}]: no case generated")
+                except (Exception, BaseExceptionGroup) as error:  # report each, then go on
+                    failures.append(f"{operation.label} [{mode.value}]: {error}")
+    return sent[0], failures
+
+
+@pytest.mark.timeout(180)
+async def test_fuzz_openapi_document(api: RunningApi) -> None:
+    document = (await api.client.get("/openapi.json")).json()
+    operations = sum(len(methods) for methods in document["paths"].values())
+    assert operations >= 6, document["paths"]
+
+    sent, failures = await asyncio.to_thread(fuzz, document, api.base_url)
+
+    assert not failures, "\n\n".join(failures)
+    assert sent >= operations * 2 * min(EXAMPLES_PER_OPERATION, 10), sent
+    health = await api.client.get("/health")
+    assert health.status_code == 200
