@@ -189,7 +189,7 @@ class Settle(_Request):
     @field_validator("failure_reason")
     @classmethod
     def _text(cls, value: str | None) -> str | None:
-        return None if value is None else _check_json_value(value, "failure_reason")  # type: ignore[no-any-return]
+        return None if value is None else _check_json_value(value, "failure_reason")
 
 
 class ListQuery(BaseModel):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from quart import Blueprint, Response, request
 from quart_schema import document_querystring, document_request, document_response
@@ -35,8 +36,11 @@ ERRORS_POST = (400, 401, 409, 413, 415, 422, 503)
 blueprint = Blueprint("payments", __name__)
 
 
-def _document_errors(*statuses: int):  # type: ignore[no-untyped-def]
-    def decorator(func):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _document_errors(*statuses: int) -> Callable[[F], F]:
+    def decorator(func: F) -> F:
         for status in statuses:
             func = document_response(Problem, status)(func)
         return func
@@ -52,6 +56,7 @@ async def _json_body() -> dict[str, Any]:
     ):
         raise APIError(415, "UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json.")
     raw = await request.get_data(as_text=False)
+    assert isinstance(raw, bytes)
     if len(raw) > MAX_BODY_BYTES:
         raise APIError(413, "PAYLOAD_TOO_LARGE", f"The body is larger than {MAX_BODY_BYTES} bytes.")
     return parse_json_object(raw)

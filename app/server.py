@@ -27,7 +27,7 @@ def hypercorn_config(settings: Settings, *, host: str, port: int, workers: int) 
     config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.backlog = 2048
     config.accesslog = None  # the app writes its own JSON access log
-    config.errorlog = logging.getLogger("hypercorn.error")  # type: ignore[assignment]
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
