@@ -1,0 +1,629 @@
+"""The machinery of the fault tests: a PostgreSQL the test can stop, the service's real processes,
+a load generator of retrying clients, and the assertions every fault test ends with.
+
+Everything waits on conditions with deadlines; nothing sleeps to let something happen. The only
+sleeps are a client's pause between retries (what a real client does) and the receiver's stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from payment_service.config import Settings
+from payment_service.embedded import EmbeddedPostgres, free_port
+from payment_service.migrations import migrate
+
+DATABASE_NAME = "payments"
+START_TIMEOUT_SECONDS = 60
+STOP_TIMEOUT_SECONDS = 30
+CHECK_TIMEOUT_SECONDS = 60
+# A client waits this long for an answer. The API must answer every request well within it, even
+# with its database down, so a client timeout counts as a hang and fails the test.
+CLIENT_TIMEOUT_SECONDS = 20.0
+# How long one operation keeps retrying with its key before the generator gives up on it.
+OPERATION_DEADLINE_SECONDS = 150.0
+
+
+def service_command(*args: str) -> list[str]:
+    """`payment-service ARGS` from this virtualenv."""
+    script = Path(sys.executable).with_name("payment-service")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "payment_service.cli", *args]
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_signing_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+# -- the test's own PostgreSQL -------------------------------------------------------------------
+class FaultDatabase:
+    """An embedded PostgreSQL that belongs to one test, so the test may stop and start it.
+
+    fsync is off (a test survives process crashes, not power loss) but every commit still reaches
+    the kernel before it is acknowledged (synchronous_commit stays on), so an immediate stop loses
+    nothing that a client was told is committed.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.server = EmbeddedPostgres(
+            data_dir,
+            settings=["fsync=off", "full_page_writes=off", "max_connections=200"],
+        )
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn(DATABASE_NAME)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.server.start)
+
+    async def stop(self, *, immediate: bool = False) -> None:
+        """Stop the server: `immediate` is a crash (no checkpoint, clients cut off)."""
+        await asyncio.to_thread(self.server.stop, "immediate" if immediate else "fast")
+
+    async def create(self) -> None:
+        await self.start()
+        await asyncio.to_thread(self.server.ensure_database, DATABASE_NAME)
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, timeout=10)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.connect()
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(sql, *args)
+        finally:
+            await conn.close()
+
+
+# -- the service's processes ---------------------------------------------------------------------
+def service_environment(**variables: object) -> dict[str, str]:
+    """The process environment: this one without any of the service's variables, plus these."""
+    ours = {name.upper() for name in Settings.model_fields}
+    env = {name: value for name, value in os.environ.items() if name.upper() not in ours}
+    env.update({name.upper(): str(value) for name, value in variables.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ServiceProcess:
+    """One `payment-service …` process (and its children) in its own process group."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, f"{self.name} is running"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"---- start #{self.starts}: {' '.join(self.args)}\n".encode())
+            log.flush()
+            # cwd is the test's folder: no .env of the developer's is read.
+            self.process = subprocess.Popen(
+                service_command(*self.args),
+                env=self.env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def kill9(self) -> None:
+        """SIGKILL the whole process group (server and workers), as a crash or OOM kill would."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_SECONDS)
+        await self._wait_group_gone()
+
+    async def terminate(self) -> int | None:
+        """SIGTERM and wait for a clean exit; SIGKILL at the deadline. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                await self.kill9()
+                return None
+        code = self.process.returncode
+        # Workers of a multi-process server may outlive the parent by a moment.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        await self._wait_group_gone()
+        return code
+
+    async def _wait_group_gone(self) -> None:
+        assert self.process is not None
+        pgid = self.process.pid
+
+        def gone() -> bool:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        await wait_for(gone, timeout=STOP_TIMEOUT_SECONDS, what=f"{self.name}'s processes to exit")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class ApiProcess(ServiceProcess):
+    """`payment-service serve --workers N --host 127.0.0.1 --port P`."""
+
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, *, workers: int) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = ["serve", "--workers", str(workers), "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(name, args, env, workdir)
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Until /health answers 200 (every worker shares the socket; one answering suffices)."""
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=5) as client:
+
+            async def healthy() -> bool:
+                if not self.running():
+                    raise AssertionError(f"{self.name} exited:\n{self.log_tail()}")
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(healthy, timeout=timeout, what=f"{self.name} to answer /health")
+
+
+async def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll a sync or async predicate until it is truthy; fail at the deadline naming `what`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# -- `payment-service check` ---------------------------------------------------------------------
+async def run_check(env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """Run `payment-service check --json`; return its report, asserting exit 0 = consistent."""
+    process = await asyncio.create_subprocess_exec(
+        *service_command("check", "--json"),
+        env=env,
+        cwd=workdir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), CHECK_TIMEOUT_SECONDS)
+    assert process.returncode in (0, 1), f"check failed to run: {err.decode()[-2000:]}"
+    report: dict[str, Any] = json.loads(out)
+    failed = [check for check in report["checks"] if not check["ok"]]
+    assert process.returncode == 0 and report["consistent"] and not failed, (
+        "payment-service check found inconsistencies:\n" + json.dumps(failed, indent=2)
+    )
+    return report
+
+
+# -- the load generator --------------------------------------------------------------------------
+@dataclass
+class Answer:
+    """One attempt of a request: the status, or the transport error that replaced it."""
+
+    sent_at: float
+    received_at: float
+    base_url: str
+    status: int | None = None
+    error: str | None = None  # the httpx exception class when there was no answer
+    code: str | None = None  # problem+json `code`
+    retry_after: str | None = None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error is not None and "Timeout" in self.error
+
+
+@dataclass
+class Operation:
+    kind: str  # create | settle | refund
+    key: str
+    path: str
+    body: dict[str, Any]
+    answers: list[Answer] = field(default_factory=list)
+    final: Answer | None = None
+    response: dict[str, Any] | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.final is not None and self.final.status is not None and self.final.status < 300
+
+
+def _definitive(status: int, code: str | None) -> bool:
+    """A final answer for the key; anything else is retried with the same key."""
+    if status < 300:
+        return True
+    if status in (408, 429) or status >= 500:
+        return False
+    return not (status == 409 and code == "IDEMPOTENCY_KEY_IN_PROGRESS")
+
+
+class LoadGenerator:
+    """Virtual clients that charge trips, settle asynchronous payments and refund some of them.
+
+    Each request is retried with its idempotency key until it gets a definitive answer (a 2xx or a
+    business 4xx), whatever happens to the API or the database, the way the seed guide tells
+    clients to behave. With several base URLs, each attempt goes to the next one: a retry may
+    reach another API process. `stop()` lets every client finish the flow it is in.
+    """
+
+    def __init__(
+        self,
+        base_urls: list[str],
+        *,
+        clients: int = 6,
+        seed: int = 6,
+        async_method: str = "UPI",
+        max_flows: int = 5000,
+    ) -> None:
+        self.base_urls = base_urls
+        self.clients = clients
+        self.seed = seed
+        self.async_method = async_method
+        self.max_flows = max_flows
+        self.operations: list[Operation] = []
+        self._urls = itertools.cycle(base_urls)
+        self._trips = itertools.count(1)
+        self._flows = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http: httpx.AsyncClient | None = None
+        self._run_id = os.urandom(4).hex()
+
+    # -- control ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._http = httpx.AsyncClient(
+            timeout=CLIENT_TIMEOUT_SECONDS,
+            limits=httpx.Limits(
+                max_connections=self.clients * 2, max_keepalive_connections=self.clients * 2
+            ),
+        )
+        self._tasks = [
+            asyncio.create_task(
+                self._client(random.Random(self.seed * 1000 + n)), name=f"client-{n}"
+            )
+            for n in range(self.clients)
+        ]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def finish(self, timeout: float = OPERATION_DEADLINE_SECONDS + 30) -> None:
+        """Stop starting flows and wait for the ones in progress to get their answers."""
+        self.stop()
+        try:
+            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                task.result()
+            assert not pending, f"{len(pending)} client(s) still retrying after {timeout} s"
+        finally:
+            if self._http is not None:
+                await self._http.aclose()
+
+    # -- what the tests read ------------------------------------------------------------------
+    def successes(self) -> int:
+        return sum(op.succeeded for op in self.operations)
+
+    def answers(self) -> Iterable[tuple[Operation, Answer]]:
+        for op in self.operations:
+            for answer in op.answers:
+                yield op, answer
+
+    def status_counts(self) -> Counter[str]:
+        return Counter(
+            str(answer.status) if answer.status is not None else answer.error or "?"
+            for _, answer in self.answers()
+        )
+
+    # -- the clients --------------------------------------------------------------------------
+    async def _client(self, rng: random.Random) -> None:
+        while not self._stop.is_set() and self._flows < self.max_flows:
+            self._flows += 1
+            await self._flow(rng)
+
+    async def _flow(self, rng: random.Random) -> None:
+        trip = self.seed * 10_000_000 + next(self._trips)
+        asynchronous = rng.random() < 0.3
+        amount = Decimal(rng.randint(100, 99_999)) / 100
+        prefix = f"{self._run_id}-{trip}"
+        create = await self._request(
+            "create",
+            f"{prefix}-charge",
+            "/payments",
+            {
+                "trip_id": trip,
+                "method": self.async_method if asynchronous else "CARD",
+                "amount": str(amount),
+                "metadata": {"flow": prefix},
+            },
+        )
+        if not create.succeeded:
+            return
+        assert create.response is not None
+        payment_id = create.response["payment_id"]
+        status = create.response["status"]
+        if status == "PENDING":
+            outcome = "SUCCESS" if rng.random() < 0.75 else "FAILED"
+            settle = await self._request(
+                "settle",
+                f"{prefix}-settle",
+                f"/payments/{payment_id}/settlement",
+                {"status": outcome, "gateway_reference": f"gw-{prefix}"},
+            )
+            if not settle.succeeded:
+                return
+            status = outcome
+        if status != "SUCCESS" or rng.random() < 0.4:
+            return
+        part = (amount / 3).quantize(Decimal("0.01"))
+        if part > 0 and rng.random() < 0.6:
+            refund = await self._request(
+                "refund",
+                f"{prefix}-refund-1",
+                f"/payments/{payment_id}/refunds",
+                {"amount": str(part), "metadata": {"reason": "partial"}},
+            )
+            if not refund.succeeded:
+                return
+        # The rest (no amount: everything not yet refunded).
+        await self._request("refund", f"{prefix}-refund-2", f"/payments/{payment_id}/refunds", {})
+
+    async def _request(self, kind: str, key: str, path: str, body: dict[str, Any]) -> Operation:
+        assert self._http is not None
+        op = Operation(kind, key, path, {"idempotency_key": key, **body})
+        self.operations.append(op)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OPERATION_DEADLINE_SECONDS
+        content = json.dumps(op.body)
+        for attempt in itertools.count():
+            base_url = next(self._urls)
+            answer = Answer(sent_at=loop.time(), received_at=0.0, base_url=base_url)
+            try:
+                response = await self._http.post(
+                    base_url + path, content=content, headers={"Content-Type": "application/json"}
+                )
+            except httpx.TransportError as error:
+                answer.error = type(error).__name__
+                pause = 0.05
+            else:
+                answer.status = response.status_code
+                answer.retry_after = response.headers.get("Retry-After")
+                document = _json_or_none(response)
+                if response.status_code >= 400 and isinstance(document, dict):
+                    answer.code = document.get("code")
+                if _definitive(response.status_code, answer.code):
+                    answer.received_at = loop.time()
+                    op.answers.append(answer)
+                    op.final = answer
+                    op.response = document
+                    return op
+                pause = min(float(answer.retry_after or 0.1), 1.0)
+            answer.received_at = loop.time()
+            op.answers.append(answer)
+            if loop.time() > deadline:
+                return op  # gave up: final stays None and the test reports it
+            # A real client's pause between retries, growing a little, at most a second.
+            await asyncio.sleep(min(pause * (1 + attempt / 10), 1.0))
+        raise AssertionError("unreachable")
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json(parse_float=Decimal)
+    except ValueError:
+        return None
+
+
+# -- the assertions every fault test ends with ---------------------------------------------------
+async def assert_clients_got_what_the_database_holds(
+    load: LoadGenerator, db: FaultDatabase
+) -> None:
+    """Every operation ended with the expected 2xx; the database holds exactly what was answered.
+
+    - every client request got a definitive answer, and it was the success its flow expects
+      (no 500 at any time, no hang);
+    - every payment and refund answered 2xx is in the database as answered;
+    - there is exactly one payment per payment key and one refund per refund key: no client
+      retry ever made a second one, and nothing exists that no client was told about.
+    """
+    unanswered = [op for op in load.operations if op.final is None]
+    assert not unanswered, (
+        f"{len(unanswered)} request(s) never got a definitive answer; first: "
+        f"{unanswered[0].kind} {unanswered[0].path} answers "
+        f"{[(a.status, a.error, a.code) for a in unanswered[0].answers[-5:]]}"
+    )
+    errors = [
+        (op, a)
+        for op, a in load.answers()
+        if a.status is not None and a.status >= 500 and a.status != 503
+    ]
+    assert not errors, (
+        f"{len(errors)} 5xx other than 503, e.g. {errors[0][1]} for {errors[0][0].path}"
+    )
+    hangs = [(op, a) for op, a in load.answers() if a.timed_out]
+    assert not hangs, f"{len(hangs)} request(s) got no answer within {CLIENT_TIMEOUT_SECONDS} s"
+    unexpected = [op for op in load.operations if not op.succeeded]
+    assert not unexpected, (
+        f"{len(unexpected)} operation(s) ended without success, e.g. {unexpected[0].kind} "
+        f"{unexpected[0].path}: {unexpected[0].final} {unexpected[0].response}"
+    )
+    for _, answer in load.answers():
+        if answer.status == 503:
+            assert answer.retry_after, "a 503 without Retry-After"
+            assert answer.code == "DATABASE_UNAVAILABLE", f"a 503 with code {answer.code}"
+
+    payments = {
+        row["idempotency_hash"]: row
+        for row in await db.fetch(
+            "SELECT idempotency_hash, payment_id, trip_id, amount, status, refunded_amount "
+            "FROM payments"
+        )
+    }
+    per_key = await db.fetch(
+        "SELECT idempotency_hash, count(*) AS n FROM payments GROUP BY 1 HAVING count(*) > 1"
+    )
+    assert not per_key, f"a key made more than one payment: {[dict(r) for r in per_key]}"
+    creates = [op for op in load.operations if op.kind == "create"]
+    assert len(payments) == len(creates), (
+        f"{len(payments)} payments in the database for {len(creates)} payment keys"
+    )
+    for op in creates:
+        row = payments.get(key_hash(op.key))
+        assert op.response is not None
+        assert row is not None, f"payment {op.response['payment_id']} answered 2xx is not stored"
+        assert row["payment_id"] == op.response["payment_id"]
+        assert row["trip_id"] == op.body["trip_id"]
+        assert row["amount"] == Decimal(op.body["amount"])
+
+    refunds = {
+        row["idempotency_hash"]: row
+        for row in await db.fetch(
+            "SELECT idempotency_hash, refund_id, payment_id, amount FROM payment_refunds"
+        )
+    }
+    refund_ops = [op for op in load.operations if op.kind == "refund"]
+    assert len(refunds) == len(refund_ops), (
+        f"{len(refunds)} refunds in the database for {len(refund_ops)} refund keys"
+    )
+    for op in refund_ops:
+        row = refunds.get(key_hash(op.key))
+        assert op.response is not None
+        assert row is not None, f"refund {op.response['refund_id']} answered 200 is not stored"
+        assert row["refund_id"] == op.response["refund_id"]
+        assert row["amount"] == Decimal(str(op.response["refund_amount"]))
+    settled = {
+        op.path.split("/")[2]: op.body["status"] for op in load.operations if op.kind == "settle"
+    }
+    for row in payments.values():
+        expected = settled.get(str(row["payment_id"]))
+        if expected == "FAILED":
+            assert row["status"] == "FAILED", dict(row)
+
+
+async def assert_every_event_delivered(
+    db: FaultDatabase, receiver: Any, *, timeout: float, exactly_once: bool
+) -> list[asyncpg.Record]:
+    """Wait until every outbox event is DELIVERED and the receiver acknowledged each one.
+
+    `exactly_once`: no event reached the receiver twice as a real (non-stalled) delivery — only
+    crashes may cause duplicates. Every delivery must carry webhook-id = Idempotency-Key = the
+    body's event_id and a valid signature.
+    """
+
+    async def all_delivered() -> bool:
+        undelivered = await db.fetchval(
+            "SELECT count(*) FROM outbox_events WHERE status <> 'DELIVERED'"
+        )
+        if undelivered:
+            return False
+        events = await db.fetch("SELECT event_id::text AS event_id FROM outbox_events")
+        return {row["event_id"] for row in events} <= set(receiver.acknowledged())
+
+    try:
+        await wait_for(
+            all_delivered, timeout=timeout, what="every outbox event to be delivered", interval=0.2
+        )
+    except AssertionError:
+        stuck = await db.fetch(
+            "SELECT id, event_type, status, attempts, last_error, next_attempt_at, locked_until "
+            "FROM outbox_events WHERE status <> 'DELIVERED' ORDER BY id LIMIT 5"
+        )
+        raise AssertionError(f"undelivered events, e.g. {[dict(r) for r in stuck]}") from None
+    events = await db.fetch(
+        "SELECT event_id::text AS event_id, event_type, aggregate_id, payload::text AS payload "
+        "FROM outbox_events ORDER BY id"
+    )
+    expected = {row["event_id"]: row for row in events}
+    for delivery in receiver.deliveries:
+        assert delivery.event_id in expected, f"a callback for an unknown event: {delivery.body}"
+        assert delivery.webhook_id == delivery.event_id == delivery.idempotency_key, delivery
+        assert delivery.signature_ok is not False, f"bad signature on {delivery.event_id}"
+        assert delivery.body == json.loads(expected[delivery.event_id]["payload"]), delivery
+    if exactly_once:
+        twice = {event: n for event, n in receiver.acknowledged().items() if n > 1}
+        assert not twice, f"{len(twice)} event(s) delivered more than once without a crash"
+    # Per payment, events are first acknowledged in the order they were written.
+    first_ack: dict[str, int] = {}
+    for position, delivery in enumerate(receiver.deliveries):
+        if delivery.event_id and 200 <= delivery.answered < 300:
+            first_ack.setdefault(delivery.event_id, position)
+    by_payment: dict[int, list[str]] = {}
+    for row in events:
+        by_payment.setdefault(row["aggregate_id"], []).append(row["event_id"])
+    for payment_id, written in by_payment.items():
+        acknowledged = sorted(written, key=first_ack.__getitem__)
+        assert acknowledged == written, f"payment {payment_id}'s events overtook each other"
+    return events
