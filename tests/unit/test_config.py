@@ -1,0 +1,206 @@
+"""Configuration (DESIGN §3): defaults, environment variables and `.env`, DATABASE_URL over DB_*,
+and bad configuration refused with one line naming the variable."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from payment_service.config import ConfigurationError, Settings, load_settings
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No setting leaks in from the developer's shell or a .env in the checkout."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def refused(**overrides: object) -> str:
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(**overrides)
+    message = str(info.value)
+    assert "\n" not in message, "one line"
+    return message
+
+
+def test_defaults() -> None:
+    settings = load_settings()
+    assert settings.service_port == 8082
+    assert settings.api_prefix == ""
+    assert settings.idempotency_key_ttl == 86400
+    assert settings.db_pool_min == 2 and settings.db_pool_max == 10
+    assert settings.api_keys == ()
+    assert settings.async_methods == ()
+    assert settings.default_currency == "INR"
+    assert settings.max_payment_amount == Decimal("1000000.00")
+    assert settings.environment == "development"
+    assert settings.debug is False
+    assert settings.log_level == "INFO"
+    assert settings.callback_signing_secret is None
+    assert settings.notification_url == "http://localhost:8085/notifications"
+    assert (settings.relay_batch_size, settings.relay_concurrency, settings.relay_max_attempts) == (
+        100, 32, 12,
+    )  # fmt: skip
+    assert settings.relay_lease_seconds == 30
+    assert settings.relay_poll_interval == 1.0
+    assert settings.relay_request_timeout == 10
+    assert settings.outbox_retention_hours == 168
+    assert settings.has_database is False
+
+
+def test_no_database_is_a_clear_error() -> None:
+    settings = load_settings()
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        settings.dsn()
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICE_PORT", "9000")
+    monkeypatch.setenv("API_KEYS", " k1, k2 ,,k3 ")
+    monkeypatch.setenv("ASYNC_METHODS", "upi,WALLET")
+    monkeypatch.setenv("API_PREFIX", "/v1/")
+    monkeypatch.setenv("IDEMPOTENCY_KEY_TTL", "60")
+    monkeypatch.setenv("MAX_PAYMENT_AMOUNT", "500.50")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert settings.service_port == 9000
+    assert settings.api_keys == ("k1", "k2", "k3")
+    assert settings.async_methods == ("UPI", "WALLET")
+    assert settings.api_prefix == "/v1"
+    assert settings.idempotency_key_ttl == 60
+    assert settings.max_payment_amount == Decimal("500.50")
+    assert settings.log_level == "DEBUG"
+
+
+def test_dotenv_is_read_and_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("SERVICE_PORT=9100\nDEFAULT_CURRENCY=EUR\n")
+    monkeypatch.setenv("SERVICE_PORT", "9200")
+    settings = load_settings()
+    assert settings.default_currency == "EUR"
+    assert settings.service_port == 9200
+
+
+def test_database_url_wins_over_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "db.example")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@url-host:5433/payments")
+    assert load_settings().dsn() == "postgresql://u@url-host:5433/payments"
+
+
+def test_dsn_from_parts_quotes_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "db")
+    monkeypatch.setenv("DB_PORT", "5433")
+    monkeypatch.setenv("DB_NAME", "postgres")
+    monkeypatch.setenv("DB_USER", "postgres")
+    monkeypatch.setenv("DB_PASS", "Superb#915")  # the seed guide's example password
+    settings = load_settings()
+    assert settings.has_database
+    assert settings.dsn() == "postgresql://postgres:Superb%23915@db:5433/postgres"
+
+
+@pytest.mark.parametrize(
+    ("environment", "variable"),
+    [
+        ({"ENVIRONMENT": "production", "CALLBACK_SIGNING_SECRET": SECRET}, "API_KEYS"),
+        ({"ENVIRONMENT": "production", "API_KEYS": "k1"}, "CALLBACK_SIGNING_SECRET"),
+        ({"ENVIRONMENT": "production"}, "API_KEYS"),
+    ],
+)
+def test_production_requires_keys_and_secret(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], variable: str
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert variable in refused()
+
+
+def test_production_with_keys_and_secret_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("API_KEYS", "k1")
+    monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
+    settings = load_settings()
+    assert settings.environment == "production"
+    assert settings.callback_signing_secret == SECRET
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SERVICE_PORT", "0"),
+        ("SERVICE_PORT", "70000"),
+        ("SERVICE_PORT", "http"),
+        ("DB_PORT", "-1"),
+        ("IDEMPOTENCY_KEY_TTL", "0"),
+        ("ASYNC_METHODS", "UPI,BITCOIN"),
+        ("DEFAULT_CURRENCY", "inr"),
+        ("DEFAULT_CURRENCY", "RUPEE"),
+        ("API_PREFIX", "v1"),
+        ("API_PREFIX", "/v1?x"),
+        ("MAX_PAYMENT_AMOUNT", "0"),
+        ("MAX_PAYMENT_AMOUNT", "abc"),
+        ("ENVIRONMENT", "prod"),
+        ("LOG_LEVEL", "LOUD"),
+        ("NOTIFICATION_SERVICE_URL", "not a url"),
+        ("TRIP_SERVICE_URL", "ftp://trips"),
+        ("NOTIFICATION_CALLBACK_PATH", "notifications"),
+        ("CALLBACK_SIGNING_SECRET", "plain-secret"),
+        ("CALLBACK_SIGNING_SECRET", "whsec_!!!not-base64!!!"),
+        ("CALLBACK_SIGNING_SECRET", "whsec_" + base64.b64encode(b"short").decode()),
+        ("RELAY_BATCH_SIZE", "0"),
+        ("RELAY_POLL_INTERVAL", "0"),
+        ("DB_POOL_MAX", "0"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    message = refused()
+    assert variable in message, message
+    assert message.startswith("invalid configuration"), message
+
+
+def test_pool_min_above_max_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_POOL_MIN", "20")
+    monkeypatch.setenv("DB_POOL_MAX", "10")
+    assert "DB_POOL_MIN" in refused()
+
+
+def test_secrets_are_not_in_the_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", "super-secret-key")
+    monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
+    monkeypatch.setenv("DB_PASS", "db-password-123")
+    text = repr(load_settings()) + str(load_settings())
+    for secret in ("super-secret-key", SECRET, "db-password-123"):
+        assert secret not in text
+
+
+def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALLBACK_SIGNING_SECRET", "whsec_tooshortbutsecret")
+    message = refused()
+    assert "tooshortbutsecret" not in message
+
+
+def test_keyword_overrides_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", "from-env")
+    settings = load_settings(api_keys=("k1",), async_methods=("UPI",), api_prefix="/v1")
+    assert settings.api_keys == ("k1",)
+    assert settings.async_methods == ("UPI",)
+    assert settings.api_prefix == "/v1"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
+        settings.service_port = 1  # type: ignore[misc]
