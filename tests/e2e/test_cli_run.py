@@ -1,0 +1,99 @@
+"""`payment-service run` as a real process (DESIGN §2): with no database configured it starts an
+embedded PostgreSQL under PAYMENT_SERVICE_DATA_DIR, migrates, serves on SERVICE_PORT with the relay
+beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a restart."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+
+from payment_service.embedded import EmbeddedPostgres, free_port
+from tests.e2e.cli_support import Service, clean_env, port_closed, service
+from tests.helpers import wait_until
+
+# The first start runs initdb; give it time on a slow machine.
+START_TIMEOUT_SECONDS = 180
+STOP_TIMEOUT_SECONDS = 60
+
+
+def postgres_stopped(data_dir: Path) -> bool:
+    """No server left running on the data directory (pg_ctl removes the pid file on stop)."""
+    return not any(data_dir.rglob("postmaster.pid"))
+
+
+def stop_leftover_postgres(data_dir: Path) -> None:
+    for pid_file in data_dir.rglob("postmaster.pid"):
+        EmbeddedPostgres(pid_file.parent).stop(mode="immediate")
+
+
+async def stop_with_ctrl_c(run: Service, port: int, data_dir: Path) -> None:
+    code = await run.stop(signal.SIGINT, timeout=STOP_TIMEOUT_SECONDS)
+    assert code == 0, run.output()[-4000:]
+    assert "Traceback" not in run.output(), run.output()[-4000:]
+    assert await port_closed(port)
+    assert postgres_stopped(data_dir), "Ctrl-C stops the embedded PostgreSQL too"
+
+
+async def test_run_with_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    relay_port = free_port()
+    env = clean_env(
+        PAYMENT_SERVICE_DATA_DIR=str(data_dir),
+        SERVICE_PORT=str(port),
+        RELAY_METRICS_PORT=str(relay_port),
+        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    base = f"http://127.0.0.1:{port}"
+    body = {"idempotency_key": "run-e2e-1", "trip_id": 101, "method": "CARD", "amount": 150.00}
+    try:
+        with service(["run"], env, tmp_path, "run-1") as run:
+            health = await run.wait_http(base + "/health", timeout=START_TIMEOUT_SECONDS)
+            assert health.json()["status"] == "healthy"
+            # The relay runs beside the API: its metrics endpoint answers.
+            await run.wait_http(f"http://127.0.0.1:{relay_port}/metrics", timeout=60)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                created = await client.post("/payments", json=body)
+                assert created.status_code == 200, created.text
+                first_answer = created.content
+            assert any(data_dir.rglob("PG_VERSION")), "the database lives in the data dir"
+            await stop_with_ctrl_c(run, port, data_dir)
+
+        with service(["run"], env, tmp_path, "run-2") as run:
+            await run.wait_http(base + "/health", timeout=START_TIMEOUT_SECONDS)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                payment_id = httpx.Response(200, content=first_answer).json()["payment_id"]
+                fetched = await client.get(f"/payments/{payment_id}")
+                assert fetched.status_code == 200, "the payment survived the restart"
+                assert fetched.json()["trip_id"] == 101
+                replay = await client.post("/payments", json=body)
+                assert replay.content == first_answer, "so did its idempotency record"
+                assert replay.headers.get("idempotent-replayed") == "true"
+            await stop_with_ctrl_c(run, port, data_dir)
+    finally:
+        stop_leftover_postgres(data_dir)
+
+
+async def test_run_refuses_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = clean_env(PAYMENT_SERVICE_DATA_DIR=str(data_dir), SERVICE_PORT=str(port))
+        try:
+            with service(["run"], env, tmp_path, "run-busy") as run:
+
+                async def exited() -> bool:
+                    return run.process.poll() is not None
+
+                await wait_until(exited, timeout=60, interval=0.1)
+                assert run.process.returncode != 0
+                assert str(port) in run.stderr()
+                assert "Traceback" not in run.stderr()
+        finally:
+            stop_leftover_postgres(data_dir)

@@ -1,0 +1,141 @@
+"""`payment-service serve` as a real process (DESIGN §2, §3): bad configuration refuses to start
+with one line naming the variable; a good one serves on the given port and stops cleanly on a
+signal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from payment_service.embedded import free_port
+from tests.e2e.cli_support import clean_env, port_closed, run_to_end, service
+from tests.helpers import wait_until
+
+SECRET = "whsec_" + base64.b64encode(b"an-example-key-of-32-bytes-long!").decode()
+
+
+@pytest.mark.parametrize("subcommand", ["serve", "run", "migrate"])
+@pytest.mark.parametrize(
+    ("missing", "present"),
+    [
+        ("API_KEYS", {"CALLBACK_SIGNING_SECRET": SECRET}),
+        ("CALLBACK_SIGNING_SECRET", {"API_KEYS": "k1"}),
+    ],
+)
+def test_production_refuses_to_start_without_secrets(
+    tmp_path: Path, subcommand: str, missing: str, present: dict[str, str]
+) -> None:
+    env = clean_env(
+        ENVIRONMENT="production",
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/none",
+        SERVICE_PORT=str(free_port()),
+        PAYMENT_SERVICE_DATA_DIR=str(tmp_path / "data"),
+        **present,
+    )
+    result = run_to_end([subcommand], env, tmp_path, timeout=60)
+
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    assert missing in result.error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    assert not (tmp_path / "data").exists(), "refused before doing anything"
+
+
+@pytest.mark.parametrize("subcommand", ["serve", "migrate"])
+def test_no_database_is_one_clear_line(tmp_path: Path, subcommand: str) -> None:
+    result = run_to_end([subcommand], clean_env(), tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    assert "DATABASE_URL" in result.error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("SERVICE_PORT", "not-a-port"), ("API_PREFIX", "v1"), ("ASYNC_METHODS", "BITCOIN")],
+)
+def test_bad_value_is_one_line_naming_the_variable(
+    tmp_path: Path, database_url: str, variable: str, value: str
+) -> None:
+    env = clean_env(DATABASE_URL=database_url, **{variable: value})
+    result = run_to_end(["serve", "--host", "127.0.0.1"], env, tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    assert variable in result.error_lines[0]
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    result = run_to_end(["--help"], clean_env(), tmp_path, timeout=30)
+    assert result.returncode == 0
+    for name in ("run", "serve", "migrate", "relay", "outbox", "notification-sink"):
+        assert name in result.stdout
+    for name in ("run", "serve", "migrate"):
+        assert run_to_end([name, "--help"], clean_env(), tmp_path, timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_serve_answers_and_stops_cleanly(
+    tmp_path: Path, database_url: str, sig: signal.Signals
+) -> None:
+    port = free_port()
+    env = clean_env(DATABASE_URL=database_url, API_PREFIX="/v1", LOG_LEVEL="INFO")
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with service(args, env, tmp_path, "serve") as api:
+        base = f"http://127.0.0.1:{port}"
+        health = await api.wait_http(base + "/health", timeout=60)
+        assert health.json()["checks"]["database"] == "ok"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            created = await client.post(
+                "/v1/payments",
+                json={"idempotency_key": "e2e-1", "trip_id": 1, "method": "CARD", "amount": "5.00"},
+            )
+            assert created.status_code == 200, created.text
+
+        code = await api.stop(sig, timeout=30)
+
+        assert code == 0, api.output()[-3000:]
+        assert "Traceback" not in api.output()
+        assert await port_closed(port)
+        # Logs are JSON lines on stdout, one of them the access log of that request.
+        lines = [line for line in api.stdout_path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert records, "JSON logs on stdout"
+        assert any("/v1/payments" in json.dumps(record) for record in records)
+
+
+async def test_serve_with_workers(tmp_path: Path, database_url: str) -> None:
+    port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    with service(args, clean_env(DATABASE_URL=database_url), tmp_path, "serve") as api:
+        await api.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for n in range(10):
+                response = await client.post(
+                    "/payments",
+                    json={"idempotency_key": f"w-{n}", "trip_id": 100 + n, "method": "CARD",
+                          "amount": "1.00"},
+                )  # fmt: skip
+                assert response.status_code == 200, response.text
+        assert await api.stop(signal.SIGTERM, timeout=30) == 0
+        await wait_until(lambda: port_closed(port), timeout=10)
+
+
+async def test_serve_refuses_a_database_without_the_schema(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    with service(args, clean_env(DATABASE_URL=empty_database_url), tmp_path, "serve") as api:
+
+        async def exited() -> bool:
+            return api.process.poll() is not None
+
+        await wait_until(exited, timeout=60, interval=0.1)
+        assert api.process.returncode != 0
+        assert "migrate" in api.output(), api.output()[-3000:]
