@@ -1,0 +1,274 @@
+"""Compose smoke test: the seed guide's workflow against `docker-compose up`, end to end.
+
+`docker-compose up -d --build` under a project name of its own, with every port published on
+127.0.0.1 only (free ports, so a developer's own stack can keep 8082); then: health; create with
+`demo-client-1`; the repeat answers the same body; refund with `refund-demo-1`; eight concurrent
+creates with one key make one payment; the callbacks reach the notification sink; `docker-compose
+restart` and `down` + `up` keep the data; `down -v` removes it. The images come from POSTGRES_IMAGE,
+PYTHON_IMAGE and PAYMENT_SERVICE_IMAGE when set (CI builds them locally).
+
+Run with `COMPOSE_SMOKE=1 make test PYTEST_ARGS=tests/compose` (needs Docker and docker-compose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from payment_service.config import Settings
+from tests.helpers import REPO_ROOT, wait_until
+
+BUILD_TIMEOUT_SECONDS = 900  # the first build on a new machine installs every dependency
+COMMAND_TIMEOUT_SECONDS = 180
+HEALTHY_TIMEOUT_SECONDS = 180
+CALLBACK_TIMEOUT_SECONDS = 60
+CONCURRENT_REQUESTS = 8
+RUNNING_SERVICES = {"db", "api", "relay", "notification-sink"}
+
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 600)
+
+# The seed guide's request bodies, byte for byte (amounts as JSON numbers with two decimals).
+SEED_CREATE = (
+    '{"idempotency_key": "demo-client-1", "trip_id": 101, "method": "CARD", "amount": 150.00, '
+    '"metadata": {"note": "local test"}}'
+)
+SEED_REFUND = (
+    '{"idempotency_key": "refund-demo-1", "amount": 50.00, "metadata": {"reason": "test refund"}}'
+)
+
+
+async def run(command: list[str], *, env: dict[str, str], timeout: float) -> str:
+    """Run a command to completion within `timeout` seconds; its output, or a failure naming it."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"`{shlex.join(command)}` did not finish within {timeout} s") from None
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise AssertionError(
+            f"`{shlex.join(command)}` exited {process.returncode}:\n{text[-4000:]}"
+        )
+    return text
+
+
+def _compose_command() -> list[str]:
+    if configured := os.environ.get("COMPOSE"):
+        return shlex.split(configured)
+    return ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    project: str
+    env: dict[str, str]
+    env_file: Path
+    http: httpx.AsyncClient
+
+    async def compose(self, *args: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> str:
+        command = [
+            *_compose_command(),
+            "--file", str(REPO_ROOT / "docker-compose.yml"),
+            "--project-name", self.project,
+            "--env-file", str(self.env_file),
+            *args,
+        ]  # fmt: skip
+        return await run(command, env=self.env, timeout=timeout)
+
+    async def docker(self, *args: str) -> str:
+        return await run(["docker", *args], env=self.env, timeout=COMMAND_TIMEOUT_SECONDS)
+
+    async def sql(self, query: str) -> list[str]:
+        """Rows of a query run by psql inside the `db` container, one string per row."""
+        output = await self.compose(
+            "exec", "-T", "db", "psql", "-U", "postgres", "-d", "postgres",
+            "-v", "ON_ERROR_STOP=1", "-tAc", query,
+        )  # fmt: skip
+        return output.splitlines()
+
+    async def post(self, path: str, body: str) -> httpx.Response:
+        return await self.http.post(
+            path, content=body, headers={"Content-Type": "application/json"}
+        )
+
+    async def wait_until_healthy(self) -> None:
+        async def healthy() -> bool:
+            try:
+                return (await self.http.get("/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_until(healthy, timeout=HEALTHY_TIMEOUT_SECONDS, interval=1.0)
+
+    async def running_services(self) -> dict[str, str]:
+        """What `docker ps` shows for this project: service name → status."""
+        output = await self.docker(
+            "ps", "--filter", f"label=com.docker.compose.project={self.project}",
+            "--format", '{{.Label "com.docker.compose.service"}}\t{{.Status}}',
+        )  # fmt: skip
+        return dict(line.split("\t", 1) for line in output.splitlines() if line)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    project = f"paymentsmoke{uuid.uuid4().hex[:8]}"
+    env_file = tmp_path_factory.mktemp("compose") / "smoke.env"
+    env_file.write_text("")  # instead of the checkout's .env, whatever a developer keeps there
+    api_port = _free_port()
+    # The service's own variables come from the compose file's defaults, not from this shell.
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env.update(
+        PUBLISH_HOST="127.0.0.1",
+        SERVICE_PORT=str(api_port),
+        NOTIFICATION_SINK_PORT=str(_free_port()),
+        DB_PUBLISHED_PORT=str(_free_port()),
+        DB_PASS=secrets.token_urlsafe(24),
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as http:
+        stack = Stack(project, env, env_file, http)
+        try:
+            await stack.compose("up", "-d", "--build", timeout=BUILD_TIMEOUT_SECONDS)
+            await stack.wait_until_healthy()
+            yield stack
+        finally:
+            # Shown by pytest only when a test of this module failed.
+            with contextlib.suppress(AssertionError):
+                print(await stack.compose("ps"))
+                print(await stack.compose("logs", "--no-color", "--tail", "60"))
+            await stack.compose("down", "--volumes", "--remove-orphans")
+            volumes = await stack.docker(
+                "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"
+            )
+            assert volumes.strip() == "", f"`down -v` left volumes behind: {volumes}"
+
+
+async def test_containers_run_and_the_api_reports_healthy(stack: Stack) -> None:
+    async def api_container_healthy() -> bool:
+        return "(healthy)" in (await stack.running_services()).get("api", "")
+
+    # The image's HEALTHCHECK (python + urllib on /health) is what turns the status healthy.
+    await wait_until(api_container_healthy, timeout=HEALTHY_TIMEOUT_SECONDS, interval=1.0)
+    services = await stack.running_services()
+    assert set(services) == RUNNING_SERVICES, services
+    assert all(status.startswith("Up") for status in services.values()), services
+    migrate = await stack.docker(
+        "ps", "--all", "--format", "{{.Status}}",
+        "--filter", f"label=com.docker.compose.project={stack.project}",
+        "--filter", "label=com.docker.compose.service=migrate",
+    )  # fmt: skip
+    assert migrate.startswith("Exited (0)"), migrate
+
+
+async def test_seed_workflow(stack: Stack) -> None:
+    health = await stack.http.get("/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "healthy"
+    assert health.json()["checks"]["database"] == "ok"
+
+    created = await stack.post("/payments", SEED_CREATE)
+    assert created.status_code == 200, created.text
+    payment = created.json()
+    assert payment["status"] == "SUCCESS"
+    assert Decimal(str(payment["amount"])) == Decimal("150.00")
+    payment_id = payment["payment_id"]
+
+    repeated = await stack.post("/payments", SEED_CREATE)
+    assert repeated.status_code == 200, repeated.text
+    assert repeated.content == created.content
+    assert repeated.headers.get("Idempotent-Replayed") == "true"
+
+    refund = await stack.post(f"/payments/{payment_id}/refunds", SEED_REFUND)
+    assert refund.status_code == 200, refund.text
+    assert refund.json()["status"] == "REFUNDED"
+    assert Decimal(str(refund.json()["refund_amount"])) == Decimal("50.00")
+
+    key = f"smoke-concurrent-{uuid.uuid4().hex}"
+    body = json.dumps({"idempotency_key": key, "trip_id": 202, "method": "CARD", "amount": "75.25"})
+    answers = await asyncio.gather(
+        *(stack.post("/payments", body) for _ in range(CONCURRENT_REQUESTS))
+    )
+    statuses = sorted(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 409} and 200 in statuses, statuses
+    assert len({answer.content for answer in answers if answer.status_code == 200}) == 1
+    assert await stack.sql("SELECT count(*) FROM payments WHERE trip_id = 202") == ["1"]
+    key_rows = await stack.sql(
+        "SELECT count(*) FROM idempotency_keys "
+        f"WHERE key_hash = encode(sha256(convert_to('{key}', 'UTF8')), 'hex')"
+    )
+    assert key_rows == ["1"]
+
+    # The relay delivers both events to the sink, which prints each one it receives.
+    events = [
+        row.split("|")
+        for row in await stack.sql(
+            "SELECT event_type, event_id FROM outbox_events "
+            f"WHERE aggregate_id = {int(payment_id)} ORDER BY id"
+        )
+    ]
+    assert [event_type for event_type, _ in events] == ["payment.succeeded", "payment.refunded"]
+
+    async def delivered() -> bool:
+        undelivered = await stack.sql(
+            f"SELECT count(*) FROM outbox_events WHERE aggregate_id = {int(payment_id)} "
+            "AND status <> 'DELIVERED'"
+        )
+        sink_log = await stack.compose("logs", "--no-color", "notification-sink")
+        return undelivered == ["0"] and all(event_id in sink_log for _, event_id in events)
+
+    await wait_until(delivered, timeout=CALLBACK_TIMEOUT_SECONDS, interval=1.0)
+
+
+async def test_restart_and_recreate_keep_the_data(stack: Stack) -> None:
+    key = f"smoke-restart-{uuid.uuid4().hex}"
+    body = json.dumps({"idempotency_key": key, "trip_id": 303, "method": "UPI", "amount": "99.50"})
+    created = await stack.post("/payments", body)
+    assert created.status_code == 200, created.text
+    payment_id = created.json()["payment_id"]
+
+    async def still_there() -> None:
+        found = await stack.http.get(f"/payments/{payment_id}")
+        assert found.status_code == 200, found.text
+        assert found.json()["payment_id"] == payment_id
+        replay = await stack.post("/payments", body)
+        assert replay.status_code == 200, replay.text
+        assert replay.content == created.content
+
+    await stack.compose("restart")
+    await stack.wait_until_healthy()
+    await still_there()
+
+    # Containers removed and made anew: only the named volume carries the data across.
+    await stack.compose("down")
+    assert await stack.running_services() == {}
+    await stack.compose("up", "-d")
+    await stack.wait_until_healthy()
+    await still_there()
