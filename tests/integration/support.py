@@ -49,6 +49,17 @@ _keys = itertools.count(1)
 _trips = itertools.count(1001)
 
 
+# The payment object every endpoint answers (DESIGN §4) and the callback body (DESIGN §7).
+PAYMENT_FIELDS = frozenset({
+    "payment_id", "trip_id", "amount", "currency", "method", "status", "reference",
+    "refunded_amount", "metadata", "created_at", "updated_at",
+})  # fmt: skip
+EVENT_FIELDS = frozenset({
+    "event_id", "event_type", "occurred_at", "payment_id", "trip_id", "amount", "currency",
+    "status", "reference",
+})  # fmt: skip
+
+
 def new_key(prefix: str = "key") -> str:
     return f"{prefix}-{os.getpid()}-{next(_keys)}"
 
@@ -139,6 +150,15 @@ def assert_problem(
     text = response.text
     assert "Traceback" not in text and "asyncpg" not in text and "SELECT" not in text, text
     return body
+
+
+def assert_replay(first: httpx.Response, again: httpx.Response) -> None:
+    """`again` is the stored answer to `first`: same status, same bytes, marked as a replay."""
+    assert first.headers.get("idempotent-replayed") in (None, "false"), first.headers
+    assert again.status_code == first.status_code, (again.status_code, again.text)
+    assert again.content == first.content
+    assert again.headers.get("idempotent-replayed") == "true", again.headers
+    assert again.headers["content-type"] == first.headers["content-type"]
 
 
 def error_fields(problem: dict[str, Any]) -> set[str]:

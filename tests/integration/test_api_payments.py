@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from tests.integration.support import (
+    EVENT_FIELDS,
+    PAYMENT_FIELDS,
     RunningApi,
     assert_problem,
     error_fields,
@@ -26,30 +28,6 @@ from tests.integration.support import (
     post_json,
 )
 
-PAYMENT_FIELDS = {
-    "payment_id",
-    "trip_id",
-    "amount",
-    "currency",
-    "method",
-    "status",
-    "reference",
-    "refunded_amount",
-    "metadata",
-    "created_at",
-    "updated_at",
-}
-EVENT_FIELDS = {
-    "event_id",
-    "event_type",
-    "occurred_at",
-    "payment_id",
-    "trip_id",
-    "amount",
-    "currency",
-    "status",
-    "reference",
-}
 REFERENCE = re.compile(r"^PAY-(\d{8})-[0-9a-f]{8}$")
 
 

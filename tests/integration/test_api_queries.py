@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.integration.support import (
+    PAYMENT_FIELDS,
     assert_problem,
     create_payment,
     exact_json,
@@ -32,18 +33,7 @@ async def test_get_payment_with_its_refunds(client: httpx.AsyncClient) -> None:
     assert fetched.status_code == 200
     assert fetched.headers["content-type"].startswith("application/json")
     body = exact_json(fetched)
-    for field in (
-        "payment_id",
-        "trip_id",
-        "amount",
-        "currency",
-        "method",
-        "status",
-        "reference",
-        "refunded_amount",
-        "metadata",
-        "created_at",
-    ):
+    for field in PAYMENT_FIELDS:
         assert body[field] == created[field], field
     assert body["refunds"] == []
 

@@ -11,7 +11,9 @@ import httpx
 import pytest
 
 from tests.integration.support import (
+    EVENT_FIELDS,
     assert_problem,
+    assert_replay,
     create_payment,
     error_fields,
     exact_json,
@@ -49,6 +51,7 @@ async def test_async_method_is_accepted_pending(
 
     events = await outbox_rows(db, body["payment_id"])
     assert [e["event_type"] for e in events] == ["payment.pending"]
+    assert set(events[0]["payload"]) >= EVENT_FIELDS
     assert events[0]["payload"]["status"] == "PENDING"
     assert events[0]["payload"]["amount"] == Decimal("42.50")
 
@@ -56,10 +59,8 @@ async def test_async_method_is_accepted_pending(
 async def test_pending_replay_is_byte_identical_202(client: httpx.AsyncClient) -> None:
     body = payment_body(method="UPI")
     first = await post_json(client, "/payments", body)
-    again = await post_json(client, "/payments", body)
-    assert first.status_code == again.status_code == 202
-    assert again.content == first.content
-    assert again.headers.get("idempotent-replayed") == "true"
+    assert first.status_code == 202, first.text
+    assert_replay(first, await post_json(client, "/payments", body))
 
 
 async def test_sync_methods_are_not_pending(client: httpx.AsyncClient) -> None:
@@ -88,6 +89,7 @@ async def test_settlement_success(client: httpx.AsyncClient, db: asyncpg.Connect
     assert tuple(row) == ("SUCCESS", "gw-123")
     events = await outbox_rows(db, pending["payment_id"])
     assert [e["event_type"] for e in events] == ["payment.pending", "payment.succeeded"]
+    assert set(events[1]["payload"]) >= EVENT_FIELDS
     assert events[1]["payload"]["status"] == "SUCCESS"
     assert events[1]["payload"]["event_id"] == str(events[1]["event_id"])
 
@@ -118,6 +120,7 @@ async def test_settlement_failed_frees_the_trip(
     )
     events = await outbox_rows(db, pending["payment_id"])
     assert [e["event_type"] for e in events] == ["payment.pending", "payment.failed"]
+    assert set(events[1]["payload"]) >= EVENT_FIELDS
     assert events[1]["payload"]["status"] == "FAILED"
 
     # A FAILED payment is not a live charge: the trip may be charged again.
@@ -157,10 +160,8 @@ async def test_settlement_replay(client: httpx.AsyncClient, db: asyncpg.Connecti
     body = {"idempotency_key": new_key("settle"), "status": "SUCCESS"}
     path = f"/payments/{pending['payment_id']}/settlement"
     first = await post_json(client, path, body)
-    again = await post_json(client, path, body)
-    assert first.status_code == again.status_code == 200
-    assert again.content == first.content
-    assert again.headers.get("idempotent-replayed") == "true"
+    assert first.status_code == 200, first.text
+    assert_replay(first, await post_json(client, path, body))
     assert await db.fetchval("SELECT count(*) FROM outbox_events") == 2
 
 
