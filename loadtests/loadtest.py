@@ -1,0 +1,156 @@
+"""`make loadtest`: a bounded, headless Locust run that leaves CSV and HTML reports.
+
+Against `LOADTEST_HOST` when set; otherwise it starts its own service first — `payment-service
+run` (embedded PostgreSQL in a temporary data directory, API and relay) on free 127.0.0.1 ports,
+with the callbacks going to a local receiver (loadtests/receiver.py) — and stops it by PID at the
+end. Reports: loadtests/reports/locust_stats.csv (and _failures, _exceptions, _stats_history) and
+loadtests/reports/locust.html. Exits non-zero when any request failed.
+
+    python loadtests/loadtest.py [--run-time 60s] [--users 40] [extra locust arguments...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = ROOT / "loadtests" / "reports"
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_SECONDS = 180  # a first embedded PostgreSQL initialises its cluster
+STOP_TIMEOUT_SECONDS = 30
+
+
+def free_port() -> int:
+    from payment_service.embedded import free_port as _free
+
+    return _free()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"loadtest: the service exited early (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # only 127.0.0.1
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"loadtest: {url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes], name: str) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # `payment-service run` stops its children on Ctrl-C
+        try:
+            proc.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            print(f"loadtest: {name} (pid {proc.pid}) did not stop; killing its group", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait(10)
+
+
+def run_locust(host: str, args: argparse.Namespace, extra: list[str]) -> int:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(BIN / "locust"),
+        "--config",
+        str(ROOT / "loadtests" / "locust.conf"),
+        "--headless",
+        "--host",
+        host,
+        "--run-time",
+        args.run_time,
+        "--users",
+        str(args.users),
+        "--csv",
+        str(REPORTS / "locust"),
+        "--html",
+        str(REPORTS / "locust.html"),
+        "--only-summary",
+        *extra,
+    ]
+    print("loadtest: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-time", default=os.environ.get("LOADTEST_RUN_TIME", "60s"))
+    parser.add_argument("--users", type=int, default=int(os.environ.get("LOADTEST_USERS", "40")))
+    args, extra = parser.parse_known_args(argv)
+    host = os.environ.get("LOADTEST_HOST")
+    if host:
+        return run_locust(host, args, extra)
+
+    with tempfile.TemporaryDirectory(prefix="payment-loadtest-") as tmp:
+        receiver_port, api_port = free_port(), free_port()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "DB_HOST", "API_KEYS", "API_PREFIX")
+        }
+        env.update(
+            PAYMENT_SERVICE_DATA_DIR=str(Path(tmp) / "data"),
+            SERVICE_PORT=str(api_port),
+            RELAY_METRICS_PORT=str(free_port()),
+            NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{receiver_port}",
+            LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+        )
+        logs = Path(tmp)
+        receiver_log = (logs / "receiver.log").open("wb")
+        service_log = (logs / "service.log").open("wb")
+        receiver = subprocess.Popen(
+            [sys.executable, str(ROOT / "loadtests" / "receiver.py"), "--port", str(receiver_port)],
+            cwd=ROOT,
+            env=env,
+            stdout=receiver_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        service = subprocess.Popen(
+            [str(BIN / "payment-service"), "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=service_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{api_port}"
+            wait_ready(base + "/health", service, READY_TIMEOUT_SECONDS)
+            code = run_locust(base, args, extra)
+        finally:
+            stop(service, "payment-service run")
+            stop(receiver, "receiver")
+            receiver_log.close()
+            service_log.close()
+            if service.returncode not in (0, -signal.SIGINT, 130):
+                print(
+                    f"loadtest: the service exited {service.returncode}; its log ends:\n"
+                    + "\n".join(
+                        (logs / "service.log").read_text(errors="replace").splitlines()[-20:]
+                    ),
+                    flush=True,
+                )
+    print(
+        f"loadtest: reports in {REPORTS}/locust_stats.csv and {REPORTS}/locust.html "
+        f"(locust exit code {code})",
+        flush=True,
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
