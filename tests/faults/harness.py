@@ -247,6 +247,29 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+def socket_owner(client_port: int, server_port: int, processes: dict[str, int]) -> str | None:
+    """The name of the process (among `processes`: name -> pid) that owns the TCP connection
+    127.0.0.1:client_port -> 127.0.0.1:server_port, found through /proc (Linux)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+        if local_port == client_port and remote_port == server_port:
+            inode = fields[9]
+            break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for name, pid in processes.items():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return name
+    return None
+
+
 # -- `payment-service check` ---------------------------------------------------------------------
 async def run_check(env: dict[str, str], workdir: Path) -> dict[str, Any]:
     """Run `payment-service check --json`; return its report, asserting exit 0 = consistent."""

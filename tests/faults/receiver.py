@@ -2,7 +2,9 @@
 
 It records every callback it is sent and can be switched, while the relay runs, between answering
 200 at once (`ok`), answering 500 (`error`), stalling the first request of each event until the
-relay hangs up (`slow`), and not listening at all (`stop()`, then `start()` on the same port).
+relay hangs up (`slow`), holding every request unanswered until `release()` (`hold()`: deliveries
+provably in flight, for killing the relay mid-batch), and not listening at all (`stop()`, then
+`start()` on the same port).
 Each delivery is verified against the Standard Webhooks signature when a secret is given.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from standardwebhooks.webhooks import Webhook
@@ -32,19 +35,24 @@ class Delivery:
     body: dict[str, object]
     signature_ok: bool | None  # None when no secret is configured
     answered: int  # the status written back; 0 when none was
-    stalled: bool = False  # held until the relay hung up (or the cap)
+    stalled: bool = False  # held unanswered until the relay hung up (or release / the cap)
     relay_hung_up: bool = False  # a stalled request ended because the relay closed the connection
+    finished: bool = False  # the request is over (answered, or its stall ended)
+    origin: str | None = None  # which process sent it, when the receiver was told how to know
 
 
 @dataclass
 class CallbackReceiver:
     port: int
     secret: str | None = None
-    mode: str = "ok"  # ok | error | slow
+    mode: str = "ok"  # ok | error | slow | hold
     deliveries: list[Delivery] = field(default_factory=list)
     _server: asyncio.base_events.Server | None = None
     _idle: set[asyncio.StreamWriter] = field(default_factory=set)
     _stalled_events: set[str | None] = field(default_factory=set)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    # Names the process behind a connection from its client port (see harness.socket_owner).
+    owner_of: Callable[[int], str | None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -63,6 +71,20 @@ class CallbackReceiver:
             self._server = None
             for writer in list(self._idle):
                 writer.transport.abort()
+
+    def hold(self) -> None:
+        """From now on, hold every request unanswered until `release()`."""
+        self._released = asyncio.Event()
+        self.mode = "hold"
+
+    def release(self, mode: str = "ok") -> None:
+        """End the held requests (unanswered: connections close) and switch to `mode`."""
+        self.mode = mode
+        self._released.set()
+
+    def held(self) -> int:
+        """Requests being held right now."""
+        return sum(d.stalled and not d.finished for d in self.deliveries)
 
     @property
     def listening(self) -> bool:
@@ -88,6 +110,8 @@ class CallbackReceiver:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        peer = writer.get_extra_info("peername")
+        origin = self.owner_of(peer[1]) if self.owner_of and peer else None
         try:
             while self.listening:
                 self._idle.add(writer)
@@ -95,7 +119,7 @@ class CallbackReceiver:
                 self._idle.discard(writer)
                 if writer.transport.is_closing():
                     break  # dropped by stop() with this request unread: the relay saw no answer
-                if not await self._serve_request(head, reader, writer):
+                if not await self._serve_request(head, reader, writer, origin):
                     break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -104,7 +128,11 @@ class CallbackReceiver:
             writer.close()
 
     async def _serve_request(
-        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        head: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        origin: str | None,
     ) -> bool:
         """Answer one request; False when the connection must close."""
         lines = head.decode("latin-1").split("\r\n")
@@ -115,16 +143,38 @@ class CallbackReceiver:
                 headers[name.strip().lower()] = value.strip()
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         delivery = self._record(raw, headers)
-        if self.mode == "slow" and delivery.event_id not in self._stalled_events:
-            # Hold the first request of each event until the relay gives up on it.
-            self._stalled_events.add(delivery.event_id)
-            delivery.stalled = True
-            try:
-                gone = await asyncio.wait_for(reader.read(1), STALL_CAP_SECONDS)
-                delivery.relay_hung_up = gone == b""
-            except (TimeoutError, ConnectionError):
-                delivery.relay_hung_up = False
-            return False
+        delivery.origin = origin
+        try:
+            if self.mode == "hold" or (
+                self.mode == "slow" and delivery.event_id not in self._stalled_events
+            ):
+                # slow: hold the first request of each event until the relay gives up on it.
+                self._stalled_events.add(delivery.event_id)
+                await self._stall(reader, delivery)
+                return False
+            return await self._answer(delivery, headers, writer)
+        finally:
+            delivery.finished = True
+
+    async def _stall(self, reader: asyncio.StreamReader, delivery: Delivery) -> None:
+        """Answer nothing until the relay hangs up, `release()` is called, or the cap."""
+        delivery.stalled = True
+        hang_up = asyncio.ensure_future(reader.read(1))
+        released = asyncio.ensure_future(self._released.wait())
+        done, pending = await asyncio.wait(
+            {hang_up, released}, timeout=STALL_CAP_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if hang_up in done and hang_up.exception() is None:
+            delivery.relay_hung_up = hang_up.result() == b""
+        elif hang_up in done:
+            delivery.relay_hung_up = True  # the connection was reset
+
+    async def _answer(
+        self, delivery: Delivery, headers: dict[str, str], writer: asyncio.StreamWriter
+    ) -> bool:
         status = 500 if self.mode == "error" else 200
         reason = b"OK" if status == 200 else b"Internal Server Error"
         body = b'{"received":true}' if status == 200 else b'{"error":"receiver failing"}'
