@@ -1,0 +1,181 @@
+"""One attempt at delivering one event: a signed POST, a few quick retries, a verdict.
+
+The first try runs without tenacity (the common case is a 2xx and should cost nothing extra);
+only a retryable failure enters tenacity's loop, whose waits honour `Retry-After` and which stops
+early rather than outlive the event's lease or a shutdown. Requests go through one shared
+`CallbackClient` (keep-alive connections, see `outbox_relay.http`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    wait_exponential,
+    wait_random,
+)
+
+from outbox_relay.http import CallbackClient, CallbackError, TimedOut
+from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from outbox_relay.schedule import Outcome, Verdict, classify, decide, parse_retry_after
+from outbox_relay.signing import sign
+
+logger = logging.getLogger(__name__)
+
+ERROR_TEXT_LIMIT = 300  # characters of an error (or of a receiver's error body) kept on the row
+QUICK_WAIT_CAP_FACTOR = 8  # quick retries back off up to 8 times RELAY_QUICK_RETRY_WAIT
+
+
+@dataclass(slots=True)
+class Try:
+    """The result of one HTTP request."""
+
+    verdict: Verdict
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+class Deliverer:
+    """Sends events to the Notification Service with one shared keep-alive HTTP client."""
+
+    def __init__(
+        self,
+        client: CallbackClient,
+        *,
+        signing_key: bytes | None,
+        request_timeout: float,
+        quick_retries: int,
+        quick_retry_wait: float,
+        max_attempts: int,
+        schedule: tuple[float, ...],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._client = client
+        self._key = signing_key
+        self._request_timeout = request_timeout
+        self._quick_retries = quick_retries
+        cap = quick_retry_wait * QUICK_WAIT_CAP_FACTOR
+        self._backoff = wait_exponential(multiplier=quick_retry_wait, max=cap) + wait_random(
+            0, quick_retry_wait
+        )
+        self._quick_wait_limit = cap + quick_retry_wait  # the longest wait a quick retry makes
+        self._max_attempts = max_attempts
+        self._schedule = schedule
+        self._stopping = stopping
+
+    async def deliver(self, event: ClaimedEvent, *, lease_deadline: float) -> AttemptRecord:
+        """Make one attempt (with its quick retries) and say what the row becomes."""
+        attempted_at = time.time()
+        started = time.monotonic()
+        result = await self.send(event)
+        tries = 1
+        if result.verdict is Verdict.RETRYABLE and self._quick_retries:
+            result, tries = await self._retry_quickly(event, result, lease_deadline)
+        attempts = event.attempts + 1
+        outcome, delay = decide(
+            result.verdict,
+            attempts=attempts,
+            max_attempts=self._max_attempts,
+            schedule=self._schedule,
+            retry_after=result.retry_after,
+        )
+        record = AttemptRecord(
+            id=event.id,
+            claim_token=event.claim_token,
+            status=outcome.value,
+            delay=delay,
+            attempted_at=attempted_at,
+            status_code=result.status_code,
+            error=result.error,
+            tries=tries,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+        if outcome is not Outcome.DELIVERED:
+            log = logger.error if outcome is Outcome.DEAD else logger.warning
+            log(
+                "delivery failed; event is dead"
+                if outcome is Outcome.DEAD
+                else "delivery failed; rescheduled",
+                extra={
+                    "event_id": event.event_id,
+                    "payment_id": event.aggregate_id,
+                    "attempt": attempts,
+                    "tries": tries,
+                    "status_code": result.status_code,
+                    "error": result.error,
+                    "retry_in_seconds": round(delay, 3),
+                },
+            )
+        return record
+
+    async def send(self, event: ClaimedEvent) -> Try:
+        """One signed POST of the event's payload; never raises for a network or HTTP failure."""
+        timestamp = int(time.time())
+        headers = [
+            ("content-type", "application/json"),
+            ("idempotency-key", event.event_id),
+            ("webhook-id", event.event_id),
+            ("webhook-timestamp", str(timestamp)),
+        ]
+        if self._key is not None:
+            headers.append(
+                ("webhook-signature", sign(self._key, event.event_id, timestamp, event.body))
+            )
+        try:
+            answer = await self._client.post(event.body, headers)
+        except TimedOut as error:
+            return Try(Verdict.RETRYABLE, error=f"timeout: {error}"[:ERROR_TEXT_LIMIT])
+        except CallbackError as error:  # refused, reset, closed early, not HTTP
+            return Try(Verdict.RETRYABLE, error=f"connection error: {error}"[:ERROR_TEXT_LIMIT])
+        status = answer.status
+        verdict = classify(status)
+        if verdict is Verdict.DELIVERED:
+            return Try(verdict, status)
+        detail = answer.body[:ERROR_TEXT_LIMIT].decode("utf-8", "replace").strip()
+        return Try(
+            verdict,
+            status,
+            error=f"HTTP {status}" + (f": {detail}" if detail else ""),
+            retry_after=parse_retry_after(answer.headers.get("retry-after")),
+        )
+
+    async def _retry_quickly(
+        self, event: ClaimedEvent, first: Try, lease_deadline: float
+    ) -> tuple[Try, int]:
+        """Retry a retryable failure a few times; the last result and the number of tries."""
+        already_tried = [first]
+
+        async def attempt() -> Try:
+            # tenacity's first attempt is the try already made; the rest go out for real.
+            return already_tried.pop() if already_tried else await self.send(event)
+
+        def wait(state: RetryCallState) -> float:
+            assert state.outcome is not None
+            retry_after = state.outcome.result().retry_after or 0.0
+            return max(self._backoff(state), retry_after)
+
+        def stop(state: RetryCallState) -> bool:
+            # Out of tries, shutting down, asked to wait longer than a quick retry would, or the
+            # next try could end after the lease (another relay may then take the event).
+            return (
+                state.attempt_number > self._quick_retries
+                or self._stopping()
+                or state.upcoming_sleep > self._quick_wait_limit
+                or time.monotonic() + state.upcoming_sleep + self._request_timeout > lease_deadline
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda result: result.verdict is Verdict.RETRYABLE),
+            wait=wait,
+            stop=stop,
+            retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
+        )
+        result: Try = await retrying(attempt)
+        return result, retrying.statistics["attempt_number"]

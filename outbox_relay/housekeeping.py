@@ -1,0 +1,63 @@
+"""Housekeeping: delete delivered events past retention and expired idempotency keys.
+
+One relay at a time does it (a session advisory lock; the others skip the pass), in small
+batches, each its own short statement, so it never holds long locks or bloats one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from outbox_relay import outbox
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 1000  # rows per DELETE
+MAX_BATCHES_PER_PASS = 100  # a pass stops after this many batches of each kind; the next continues
+
+
+@dataclass(frozen=True)
+class HousekeepingResult:
+    ran: bool  # False when another relay held the lock
+    events_deleted: int = 0
+    keys_deleted: int = 0
+
+
+async def housekeep(
+    conn: asyncpg.Connection, *, retention_hours: float, batch_size: int = BATCH_SIZE
+) -> HousekeepingResult:
+    """One pass, unless another relay is doing one right now."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", outbox.HOUSEKEEPING_LOCK_ID):
+        return HousekeepingResult(ran=False)
+    try:
+        events = await _in_batches(
+            lambda: outbox.delete_delivered_events(
+                conn, older_than_hours=retention_hours, limit=batch_size
+            ),
+            batch_size,
+        )
+        keys = await _in_batches(
+            lambda: outbox.delete_expired_idempotency_keys(conn, limit=batch_size), batch_size
+        )
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", outbox.HOUSEKEEPING_LOCK_ID)
+    if events or keys:
+        logger.info(
+            "housekeeping deleted old rows",
+            extra={"delivered_events": events, "idempotency_keys": keys},
+        )
+    return HousekeepingResult(ran=True, events_deleted=events, keys_deleted=keys)
+
+
+async def _in_batches(delete_batch: Callable[[], Awaitable[int]], batch_size: int) -> int:
+    total = 0
+    for _ in range(MAX_BATCHES_PER_PASS):
+        deleted = await delete_batch()
+        total += deleted
+        if deleted < batch_size:
+            break
+    return total

@@ -1,0 +1,219 @@
+"""A lean HTTP/1.1 client for callbacks: one URL, keep-alive connections, one write per request.
+
+Why not httpx: on the 2-core machine this service targets, an `httpx.AsyncClient` POST measured
+about 300 µs of CPU even over a minimal transport, and several milliseconds through httpcore's
+pool (which polls every idle connection with a system call on every request); this client takes
+about 15 µs. At 2,000 callbacks/s that difference is most of a core. It does only what the relay
+needs: POST a body to one URL (http or https) and read the status, headers and a bounded body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_BODY_BYTES = (
+    64 * 1024
+)  # of an answer's body kept; a longer one is cut and its connection closed
+_HEAD_END = b"\r\n\r\n"
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class CallbackError(Exception):
+    """The request failed before a complete answer arrived."""
+
+
+class ConnectFailed(CallbackError):
+    """No connection to the receiver could be opened."""
+
+
+class TimedOut(CallbackError):
+    """No complete answer within the request timeout."""
+
+
+class BrokenAnswer(CallbackError):
+    """The connection closed early or the answer was not valid HTTP/1.x."""
+
+
+class _Stale(Exception):
+    """A kept-alive connection was closed by the server before it answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+class CallbackClient:
+    """POSTs to one URL over a small pool of kept-alive connections."""
+
+    def __init__(self, url: str, *, max_connections: int, timeout: float, user_agent: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self._host = parts.hostname
+        default_port = 443 if parts.scheme == "https" else 80
+        self._port = parts.port or default_port
+        host_header = f"[{self._host}]" if ":" in self._host else self._host
+        if self._port != default_port:
+            host_header += f":{self._port}"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._prefix = (
+            f"POST {target} HTTP/1.1\r\nhost: {host_header}\r\nuser-agent: {user_agent}\r\n"
+        ).encode("latin-1")
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[Connection] = []
+
+    async def post(self, body: bytes, headers: Sequence[tuple[str, str]]) -> Answer:
+        """Send one request and read its answer; raises a CallbackError subclass on failure."""
+        request = b"".join(
+            (
+                self._prefix,
+                "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1"),
+                b"content-length: %d\r\n\r\n" % len(body),
+                body,
+            )
+        )
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await self._exchange(request)
+            except TimeoutError:
+                raise TimedOut(f"no answer within {self._timeout:g} s") from None
+
+    async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].transport.abort()
+
+    async def _exchange(self, request: bytes) -> Answer:
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await self._send(conn, request)
+            except _Stale:
+                pass  # the server closed it while idle: once more, on a new connection
+        try:
+            return await self._send(await self._connect(), request)
+        except _Stale:
+            raise BrokenAnswer("the connection closed before an answer") from None
+
+    def _take_idle(self) -> Connection | None:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if reader.at_eof() or writer.transport.is_closing():
+                writer.transport.abort()
+                continue
+            return reader, writer
+        return None
+
+    async def _connect(self) -> Connection:
+        try:
+            return await asyncio.open_connection(
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl else None,
+                limit=MAX_HEAD_BYTES,
+            )
+        except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise ConnectFailed(str(error) or type(error).__name__) from None
+
+    async def _send(self, conn: Connection, request: bytes) -> Answer:
+        reader, writer = conn
+        keep = False
+        try:
+            writer.write(request)
+            version, status, headers = await _read_head(reader)
+            while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints)
+                version, status, headers = await _read_head(reader, interim=True)
+            body, complete = await _read_body(reader, status, headers)
+            connection = headers.get("connection", "").lower()
+            keep = complete and connection != "close" and version == "HTTP/1.1"
+            return Answer(status, headers, body)
+        except (ConnectionError, OSError) as error:
+            raise BrokenAnswer(f"{type(error).__name__}: {error}") from None
+        finally:
+            if keep:
+                self._idle.append(conn)
+            else:
+                writer.transport.abort()
+
+
+async def _read_head(
+    reader: asyncio.StreamReader, *, interim: bool = False
+) -> tuple[str, int, dict[str, str]]:
+    """The version, status code and headers of an answer."""
+    try:
+        head = await reader.readuntil(_HEAD_END)
+    except asyncio.IncompleteReadError as error:
+        if not error.partial and not interim:
+            raise _Stale from None
+        raise BrokenAnswer("the connection closed in the middle of an answer") from None
+    except ConnectionResetError:
+        if interim:
+            raise
+        raise _Stale from None
+    except asyncio.LimitOverrunError:
+        raise BrokenAnswer("the answer's head is too large") from None
+    lines = head[: -len(_HEAD_END)].decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise BrokenAnswer(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return version, int(code), headers
+
+
+async def _read_body(
+    reader: asyncio.StreamReader, status: int, headers: dict[str, str]
+) -> tuple[bytes, bool]:
+    """The body (at most MAX_BODY_BYTES) and whether the connection may be used again."""
+    try:
+        if status in (204, 304):
+            return b"", True
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return await _read_chunked(reader)
+        if "content-length" in headers:
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise BrokenAnswer("invalid content-length") from None
+            if length > MAX_BODY_BYTES:
+                return await reader.readexactly(MAX_BODY_BYTES), False
+            return await reader.readexactly(length), True
+        # No length: the body runs to the end of the connection.
+        return await reader.read(MAX_BODY_BYTES), False
+    except asyncio.IncompleteReadError:
+        raise BrokenAnswer("the connection closed in the middle of an answer") from None
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    parts: list[bytes] = []
+    kept = 0
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        try:
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BrokenAnswer("invalid chunk size") from None
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return b"".join(parts), True
+        if kept + size > MAX_BODY_BYTES:
+            return b"".join(parts), False
+        parts.append((await reader.readexactly(size + 2))[:-2])
+        kept += size

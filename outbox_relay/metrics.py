@@ -1,0 +1,78 @@
+"""Prometheus metrics of one relay process, served on RELAY_METRICS_PORT (0 turns them off)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class RelayMetrics:
+    """The relay's collectors, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        deliveries = Counter(
+            "relay_deliveries",
+            "Delivery attempts by outcome: delivered, rescheduled, dead, released (shutdown).",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivered = deliveries.labels("delivered")
+        self.rescheduled = deliveries.labels("rescheduled")
+        self.dead = deliveries.labels("dead")
+        self.released = deliveries.labels("released")
+        self.delivery_seconds = Histogram(
+            "relay_delivery_duration_seconds",
+            "Time of one delivery attempt, quick retries included.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_lag_seconds = Histogram(
+            "relay_event_delivery_lag_seconds",
+            "From the event's creation to its successful delivery.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.claimed = Counter("relay_claimed_events", "Events leased by this relay.", registry=r)
+        self.lost_leases = Counter(
+            "relay_lost_leases",
+            "Attempts whose result was not written: the lease ran out and another relay took over.",
+            registry=r,
+        )
+        self.loop_restarts = Counter(
+            "relay_loop_restarts", "Restarts of a relay loop after an error.", ["loop"], registry=r
+        )
+        self.in_flight = Gauge(
+            "relay_in_flight_deliveries", "Deliveries this relay has in flight.", registry=r
+        )
+        self.pending = Gauge("outbox_pending_events", "Events not yet delivered.", registry=r)
+        self.oldest_pending_age = Gauge(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest undelivered event (0 when none).",
+            registry=r,
+        )
+        self.dead_events = Gauge("outbox_dead_events", "Events given up on (DEAD).", registry=r)
+
+    def serve(self, port: int) -> Any | None:
+        """Serve /metrics on all interfaces in a daemon thread; None when the port is taken."""
+        try:
+            server, _thread = start_http_server(port, registry=self.registry)
+        except OSError as error:
+            logger.warning(
+                "metrics endpoint not started", extra={"port": port, "error": str(error)}
+            )
+            return None
+        logger.info("metrics endpoint listening", extra={"port": port})
+        return server
+
+    @staticmethod
+    def shutdown(server: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()

@@ -1,0 +1,288 @@
+"""The relay's SQL on `outbox_events` (and the expired idempotency keys it purges).
+
+Every function takes the connection first and runs one short statement: no transaction is ever
+held open while a callback is in flight. A claim leases rows with a token; every later write to a
+claimed row checks that token, so a relay whose lease ran out cannot overwrite a newer claim.
+The statements are module constants so that the tests can EXPLAIN exactly what runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from payment_service import OUTBOX_CHANNEL
+
+# pg_advisory_lock key of housekeeping, one relay at a time ("outboxhk" in ASCII).
+HOUSEKEEPING_LOCK_ID = 0x6F7574626F78686B
+
+CLAIM_SQL = """
+WITH due AS (
+    SELECT e.id
+      FROM outbox_events AS e
+     WHERE e.status = 'PENDING'
+       AND e.next_attempt_at <= now()
+       -- not leased, or the lease of a relay that died has run out
+       AND (e.locked_until IS NULL OR e.locked_until < now())
+       -- order per payment: only a payment's earliest undelivered event may go;
+       -- a DEAD event no longer blocks the ones after it
+       AND NOT EXISTS (SELECT 1
+                         FROM outbox_events AS earlier
+                        WHERE earlier.aggregate_id = e.aggregate_id
+                          AND earlier.status = 'PENDING'
+                          AND earlier.id < e.id)
+     ORDER BY e.next_attempt_at, e.id
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox_events AS o
+   SET locked_until = now() + make_interval(secs => $2),
+       claim_token = $3
+  FROM due
+ WHERE o.id = due.id
+RETURNING o.id, o.event_id::text, o.aggregate_id, o.payload, o.attempts,
+          extract(epoch FROM o.created_at)::float8 AS created_at
+"""
+
+RECORD_SQL = """
+WITH attempt AS (
+    SELECT *
+      FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[], $5::float8[], $6::int[],
+                  $7::text[], $8::int[], $9::int[])
+           AS a(id, claim_token, status, delay, attempted_at, status_code, error, tries,
+                duration_ms)
+), written AS (
+    UPDATE outbox_events AS o
+       SET status = a.status,
+           attempts = o.attempts + 1,
+           next_attempt_at = CASE WHEN a.status = 'PENDING'
+                                  THEN now() + make_interval(secs => a.delay)
+                                  ELSE o.next_attempt_at END,
+           delivered_at = CASE WHEN a.status = 'DELIVERED' THEN now() END,
+           locked_until = NULL,
+           claim_token = NULL,
+           last_error = a.error,
+           last_status_code = a.status_code,
+           last_attempt_at = to_timestamp(a.attempted_at),
+           attempt_log = o.attempt_log || jsonb_build_object(
+               'attempt', o.attempts + 1,
+               'at', to_timestamp(a.attempted_at),
+               'outcome', a.status,
+               'status_code', a.status_code,
+               'error', a.error,
+               'tries', a.tries,
+               'duration_ms', a.duration_ms)
+      FROM attempt AS a
+     WHERE o.id = a.id
+       AND o.claim_token = a.claim_token
+ RETURNING o.id, o.aggregate_id
+)
+-- `unblocks`: a later event of the same payment was waiting for this one
+SELECT w.id,
+       EXISTS (SELECT 1
+                 FROM outbox_events AS later
+                WHERE later.aggregate_id = w.aggregate_id
+                  AND later.status = 'PENDING'
+                  AND later.id > w.id) AS unblocks
+  FROM written AS w
+"""
+
+RELEASE_SQL = """
+UPDATE outbox_events AS o
+   SET locked_until = NULL,
+       claim_token = NULL
+  FROM unnest($1::bigint[], $2::uuid[]) AS c(id, claim_token)
+ WHERE o.id = c.id
+   AND o.claim_token = c.claim_token
+"""
+
+GAUGES_SQL = """
+SELECT (SELECT count(*) FROM outbox_events WHERE status = 'PENDING') AS pending,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8
+          FROM outbox_events
+         WHERE status = 'PENDING') AS oldest_pending_age,
+       (SELECT count(*) FROM outbox_events WHERE status = 'DEAD') AS dead
+"""
+
+STATS_SQL = """
+SELECT count(*) FILTER (WHERE status = 'PENDING') AS pending,
+       count(*) FILTER (WHERE status = 'DELIVERED') AS delivered,
+       count(*) FILTER (WHERE status = 'DEAD') AS dead,
+       count(*) FILTER (WHERE status = 'PENDING' AND locked_until > now()) AS in_flight,
+       count(*) FILTER (WHERE status = 'PENDING' AND next_attempt_at <= now()
+                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
+       count(*) FILTER (WHERE status = 'PENDING' AND attempts > 0) AS retrying,
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'PENDING'))::float8
+           AS oldest_pending_age_seconds
+  FROM outbox_events
+"""
+
+DEAD_SQL = """
+SELECT id, event_id::text, event_type, aggregate_id AS payment_id, attempts,
+       last_status_code, last_error, created_at, last_attempt_at
+  FROM outbox_events
+ WHERE status = 'DEAD'
+ ORDER BY id DESC
+ LIMIT $1
+"""
+
+REPLAY_SQL = """
+WITH replayed AS (
+    UPDATE outbox_events
+       SET status = 'PENDING',
+           attempts = 0,
+           next_attempt_at = now(),
+           locked_until = NULL,
+           claim_token = NULL
+     WHERE status = 'DEAD'
+       AND ($1::uuid IS NULL OR event_id = $1)
+ RETURNING event_id::text
+)
+SELECT event_id, pg_notify($2, '') FROM replayed
+"""
+
+# The conditions are repeated outside the sub-select so that a row changed meanwhile (a key
+# claimed again, say) is re-checked against its new version before it is deleted.
+DELETE_DELIVERED_SQL = """
+DELETE FROM outbox_events
+ WHERE id = ANY (ARRAY(SELECT id
+                         FROM outbox_events
+                        WHERE status = 'DELIVERED'
+                          AND delivered_at < now() - make_interval(secs => $1)
+                        ORDER BY delivered_at
+                        LIMIT $2))
+   AND status = 'DELIVERED'
+   AND delivered_at < now() - make_interval(secs => $1)
+"""
+
+DELETE_EXPIRED_KEYS_SQL = """
+DELETE FROM idempotency_keys
+ WHERE key_hash = ANY (ARRAY(SELECT key_hash
+                               FROM idempotency_keys
+                              WHERE expires_at < now()
+                              ORDER BY expires_at
+                              LIMIT $1))
+   AND expires_at < now()
+"""
+
+
+@dataclass(slots=True)
+class ClaimedEvent:
+    id: int
+    event_id: str
+    aggregate_id: int
+    body: bytes  # the payload jsonb as text, sent byte for byte
+    attempts: int  # attempts made before this claim
+    created_at: float  # epoch seconds
+    claim_token: uuid.UUID
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """What one attempt did, as written to the row; `status` is the row's new status."""
+
+    id: int
+    claim_token: uuid.UUID
+    status: str  # PENDING (rescheduled), DELIVERED or DEAD
+    delay: float  # seconds until the next attempt when rescheduled
+    attempted_at: float  # epoch seconds
+    status_code: int | None
+    error: str | None
+    tries: int
+    duration_ms: int
+
+
+async def claim_events(
+    conn: asyncpg.Connection, *, limit: int, lease_seconds: float
+) -> list[ClaimedEvent]:
+    """Lease up to `limit` events that are due, oldest first, one per payment at most."""
+    token = uuid.uuid4()
+    rows = await conn.fetch(CLAIM_SQL, limit, lease_seconds, token)
+    return [ClaimedEvent(r[0], r[1], r[2], r[3].encode(), r[4], r[5], token) for r in rows]
+
+
+async def record_attempts(
+    conn: asyncpg.Connection, records: Sequence[AttemptRecord]
+) -> list[tuple[int, bool]]:
+    """Write a batch of finished attempts in one statement and end their leases.
+
+    Rows whose claim token changed (the lease ran out and another relay took the event) are left
+    alone. Returns `(id, unblocks)` for each row written.
+    """
+    rows = await conn.fetch(
+        RECORD_SQL,
+        [r.id for r in records],
+        [r.claim_token for r in records],
+        [r.status for r in records],
+        [r.delay for r in records],
+        [r.attempted_at for r in records],
+        [r.status_code for r in records],
+        [r.error for r in records],
+        [r.tries for r in records],
+        [r.duration_ms for r in records],
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, uuid.UUID]]) -> int:
+    """End leases without an attempt (shutdown): the events are due again at once."""
+    result = await conn.execute(
+        RELEASE_SQL, [claim[0] for claim in claims], [claim[1] for claim in claims]
+    )
+    return int(result.split()[-1])
+
+
+# -- inspection and operation -------------------------------------------------------------------
+async def select_gauges(conn: asyncpg.Connection) -> asyncpg.Record:
+    """Pending count, age of the oldest pending event (seconds, None if none) and dead count."""
+    row = await conn.fetchrow(GAUGES_SQL)
+    assert row is not None
+    return row
+
+
+async def select_stats(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Counts by status, due and leased pending events, and the oldest pending age."""
+    row = await conn.fetchrow(STATS_SQL)
+    assert row is not None
+    return dict(row)
+
+
+async def select_dead_events(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
+    """Dead events, newest first."""
+    return await conn.fetch(DEAD_SQL, limit)  # type: ignore[no-any-return]
+
+
+async def replay_dead_events(
+    conn: asyncpg.Connection, *, event_id: uuid.UUID | None = None
+) -> list[str]:
+    """Put dead events (one, or all when `event_id` is None) back in line with fresh attempts.
+
+    Their attempt log is kept. The relays are notified, so they pick the events up at once.
+    """
+    rows = await conn.fetch(REPLAY_SQL, event_id, OUTBOX_CHANNEL)
+    return [row[0] for row in rows]
+
+
+async def select_event_status(conn: asyncpg.Connection, *, event_id: uuid.UUID) -> str | None:
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        "SELECT status FROM outbox_events WHERE event_id = $1", event_id
+    )
+
+
+# -- housekeeping -------------------------------------------------------------------------------
+async def delete_delivered_events(
+    conn: asyncpg.Connection, *, older_than_hours: float, limit: int
+) -> int:
+    """Delete up to `limit` events delivered more than `older_than_hours` ago."""
+    result = await conn.execute(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
+    return int(result.split()[-1])
+
+
+async def delete_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
+    """Delete up to `limit` idempotency keys past their expiry."""
+    result = await conn.execute(DELETE_EXPIRED_KEYS_SQL, limit)
+    return int(result.split()[-1])

@@ -1,0 +1,224 @@
+"""One delivery attempt against a real HTTP receiver on 127.0.0.1: headers, signature, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from outbox_relay.delivery import Deliverer
+from outbox_relay.http import CallbackClient
+from outbox_relay.outbox import ClaimedEvent
+from outbox_relay.signing import secret_key
+from payment_service.embedded import free_port
+from payment_service.sink import HttpResponse
+from tests.relay_support import (  # noqa: F401 - fixture
+    CALLBACK_PATH,
+    OK,
+    SECRET,
+    Delivery,
+    Receiver,
+    answer_status,
+    receiver_fixture,
+)
+
+BODY = b'{"event_id": "%s", "amount": 150.50, "status": "SUCCESS", "reference": "PAY-1"}'
+
+
+def event(attempts: int = 0) -> ClaimedEvent:
+    event_id = str(uuid.uuid4())
+    return ClaimedEvent(
+        id=1,
+        event_id=event_id,
+        aggregate_id=7,
+        body=BODY % event_id.encode(),
+        attempts=attempts,
+        created_at=time.time(),
+        claim_token=uuid.uuid4(),
+    )
+
+
+DelivererFactory = Callable[..., Deliverer]
+
+
+@pytest.fixture
+def deliverer(receiver: Receiver) -> DelivererFactory:
+    def make(*, url: str = receiver.base_url + CALLBACK_PATH, **overrides: object) -> Deliverer:
+        timeout = float(overrides.get("request_timeout", 0.5))  # type: ignore[arg-type]
+        client = CallbackClient(url, max_connections=4, timeout=timeout, user_agent="test")
+        options: dict[str, object] = {
+            "signing_key": secret_key(SECRET),
+            "request_timeout": timeout,
+            "quick_retries": 2,
+            "quick_retry_wait": 0.01,
+            "max_attempts": 5,
+            "schedule": (30.0, 60.0),
+            "stopping": lambda: False,
+        }
+        options.update(overrides)
+        return Deliverer(client, **options)  # type: ignore[arg-type]
+
+    return make
+
+
+def far_deadline() -> float:
+    return time.monotonic() + 60
+
+
+async def test_a_delivery_carries_the_standard_webhooks_headers_and_the_exact_body(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    e = event()
+    result = await deliverer().deliver(e, lease_deadline=far_deadline())
+    assert (result.status, result.status_code, result.error, result.tries) == (
+        "DELIVERED",
+        200,
+        None,
+        1,
+    )
+    (got,) = receiver.deliveries
+    assert got.body == e.body
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["idempotency-key"] == e.event_id
+    assert got.headers["webhook-id"] == e.event_id
+    assert abs(int(got.headers["webhook-timestamp"]) - time.time()) < 5
+    assert got.headers["webhook-signature"].startswith("v1,")
+    assert got.verify() == json.loads(e.body)  # the standardwebhooks package agrees
+
+
+async def test_without_a_secret_the_callback_is_unsigned(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    e = event()
+    await deliverer(signing_key=None).deliver(e, lease_deadline=far_deadline())
+    (got,) = receiver.deliveries
+    assert "webhook-signature" not in got.headers
+    assert got.headers["webhook-id"] == e.event_id
+
+
+async def test_quick_retries_recover_from_a_brief_failure(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    async def flaky(d: Delivery) -> HttpResponse:
+        return OK if d.seq >= 2 else HttpResponse(503)
+
+    receiver.policy = flaky
+    result = await deliverer().deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.tries) == ("DELIVERED", 3)
+    assert [d.status for d in receiver.deliveries] == [503, 503, 200]
+    assert len({d.headers["webhook-id"] for d in receiver.deliveries}) == 1
+
+
+async def test_after_the_quick_retries_the_event_is_rescheduled(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    receiver.policy = answer_status(500)
+    result = await deliverer().deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.status_code, result.tries) == ("PENDING", 500, 3)
+    assert result.error is not None and result.error.startswith("HTTP 500")
+    assert 27 <= result.delay <= 33  # schedule[0] = 30 s, ±10 %
+    assert len(receiver.deliveries) == 3
+
+
+async def test_a_short_retry_after_is_waited_inline(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    async def busy_once(d: Delivery) -> HttpResponse:
+        return OK if d.seq else HttpResponse(429, headers=(("retry-after", "1"),))
+
+    receiver.policy = busy_once
+    result = await deliverer(quick_retry_wait=0.2).deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.tries) == ("DELIVERED", 2)
+    first, second = receiver.deliveries
+    assert second.arrived - first.arrived >= 0.95
+
+
+async def test_a_long_retry_after_ends_the_attempt_and_sets_the_delay(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    receiver.policy = answer_status(503, (("retry-after", "120"),))
+    result = await deliverer().deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.tries, result.delay) == ("PENDING", 1, 120)
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 409, 422, 301])
+async def test_other_answers_are_failed_attempts_without_quick_retries(
+    receiver: Receiver, deliverer: DelivererFactory, status: int
+) -> None:
+    receiver.policy = answer_status(status)
+    result = await deliverer().deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.status_code, result.tries) == ("PENDING", status, 1)
+    assert result.error == f'HTTP {status}: {{"error": "test"}}'
+
+
+async def test_410_gone_is_dead_at_once(receiver: Receiver, deliverer: DelivererFactory) -> None:
+    receiver.policy = answer_status(410)
+    result = await deliverer().deliver(event(attempts=0), lease_deadline=far_deadline())
+    assert (result.status, result.status_code, result.tries) == ("DEAD", 410, 1)
+
+
+async def test_the_last_attempt_failing_is_dead(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    receiver.policy = answer_status(500)
+    result = await deliverer(max_attempts=5).deliver(
+        event(attempts=4), lease_deadline=far_deadline()
+    )
+    assert result.status == "DEAD"
+    result = await deliverer(max_attempts=5).deliver(
+        event(attempts=3), lease_deadline=far_deadline()
+    )
+    assert result.status == "PENDING"
+
+
+async def test_a_timeout_is_retried_then_rescheduled(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    async def hang(_d: Delivery) -> HttpResponse:
+        await asyncio.sleep(2)
+        return OK
+
+    receiver.policy = hang
+    started = time.monotonic()
+    result = await deliverer(request_timeout=0.2, quick_retries=1).deliver(
+        event(), lease_deadline=far_deadline()
+    )
+    assert (result.status, result.status_code, result.tries) == ("PENDING", None, 2)
+    assert result.error is not None and result.error.startswith("timeout")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_dropped_connection_is_retryable(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    async def drop_first(d: Delivery) -> HttpResponse | None:
+        return OK if d.seq else None
+
+    receiver.policy = drop_first
+    result = await deliverer().deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.tries) == ("DELIVERED", 2)
+
+
+async def test_a_refused_connection_is_retryable(deliverer: DelivererFactory) -> None:
+    closed = f"http://127.0.0.1:{free_port()}{CALLBACK_PATH}"
+    result = await deliverer(url=closed).deliver(event(), lease_deadline=far_deadline())
+    assert (result.status, result.status_code, result.tries) == ("PENDING", None, 3)
+    assert result.error is not None and result.error.startswith("connection error")
+
+
+async def test_no_quick_retry_that_could_outlive_the_lease_or_a_shutdown(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    receiver.policy = answer_status(500)
+    result = await deliverer(request_timeout=5).deliver(
+        event(), lease_deadline=time.monotonic() + 2
+    )
+    assert result.tries == 1
+    stopping = await deliverer(stopping=lambda: True).deliver(
+        event(), lease_deadline=far_deadline()
+    )
+    assert stopping.tries == 1 and stopping.status == "PENDING"

@@ -1,0 +1,309 @@
+"""The relay's SQL against a real PostgreSQL: claims, order per payment, tokens, batched writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import asyncpg
+import pytest
+
+from outbox_relay import outbox
+from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from payment_service import OUTBOX_CHANNEL
+from payment_service.database import connect
+from tests.helpers import wait_until
+from tests.relay_support import conn_fixture, insert_events  # noqa: F401 - fixture
+
+LEASE = 30.0
+
+
+def record(event: ClaimedEvent, status: str, **fields: object) -> AttemptRecord:
+    values: dict[str, object] = {
+        "delay": 0.0,
+        "attempted_at": time.time(),
+        "status_code": 200,
+        "error": None,
+        "tries": 1,
+        "duration_ms": 3,
+    }
+    values.update(fields)
+    return AttemptRecord(id=event.id, claim_token=event.claim_token, status=status, **values)  # type: ignore[arg-type]
+
+
+async def test_claim_leases_due_events_oldest_first(conn: asyncpg.Connection) -> None:
+    events = await insert_events(conn, payments=5)
+    first = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
+    assert [e.id for e in first] == [e.id for e in events[:3]]
+    assert len({e.claim_token for e in first}) == 1
+    row = await conn.fetchrow(
+        "SELECT payload, locked_until - now() AS lease, claim_token"
+        " FROM outbox_events WHERE id = $1",
+        first[0].id,
+    )
+    assert first[0].body == row["payload"].encode()  # the stored jsonb text, byte for byte
+    assert json.loads(first[0].body)["event_id"] == first[0].event_id
+    assert 29 < row["lease"].total_seconds() <= 30
+    assert row["claim_token"] == first[0].claim_token
+    second = await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)
+    assert [e.id for e in second] == [e.id for e in events[3:]]
+    assert await outbox.claim_events(conn, limit=10, lease_seconds=LEASE) == []
+
+
+async def test_concurrent_claims_never_overlap(conn: asyncpg.Connection, database_url: str) -> None:
+    await insert_events(conn, payments=600)
+    conns = [await connect(database_url) for _ in range(8)]
+    try:
+
+        async def claim_all(c: asyncpg.Connection) -> list[int]:
+            got: list[int] = []
+            while batch := await outbox.claim_events(c, limit=7, lease_seconds=LEASE):
+                got.extend(e.id for e in batch)
+            return got
+
+        results = await asyncio.gather(*(claim_all(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    claimed = [event_id for result in results for event_id in result]
+    assert len(claimed) == 600
+    assert len(set(claimed)) == 600
+    assert sum(1 for result in results if result) > 1  # they really raced
+
+
+async def test_a_claim_skips_rows_another_transaction_has_locked(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    events = await insert_events(conn, payments=4)
+    other = await connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "SELECT 1 FROM outbox_events WHERE id = ANY($1) FOR UPDATE",
+                [events[0].id, events[1].id],
+            )
+            claimed = await asyncio.wait_for(
+                outbox.claim_events(conn, limit=10, lease_seconds=LEASE), timeout=5
+            )
+            assert [e.id for e in claimed] == [events[2].id, events[3].id]
+    finally:
+        await other.close()
+
+
+async def test_only_the_earliest_pending_event_of_a_payment_is_claimable(
+    conn: asyncpg.Connection,
+) -> None:
+    events = await insert_events(conn, payments=2, events_per_payment=3)
+    a1, a2, a3, b1, b2, _b3 = events
+    heads = await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)
+    assert sorted(e.id for e in heads) == [a1.id, b1.id]
+    by_id = {e.id: e for e in heads}
+    # a1 delivered: a2 becomes claimable, and the write says it unblocked someone
+    written = await outbox.record_attempts(conn, [record(by_id[a1.id], "DELIVERED")])
+    assert written == [(a1.id, True)]
+    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [a2.id]
+    # b1 dead: a dead event does not block b2
+    await outbox.record_attempts(conn, [record(by_id[b1.id], "DEAD", status_code=410)])
+    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [b2.id]
+    # b1 rescheduled instead would have blocked b2: a pending (not due) head still blocks
+    await conn.execute(
+        "UPDATE outbox_events SET status = 'PENDING', locked_until = NULL, claim_token = NULL,"
+        " next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+        a2.id,
+    )
+    assert await outbox.claim_events(conn, limit=10, lease_seconds=LEASE) == []
+    assert a3.id not in {
+        r["id"]
+        for r in await conn.fetch("SELECT id FROM outbox_events WHERE claim_token IS NOT NULL")
+    }
+
+
+async def test_events_not_due_yet_are_not_claimed(conn: asyncpg.Connection) -> None:
+    events = await insert_events(conn, payments=2)
+    await conn.execute(
+        "UPDATE outbox_events SET next_attempt_at = now() + interval '1 minute' WHERE id = $1",
+        events[0].id,
+    )
+    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [
+        events[1].id
+    ]
+
+
+async def test_an_expired_lease_is_claimed_again_and_the_old_token_writes_nothing(
+    conn: asyncpg.Connection,
+) -> None:
+    await insert_events(conn, payments=1)
+    (old,) = await outbox.claim_events(conn, limit=1, lease_seconds=0.3)
+    assert await outbox.claim_events(conn, limit=1, lease_seconds=LEASE) == []
+
+    async def reclaimed() -> list[ClaimedEvent]:
+        return await outbox.claim_events(conn, limit=1, lease_seconds=LEASE)
+
+    (new,) = await wait_until(reclaimed, timeout=5)
+    assert new.id == old.id and new.claim_token != old.claim_token
+    # the relay that lost its lease cannot write its result, nor release the new claim
+    assert await outbox.record_attempts(conn, [record(old, "DELIVERED")]) == []
+    assert await outbox.release_claims(conn, [(old.id, old.claim_token)]) == 0
+    assert await outbox.record_attempts(conn, [record(new, "DELIVERED")]) == [(new.id, False)]
+    status = await conn.fetchval("SELECT status FROM outbox_events WHERE id = $1", new.id)
+    assert status == "DELIVERED"
+
+
+async def test_one_batched_write_records_every_outcome(conn: asyncpg.Connection) -> None:
+    await insert_events(conn, payments=3)
+    delivered, rescheduled, dead = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
+    at = time.time() - 1
+    written = await outbox.record_attempts(
+        conn,
+        [
+            record(delivered, "DELIVERED", attempted_at=at, tries=1, duration_ms=4),
+            record(
+                rescheduled,
+                "PENDING",
+                delay=60.0,
+                attempted_at=at,
+                status_code=503,
+                error="HTTP 503: busy",
+                tries=3,
+                duration_ms=250,
+            ),
+            record(dead, "DEAD", attempted_at=at, status_code=410, error="HTTP 410"),
+        ],
+    )
+    assert sorted(written) == sorted(
+        [(delivered.id, False), (rescheduled.id, False), (dead.id, False)]
+    )
+    rows = {
+        r["id"]: r
+        for r in await conn.fetch(
+            """SELECT id, status, attempts, delivered_at,
+                      extract(epoch FROM next_attempt_at - now()) AS due_in,
+                      locked_until, claim_token, last_error, last_status_code,
+                      extract(epoch FROM last_attempt_at) AS last_at, attempt_log
+                 FROM outbox_events"""
+        )
+    }
+    d, r, x = rows[delivered.id], rows[rescheduled.id], rows[dead.id]
+    assert (d["status"], r["status"], x["status"]) == ("DELIVERED", "PENDING", "DEAD")
+    for row in (d, r, x):
+        assert row["attempts"] == 1
+        assert row["locked_until"] is None and row["claim_token"] is None
+        assert float(row["last_at"]) == pytest.approx(at, abs=0.01)
+    assert d["delivered_at"] is not None
+    assert r["delivered_at"] is None and x["delivered_at"] is None
+    assert 59 < r["due_in"] <= 60
+    assert (r["last_status_code"], r["last_error"]) == (503, "HTTP 503: busy")
+    assert (x["last_status_code"], x["last_error"]) == (410, "HTTP 410")
+    assert d["last_error"] is None
+    (entry,) = json.loads(r["attempt_log"])
+    assert entry["attempt"] == 1 and entry["outcome"] == "PENDING"
+    assert entry["status_code"] == 503 and entry["error"] == "HTTP 503: busy"
+    assert entry["tries"] == 3 and entry["duration_ms"] == 250
+    # a second attempt appends to the log
+    await conn.execute(
+        "UPDATE outbox_events SET next_attempt_at = now() WHERE id = $1", rescheduled.id
+    )
+    (again,) = await outbox.claim_events(conn, limit=1, lease_seconds=LEASE)
+    assert again.id == rescheduled.id and again.attempts == 1
+    await outbox.record_attempts(conn, [record(again, "DELIVERED")])
+    log = json.loads(
+        await conn.fetchval("SELECT attempt_log FROM outbox_events WHERE id = $1", again.id)
+    )
+    assert [(e["attempt"], e["outcome"]) for e in log] == [(1, "PENDING"), (2, "DELIVERED")]
+
+
+async def test_released_claims_are_due_again_without_an_attempt(conn: asyncpg.Connection) -> None:
+    await insert_events(conn, payments=2)
+    claimed = await outbox.claim_events(conn, limit=2, lease_seconds=LEASE)
+    wrong = [(claimed[0].id, uuid.uuid4())]
+    assert await outbox.release_claims(conn, wrong) == 0
+    assert await outbox.release_claims(conn, [(e.id, e.claim_token) for e in claimed]) == 2
+    again = await outbox.claim_events(conn, limit=5, lease_seconds=LEASE)
+    assert [e.id for e in again] == [e.id for e in claimed]
+    assert all(e.attempts == 0 for e in again)
+
+
+async def test_replay_puts_dead_events_back_and_notifies(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    await insert_events(conn, payments=3)
+    claimed = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
+    await outbox.record_attempts(conn, [record(e, "DEAD", status_code=410) for e in claimed])
+    listener = await connect(database_url)
+    notified: list[str] = []
+    await listener.add_listener(OUTBOX_CHANNEL, lambda *args: notified.append(args[2]))
+    try:
+        one = uuid.UUID(claimed[0].event_id)
+        assert await outbox.replay_dead_events(conn, event_id=one) == [claimed[0].event_id]
+        assert await outbox.replay_dead_events(conn, event_id=one) == []  # no longer dead
+        rest = await outbox.replay_dead_events(conn)
+        assert sorted(rest) == sorted(e.event_id for e in claimed[1:])
+        await wait_until(lambda: len(notified) >= 2, timeout=5)
+    finally:
+        await listener.close()
+    rows = await conn.fetch("SELECT status, attempts, attempt_log FROM outbox_events")
+    assert all(r["status"] == "PENDING" and r["attempts"] == 0 for r in rows)
+    assert all(len(json.loads(r["attempt_log"])) == 1 for r in rows)  # history kept
+    assert len(await outbox.claim_events(conn, limit=5, lease_seconds=LEASE)) == 3
+
+
+async def _plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
+    rows = await conn.fetch("EXPLAIN " + sql, *args)
+    return "\n".join(r[0] for r in rows)
+
+
+async def test_the_relays_statements_use_indexes_on_a_large_outbox(
+    conn: asyncpg.Connection,
+) -> None:
+    """EXPLAIN every statement the relay runs against 30,000 delivered and 300 pending events."""
+    await insert_events(conn, payments=10_000, events_per_payment=3)
+    await conn.execute(
+        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() - interval '1 day'"
+    )
+    pending = await insert_events(conn, payments=100, events_per_payment=3)
+    await conn.execute(
+        """INSERT INTO idempotency_keys (key_hash, request_path, request_fingerprint,
+                   response_status, response_data, expires_at)
+           SELECT encode(sha256(convert_to(g::text, 'UTF8')), 'hex'), '/payments',
+                  repeat('f', 64), 200, '{}', now() + interval '1 day'
+             FROM generate_series(1, 20000) AS g"""
+    )
+    await conn.execute("ANALYZE outbox_events; ANALYZE idempotency_keys")
+    token = uuid.uuid4()
+    plans = {
+        "claim": await _plan(conn, outbox.CLAIM_SQL, 100, 30.0, token),
+        "record": await _plan(
+            conn,
+            outbox.RECORD_SQL,
+            [pending[0].id],
+            [token],
+            ["DELIVERED"],
+            [0.0],
+            [time.time()],
+            [200],
+            [None],
+            [1],
+            [2],
+        ),
+        "release": await _plan(conn, outbox.RELEASE_SQL, [pending[0].id], [token]),
+        "gauges": await _plan(conn, outbox.GAUGES_SQL),
+        "dead": await _plan(conn, outbox.DEAD_SQL, 50),
+        "replay": await _plan(conn, outbox.REPLAY_SQL, None, OUTBOX_CHANNEL),
+        "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
+        "delete keys": await _plan(conn, outbox.DELETE_EXPIRED_KEYS_SQL, 1000),
+    }
+    for name, plan in plans.items():
+        assert "Seq Scan on outbox_events" not in plan, f"{name}:\n{plan}"
+        assert "Seq Scan on idempotency_keys" not in plan, f"{name}:\n{plan}"
+    assert "outbox_events_due_idx" in plans["claim"], plans["claim"]
+    assert "outbox_events_pending_aggregate_idx" in plans["claim"], plans["claim"]
+    assert "outbox_events_pending_aggregate_idx" in plans["record"], plans["record"]
+    assert "outbox_events_delivered_at_idx" in plans["delete delivered"]
+    assert "idempotency_keys_expires_at_idx" in plans["delete keys"]
+    # and the claim is quick there: one claim of 100 takes well under the poll interval
+    started = time.perf_counter()
+    claimed = await outbox.claim_events(conn, limit=100, lease_seconds=30)
+    assert len(claimed) == 100  # the heads of the 100 payments
+    assert time.perf_counter() - started < 0.5
