@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,21 @@ def service(args: list[str], env: dict[str, str], cwd: Path, name: str) -> Itera
     finally:
         if proc.process.poll() is None:
             proc.kill_leftovers()
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A folder outside pytest's basetemp, removed afterwards.
+
+    An embedded PostgreSQL runs as an unprivileged user when the tests run as root, and must
+    traverse every folder above its data; another pytest session on the machine re-tightens the
+    permissions of /tmp/pytest-of-<user> (and prunes old basetemps), so data lives elsewhere.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def port_closed(port: int) -> bool:

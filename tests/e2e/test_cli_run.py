@@ -4,13 +4,14 @@ beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a rest
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import httpx
 
 from payment_service.embedded import EmbeddedPostgres, free_port
-from tests.e2e.cli_support import Service, clean_env, port_closed, service
+from tests.e2e.cli_support import Service, clean_env, port_closed, scratch_dir, service
 from tests.helpers import wait_until
 
 # The first start runs initdb; give it time on a slow machine.
@@ -37,7 +38,11 @@ async def stop_with_ctrl_c(run: Service, port: int, data_dir: Path) -> None:
 
 
 async def test_run_with_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+    with scratch_dir("payments-e2e-run-") as scratch:
+        await run_twice(tmp_path, scratch / "data")
+
+
+async def run_twice(tmp_path: Path, data_dir: Path) -> None:
     port = free_port()
     relay_port = free_port()
     env = clean_env(
@@ -64,7 +69,7 @@ async def test_run_with_embedded_database_keeps_data_across_restarts(tmp_path: P
         with service(["run"], env, tmp_path, "run-2") as run:
             await run.wait_http(base + "/health", timeout=START_TIMEOUT_SECONDS)
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                payment_id = httpx.Response(200, content=first_answer).json()["payment_id"]
+                payment_id = json.loads(first_answer)["payment_id"]
                 fetched = await client.get(f"/payments/{payment_id}")
                 assert fetched.status_code == 200, "the payment survived the restart"
                 assert fetched.json()["trip_id"] == 101

@@ -5,6 +5,8 @@ half-written is left, and the same running server recovers without a restart."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,15 +33,19 @@ ANSWER_WITHIN_SECONDS = 5
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+def own_postgres() -> Iterator[EmbeddedPostgres]:
+    # Not under pytest's basetemp: another pytest session on the machine re-tightens the
+    # permissions of /tmp/pytest-of-<user>, which the server's unprivileged user must traverse.
+    base = Path(tempfile.mkdtemp(prefix="payments-outage-pg-"))
     server = EmbeddedPostgres(
-        tmp_path / "pg", settings=["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+        base / "pg", settings=["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
     )
     server.start()
     try:
         yield server
     finally:
         server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
