@@ -233,6 +233,11 @@ async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     body = payment_body()
     await post_json(client, "/payments", body)
     await post_json(client, "/payments", body)  # a replay
+    await post_json(client, "/payments", payment_body(trip_id=body["trip_id"]))  # a 409
+    created = await client.get("/payments")
+    payment_id = exact_json(created)["data"][0]["payment_id"]
+    refund = await post_json(client, f"/payments/{payment_id}/refunds", {"idempotency_key": "m-r"})
+    assert refund.status_code == 200, refund.text
     await client.get("/payments/999999")
 
     response = await client.get("/metrics")
@@ -251,6 +256,8 @@ async def test_metrics_are_prometheus_text(client: httpx.AsyncClient) -> None:
     assert any("_bucket{" in line for line in samples), "latency histograms"
     assert re.search(r"^\S*payment\S*created\S* [1-9]", text, re.M), "payments created"
     assert re.search(r"^\S*replay\S* [1-9]", text, re.M), "idempotent replays"
+    assert re.search(r"^\S*refund\S*created\S* [1-9]", text, re.M), "refunds created"
+    assert re.search(r"^\S*(conflict|409)\S* [1-9]", text, re.M), "409s"
 
 
 async def test_openapi_document(client: httpx.AsyncClient) -> None:
