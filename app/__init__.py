@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from app.context import PaymentApp
 from app.errors import APIError, database_unavailable, problem_body, problem_document
 from app.metrics import Metrics
-from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health
+from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health, Liveness
 from app.routes import blueprint
 from payment_service import SERVICE_NAME, __version__
 from payment_service.config import Settings
@@ -218,6 +218,7 @@ def _install_operational_routes(app: PaymentApp) -> None:
         return document.model_dump(), 200 if database == "ok" else 503
 
     @app.get("/health/live")
+    @document_response(Liveness, 200)
     async def live() -> dict[str, str]:
         return {"status": "alive", "service": SERVICE_NAME}
 

@@ -298,3 +298,8 @@ class Health(BaseModel):
     service: str
     version: str
     checks: dict[str, str]
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+    service: str
