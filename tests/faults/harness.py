@@ -270,6 +270,18 @@ def socket_owner(client_port: int, server_port: int, processes: dict[str, int]) 
     return None
 
 
+async def connections_by_process(db: FaultDatabase, processes: dict[str, int]) -> Counter[str]:
+    """How many connections each of `processes` (name -> pid) holds to the test's database."""
+    rows = await db.fetch(
+        "SELECT client_port FROM pg_stat_activity "
+        "WHERE datname = $1 AND client_port IS NOT NULL AND pid <> pg_backend_pid()",
+        DATABASE_NAME,
+    )
+    port = db.server.port
+    assert port is not None
+    return Counter(socket_owner(row["client_port"], port, processes) or "other" for row in rows)
+
+
 # -- `payment-service check` ---------------------------------------------------------------------
 async def run_check(env: dict[str, str], workdir: Path) -> dict[str, Any]:
     """Run `payment-service check --json`; return its report, asserting exit 0 = consistent."""
