@@ -240,6 +240,17 @@ def payment_service_command(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "payment-service"), *args]
 
 
+def outbox_command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `payment-service outbox ARGS…` against a database; the finished process."""
+    return subprocess.run(
+        payment_service_command("outbox", *args),
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def dump_logs(relays: list[RelayProcess], limit: int = 40) -> str:
     """The last log lines of each relay, for an assertion message."""
     parts = []

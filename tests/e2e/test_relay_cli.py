@@ -29,6 +29,7 @@ from tests.relay_support import (  # noqa: F401 - fixtures
     answer_status,
     conn_fixture,
     insert_events,
+    outbox_command,
     payment_service_command,
     receiver_fixture,
     relays_fixture,
@@ -239,16 +240,6 @@ async def test_relay_metrics_and_housekeeping(
     assert "outbox_oldest_pending_age_seconds 0.0" in text
     relay.send(signal.SIGTERM)
     assert await relay.wait_exit(timeout=15) == 0
-
-
-def outbox_command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        payment_service_command("outbox", *args),
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DATABASE_URL": database_url},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_outbox_stats_dead_and_replay_commands(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 
 import asyncpg
 import pytest
@@ -26,7 +25,7 @@ from tests.relay_support import (  # noqa: F401 - fixtures
     conn_fixture,
     dump_logs,
     insert_events,
-    payment_service_command,
+    outbox_command,
     receiver_fixture,
     relays_fixture,
     status_counts,
@@ -171,26 +170,13 @@ async def test_max_attempts_makes_an_event_dead_and_replay_delivers_it(
             (3, "DEAD", 503),
         ]
 
-    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "LANG": "C.UTF-8"}
-    listed = subprocess.run(
-        payment_service_command("outbox", "dead", "--json"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    listed = outbox_command(database_url, "dead", "--json")
+    assert listed.returncode == 0, listed.stderr
     assert sorted(e["event_id"] for e in json.loads(listed.stdout)) == sorted(
         e.event_id for e in events
     )
     receiver.policy = answer_status(200)
-    replay = subprocess.run(
-        payment_service_command("outbox", "replay", "--dead"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    replay = outbox_command(database_url, "replay", "--dead")
     assert (replay.returncode, replay.stdout.strip()) == (0, "replayed 4 event(s)"), replay.stderr
     await all_accepted(receiver, {e.event_id for e in events}, timeout=30)
     await wait_until(lambda: _all_delivered(conn, 4), timeout=10)
