@@ -29,5 +29,20 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Side-by-side benchmarks (docs/benchmarks.md); BENCH_ARGS="--help" lists the knobs.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,load,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+
+# Headless Locust run (60 s) against a service it starts itself, or LOADTEST_HOST; reports in
+# loadtests/reports/.
+loadtest: install
+	$(BIN)/python loadtests/loadtest.py $(LOADTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

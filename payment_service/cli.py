@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from payment_service import __version__
 from payment_service.config import ConfigurationError, Settings, load_settings
+from payment_service.database import UNAVAILABLE_ERRORS
 from payment_service.logs import configure_logging
 from payment_service.migrations import MigrationError
 
@@ -173,6 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sink.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sink.add_argument("--port", type=int, default=8085, help="port (default 8085)")
+    sink.add_argument(
+        "--fail-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the first N callbacks with --status (default 500)",
+    )
+    sink.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="answer this fraction of callbacks (0-1) with --status (default 500)",
+    )
+    sink.add_argument(
+        "--status",
+        type=int,
+        metavar="CODE",
+        help="the error status to answer; alone, every callback gets it (e.g. 410)",
+    )
+    sink.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before answering (to watch timeouts)",
+    )
 
     check = add(
         "check",
@@ -190,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigurationError, MigrationError) as error:
         print(f"payment-service: {error}", file=sys.stderr)
         return 2
+    except UNAVAILABLE_ERRORS as error:
+        print(f"payment-service: the database is not reachable: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

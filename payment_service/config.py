@@ -72,8 +72,18 @@ class Settings(BaseSettings):
     relay_max_attempts: int = Field(default=12, ge=1, le=100)
     relay_poll_interval: float = Field(default=1.0, gt=0)
     relay_request_timeout: float = Field(default=10, gt=0)
-    relay_metrics_port: int = Field(default=9102, ge=0, le=65535)
+    relay_metrics_port: int = Field(default=9102, ge=0, le=65535)  # 0: no metrics endpoint
     outbox_retention_hours: float = Field(default=168, ge=0)
+    # Relay tuning beyond DESIGN §3 (tests and demos shorten these). RELAY_RETRY_SCHEDULE: seconds
+    # before attempt 2, 3, … (comma-separated; the last repeats). RELAY_QUICK_RETRIES: extra tries
+    # inside one attempt, RELAY_QUICK_RETRY_WAIT seconds apart at first (exponential, jittered).
+    relay_retry_schedule: Annotated[tuple[Annotated[float, Field(gt=0)], ...], NoDecode] = Field(
+        default=(5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400), min_length=1
+    )
+    relay_quick_retries: int = Field(default=2, ge=0, le=10)
+    relay_quick_retry_wait: float = Field(default=0.2, ge=0, le=60)
+    relay_shutdown_grace_seconds: float = Field(default=10, ge=0)  # drain time on SIGTERM
+    relay_housekeeping_interval: float = Field(default=300, gt=0)  # seconds between passes
 
     payment_service_data_dir: Path = Path(".data")
 
@@ -82,7 +92,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("api_keys", "async_methods", mode="before")
+    @field_validator("api_keys", "async_methods", "relay_retry_schedule", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

@@ -50,16 +50,21 @@ def _docker_answers() -> bool:
 
 
 def _start_container() -> tuple[str, object]:
+    # Read by testcontainers at import. Reach the published port on 127.0.0.1 directly, even where
+    # /.dockerenv exists (as on some CI machines), which would make it go through 172.17.0.1.
+    os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
+    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
     try:
         from testcontainers.community.postgres import PostgresContainer
     except ImportError:  # testcontainers < 4.14
         from testcontainers.postgres import PostgresContainer  # type: ignore[no-redef]
 
-    os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
     image = os.environ.get("TEST_POSTGRES_IMAGE", "postgres:16-alpine")
     container = PostgresContainer(
         image, username="postgres", password="test", dbname="postgres", driver=None
     )
+    # Published on 127.0.0.1 only (a free port), never on every interface as by default.
+    container.ports["5432"] = ("127.0.0.1",)  # type: ignore[assignment]
     container.with_command(
         "postgres -c fsync=off -c synchronous_commit=off "
         "-c full_page_writes=off -c max_connections=300"
@@ -75,7 +80,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
     if wanted == "url" or (url and not wanted):
         if not url:
             pytest.fail("TEST_DATABASE_PROVIDER=url needs TEST_DATABASE_URL")
-        print(f"\n[test database] provider=url server={urlsplit(url).hostname}")
+        _announce(f"[test database] provider=url server={urlsplit(url).hostname}")
         yield PostgresServer("url", url)
         return
     container = None
@@ -85,13 +90,13 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         try:
             dsn, container = _start_container()
         except Exception as error:  # e.g. the image cannot be had: fall back, and say so
-            print(
-                f"\n[test database] testcontainers failed ({type(error).__name__}: {error}); "
+            _announce(
+                f"[test database] testcontainers failed ({type(error).__name__}: {error}); "
                 "falling back to the embedded server"
             )
     if container is not None:
-        print(
-            f"\n[test database] provider=testcontainers image={container.image} "  # type: ignore[attr-defined]
+        _announce(
+            f"[test database] provider=testcontainers image={container.image} "  # type: ignore[attr-defined]
             f"container={container.get_wrapped_container().short_id} dsn-host=127.0.0.1"
         )  # type: ignore[attr-defined]
         try:
@@ -114,12 +119,26 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
         ],
     )
     server.start()
-    print(f"\n[test database] provider=embedded (pgserver) port={server.port}")
+    _announce(f"[test database] provider=embedded (pgserver) port={server.port}")
     try:
         yield PostgresServer("embedded", server.dsn(), embedded=server)
     finally:
         server.stop(mode="immediate")
         shutil.rmtree(base, ignore_errors=True)
+
+
+_announcements: list[str] = []
+
+
+def _announce(line: str) -> None:
+    """Say which server serves the tests: now (shown with -s) and in pytest's closing summary."""
+    print(f"\n{line}")
+    _announcements.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _announcements:
+        terminalreporter.write_line(line)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
