@@ -259,6 +259,7 @@ class HttpResult:
     errors: int
     cpu: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    fsync: str = "on"
 
 
 def run_wrk(
@@ -306,25 +307,22 @@ def _percentile(values: list[float], pct: float) -> float:
 
 # -- the benchmark -------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, *, fsync: str, results: dict[str, Any]
+    ) -> None:
         from payment_service.embedded import EmbeddedPostgres
 
         self.args = args
         self.workdir = workdir
+        self.fsync = fsync
         self.logs = workdir / "logs"
         self.logs.mkdir()
-        settings = PG_DURABLE + (PG_FAST if args.fsync == "off" else [])
+        settings = PG_DURABLE + (PG_FAST if fsync == "off" else [])
         self.pg_settings = settings
         self.pg = EmbeddedPostgres(workdir / "pgdata", settings=settings)
         self.run_counter = 0
         self.secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        self.results: dict[str, Any] = {
-            "http": [],
-            "relay": [],
-            "latency": None,
-            "pending": None,
-            "skipped": [],
-        }
+        self.results = results
 
     # -- database -------------------------------------------------------------------------------
     def start_database(self) -> None:
@@ -508,6 +506,7 @@ class Bench:
             " AND (SELECT count(*) FROM payments) = (SELECT count(*) FROM idempotency_keys)",
         )
         result = HttpResult(
+            fsync=self.fsync,
             name=name,
             kind=kind,
             config=config,
@@ -528,44 +527,42 @@ class Bench:
         )
         return result
 
-    def bench_service(self, workers: int, server: str | None) -> HttpResult:
-        label = f"serve --workers {workers}" + (f" --server {server}" if server else "")
-        db = f"svc_{server or 'hypercorn'}_{workers}"
+    def bench_server(
+        self, name: str, kind: str, label: str, db: str, start: Callable[[str], tuple[Proc, str]]
+    ) -> HttpResult:
+        """Start a server on a fresh database, load it with wrk, stop it."""
         dsn = self.fresh_db(db)
-        proc, base = self.start_service(dsn, workers=workers, server=server)
+        proc, base = start(dsn)
         try:
             return self.measure_http(
-                f"this service ({server or 'hypercorn'})",
-                "service",
-                label,
-                base + "/payments",
-                {"server": proc.pids},
-                db,
+                name, kind, label, base + "/payments", {"server": proc.pids}, db
             )
         finally:
             proc.stop(signal.SIGTERM)
             self.drop_db(db)
 
+    def bench_service(self, workers: int, server: str | None) -> HttpResult:
+        label = f"serve --workers {workers}" + (f" --server {server}" if server else "")
+        return self.bench_server(
+            f"this service ({server or 'hypercorn'})",
+            "service",
+            label,
+            f"svc_{server or 'hypercorn'}_{workers}",
+            lambda dsn: self.start_service(dsn, workers=workers, server=server),
+        )
+
     def bench_seed(self, spec: str) -> HttpResult:
-        db = "seed_" + re.sub(r"\W", "_", spec)
-        dsn = self.fresh_db(db)
-        proc, base = self.start_seed(dsn, spec)
         worker_class, workers, threads = parse_seed_spec(spec)
         label = f"gunicorn -k {worker_class} -w {workers}" + (
             f" --threads {threads}" if worker_class == "gthread" else ""
         )
-        try:
-            return self.measure_http(
-                "seed stack (Flask+psycopg2)",
-                "seed",
-                label,
-                base + "/payments",
-                {"server": proc.pids},
-                db,
-            )
-        finally:
-            proc.stop(signal.SIGTERM)
-            self.drop_db(db)
+        return self.bench_server(
+            "seed stack (Flask+psycopg2)",
+            "seed",
+            label,
+            "seed_" + re.sub(r"\W", "_", spec),
+            lambda dsn: self.start_seed(dsn, spec),
+        )
 
     def bench_pgbench(self, variant: str) -> HttpResult:
         db = "pgbench_" + variant
@@ -629,6 +626,7 @@ class Bench:
         rows = self.scalar(db, "SELECT count(*) FROM payments")
         self.drop_db(db)
         result = HttpResult(
+            fsync=self.fsync,
             name="pgbench (DB ceiling)",
             kind="pgbench",
             config=PGBENCH_VARIANTS[variant],
@@ -1233,7 +1231,6 @@ def machine_facts(bench: Bench) -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postgres": postgres.stdout.strip(),
-        "postgres settings": " ".join(bench.pg_settings),
         "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "?",
         "packages": ", ".join(
             f"{p} {_version(p)}"
@@ -1253,30 +1250,34 @@ def machine_facts(bench: Bench) -> dict[str, str]:
     }
 
 
-def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str) -> str:
-    http: list[HttpResult] = results["http"]
-    seed = max((r for r in http if r.kind == "seed"), key=lambda r: r.rps, default=None)
+def references(
+    http: list[HttpResult], fsync: str
+) -> tuple[HttpResult | None, HttpResult | None, HttpResult | None]:
+    """(best seed-stack row, the DB ceiling row, best service row) of one fsync setting."""
+    rows = [r for r in http if r.fsync == fsync]
+    seed = max((r for r in rows if r.kind == "seed"), key=lambda r: r.rps, default=None)
     ceiling = next(
-        (r for r in http if r.kind == "pgbench" and r.config == PGBENCH_VARIANTS["service"]), None
+        (r for r in rows if r.kind == "pgbench" and r.config == PGBENCH_VARIANTS["service"]), None
     )
-    best = max((r for r in http if r.kind == "service"), key=lambda r: r.rps, default=None)
+    best = max((r for r in rows if r.kind == "service"), key=lambda r: r.rps, default=None)
+    return seed, ceiling, best
+
+
+def render_http_table(http: list[HttpResult], fsync: str, results: dict[str, Any]) -> list[str]:
+    seed, ceiling, _ = references(http, fsync)
+    durable = "durable: fsync and synchronous_commit on" if fsync == "on" else "fsync off"
     out = [
-        BEGIN_MARK,
+        f"### POST /payments at {results['connections']} connections, PostgreSQL {durable}",
         "",
-        f"Run at {results['started']} (took {results['elapsed_s']:.0f} s):",
-        "",
-        f"    {command}",
-        "",
-        "### POST /payments at "
-        f"{results['connections']} connections ({results['duration']} s each, after a "
-        f"{results['warmup']} s warm-up; fresh database per row)",
+        f"{results['duration']} s each after a {results['warmup']} s warm-up; a fresh database "
+        "per row. PostgreSQL settings: `" + results["pg_settings"].get(fsync, "") + "`.",
         "",
         "| contender | configuration | req/s | p50 ms | p99 ms | errors | vs seed stack | "
         "vs DB ceiling | CPU ms per request: server / postgres | "
         "CPU cores: server / postgres / generator / other |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in http:
+    for r in (r for r in http if r.fsync == fsync):
         vs_seed = f"{r.rps / seed.rps:.2f}x" if seed and r.kind != "pgbench" else ""
         vs_db = f"{r.rps / ceiling.rps:.0%}" if ceiling and r.kind != "pgbench" else ""
         generator = r.cpu.get("wrk", r.cpu.get("generator", 0.0))
@@ -1294,6 +1295,23 @@ def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str
             f"{r.errors} | {vs_seed} | {vs_db} | {per_request} | {cpu} |{flag}"
         )
     out.append("")
+    return out
+
+
+def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str) -> str:
+    http: list[HttpResult] = results["http"]
+    modes = [m for m in ("on", "off") if any(r.fsync == m for r in http)]
+    seed, _ceiling, best = references(http, modes[0]) if modes else (None, None, None)
+    out = [
+        BEGIN_MARK,
+        "",
+        f"Run at {results['started']} (took {results['elapsed_s']:.0f} s):",
+        "",
+        f"    {command}",
+        "",
+    ]
+    for mode in modes:
+        out += render_http_table(http, mode, results)
     targets = []
     if best and seed:
         ratio = best.rps / seed.rps
@@ -1444,18 +1462,22 @@ def write_doc(section: str, path: Path) -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     http: list[HttpResult] = results["http"]
-    seed = max((r for r in http if r.kind == "seed"), key=lambda r: r.rps, default=None)
-    print("\nPOST /payments, {} connections".format(results["connections"]))
-    print(
-        f"{'contender':<30} {'configuration':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'errors':>6} {'vs seed':>8}"
-    )
-    for r in http:
-        ratio = f"{r.rps / seed.rps:.2f}x" if seed and r.kind != "pgbench" else ""
+    for mode in ("on", "off"):
+        rows = [r for r in http if r.fsync == mode]
+        if not rows:
+            continue
+        seed, _, _ = references(http, mode)
+        print(f"\nPOST /payments, {results['connections']} connections, fsync {mode}")
         print(
-            f"{r.name:<30} {r.config:<36} {r.rps:8.0f} {r.p50_ms:7.1f} {r.p99_ms:7.1f} "
-            f"{r.errors:6d} {ratio:>8}"
+            f"{'contender':<30} {'configuration':<40} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'errors':>6} {'vs seed':>8}"
         )
+        for r in rows:
+            ratio = f"{r.rps / seed.rps:.2f}x" if seed and r.kind != "pgbench" else ""
+            print(
+                f"{r.name:<30} {r.config:<40} {r.rps:8.0f} {r.p50_ms:7.1f} {r.p99_ms:7.1f} "
+                f"{r.errors:6d} {ratio:>8}"
+            )
     for r in results["relay"]:
         print(
             f"relay x{r['processes']}: {r['rate_wall']:.0f} callbacks/s "
@@ -1502,6 +1524,14 @@ def serve_servers() -> list[str]:
     ).stdout
     match = re.search(r"--server \{([^}]*)\}", out)
     return [s for s in match.group(1).split(",") if s != "hypercorn"] if match else []
+
+
+def auto_servers() -> list[str]:
+    """What `serve --server` offers, else the faster ASGI servers that are installed."""
+    offered = serve_servers()
+    if offered:
+        return offered
+    return [name for name in ("uvicorn", "granian") if (BIN / name).exists()]
 
 
 def direct_server_command(server: str, *, port: int, workers: int) -> list[str]:
@@ -1557,7 +1587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers",
         default="auto",
         help="extra ASGI servers to try besides hypercorn: auto (what serve "
-        "offers), none, or a comma list",
+        "offers, else uvicorn/granian when installed), none, or a comma list",
     )
     parser.add_argument(
         "--seed",
@@ -1577,9 +1607,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pending-relays", type=int, default=1)
     parser.add_argument(
         "--fsync",
-        choices=("on", "off"),
-        default="on",
-        help="on: durable (as production); off: fsync/synchronous_commit off",
+        choices=("on", "off", "both"),
+        default="both",
+        help="on: durable (as production); off: fsync/synchronous_commit off; both: the "
+        "durable run, then POST /payments again without fsync (default)",
     )
     parser.add_argument(
         "--only", default="", help=f"comma list of sections to run (of {', '.join(SECTIONS)})"
@@ -1612,22 +1643,38 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(-args.nice)  # inherited by every process started below, PostgreSQL included
     command = "python loadtests/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="payment-bench-") as tmp:
-        bench = Bench(args, Path(tmp))
-        results = bench.results
-        results.update(
-            started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            connections=args.connections,
-            duration=args.duration,
-            warmup=args.warmup,
-        )
-        print(f"bench: embedded PostgreSQL ({' '.join(bench.pg_settings)}) in {tmp}", flush=True)
-        bench.start_database()
-        facts = machine_facts(bench)
-        try:
-            results.update(run_sections(bench, args, wanted))
-        finally:
-            bench.pg.stop()
+    results: dict[str, Any] = {
+        "http": [],
+        "relay": [],
+        "latency": None,
+        "pending": None,
+        "skipped": [],
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "connections": args.connections,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "pg_settings": {},
+    }
+    modes = ["on", "off"] if args.fsync == "both" else [args.fsync]
+    facts: dict[str, str] = {}
+    for mode in modes:
+        # The durable run measures everything; a run without fsync repeats only POST /payments,
+        # to show what the disk's commit latency costs each contender.
+        sections = wanted if mode == modes[0] else wanted & {"service", "seed", "pgbench"}
+        if not sections:
+            continue
+        with tempfile.TemporaryDirectory(prefix="payment-bench-") as tmp:
+            bench = Bench(args, Path(tmp), fsync=mode, results=results)
+            results["pg_settings"][mode] = " ".join(bench.pg_settings)
+            print(
+                f"bench: embedded PostgreSQL ({results['pg_settings'][mode]}) in {tmp}", flush=True
+            )
+            bench.start_database()
+            facts = facts or machine_facts(bench)
+            try:
+                run_sections(bench, args, sections)
+            finally:
+                bench.pg.stop()
     results["elapsed_s"] = time.monotonic() - started
     print_table(results)
     REPORTS.mkdir(parents=True, exist_ok=True)
@@ -1647,7 +1694,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> dict[str, Any]:
+def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> None:
     results = bench.results
     workers = [int(w) for w in args.workers.split(",") if w]
     app_ready = importlib.util.find_spec("app.server") is not None
@@ -1659,7 +1706,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> di
         else:
             servers: list[str | None] = [None]
             extra = (
-                serve_servers()
+                auto_servers()
                 if args.servers == "auto"
                 else ([] if args.servers == "none" else args.servers.split(","))
             )
@@ -1693,7 +1740,6 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> di
             results["pending"] = bench.bench_pending(best_workers, args.pending_relays)
     if "profile" in wanted and app_ready:
         results["profile"] = bench.profile_service(best_workers)
-    return {}
 
 
 if __name__ == "__main__":

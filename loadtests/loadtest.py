@@ -17,47 +17,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from bench import Proc, free_port, wait_http  # loadtests/bench.py: the same process plumbing
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtests" / "reports"
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_SECONDS = 180  # a first embedded PostgreSQL initialises its cluster
-STOP_TIMEOUT_SECONDS = 30
-
-
-def free_port() -> int:
-    from payment_service.embedded import free_port as _free
-
-    return _free()
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"loadtest: the service exited early (code {proc.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:  # only 127.0.0.1
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"loadtest: {url} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # `payment-service run` stops its children on Ctrl-C
-        try:
-            proc.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            print(f"loadtest: {name} (pid {proc.pid}) did not stop; killing its group", flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-            proc.wait(10)
 
 
 def run_locust(host: str, args: argparse.Namespace, extra: list[str]) -> int:
@@ -109,40 +76,24 @@ def main(argv: list[str] | None = None) -> int:
             PYTHONUNBUFFERED="1",
         )
         logs = Path(tmp)
-        receiver_log = (logs / "receiver.log").open("wb")
-        service_log = (logs / "service.log").open("wb")
-        receiver = subprocess.Popen(
+        receiver = Proc(
+            "receiver",
             [sys.executable, str(ROOT / "loadtests" / "receiver.py"), "--port", str(receiver_port)],
-            cwd=ROOT,
             env=env,
-            stdout=receiver_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            logs=logs,
         )
-        service = subprocess.Popen(
-            [str(BIN / "payment-service"), "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=service_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        service = Proc("service", [str(BIN / "payment-service"), "run"], env=env, logs=logs)
         try:
             base = f"http://127.0.0.1:{api_port}"
-            wait_ready(base + "/health", service, READY_TIMEOUT_SECONDS)
+            wait_http(base + "/health", service, timeout=READY_TIMEOUT_SECONDS)
             code = run_locust(base, args, extra)
         finally:
-            stop(service, "payment-service run")
-            stop(receiver, "receiver")
-            receiver_log.close()
-            service_log.close()
-            if service.returncode not in (0, -signal.SIGINT, 130):
+            # `payment-service run` stops its children and its database on Ctrl-C (SIGINT).
+            exit_code = service.stop(signal.SIGINT)
+            receiver.stop(signal.SIGTERM)
+            if exit_code not in (0, -signal.SIGINT, 130):
                 print(
-                    f"loadtest: the service exited {service.returncode}; its log ends:\n"
-                    + "\n".join(
-                        (logs / "service.log").read_text(errors="replace").splitlines()[-20:]
-                    ),
-                    flush=True,
+                    f"loadtest: the service exited {exit_code}; its log ends:\n{service.tail(20)}"
                 )
     print(
         f"loadtest: reports in {REPORTS}/locust_stats.csv and {REPORTS}/locust.html "
