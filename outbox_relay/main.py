@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 POOL_SIZE = 4  # claimer, recorder, housekeeping, gauges
 RESTART_DELAY_SECONDS = 0.5  # first wait before a failed loop restarts; doubles up to the max
 MAX_RESTART_DELAY_SECONDS = 5.0
+HEALTHY_RUN_SECONDS = 30.0  # a loop that ran this long before failing restarts with the first delay
 LISTENER_CHECK_SECONDS = 5.0  # how often an idle LISTEN connection is checked with SELECT 1
 GAUGE_INTERVAL_SECONDS = 5.0
 FINAL_WRITE_SECONDS = 1.0  # part of the shutdown grace kept for writing the last results
@@ -205,6 +206,7 @@ class Relay:
         """Run a loop until stop; when it fails, log it and start it again after a delay."""
         delay = RESTART_DELAY_SECONDS
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 await body()
             except asyncio.CancelledError:
@@ -223,7 +225,9 @@ class Relay:
                 continue
             self.metrics.loop_restarts.labels(name).inc()
             await self._pause(delay)
-            delay = min(delay * 2, MAX_RESTART_DELAY_SECONDS)
+            # Back off while failures come one after another; start afresh after a good run.
+            ran_well = time.monotonic() - started > HEALTHY_RUN_SECONDS
+            delay = RESTART_DELAY_SECONDS if ran_well else min(delay * 2, MAX_RESTART_DELAY_SECONDS)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once on stop."""

@@ -170,3 +170,24 @@ async def test_sigterm_with_a_hanging_receiver_releases_the_claims_at_the_grace_
 async def relay_logged_release(relay) -> bool:  # type: ignore[no-untyped-def]
     (stopped,) = [r for r in relay.log_records() if r.get("msg") == "relay stopped"]
     return bool(stopped["outcomes"].get("RELEASED"))
+
+
+async def test_a_crashing_loop_is_logged_and_restarted_after_a_delay(
+    conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher
+) -> None:
+    relay = relays.start()
+    await wait_until(lambda: relay.logged("listening for new events"), timeout=30)
+    # Break the claim statement with an error that is no database outage: a bug, as it were.
+    await conn.execute("ALTER TABLE outbox_events RENAME COLUMN claim_token TO claim_token_gone")
+    events = await insert_events(conn, payments=5)
+    crashed = "relay loop crashed; it restarts after a delay"
+    await wait_until(lambda: relay.logged(crashed) >= 2, timeout=30)
+    assert receiver.deliveries == []
+    record = next(r for r in relay.log_records() if r.get("msg") == crashed)
+    assert record["loop"] == "claimer" and record["level"] == "ERROR"
+    assert "UndefinedColumnError" in record["exc"]  # the traceback is logged
+
+    await conn.execute("ALTER TABLE outbox_events RENAME COLUMN claim_token_gone TO claim_token")
+    await wait_until(lambda: {e.event_id for e in events} <= receiver.accepted_ids(), timeout=30)
+    await wait_until(lambda: _count_is(conn, len(events)), timeout=20)
+    assert relay.process is not None and relay.process.poll() is None

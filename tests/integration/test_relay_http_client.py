@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +217,53 @@ def test_only_http_urls() -> None:
         client("ftp://example.com/x")
     ipv6 = client("https://[::1]:8443/h")
     assert ipv6._prefix.startswith(b"POST /h HTTP/1.1\r\nhost: [::1]:8443\r\n")
+
+
+async def test_https_with_the_receivers_certificate_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await client(f"https://localhost:{port}/h").post(b"{}", [])
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the receiver's certificate
+        answer = await client(f"https://localhost:{port}/h").post(b"{}", [])
+        assert (answer.status, answer.body) == (200, b"ok")
+        assert requests[-1].startswith(b"POST /h HTTP/1.1\r\nhost: localhost:%d\r\n" % port)
+    finally:
+        server.close()
