@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -99,7 +100,9 @@ class Relay:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         metrics_server = (
-            self.metrics.serve(settings.relay_metrics_port) if settings.relay_metrics_port else None
+            self.metrics.serve(settings.relay_metrics_host, settings.relay_metrics_port)
+            if settings.relay_metrics_port
+            else None
         )
         if settings.callback_signing_secret is None:
             logger.warning("CALLBACK_SIGNING_SECRET is not set: callbacks are sent unsigned")
@@ -132,7 +135,7 @@ class Relay:
             "relay started",
             extra={
                 "version": __version__,
-                "url": settings.notification_url,
+                "url": _without_credentials(settings.notification_url),
                 "concurrency": settings.relay_concurrency,
                 "batch_size": settings.relay_batch_size,
                 "lease_seconds": settings.relay_lease_seconds,
@@ -446,6 +449,13 @@ async def _finish_within(*tasks: asyncio.Task[None], deadline: float) -> None:
     for result in results:
         if isinstance(result, Exception):
             logger.error("task failed during shutdown", exc_info=result)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _error_text(error: BaseException) -> str:

@@ -61,16 +61,17 @@ class RelayMetrics:
         )
         self.dead_events = Gauge("outbox_dead_events", "Events given up on (DEAD).", registry=r)
 
-    def serve(self, port: int) -> Any | None:
-        """Serve /metrics on all interfaces in a daemon thread; None when the port is taken."""
+    def serve(self, host: str, port: int) -> Any | None:
+        """Serve /metrics in a daemon thread; None (and a warning) when the port is taken."""
         try:
-            server, _thread = start_http_server(port, registry=self.registry)
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as error:
             logger.warning(
-                "metrics endpoint not started", extra={"port": port, "error": str(error)}
+                "metrics endpoint not started",
+                extra={"host": host, "port": port, "error": str(error)},
             )
             return None
-        logger.info("metrics endpoint listening", extra={"port": port})
+        logger.info("metrics endpoint listening", extra={"host": host, "port": port})
         return server
 
     @staticmethod

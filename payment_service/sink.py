@@ -257,7 +257,7 @@ class Sink:
 
 def run_sink(settings: Settings, args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; the exit code."""
-    status = getattr(args, "status", None)
+    status = args.status
     if status is not None and not 200 <= status <= 599:
         print("payment-service: --status must be an HTTP status code (200-599)", file=sys.stderr)
         return 2
@@ -268,10 +268,10 @@ def run_sink(settings: Settings, args: argparse.Namespace) -> int:
             if settings.callback_signing_secret
             else None
         ),
-        fail_first=max(getattr(args, "fail_first", 0) or 0, 0),
-        fail_rate=min(max(getattr(args, "fail_rate", 0.0) or 0.0, 0.0), 1.0),
+        fail_first=max(args.fail_first, 0),
+        fail_rate=min(max(args.fail_rate, 0.0), 1.0),
         status=status,
-        delay=max(getattr(args, "delay", 0.0) or 0.0, 0.0),
+        delay=max(args.delay, 0.0),
     )
 
     async def serve() -> int:

@@ -144,6 +144,7 @@ def relay_env(database_url: str, receiver_url: str, **overrides: object) -> dict
         "NOTIFICATION_CALLBACK_PATH": CALLBACK_PATH,
         "CALLBACK_SIGNING_SECRET": SECRET,
         "RELAY_METRICS_PORT": "0",
+        "RELAY_METRICS_HOST": "127.0.0.1",
         "RELAY_POLL_INTERVAL": "0.2",
         "RELAY_REQUEST_TIMEOUT": "2",
         "RELAY_RETRY_SCHEDULE": "0.2",
