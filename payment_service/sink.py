@@ -64,7 +64,7 @@ class HttpServer:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
+        self._connections: dict[asyncio.StreamWriter, asyncio.Task[None] | None] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -76,8 +76,10 @@ class HttpServer:
         """Stop listening and drop every open connection (a receiver that went away)."""
         if self._server is not None:
             self._server.close()
-        for writer in list(self._connections):
+        for writer, task in list(self._connections.items()):
             writer.transport.abort()
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()  # a handler still working on an answer nobody will read
         self._connections.clear()
         if self._server is not None:
             await self._server.wait_closed()
@@ -86,7 +88,7 @@ class HttpServer:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        self._connections.add(writer)
+        self._connections[writer] = asyncio.current_task()
         try:
             while True:
                 request, keep_alive = await _read_request(reader)
@@ -105,7 +107,7 @@ class HttpServer:
         except _BadRequest as error:
             writer.write(_encode_response(HttpResponse(error.status), keep_alive=False))
         finally:
-            self._connections.discard(writer)
+            self._connections.pop(writer, None)
             writer.close()
 
 
