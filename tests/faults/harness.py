@@ -31,6 +31,7 @@ import httpx
 from payment_service.config import Settings
 from payment_service.embedded import EmbeddedPostgres, free_port
 from payment_service.migrations import migrate
+from tests.helpers import wait_until
 
 DATABASE_NAME = "payments"
 START_TIMEOUT_SECONDS = 60
@@ -230,23 +231,6 @@ class ApiProcess(ServiceProcess):
             await wait_for(healthy, timeout=timeout, what=f"{self.name} to answer /health")
 
 
-async def wait_for(
-    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll a sync or async predicate until it is truthy; fail at the deadline naming `what`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 def socket_owner(client_port: int, server_port: int, processes: dict[str, int]) -> str | None:
     """The name of the process (among `processes`: name -> pid) that owns the TCP connection
     127.0.0.1:client_port -> 127.0.0.1:server_port, found through /proc (Linux)."""
@@ -280,6 +264,18 @@ async def connections_by_process(db: FaultDatabase, processes: dict[str, int]) -
     port = db.server.port
     assert port is not None
     return Counter(socket_owner(row["client_port"], port, processes) or "other" for row in rows)
+
+
+async def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """`tests.helpers.wait_until`, naming what was awaited when the deadline passes."""
+    try:
+        return await wait_until(predicate, timeout=timeout, interval=interval)
+    except AssertionError as error:
+        if not str(error).startswith("condition not met"):
+            raise  # the predicate's own assertion
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
 
 
 # -- `payment-service check` ---------------------------------------------------------------------
@@ -560,52 +556,49 @@ async def assert_clients_got_what_the_database_holds(
             assert answer.retry_after, "a 503 without Retry-After"
             assert answer.code == "DATABASE_UNAVAILABLE", f"a 503 with code {answer.code}"
 
-    payments = {
-        row["idempotency_hash"]: row
-        for row in await db.fetch(
-            "SELECT idempotency_hash, payment_id, trip_id, amount, status, refunded_amount "
-            "FROM payments"
-        )
-    }
-    per_key = await db.fetch(
-        "SELECT idempotency_hash, count(*) AS n FROM payments GROUP BY 1 HAVING count(*) > 1"
+    payments = await _stored_as_answered(
+        db, load, "create", "payments", "payment_id", "trip_id, amount, status"
     )
-    assert not per_key, f"a key made more than one payment: {[dict(r) for r in per_key]}"
-    creates = [op for op in load.operations if op.kind == "create"]
-    assert len(payments) == len(creates), (
-        f"{len(payments)} payments in the database for {len(creates)} payment keys"
+    for op in load.operations:
+        if op.kind == "create":
+            row = payments[key_hash(op.key)]
+            assert row["trip_id"] == op.body["trip_id"], dict(row)
+            assert row["amount"] == Decimal(op.body["amount"]), dict(row)
+        elif op.kind == "settle":
+            payment_id = int(op.path.split("/")[2])
+            row = next(r for r in payments.values() if r["payment_id"] == payment_id)
+            assert row["status"] != "PENDING", dict(row)
+            assert (row["status"] == "FAILED") == (op.body["status"] == "FAILED"), dict(row)
+    refunds = await _stored_as_answered(
+        db, load, "refund", "payment_refunds", "refund_id", "amount"
     )
-    for op in creates:
-        row = payments.get(key_hash(op.key))
-        assert op.response is not None
-        assert row is not None, f"payment {op.response['payment_id']} answered 2xx is not stored"
-        assert row["payment_id"] == op.response["payment_id"]
-        assert row["trip_id"] == op.body["trip_id"]
-        assert row["amount"] == Decimal(op.body["amount"])
+    for op in load.operations:
+        if op.kind == "refund":
+            assert op.response is not None
+            row = refunds[key_hash(op.key)]
+            assert row["amount"] == Decimal(str(op.response["refund_amount"])), dict(row)
 
-    refunds = {
-        row["idempotency_hash"]: row
-        for row in await db.fetch(
-            "SELECT idempotency_hash, refund_id, payment_id, amount FROM payment_refunds"
-        )
-    }
-    refund_ops = [op for op in load.operations if op.kind == "refund"]
-    assert len(refunds) == len(refund_ops), (
-        f"{len(refunds)} refunds in the database for {len(refund_ops)} refund keys"
+
+async def _stored_as_answered(
+    db: FaultDatabase, load: LoadGenerator, kind: str, table: str, id_column: str, columns: str
+) -> dict[str, asyncpg.Record]:
+    """The rows of `table` by key hash, asserting one row per key, one key per operation of
+    `kind`, and each row's id equal to the one its client was answered."""
+    rows = await db.fetch(f"SELECT idempotency_hash, {id_column}, {columns} FROM {table}")
+    by_key: dict[str, asyncpg.Record] = {}
+    for row in rows:
+        assert row["idempotency_hash"] not in by_key, f"a key made two rows in {table}: {dict(row)}"
+        by_key[row["idempotency_hash"]] = row
+    operations = [op for op in load.operations if op.kind == kind]
+    assert len(by_key) == len(operations), (
+        f"{len(by_key)} rows in {table} for {len(operations)} keys: a row no client was told of"
     )
-    for op in refund_ops:
-        row = refunds.get(key_hash(op.key))
+    for op in operations:
         assert op.response is not None
-        assert row is not None, f"refund {op.response['refund_id']} answered 200 is not stored"
-        assert row["refund_id"] == op.response["refund_id"]
-        assert row["amount"] == Decimal(str(op.response["refund_amount"]))
-    settled = {
-        op.path.split("/")[2]: op.body["status"] for op in load.operations if op.kind == "settle"
-    }
-    for row in payments.values():
-        expected = settled.get(str(row["payment_id"]))
-        if expected == "FAILED":
-            assert row["status"] == "FAILED", dict(row)
+        row = by_key.get(key_hash(op.key))
+        assert row is not None, f"{id_column} {op.response[id_column]} answered 2xx is not stored"
+        assert row[id_column] == op.response[id_column], (dict(row), op.response)
+    return by_key
 
 
 async def assert_every_event_delivered(

@@ -8,6 +8,7 @@ asserts that exactly the checks that should fail do, naming the corrupted row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -30,20 +31,26 @@ RETENTION_HOURS = 168.0
 
 
 # -- the consistent database -----------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def cloned_database(server: Any, template: str, prefix: str) -> AsyncIterator[str]:
+    """A new database copied from `template`, dropped afterwards; its name."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(server.admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield name
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="module")
 async def written_by_api(
     postgres_server: Any, template_database: str
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """(database name, ids): a migrated database that the real API filled, used as a template."""
-    name = f"check_source_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(postgres_server.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        ids = await _fill_through_api(postgres_server.dsn(name))
-        yield name, ids
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with cloned_database(postgres_server, template_database, "check_source") as name:
+        yield name, await _fill_through_api(postgres_server.dsn(name))
 
 
 async def _fill_through_api(dsn: str) -> dict[str, Any]:
@@ -91,14 +98,8 @@ async def check_dsn(
     postgres_server: Any, written_by_api: tuple[str, dict[str, Any]]
 ) -> AsyncIterator[str]:
     """A fresh copy of the API-written database."""
-    name = f"check_copy_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(postgres_server.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{written_by_api[0]}"')
+    async with cloned_database(postgres_server, written_by_api[0], "check_copy") as name:
         yield postgres_server.dsn(name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture
@@ -397,6 +398,9 @@ async def test_orphan_rows_are_reported(check_db: asyncpg.Connection, ids: dict[
 
 
 # -- the windows in which rows may legitimately be gone -------------------------------------------
+PAYMENT_KEY = "key_hash = (SELECT idempotency_hash FROM payments WHERE payment_id = $1)"
+
+
 async def _age_payment(conn: asyncpg.Connection, payment_id: int, age: str) -> None:
     await conn.execute(
         "UPDATE payments SET created_at = created_at - $2::text::interval, "
@@ -412,11 +416,7 @@ async def test_an_expired_and_purged_key_is_not_an_inconsistency(
     """A payment older than the TTL may have lost its key row; a younger one may not."""
     charged = ids["charged"]
     await _age_payment(check_db, charged, "25 hours")
-    await check_db.execute(
-        "DELETE FROM idempotency_keys WHERE key_hash = "
-        "(SELECT idempotency_hash FROM payments WHERE payment_id = $1)",
-        charged,
-    )
+    await check_db.execute(f"DELETE FROM idempotency_keys WHERE {PAYMENT_KEY}", charged)
     assert (await run(check_db, ttl=86400)).consistent
     # Checked with a TTL longer than the payment's age, the missing row is a violation.
     found = failures(await run(check_db, ttl=2 * 86400))
@@ -431,7 +431,7 @@ async def test_an_expired_key_claimed_again_is_not_an_inconsistency(
     await _age_payment(check_db, charged, "25 hours")
     await check_db.execute(
         "UPDATE idempotency_keys SET created_at = now(), expires_at = now() + interval '1 day' "
-        "WHERE key_hash = (SELECT idempotency_hash FROM payments WHERE payment_id = $1)",
+        f"WHERE {PAYMENT_KEY}",
         charged,
     )
     assert (await run(check_db, ttl=86400)).consistent
