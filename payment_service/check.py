@@ -117,26 +117,30 @@ CHECKS: tuple[Check, ...] = (
         "refund",
         "each refund has exactly one payment.refunded event, and each payment.refunded event "
         "names a refund of its payment",
-        # Refunds full-outer-joined to the refund events grouped by (payment, refund).
+        # Refunds full-outer-joined to the refund events grouped by (payment, refund). The join
+        # compares text, so a payload whose refund_id is not a number is reported, not an error.
         """
-        SELECT coalesce(r.refund_id, e.refund_id) AS id,
+        SELECT coalesce(r.refund_id::text, e.refund_id, 'null') AS id,
                CASE WHEN r.refund_id IS NULL
                         THEN e.events || ' payment.refunded event(s) of payment '
                              || e.aggregate_id || ' name no refund of that payment'
                     WHEN e.events > 1
                         THEN e.events || ' payment.refunded events'
+                    WHEN r.status <> 'REFUNDED'
+                        THEN 'a payment.refunded event for a refund with status ' || r.status
                     ELSE 'no payment.refunded event'
                END AS detail
         FROM payment_refunds AS r
         FULL JOIN (
-            SELECT aggregate_id, (payload ->> 'refund_id')::bigint AS refund_id, count(*) AS events
+            SELECT aggregate_id, payload ->> 'refund_id' AS refund_id, count(*) AS events
             FROM outbox_events
             WHERE event_type = 'payment.refunded'
             GROUP BY 1, 2
-        ) AS e ON e.aggregate_id = r.payment_id AND e.refund_id = r.refund_id
+        ) AS e ON e.aggregate_id = r.payment_id AND e.refund_id = r.refund_id::text
         WHERE r.refund_id IS NULL
            OR e.events > 1
-           OR (e.events IS NULL AND r.created_at > :events_since)
+           OR (r.status <> 'REFUNDED' AND e.events IS NOT NULL)
+           OR (r.status = 'REFUNDED' AND e.events IS NULL AND r.created_at > :events_since)
         """,
     ),
     Check(
@@ -261,7 +265,8 @@ CHECKS: tuple[Check, ...] = (
         "idempotency key",
         "each stored 2xx answer names a payment or refund that exists (a refund made with "
         "that key)",
-        # Keys are few (purged after the TTL); one primary-key probe per stored answer.
+        # Keys are few (purged after the TTL); one primary-key probe per stored answer. An id that
+        # is not a number matches nothing, so it is reported rather than failing the cast.
         """
         SELECT k.id, k.detail
         FROM (
@@ -269,7 +274,9 @@ CHECKS: tuple[Check, ...] = (
                    CASE WHEN response_data ? 'refund_id'
                              AND NOT EXISTS (
                                  SELECT 1 FROM payment_refunds AS r
-                                 WHERE r.refund_id = (response_data ->> 'refund_id')::bigint
+                                 WHERE r.refund_id = CASE
+                                           WHEN response_data ->> 'refund_id' ~ '^[0-9]{1,18}$'
+                                           THEN (response_data ->> 'refund_id')::bigint END
                                    AND r.idempotency_hash = key_hash)
                             THEN 'answered refund ' || (response_data ->> 'refund_id')
                                  || ', which does not exist with this key'
@@ -277,7 +284,9 @@ CHECKS: tuple[Check, ...] = (
                              AND response_data ? 'payment_id'
                              AND NOT EXISTS (
                                  SELECT 1 FROM payments AS p
-                                 WHERE p.payment_id = (response_data ->> 'payment_id')::bigint)
+                                 WHERE p.payment_id = CASE
+                                           WHEN response_data ->> 'payment_id' ~ '^[0-9]{1,18}$'
+                                           THEN (response_data ->> 'payment_id')::bigint END)
                             THEN 'answered payment ' || (response_data ->> 'payment_id')
                                  || ', which does not exist'
                    END AS detail

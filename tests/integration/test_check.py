@@ -213,6 +213,21 @@ CORRUPTIONS: list[tuple[str, str, str, dict[str, str]]] = [
         {"refund_events": "partial_refund"},
     ),
     (
+        "refund event's refund_id is not a number",
+        """
+        UPDATE outbox_events SET payload = jsonb_set(payload, '{refund_id}', '"abc"')
+         WHERE aggregate_id = $1 AND event_type = 'payment.refunded'
+        """,
+        "partial",
+        {"refund_events": "partial_refund"},
+    ),
+    (
+        "refund marked FAILED still counted and announced",
+        "UPDATE payment_refunds SET status = 'FAILED' WHERE payment_id = $1",
+        "partial",
+        {"refund_sums": "partial", "refund_events": "partial_refund"},
+    ),
+    (
         "event payload about another payment",
         """
         UPDATE outbox_events SET payload = jsonb_set(payload, '{payment_id}', '987654')
@@ -308,6 +323,18 @@ CORRUPTIONS: list[tuple[str, str, str, dict[str, str]]] = [
                 expires_at)
         VALUES (encode(sha256('orphan'::bytea), 'hex'), 'POST:/payments', repeat('0', 64), 200,
                 jsonb_build_object('payment_id', $1::bigint + 1000), now() + interval '1 day')
+        """,
+        "charged",
+        {"orphan_idempotency": "key"},
+    ),
+    (
+        "a stored answer's payment_id is not a number",
+        """
+        INSERT INTO idempotency_keys
+               (key_hash, request_path, request_fingerprint, response_status, response_data,
+                expires_at)
+        VALUES (encode(sha256('garbled'::bytea), 'hex'), 'POST:/payments', repeat('0', 64), 200,
+                jsonb_build_object('payment_id', 'x' || $1::bigint), now() + interval '1 day')
         """,
         "charged",
         {"orphan_idempotency": "key"},
