@@ -22,6 +22,7 @@ from app.context import PaymentApp
 from app.errors import APIError, database_unavailable, problem_body, problem_document
 from app.metrics import Metrics
 from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health, Liveness
+from app.notifier import OutboxNotifier
 from app.routes import blueprint
 from payment_service import SERVICE_NAME, __version__
 from payment_service.config import Settings
@@ -102,12 +103,17 @@ def _install_lifecycle(app: PaymentApp) -> None:
                 extra={"error": type(error).__name__},
             )
             app._pool = await create_pool(settings.dsn(), min_size=0, max_size=settings.db_pool_max)
+        app._notifier = OutboxNotifier(app.pool)
+        app._notifier.start()
         if not settings.callback_signing_secret:
             logger.warning("CALLBACK_SIGNING_SECRET is unset: callbacks will be unsigned")
         logger.info("API ready", extra={"api_prefix": settings.api_prefix or "/"})
 
     @app.after_serving
     async def close_pool() -> None:
+        if app._notifier is not None:
+            await app._notifier.stop()
+            app._notifier = None
         if app._pool is not None:
             await app._pool.close()
             app._pool = None

@@ -9,6 +9,7 @@ from asyncpg.pool import PoolAcquireContext
 from quart import Quart, current_app
 
 from app.metrics import Metrics
+from app.notifier import OutboxNotifier
 from payment_service.config import Settings
 from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
 
@@ -17,12 +18,19 @@ class PaymentApp(Quart):
     settings: Settings
     metrics: Metrics
     _pool: asyncpg.Pool | None = None
+    _notifier: OutboxNotifier | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise RuntimeError("the database pool is opened when the server starts serving")
         return self._pool
+
+    @property
+    def notifier(self) -> OutboxNotifier:
+        if self._notifier is None:
+            raise RuntimeError("the notifier starts when the server starts serving")
+        return self._notifier
 
     def connection(self) -> PoolAcquireContext:
         return self.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)

@@ -1,9 +1,10 @@
 """SQL for the payments table. Functions take the connection first; the caller owns the transaction.
 
-The write statements are single statements with data-modifying CTEs: the payment, its outbox event,
-the idempotency row with its answer and the NOTIFY go to PostgreSQL in one round trip and are
-atomic even without an explicit transaction. Documents are built by the SQL functions of the
-schema (`payment_json`, `payment_event_json`) and come back as jsonb text, sent as is.
+The write statements are single statements with data-modifying CTEs: the payment, its outbox event
+and the idempotency row with its answer go to PostgreSQL in one round trip and are atomic even
+without an explicit transaction. The relay is woken after the commit (app.notifier), not inside.
+Documents are built by the SQL functions of the schema (`payment_json`, `payment_event_json`) and
+come back as jsonb text, sent as is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import asyncpg
 
 from app.idempotency import IdempotencyKey
-from payment_service import OUTBOX_CHANNEL
 
 EVENT_FOR_STATUS = {
     "SUCCESS": "payment.succeeded",
@@ -98,8 +98,7 @@ async def insert_payment(
         )
         SELECT lock.acquired,
                taken.taken,
-               (SELECT body FROM answer) AS body,
-               (SELECT pg_notify($16, '') FROM answer) AS notified
+               (SELECT body FROM answer) AS body
           FROM lock, taken
         """,
         key.lock_id,
@@ -117,7 +116,6 @@ async def insert_payment(
         request_fingerprint,
         response_status,
         ttl_seconds,
-        OUTBOX_CHANNEL,
     )
     assert row is not None
     return InsertResult(row["acquired"], row["taken"], row["body"])
@@ -189,7 +187,7 @@ async def update_payment_settlement(
             SELECT $6, $7, $8, 200, answer.body, now() + make_interval(secs => $9)
               FROM answer
         )
-        SELECT answer.body, pg_notify($10, '')
+        SELECT answer.body
           FROM answer
         """,
         payment_id,
@@ -201,7 +199,6 @@ async def update_payment_settlement(
         request_path,
         request_fingerprint,
         ttl_seconds,
-        OUTBOX_CHANNEL,
     )
     return body  # type: ignore[no-any-return]
 

@@ -8,7 +8,6 @@ from typing import Any
 import asyncpg
 
 from app.idempotency import IdempotencyKey
-from payment_service import OUTBOX_CHANNEL
 
 
 async def insert_refund(
@@ -70,7 +69,7 @@ async def insert_refund(
             SELECT $3, $5, $6, 200, answer.body, now() + make_interval(secs => $7)
               FROM answer
         )
-        SELECT answer.body, pg_notify($8, '')
+        SELECT answer.body
           FROM answer
         """,
         payment_id,
@@ -80,7 +79,6 @@ async def insert_refund(
         request_path,
         request_fingerprint,
         ttl_seconds,
-        OUTBOX_CHANNEL,
     )
     return body  # type: ignore[no-any-return]
 

@@ -104,6 +104,8 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
     if outcome.replayed:
         response.headers["Idempotent-Replayed"] = "true"
         app.metrics.replays.labels(route).inc()
+    elif outcome.status < 300:
+        app.notifier.poke()  # every successful write committed an outbox event
     return response
 
 

@@ -209,3 +209,32 @@ async def test_a_mixed_workload_through_the_api_is_delivered_signed_and_in_order
         seq[r["aggregate_id"]] = seq.get(r["aggregate_id"], 0) + 1
         events.append(EventRow(r["id"], r["event_id"], r["aggregate_id"], seq[r["aggregate_id"]]))
     assert_ordered_per_payment(receiver, events)
+
+
+async def test_a_committed_payment_wakes_an_idle_relay_without_waiting_for_its_poll(
+    api: str, receiver: Receiver, relays: RelayLauncher
+) -> None:
+    # The relay polls only every 10 minutes here: a callback within seconds can only come from
+    # the API's after-commit NOTIFY reaching its LISTEN.
+    relay = relays.start(relay_poll_interval=600)
+    await wait_until(lambda: relay.logged("listening for new events") >= 1, timeout=30)
+    async with httpx.AsyncClient(base_url=api, trust_env=False, timeout=30) as http:
+        await wait_until(lambda: api_up(http), timeout=60, interval=0.1)
+        for trip in (7001, 7002, 7003):  # one NOTIFY may carry several commits: any wakes it
+            payment = await ok(
+                await http.post(
+                    "/payments",
+                    json={
+                        "idempotency_key": key("wake"),
+                        "trip_id": trip,
+                        "method": "CARD",
+                        "amount": "12.34",
+                    },
+                )
+            )
+            await wait_until(
+                lambda p=payment: any(
+                    json.loads(d.body)["payment_id"] == p["payment_id"] for d in receiver.accepted()
+                ),
+                timeout=10,
+            )
