@@ -108,9 +108,7 @@ class Relay:
             logger.warning("CALLBACK_SIGNING_SECRET is not set: callbacks are sent unsigned")
         # min_size 0: the pool opens connections when asked, so the relay starts (and waits)
         # while the database is down.
-        self._pool = await create_pool(
-            settings.dsn(), min_size=0, max_size=POOL_SIZE, reset=_keep_session
-        )
+        self._pool = await create_pool(settings.dsn(), min_size=0, max_size=POOL_SIZE)
         client = CallbackClient(
             settings.notification_url,
             max_connections=settings.relay_concurrency,
@@ -423,12 +421,6 @@ class Relay:
             self.metrics.oldest_pending_age.set(gauges["oldest_pending_age"] or 0)
             self.metrics.dead_events.set(gauges["dead"])
             await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
-
-
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """Return connections to the pool as they are: asyncpg's default reset costs a round trip
-    per release, and the relay leaves no session state behind (its one advisory lock is released
-    explicitly)."""
 
 
 async def _wait_for(event: asyncio.Event, timeout: float) -> None:
