@@ -49,6 +49,7 @@ class CallbackReceiver:
     deliveries: list[Delivery] = field(default_factory=list)
     _server: asyncio.base_events.Server | None = None
     _idle: set[asyncio.StreamWriter] = field(default_factory=set)
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
     _stalled_events: set[str | None] = field(default_factory=set)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     # Names the process behind a connection from its client port (see harness.socket_owner).
@@ -82,6 +83,10 @@ class CallbackReceiver:
         self.mode = mode
         self._released.set()
 
+    def open_connections(self) -> int:
+        """Connections still being served (a dead client's close once their requests are read)."""
+        return len(self._open)
+
     def held(self) -> int:
         """Requests being held right now."""
         return sum(d.stalled and not d.finished for d in self.deliveries)
@@ -110,6 +115,7 @@ class CallbackReceiver:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self._open.add(writer)
         peer = writer.get_extra_info("peername")
         origin = self.owner_of(peer[1]) if self.owner_of and peer else None
         try:
@@ -125,6 +131,7 @@ class CallbackReceiver:
             pass
         finally:
             self._idle.discard(writer)
+            self._open.discard(writer)
             writer.close()
 
     async def _serve_request(

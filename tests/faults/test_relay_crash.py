@@ -45,6 +45,13 @@ async def test_kill_9_of_the_relay_mid_batch_loses_no_event(
             receiver.hold()
             await wait_for(lambda: receiver.held() >= 1, timeout=60, what="a delivery in flight")
             await relay.kill9()
+            # Whatever the dead relay sent has been read once its connections are all closed;
+            # only then is the count of requests "everything sent before the crash".
+            await wait_for(
+                lambda: receiver.open_connections() == 0,
+                timeout=30,
+                what="the dead relay's connections to close",
+            )
             kills.append(len(receiver.deliveries))
             receiver.release()
             relay.start()
