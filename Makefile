@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,load]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn]'
 	@touch $(STAMP)
 
 run: install
@@ -33,7 +33,7 @@ format: install
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,load,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -39,11 +39,42 @@ def _has_uvloop() -> bool:
     return True
 
 
-def serve(settings: Settings, *, host: str, port: int | None, workers: int) -> int:
+def serve(
+    settings: Settings, *, host: str, port: int | None, workers: int, server: str = "hypercorn"
+) -> int:
     port = port or settings.service_port
     if workers < 1:
         raise SystemExit("payment-service serve: --workers must be at least 1")
     # Workers are separate processes that read their settings from the environment again.
     os.environ.setdefault("SERVICE_PORT", str(port))
-    logger.info("serving", extra={"host": host, "port": port, "workers": workers})
+    logger.info("serving", extra={"host": host, "port": port, "workers": workers, "server": server})
+    if server == "uvicorn":
+        return _serve_uvicorn(host=host, port=port, workers=workers)
     return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+
+
+def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:
+    """The same app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
+    pure-Python h11 on the hot path (docs/benchmarks.md). An option; Hypercorn is the default."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit(
+            "serve --server uvicorn needs uvicorn: pip install 'payment-service[uvicorn]'"
+        ) from None
+    uvicorn.run(
+        "app.asgi:build",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop" if _has_uvloop() else "asyncio",
+        http="httptools",
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # the app writes its own JSON access log
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=GRACEFUL_TIMEOUT_SECONDS,
+        backlog=2048,
+        lifespan="on",
+    )
+    return 0

@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
     settings = _database_settings()
-    return serve(settings, host=args.host, port=args.port, workers=args.workers)
+    return serve(settings, host=args.host, port=args.port, workers=args.workers, server=args.server)
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")  # noqa: S104
     serve.add_argument("--port", type=int, help="port (default SERVICE_PORT, 8082)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--server",
+        choices=("hypercorn", "uvicorn"),
+        default="hypercorn",
+        help="ASGI server (default hypercorn; uvicorn needs the 'uvicorn' extra)",
+    )
 
     add("relay", cmd_relay, "Deliver outbox events to the Notification Service.")
 

@@ -109,9 +109,11 @@ async def test_serve_answers_and_stops_cleanly(
         assert any("/v1/payments" in json.dumps(record) for record in records)
 
 
-async def test_serve_with_workers(tmp_path: Path, database_url: str) -> None:
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+async def test_serve_with_workers(tmp_path: Path, database_url: str, server: str) -> None:
     port = free_port()
-    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+            "--server", server]  # fmt: skip
     with service(args, clean_env(DATABASE_URL=database_url), tmp_path, "serve") as api:
         await api.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
