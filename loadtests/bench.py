@@ -317,7 +317,12 @@ class Bench:
         self.fsync = fsync
         self.logs = workdir / "logs"
         self.logs.mkdir()
-        settings = PG_DURABLE + (PG_FAST if fsync == "off" else [])
+        durable_only = ("fsync=", "synchronous_commit=", "full_page_writes=")
+        settings = (
+            PG_DURABLE
+            if fsync == "on"
+            else [v for v in PG_DURABLE if not v.startswith(durable_only)] + PG_FAST
+        )
         self.pg_settings = settings
         self.pg = EmbeddedPostgres(workdir / "pgdata", settings=settings)
         self.run_counter = 0
@@ -549,6 +554,38 @@ class Bench:
             label,
             f"svc_{server or 'hypercorn'}_{workers}",
             lambda dsn: self.start_service(dsn, workers=workers, server=server),
+        )
+
+    def bench_floor(self) -> HttpResult:
+        """The API's statement from a bare ASGI function under Uvicorn (loadtests/whatif)."""
+
+        def start(dsn: str) -> tuple[Proc, str]:
+            port = free_port()
+            cmd = [
+                str(BIN / "uvicorn"),
+                "bare_asgi:app",
+                "--app-dir",
+                str(LOADTESTS / "whatif"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
+            proc = Proc("floor", cmd, env=self.env(DATABASE_URL=dsn), logs=self.logs)
+            wait_http(f"http://127.0.0.1:{port}/", proc)
+            return proc, f"http://127.0.0.1:{port}"
+
+        return self.bench_server(
+            "floor: bare ASGI + asyncpg", "floor", "uvicorn, 1 worker, no framework", "floor", start
         )
 
     def bench_seed(self, spec: str) -> HttpResult:
@@ -1607,6 +1644,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pgbench variants of the service's statement to run, of: "
         + ", ".join(PGBENCH_VARIANTS),
     )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the floor row (the API's statement from a bare ASGI function, no framework)",
+    )
     parser.add_argument("--relay-events", type=int, default=50_000)
     parser.add_argument("--relays", default="1,2,4")
     parser.add_argument("--relay-timeout", type=float, default=180)
@@ -1738,6 +1781,8 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                         results["http"].append,
                         functools.partial(bench.bench_service, n, server),
                     )
+            if args.floor and (BIN / "uvicorn").exists():
+                attempt(results, "floor", results["http"].append, bench.bench_floor)
             hypercorn = [
                 r for r in results["http"] if r.kind == "service" and "--server" not in r.config
             ]
