@@ -122,19 +122,25 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
 
 
 async def pending_check(conn: asyncpg.Connection) -> None:
-    """Refuse to serve a database whose schema is behind or ahead of this code."""
+    """Refuse to serve a database that lacks this code's migrations.
+
+    A database *ahead* of the code is served with a warning: in a rolling deploy the new release's
+    migration runs before the old replicas are replaced, and migrations here only add (expand
+    first, contract in a later release). `migrate` itself still refuses such a database.
+    """
     migrations = load_migrations()
     try:
         applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
     except asyncpg.UndefinedTableError:
         applied = set()
     known = {m.version for m in migrations}
-    if applied - known:
-        raise MigrationError(
-            f"the database schema is ahead of this code (versions {sorted(applied - known)})"
-        )
     if known - applied:
         raise MigrationError(
             f"the database lacks migration(s) {sorted(known - applied)}: "
             "run 'payment-service migrate' first"
+        )
+    if applied - known:
+        logger.warning(
+            "the database schema is ahead of this code; serving (rolling deploy?)",
+            extra={"unknown_versions": sorted(applied - known)},
         )

@@ -22,6 +22,7 @@ from payment_service.config import Settings
 from payment_service.database import wait_for_database
 from payment_service.embedded import EmbeddedPostgres
 from payment_service.migrations import migrate
+from payment_service.process import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env)
+        # The API and the relay stop (gracefully) if `run` itself is killed without a chance to
+        # stop them.
+        supervisor = os.getpid()
+        self.process = subprocess.Popen(
+            self.argv, env=env, preexec_fn=lambda: die_with_parent(supervisor)
+        )
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()

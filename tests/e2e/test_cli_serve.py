@@ -5,7 +5,9 @@ signal."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -141,3 +143,23 @@ async def test_serve_refuses_a_database_without_the_schema(
         await wait_until(exited, timeout=60, interval=0.1)
         assert api.process.returncode != 0
         assert "migrate" in api.output(), api.output()[-3000:]
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+async def test_workers_do_not_outlive_a_killed_serve(
+    tmp_path: Path, database_url: str, server: str
+) -> None:
+    """kill -9 of `serve --workers 2` itself: its workers stop too, not serve on as orphans."""
+    port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+            "--server", server]  # fmt: skip
+    with service(args, clean_env(DATABASE_URL=database_url), tmp_path, "serve") as api:
+        try:
+            await api.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
+            os.kill(api.pid, signal.SIGKILL)
+            api.process.wait(timeout=10)
+            # Orphaned workers would keep the port open and answering.
+            await wait_until(lambda: port_closed(port), timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(api.pid, signal.SIGKILL)  # the session's leftovers, if the test failed
