@@ -102,8 +102,22 @@ async def test_database_ahead_of_the_code_is_refused(empty_db: asyncpg.Connectio
 
     with pytest.raises(MigrationError, match="9999"):
         await migrate(empty_db)
-    with pytest.raises(MigrationError):
-        await pending_check(empty_db)
+
+
+async def test_serving_checks_refuse_a_schema_behind_and_warn_about_one_ahead(
+    empty_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(MigrationError, match="run 'payment-service migrate'"):
+        await pending_check(empty_db)  # nothing applied yet: behind
+    await migrate(empty_db)
+    await pending_check(empty_db)  # up to date
+    await empty_db.execute(
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', $1)",
+        "0" * 64,
+    )
+    # Ahead (a rolling deploy's new migration already ran): served, with a warning.
+    await pending_check(empty_db)
+    assert any("ahead of this code" in r.getMessage() for r in caplog.records)
 
 
 async def test_edited_applied_migration_is_refused(empty_db: asyncpg.Connection) -> None:
