@@ -34,6 +34,31 @@ class IdempotencyKey:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """What an operation needs to know about its idempotency key."""
+
+    key: IdempotencyKey
+    path: str  # "POST:/payments/{payment_id}/refunds": method and route template
+    fingerprint: str
+    ttl_seconds: int
+
+    def values(self) -> tuple[str, str, str, int]:
+        """$1-$4 of every statement that stores an answer (see STORE_ANSWER)."""
+        return (self.key.key_hash, self.path, self.fingerprint, self.ttl_seconds)
+
+
+# The CTE that stores an operation's answer with its key, in the operation's own statement. It
+# reads the CTE `answer` (columns status, body) and takes the guard's values as $1-$4.
+STORE_ANSWER = """stored AS (
+            INSERT INTO idempotency_keys
+                   (key_hash, request_path, request_fingerprint, response_status, response_data,
+                    expires_at)
+            SELECT $1, $2, $3, answer.status, answer.body, now() + make_interval(secs => $4)
+              FROM answer
+        )"""
+
+
+@dataclass(frozen=True)
 class StoredResponse:
     status: int
     body: str  # the jsonb's text: byte-identical on every replay
@@ -55,9 +80,7 @@ def request_path(method: str, route: str) -> str:
     return f"{method}:{route}"
 
 
-async def claim_key(
-    conn: asyncpg.Connection, *, key: IdempotencyKey, path: str, request_fingerprint: str
-) -> StoredResponse | None:
+async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | None:
     """Take the key for this transaction: None when it is free, the stored answer when it is not.
 
     Raises 409 IDEMPOTENCY_KEY_IN_PROGRESS when another transaction holds it, and 422
@@ -84,44 +107,33 @@ async def claim_key(
                  ON k.key_hash = $2
                 AND k.expires_at > now()
         """,
-        key.lock_id,
-        key.key_hash,
+        guard.key.lock_id,
+        guard.key.key_hash,
     )
     assert row is not None
     if not row["acquired"]:
         raise key_in_progress()
     if row["request_path"] is None:
         return None
-    if row["request_path"] != path or row["request_fingerprint"] != request_fingerprint:
+    if row["request_path"] != guard.path or row["request_fingerprint"] != guard.fingerprint:
         raise key_reused()
     return StoredResponse(row["response_status"], row["response_data"])
 
 
 async def insert_key_response(
-    conn: asyncpg.Connection,
-    *,
-    key: IdempotencyKey,
-    path: str,
-    request_fingerprint: str,
-    ttl_seconds: int,
-    status: int,
-    body: dict[str, Any],
+    conn: asyncpg.Connection, guard: Guard, *, status: int, body: dict[str, Any]
 ) -> StoredResponse:
     """Store a business answer (e.g. a 4xx decided under the key) and return it as replayed."""
     stored = await conn.fetchval(
-        """
-        INSERT INTO idempotency_keys
-               (key_hash, request_path, request_fingerprint, response_status, response_data,
-                expires_at)
-        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-        RETURNING response_data
+        f"""
+        WITH answer AS (
+            SELECT $5::int AS status, $6::jsonb AS body
+        ), {STORE_ANSWER}
+        SELECT body FROM answer
         """,
-        key.key_hash,
-        path,
-        request_fingerprint,
+        *guard.values(),
         status,
         body,
-        ttl_seconds,
     )
     return StoredResponse(status, stored)
 

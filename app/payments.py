@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from app.idempotency import IdempotencyKey
+from app.idempotency import STORE_ANSWER, Guard
 
 EVENT_FOR_STATUS = {
     "SUCCESS": "payment.succeeded",
@@ -37,13 +37,21 @@ def new_reference_suffix() -> str:
     return secrets.token_hex(4)
 
 
+# The outbox event of the payment that the CTE `payment` wrote (its row as column `payments`);
+# the event type is $5 in both statements that use it.
+PAYMENT_EVENT = """event AS (
+            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
+            SELECT e.event_id, $5::text, (p.payments).payment_id,
+                   payment_event_json(p.payments, e.event_id, $5::text)
+              FROM payment AS p
+             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
+        )"""
+
+
 async def insert_payment(
     conn: asyncpg.Connection,
     *,
-    key: IdempotencyKey,
-    request_path: str,
-    request_fingerprint: str,
-    ttl_seconds: int,
+    guard: Guard,
     trip_id: int,
     amount: Decimal,
     currency: str,
@@ -60,49 +68,38 @@ async def insert_payment(
     (or a reference collision) raises asyncpg.UniqueViolationError and writes nothing either.
     """
     row = await conn.fetchrow(
-        """
+        f"""
         WITH lock AS (
-            SELECT pg_try_advisory_xact_lock($1) AS acquired
+            SELECT pg_try_advisory_xact_lock($6) AS acquired
         ), taken AS (
             -- Cheap index probes that send retries and charged trips to the careful path
             -- without a doomed insert; the unique indexes still decide every race.
-            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $2)
-                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $3 AND status <> 'FAILED')
+            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $1)
+                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $7 AND status <> 'FAILED')
                    AS taken
         ), payment AS (
             INSERT INTO payments
                    (trip_id, amount, currency, method, status, reference, idempotency_hash,
                     metadata)
-            SELECT $3, $4, $5, $6, $7,
-                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $8,
-                   $2, $9
+            SELECT $7, $8, $9, $10, $11,
+                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $12,
+                   $1, $13
               FROM lock, taken
              WHERE lock.acquired
                AND NOT taken.taken
          RETURNING payments
-        ), event AS (
-            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-            SELECT e.event_id, $10::text, (p.payments).payment_id,
-                   payment_event_json(p.payments, e.event_id, $10::text)
+        ), {PAYMENT_EVENT}, answer AS (
+            SELECT $15::int AS status, payment_json(p.payments) || $14::jsonb AS body
               FROM payment AS p
-             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
-        ), answer AS (
-            SELECT payment_json(p.payments) || $11::jsonb AS body
-              FROM payment AS p
-        ), stored AS (
-            INSERT INTO idempotency_keys
-                   (key_hash, request_path, request_fingerprint, response_status, response_data,
-                    expires_at)
-            SELECT $2, $12, $13, $14, answer.body, now() + make_interval(secs => $15)
-              FROM answer
-        )
+        ), {STORE_ANSWER}
         SELECT lock.acquired,
                taken.taken,
                (SELECT body FROM answer) AS body
           FROM lock, taken
         """,
-        key.lock_id,
-        key.key_hash,
+        *guard.values(),
+        EVENT_FOR_STATUS[status],
+        guard.key.lock_id,
         trip_id,
         amount,
         currency,
@@ -110,12 +107,8 @@ async def insert_payment(
         status,
         new_reference_suffix(),
         metadata,
-        EVENT_FOR_STATUS[status],
         extra_fields,
-        request_path,
-        request_fingerprint,
         response_status,
-        ttl_seconds,
     )
     assert row is not None
     return InsertResult(row["acquired"], row["taken"], row["body"])
@@ -151,10 +144,7 @@ async def select_payment_for_update(
 async def update_payment_settlement(
     conn: asyncpg.Connection,
     *,
-    key: IdempotencyKey,
-    request_path: str,
-    request_fingerprint: str,
-    ttl_seconds: int,
+    guard: Guard,
     payment_id: int,
     status: str,
     gateway_reference: str | None,
@@ -162,43 +152,27 @@ async def update_payment_settlement(
 ) -> str:
     """Settle a PENDING payment (locked by the caller): status, outbox event, stored answer."""
     body = await conn.fetchval(
-        """
+        f"""
         WITH payment AS (
             UPDATE payments
-               SET status = $2,
-                   gateway_reference = $3,
-                   failure_reason = $4,
+               SET status = $7,
+                   gateway_reference = $8,
+                   failure_reason = $9,
                    updated_at = now()
-             WHERE payment_id = $1
+             WHERE payment_id = $6
          RETURNING payments
-        ), event AS (
-            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-            SELECT e.event_id, $5::text, (p.payments).payment_id,
-                   payment_event_json(p.payments, e.event_id, $5::text)
+        ), {PAYMENT_EVENT}, answer AS (
+            SELECT 200 AS status, payment_json(p.payments) AS body
               FROM payment AS p
-             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
-        ), answer AS (
-            SELECT payment_json(p.payments) AS body
-              FROM payment AS p
-        ), stored AS (
-            INSERT INTO idempotency_keys
-                   (key_hash, request_path, request_fingerprint, response_status, response_data,
-                    expires_at)
-            SELECT $6, $7, $8, 200, answer.body, now() + make_interval(secs => $9)
-              FROM answer
-        )
-        SELECT answer.body
-          FROM answer
+        ), {STORE_ANSWER}
+        SELECT body FROM answer
         """,
+        *guard.values(),
+        EVENT_FOR_STATUS[status],
         payment_id,
         status,
         gateway_reference,
         failure_reason,
-        EVENT_FOR_STATUS[status],
-        key.key_hash,
-        request_path,
-        request_fingerprint,
-        ttl_seconds,
     )
     return body  # type: ignore[no-any-return]
 

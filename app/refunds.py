@@ -7,16 +7,13 @@ from typing import Any
 
 import asyncpg
 
-from app.idempotency import IdempotencyKey
+from app.idempotency import STORE_ANSWER, Guard
 
 
 async def insert_refund(
     conn: asyncpg.Connection,
     *,
-    key: IdempotencyKey,
-    request_path: str,
-    request_fingerprint: str,
-    ttl_seconds: int,
+    guard: Guard,
     payment_id: int,
     amount: Decimal,
     metadata: dict[str, Any],
@@ -27,10 +24,10 @@ async def insert_refund(
     back up the caller's arithmetic: a wrong sum fails the transaction instead of storing it.
     """
     body = await conn.fetchval(
-        """
+        f"""
         WITH refund AS (
             INSERT INTO payment_refunds (payment_id, amount, idempotency_hash, metadata)
-            VALUES ($1, $2, $3, $4)
+            VALUES ($5, $6, $1, $7)
          RETURNING refund_id, amount, created_at
         ), payment AS (
             UPDATE payments AS p
@@ -39,7 +36,7 @@ async def insert_refund(
                                  THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
                    updated_at = now()
               FROM refund
-             WHERE p.payment_id = $1
+             WHERE p.payment_id = $5
          RETURNING p
         ), event AS (
             INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
@@ -50,7 +47,8 @@ async def insert_refund(
               FROM payment, refund
              CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
         ), answer AS (
-            SELECT jsonb_build_object(
+            SELECT 200 AS status,
+                   jsonb_build_object(
                        'payment_id',       (payment.p).payment_id,
                        'refund_id',        refund.refund_id,
                        'refund_amount',    refund.amount,
@@ -62,23 +60,13 @@ async def insert_refund(
                        'remaining_amount', (payment.p).amount - (payment.p).refunded_amount
                    ) AS body
               FROM payment, refund
-        ), stored AS (
-            INSERT INTO idempotency_keys
-                   (key_hash, request_path, request_fingerprint, response_status, response_data,
-                    expires_at)
-            SELECT $3, $5, $6, 200, answer.body, now() + make_interval(secs => $7)
-              FROM answer
-        )
-        SELECT answer.body
-          FROM answer
+        ), {STORE_ANSWER}
+        SELECT body FROM answer
         """,
+        *guard.values(),
         payment_id,
         amount,
-        key.key_hash,
         metadata,
-        request_path,
-        request_fingerprint,
-        ttl_seconds,
     )
     return body  # type: ignore[no-any-return]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from quart import Blueprint, Response, request
@@ -11,7 +11,7 @@ from quart_schema import document_querystring, document_request, document_respon
 from app import payments, refunds, service
 from app.context import current_payment_app
 from app.errors import APIError
-from app.idempotency import IdempotencyKey, fingerprint, request_path
+from app.idempotency import Guard, IdempotencyKey, fingerprint, request_path
 from app.models import (
     INT64_MAX,
     MAX_BODY_BYTES,
@@ -83,10 +83,10 @@ def _idempotency_key(data: dict[str, Any]) -> str:
     return data["idempotency_key"]  # type: ignore[no-any-return]
 
 
-def _guard(key: str, route: str, params: dict[str, Any], model: Any) -> service.Guard:
+def _guard(key: str, route: str, params: dict[str, Any], model: Any) -> Guard:
     app = current_payment_app()
     body = model.model_dump(mode="json", exclude={"idempotency_key"}, exclude_none=True)
-    return service.Guard(
+    return Guard(
         key=IdempotencyKey.from_key(key),
         path=request_path("POST", route),
         fingerprint=fingerprint("POST", route, params, body),
@@ -149,15 +149,12 @@ async def post_payment() -> Response:
 async def post_refund(payment_id: int) -> Response:
     """Refund all or part of a payment. Several partial refunds may add up to the amount."""
     app = current_payment_app()
-    data = await _json_body()
-    key = _idempotency_key(data)
-    model = validate_model(CreateRefund, data)
-    route = "/payments/{payment_id}/refunds"
-    guard = _guard(key, route, {"payment_id": payment_id}, model)
-    outcome = await service.refund_payment(app.pool, _check_id(payment_id), model, guard=guard)
+    outcome = await _payment_write(
+        payment_id, CreateRefund, "/payments/{payment_id}/refunds", service.refund_payment
+    )
     if not outcome.replayed and outcome.status == 200:
         app.metrics.refunds_created.inc()
-    return _answer(outcome, route)
+    return _answer(outcome, "/payments/{payment_id}/refunds")
 
 
 @blueprint.post("/payments/<int:payment_id>/settlement")
@@ -166,14 +163,26 @@ async def post_refund(payment_id: int) -> Response:
 @_document_errors(404, *ERRORS_POST)
 async def post_settlement(payment_id: int) -> Response:
     """Settle an asynchronous (PENDING) payment with the gateway's verdict."""
-    app = current_payment_app()
+    route = "/payments/{payment_id}/settlement"
+    return _answer(await _payment_write(payment_id, Settle, route, service.settle_payment), route)
+
+
+M = TypeVar("M", CreateRefund, Settle)
+
+
+async def _payment_write(
+    payment_id: int,
+    model_type: type[M],
+    route: str,
+    operation: Callable[..., Awaitable[service.Outcome]],
+) -> service.Outcome:
+    """The shared shape of the writes on one payment: body, key, validation, then the operation."""
     data = await _json_body()
     key = _idempotency_key(data)
-    model = validate_model(Settle, data)
-    route = "/payments/{payment_id}/settlement"
+    model = validate_model(model_type, data)
     guard = _guard(key, route, {"payment_id": payment_id}, model)
-    outcome = await service.settle_payment(app.pool, _check_id(payment_id), model, guard=guard)
-    return _answer(outcome, route)
+    pool = current_payment_app().pool
+    return await operation(pool, _check_id(payment_id), model, guard=guard)
 
 
 # -- read endpoints ------------------------------------------------------------------------------

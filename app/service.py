@@ -19,7 +19,7 @@ import asyncpg
 from app import payments, refunds
 from app.errors import APIError
 from app.idempotency import (
-    IdempotencyKey,
+    Guard,
     StoredResponse,
     claim_key,
     insert_key_response,
@@ -43,30 +43,12 @@ class Outcome:
     replayed: bool = False
 
 
-@dataclass(frozen=True)
-class Guard:
-    """What an operation needs to know about its idempotency key."""
-
-    key: IdempotencyKey
-    path: str
-    fingerprint: str
-    ttl_seconds: int
-
-
 def _replay(stored: StoredResponse) -> Outcome:
     return Outcome(stored.status, stored.body, replayed=True)
 
 
 async def _store_business_error(conn: asyncpg.Connection, guard: Guard, error: APIError) -> Outcome:
-    stored = await insert_key_response(
-        conn,
-        key=guard.key,
-        path=guard.path,
-        request_fingerprint=guard.fingerprint,
-        ttl_seconds=guard.ttl_seconds,
-        status=error.status,
-        body=error.problem(),
-    )
+    stored = await insert_key_response(conn, guard, status=error.status, body=error.problem())
     return Outcome(stored.status, stored.body)
 
 
@@ -82,10 +64,7 @@ async def create_payment(
     status, response_status = ("PENDING", 202) if asynchronous else ("SUCCESS", 200)
     extra = {"message": PENDING_MESSAGE} if asynchronous else {}
     arguments: dict[str, Any] = {
-        "key": guard.key,
-        "request_path": guard.path,
-        "request_fingerprint": guard.fingerprint,
-        "ttl_seconds": guard.ttl_seconds,
+        "guard": guard,
         "trip_id": request.trip_id,
         "amount": request.amount,
         "currency": currency,
@@ -109,9 +88,7 @@ async def create_payment(
         for attempt in range(CAREFUL_ATTEMPTS):
             try:
                 async with conn.transaction():
-                    stored = await claim_key(
-                        conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
-                    )
+                    stored = await claim_key(conn, guard)
                     if stored is not None:
                         return _replay(stored)
                     charged = await payments.select_live_payment_for_trip(
@@ -152,14 +129,9 @@ async def settle_payment(
     pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
 ) -> Outcome:
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
-        stored = await claim_key(
-            conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
-        )
-        if stored is not None:
-            return _replay(stored)
-        payment = await payments.select_payment_for_update(conn, payment_id=payment_id)
-        if payment is None:
-            raise payment_not_found(payment_id)
+        payment = await _claim_then_lock(conn, guard, payment_id)
+        if isinstance(payment, Outcome):
+            return payment
         if payment["status"] != "PENDING":
             return await _store_business_error(
                 conn,
@@ -174,10 +146,7 @@ async def settle_payment(
             )
         body = await payments.update_payment_settlement(
             conn,
-            key=guard.key,
-            request_path=guard.path,
-            request_fingerprint=guard.fingerprint,
-            ttl_seconds=guard.ttl_seconds,
+            guard=guard,
             payment_id=payment_id,
             status=request.status,
             gateway_reference=request.gateway_reference,
@@ -194,15 +163,10 @@ async def refund_payment(
     pool: asyncpg.Pool, payment_id: int, request: CreateRefund, *, guard: Guard
 ) -> Outcome:
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
-        stored = await claim_key(
-            conn, key=guard.key, path=guard.path, request_fingerprint=guard.fingerprint
-        )
-        if stored is not None:
-            return _replay(stored)
         # The row lock serialises concurrent refunds of one payment: each sees the last one's sum.
-        payment = await payments.select_payment_for_update(conn, payment_id=payment_id)
-        if payment is None:
-            raise payment_not_found(payment_id)
+        payment = await _claim_then_lock(conn, guard, payment_id)
+        if isinstance(payment, Outcome):
+            return payment
         if payment["status"] not in REFUNDABLE:
             return await _store_business_error(
                 conn,
@@ -231,15 +195,26 @@ async def refund_payment(
             )
         body = await refunds.insert_refund(
             conn,
-            key=guard.key,
-            request_path=guard.path,
-            request_fingerprint=guard.fingerprint,
-            ttl_seconds=guard.ttl_seconds,
+            guard=guard,
             payment_id=payment_id,
             amount=amount,
             metadata=request.metadata or {},
         )
         return Outcome(200, body)
+
+
+async def _claim_then_lock(
+    conn: asyncpg.Connection, guard: Guard, payment_id: int
+) -> Outcome | asyncpg.Record:
+    """In the caller's transaction: the replayed answer if the key was used, else the payment's
+    row, locked FOR UPDATE (404 when there is none)."""
+    stored = await claim_key(conn, guard)
+    if stored is not None:
+        return _replay(stored)
+    payment = await payments.select_payment_for_update(conn, payment_id=payment_id)
+    if payment is None:
+        raise payment_not_found(payment_id)
+    return payment
 
 
 def payment_not_found(payment_id: int) -> APIError:
