@@ -1027,80 +1027,113 @@ PGBENCH_VARIANTS = {
     "notify_in_transaction": "same with pg_notify inside the transaction",
     "no_notify": "same without any pg_notify",
 }
-# What each $n of app/payments.py insert_payment becomes. Constants are pgbench -D variables, so
-# that pgbench sends them as parameters of one prepared statement, typed by the server exactly as
-# asyncpg's are; the key hash and reference suffix derive from the random trip id in SQL.
-PGBENCH_PARAMETERS = {
-    1: ":lock_id",
-    2: "lpad(to_hex(:trip::bigint), 64, '0')::char(64)",
-    3: ":trip",
-    4: ":amount",
-    5: ":currency",
-    6: ":method",
-    7: ":status",
-    8: "to_hex(:trip::bigint)",
-    9: ":metadata",
-    10: ":event_type",
-    11: ":extra",
-    12: ":path",
-    13: ":fingerprint",
-    14: ":response_status",
-    15: ":ttl",
-    16: ":channel",
-}
-PGBENCH_DEFINES = {
-    "amount": "150.00",
-    "currency": "INR",
-    "method": "CARD",
-    "status": "SUCCESS",
-    "metadata": '{"note":"bench"}',
-    "event_type": "payment.succeeded",
-    "extra": "{}",
-    "path": "POST:/payments",
-    "fingerprint": "c0ffee00" * 8,
-    "response_status": "200",
-    "ttl": "86400",
-    "channel": "outbox_events",
+# Recognisable values for the arguments that must differ per payment; every other argument is a
+# constant of the benchmark's payment (150.00 INR by CARD).
+SENT_KEY_HASH = "5e" * 32
+SENT_LOCK_ID = 0x5E5E5E5E5E5E5E
+SENT_TRIP = 5_555_555_555_555
+SENT_SUFFIX = "5e5e5e5e"
+SENT_FINGERPRINT = "c0ffee00" * 8
+# What the per-payment arguments become in pgbench: derived from two random numbers per
+# transaction, so keys, trips and references never repeat.
+PGBENCH_PER_PAYMENT = {
+    SENT_KEY_HASH: "lpad(to_hex(:trip::bigint), 64, '0')::char(64)",
+    SENT_LOCK_ID: ":lock_id",
+    SENT_TRIP: ":trip",
+    SENT_SUFFIX: "to_hex(:trip::bigint)",
 }
 
 
-def service_insert_sql() -> str:
-    """The SQL text of app/payments.py insert_payment, read from the source (never imported)."""
-    import ast
+@functools.cache
+def captured_insert() -> tuple[str, tuple[Any, ...]]:
+    """The statement and arguments app/payments.py insert_payment sends for one payment.
 
-    tree = ast.parse((ROOT / "app" / "payments.py").read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AsyncFunctionDef) and node.name == "insert_payment":
-            for call in ast.walk(node):
-                if (
-                    isinstance(call, ast.Call)
-                    and call.args
-                    and isinstance(call.args[0], ast.Constant)
-                    and isinstance(call.args[0].value, str)
-                ):
-                    return call.args[0].value
-    raise RuntimeError("app/payments.py has no insert_payment with an inline SQL statement")
+    Captured by calling the real function with a connection that records instead of sending, so
+    the benchmark follows the API's SQL however it is composed or numbered.
+    """
+    import inspect
+    from decimal import Decimal
+
+    from app import payments
+    from app.idempotency import Guard, IdempotencyKey
+
+    class Captured(Exception):
+        pass
+
+    class Recorder:
+        sent: tuple[str, tuple[Any, ...]]
+
+        async def fetchrow(self, sql: str, *args: Any) -> None:
+            self.sent = (sql, args)
+            raise Captured
+
+    candidates: dict[str, Any] = {
+        "guard": Guard(
+            IdempotencyKey(SENT_KEY_HASH, SENT_LOCK_ID), "POST:/payments", SENT_FINGERPRINT, 86400
+        ),
+        "trip_id": SENT_TRIP,
+        "amount": Decimal("150.00"),
+        "currency": "INR",
+        "method": "CARD",
+        "status": "SUCCESS",
+        "metadata": {"note": "bench"},
+        "extra_fields": {},
+        "response_status": 200,
+    }
+    wanted = [n for n in inspect.signature(payments.insert_payment).parameters if n != "conn"]
+    unknown = [n for n in wanted if n not in candidates]
+    if unknown:
+        raise RuntimeError(f"insert_payment takes {unknown} now: update captured_insert")
+    recorder = Recorder()
+    original = payments.new_reference_suffix
+    payments.new_reference_suffix = lambda: SENT_SUFFIX
+    # Driven by hand, not by an event loop (the floor app captures while Uvicorn's loop runs):
+    # the recorder raises at the first await.
+    call = payments.insert_payment(recorder, **{n: candidates[n] for n in wanted})
+    try:
+        call.send(None)
+    except Captured:
+        pass
+    finally:
+        call.close()
+        payments.new_reference_suffix = original
+    sql, args = recorder.sent
+    missing = [v for v in PGBENCH_PER_PAYMENT if v not in args]
+    if missing:
+        raise RuntimeError(f"insert_payment no longer sends {missing}: update captured_insert")
+    return sql, args
 
 
 def pgbench_script(variant: str) -> tuple[str, dict[str, str]]:
-    """A pgbench script running the service's POST /payments statement, and its -D variables."""
-    sql = service_insert_sql()
-    numbers = {int(n) for n in re.findall(r"\$(\d+)", sql)}
-    if not numbers <= set(PGBENCH_PARAMETERS) or not numbers >= set(range(1, 16)):
-        raise RuntimeError(
-            f"insert_payment's parameters changed ({sorted(numbers)}): update "
-            "PGBENCH_PARAMETERS in loadtests/bench.py"
-        )
+    """A pgbench script running the API's POST /payments statement, and its -D variables."""
+    from payment_service import OUTBOX_CHANNEL
+
+    sql, args = captured_insert()
+    expressions: dict[int, str] = {}
+    defines = {"channel": OUTBOX_CHANNEL}
+    for number, value in enumerate(args, start=1):
+        if isinstance(value, (str, int)) and value in PGBENCH_PER_PAYMENT:
+            expressions[number] = PGBENCH_PER_PAYMENT[value]
+        elif value is None:
+            expressions[number] = "NULL"
+        else:
+            # A -D variable: pgbench sends it as a parameter of the one prepared statement,
+            # typed by the server exactly as asyncpg's are.
+            defines[f"p{number}"] = (
+                json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            )
+            expressions[number] = f":p{number}"
     if variant != "service":  # every variant starts from the statement without a NOTIFY
         sql = re.sub(r"pg_notify\(\$\d+, ''\)", "NULL", sql)
+    sql = re.sub(r"\$(\d+)\b", lambda m: expressions[int(m.group(1))], sql)
     if variant == "notify_in_transaction":
         answer = "(SELECT body FROM answer) AS body"
         if answer not in sql:
             raise RuntimeError("insert_payment's final SELECT changed: update pgbench_script")
         sql = sql.replace(
-            answer, answer + ",\n               (SELECT pg_notify($16, '') FROM answer) AS notified"
+            answer,
+            answer + ",\n               (SELECT pg_notify(:channel, '') FROM answer) AS notified",
         )
-    sql = re.sub(r"\$(\d+)\b", lambda m: PGBENCH_PARAMETERS[int(m.group(1))], sql)
     lines = [
         "-- Generated by loadtests/bench.py from app/payments.py insert_payment "
         f"(variant: {variant}).",
@@ -1110,7 +1143,7 @@ def pgbench_script(variant: str) -> tuple[str, dict[str, str]]:
     ]
     if variant == "notify_after_commit":
         lines.append("SELECT pg_notify(:channel, '');")
-    return "\n".join(lines) + "\n", PGBENCH_DEFINES
+    return "\n".join(lines) + "\n", defines
 
 
 def parse_seed_spec(spec: str) -> tuple[str, int, int]:
@@ -1571,11 +1604,10 @@ def serve_servers() -> list[str]:
 
 
 def auto_servers() -> list[str]:
-    """What `serve --server` offers, else the faster ASGI servers that are installed."""
+    """What `serve --server` offers, plus the other ASGI servers installed (launched directly)."""
     offered = serve_servers()
-    if offered:
-        return offered
-    return [name for name in ("uvicorn", "granian") if (BIN / name).exists()]
+    others = [name for name in ("uvicorn", "granian") if name not in offered]
+    return offered + [name for name in others if (BIN / name).exists()]
 
 
 def direct_server_command(server: str, *, port: int, workers: int) -> list[str]:
@@ -1631,7 +1663,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--servers",
         default="auto",
         help="extra ASGI servers to try besides hypercorn: auto (what serve "
-        "offers, else uvicorn/granian when installed), none, or a comma list",
+        "offers, plus uvicorn/granian when installed), none, or a comma list",
     )
     parser.add_argument(
         "--seed",
