@@ -51,7 +51,9 @@ build_debian() {
     # image trusts the same local certificate authorities (none on an ordinary machine).
     if compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
         cp /usr/local/share/ca-certificates/*.crt "$work/rootfs/usr/local/share/ca-certificates/"
-        chroot "$work/rootfs" update-ca-certificates > /dev/null
+        # (it warns that the bundle itself holds many certificates: expected, so kept quiet)
+        chroot "$work/rootfs" update-ca-certificates > "$work.log" 2>&1 \
+            || { cat "$work.log" >&2; return 1; }
     fi
     rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
     tar -C "$work/rootfs" --numeric-owner -c . \
