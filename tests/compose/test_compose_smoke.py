@@ -1,11 +1,12 @@
 """Compose smoke test: the seed guide's workflow against `docker-compose up`, end to end.
 
-`docker-compose up -d --build` under a project name of its own, with every port published on
-127.0.0.1 only (free ports, so a developer's own stack can keep 8082); then: health; create with
-`demo-client-1`; the repeat answers the same body; refund with `refund-demo-1`; eight concurrent
-creates with one key make one payment; the callbacks reach the notification sink; `docker-compose
-restart` and `down` + `up` keep the data; `down -v` removes it. The images come from POSTGRES_IMAGE,
-PYTHON_IMAGE and PAYMENT_SERVICE_IMAGE when set (CI builds them locally).
+`docker-compose up -d --build` under a project name of its own, configured by a copy of
+.env.example with a password set, every port published on 127.0.0.1 only (free ports); then:
+health; create with `demo-client-1`; the repeat answers the same body; refund with
+`refund-demo-1`; eight concurrent creates with one key make one payment; the callbacks reach the
+notification sink; `docker-compose restart` and `down` + `up` keep the data; `down -v` removes
+it. The images come from POSTGRES_IMAGE, PYTHON_IMAGE and PAYMENT_SERVICE_IMAGE when set (CI
+builds them locally).
 
 Run with `COMPOSE_SMOKE=1 make test PYTEST_ARGS=tests/compose` (needs Docker and docker-compose).
 """
@@ -159,22 +160,28 @@ class Stack:
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     project = f"paymentsmoke{uuid.uuid4().hex[:8]}"
+    # As the guide says: `.env` is a copy of .env.example with a password chosen; a copy of our own,
+    # so whatever a developer keeps in the checkout's .env plays no part.
     env_file = tmp_path_factory.mktemp("compose") / "smoke.env"
-    env_file.write_text("")  # instead of the checkout's .env, whatever a developer keeps there
+    example = (REPO_ROOT / ".env.example").read_text(encoding="utf-8")
+    env_file.write_text(f"{example}\nDB_PASS={secrets.token_urlsafe(24)}\n", encoding="utf-8")
     api_port = _free_port()
-    # The service's own variables come from the compose file's defaults, not from this shell.
+    # The service's own variables come from that file, not from this shell; only the published
+    # ports are moved to free ones, so a developer's own stack can keep 8082.
     env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
     env.update(
         PUBLISH_HOST="127.0.0.1",
         SERVICE_PORT=str(api_port),
         NOTIFICATION_SINK_PORT=str(_free_port()),
         DB_PUBLISHED_PORT=str(_free_port()),
-        DB_PASS=secrets.token_urlsafe(24),
     )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as http:
         stack = Stack(project, env, env_file, http)
         try:
-            await stack.compose("up", "-d", "--build", timeout=BUILD_TIMEOUT_SECONDS)
+            try:
+                await stack.compose("up", "-d", "--build", timeout=BUILD_TIMEOUT_SECONDS)
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n{await stack.diagnostics()}") from None
             await stack.wait_until_healthy()
             yield stack
         finally:

@@ -1,0 +1,59 @@
+"""docker-compose.yml keeps its promises, read as data (no Docker needed: part of every
+`make test`): every setting of the service reaches its containers, ports are published on
+127.0.0.1 by default, every image is overridable and the database password has no default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from payment_service.config import Settings
+from tests.helpers import REPO_ROOT
+
+APP_SERVICES = ("migrate", "api", "relay", "notification-sink")
+# Fixed by the compose file for the containers: its own database and its own sink.
+FIXED_SETTINGS = {"DB_HOST", "DB_PORT", "NOTIFICATION_SERVICE_URL"}
+# Meaningless in the containers: the database is always `db`, never an embedded one.
+UNUSED_SETTINGS = {"DATABASE_URL", "PAYMENT_SERVICE_DATA_DIR"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_every_setting_reaches_the_service_containers(
+    compose: dict[str, Any], service: str
+) -> None:
+    environment = compose["services"][service]["environment"]
+    settings = {name.upper() for name in Settings.model_fields}
+    assert settings - UNUSED_SETTINGS - set(environment) == set()
+    assert set(environment) & UNUSED_SETTINGS == set()
+    assert environment["DB_HOST"] == "db"
+    assert environment["NOTIFICATION_SERVICE_URL"] == "http://notification-sink:8085"
+
+
+def test_ports_are_published_on_127_0_0_1_unless_told_otherwise(compose: dict[str, Any]) -> None:
+    published = {
+        name: service["ports"]
+        for name, service in compose["services"].items()
+        if "ports" in service
+    }
+    assert set(published) == {"db", "api", "notification-sink"}
+    for ports in published.values():
+        assert all(port.startswith("${PUBLISH_HOST:-127.0.0.1}:") for port in ports), ports
+
+
+def test_images_are_overridable_and_the_password_has_no_default(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["db"]["image"] == "${POSTGRES_IMAGE:-postgres:16-alpine}"
+    for name in APP_SERVICES:
+        assert services[name]["image"] == "${PAYMENT_SERVICE_IMAGE:-payment-service:latest}"
+        assert services[name]["build"]["args"] == {
+            "PYTHON_IMAGE": "${PYTHON_IMAGE:-python:3.12-slim}"
+        }
+        assert services[name]["environment"]["DB_PASS"].startswith("${DB_PASS:?")
+    assert services["db"]["environment"]["POSTGRES_PASSWORD"].startswith("${DB_PASS:?")
