@@ -470,6 +470,24 @@ class Bench:
             f"relay-{index}", [str(BIN / "payment-service"), "relay"], env=env, logs=self.logs
         )
 
+    def wrk(
+        self,
+        url: str,
+        seconds: float,
+        prefix: str,
+        groups: dict[str, Callable[[], set[int]]] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """wrk at the configured connections, with fresh keys and trips."""
+        return run_wrk(
+            url,
+            seconds=seconds,
+            connections=self.args.connections,
+            threads=self.args.wrk_threads,
+            prefix=prefix,
+            trip_base=self.next_trip_base(),
+            meter_groups=groups,
+        )
+
     # -- (a) POST /payments ---------------------------------------------------------------------
     def measure_http(
         self,
@@ -481,25 +499,10 @@ class Bench:
         dsn_db: str,
     ) -> HttpResult:
         args = self.args
-        run_wrk(
-            url,
-            seconds=args.warmup,
-            connections=args.connections,
-            threads=args.wrk_threads,
-            prefix=f"warm{self.run_counter}",
-            trip_base=self.next_trip_base(),
-        )
+        self.wrk(url, args.warmup, f"warm{self.run_counter}")
         self.pg.psql("CHECKPOINT")
         groups = {**groups, "postgres": self.postgres_pids}
-        stats, cores = run_wrk(
-            url,
-            seconds=args.duration,
-            connections=args.connections,
-            threads=args.wrk_threads,
-            prefix=f"run{self.run_counter}",
-            trip_base=self.next_trip_base(),
-            meter_groups=groups,
-        )
+        stats, cores = self.wrk(url, args.duration, f"run{self.run_counter}", groups)
         seconds = stats["duration_us"] / 1e6
         errors = sum(
             stats[k]
@@ -896,14 +899,11 @@ class Bench:
         try:
             time.sleep(1.0)  # the relay connects and LISTENs
             sampler.start()
-            stats, cores = run_wrk(
+            stats, cores = self.wrk(
                 base + "/payments",
-                seconds=self.args.duration,
-                connections=self.args.connections,
-                threads=self.args.wrk_threads,
-                prefix="pending",
-                trip_base=self.next_trip_base(),
-                meter_groups={
+                self.args.duration,
+                "pending",
+                {
                     "server": service.pids,
                     "postgres": self.postgres_pids,
                     "relay": lambda: set().union(*(r.pids() for r in relay_procs)),
@@ -964,14 +964,7 @@ class Bench:
         svg = REPORTS / f"profile-{stamp}.svg"
         seconds = int(self.args.duration)
         try:
-            run_wrk(
-                base + "/payments",
-                seconds=self.args.warmup,
-                connections=self.args.connections,
-                threads=self.args.wrk_threads,
-                prefix="pwarm",
-                trip_base=self.next_trip_base(),
-            )
+            self.wrk(base + "/payments", self.args.warmup, "pwarm")
             spies = [
                 subprocess.Popen(
                     [
@@ -996,14 +989,7 @@ class Bench:
                 for fmt, path in (("raw", raw), ("flamegraph", svg))
             ]
             time.sleep(1.0)  # py-spy attaches
-            stats, _ = run_wrk(
-                base + "/payments",
-                seconds=seconds,
-                connections=self.args.connections,
-                threads=self.args.wrk_threads,
-                prefix="prof",
-                trip_base=self.next_trip_base(),
-            )
+            stats, _ = self.wrk(base + "/payments", seconds, "prof")
             for spy in spies:
                 spy.wait(timeout=seconds + 60)
         finally:
@@ -1794,6 +1780,10 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
     app_ready = importlib.util.find_spec("app.server") is not None
     relay_ready = importlib.util.find_spec("outbox_relay.main") is not None
     best_workers = workers[-1] if workers else 1
+
+    def measure(label: str, run: Callable[[], HttpResult]) -> None:
+        attempt(results, label, results["http"].append, run)
+
     if "service" in wanted:
         if not app_ready:
             results["skipped"].append("service (app.server is missing)")
@@ -1807,14 +1797,12 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
             servers += extra
             for server in servers:
                 for n in workers:
-                    attempt(
-                        results,
+                    measure(
                         f"serve --workers {n} {server or ''}",
-                        results["http"].append,
                         functools.partial(bench.bench_service, n, server),
                     )
             if args.floor and (BIN / "uvicorn").exists():
-                attempt(results, "floor", results["http"].append, bench.bench_floor)
+                measure("floor", bench.bench_floor)
             hypercorn = [
                 r for r in results["http"] if r.kind == "service" and "--server" not in r.config
             ]
@@ -1822,20 +1810,10 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                 best_workers = int(max(hypercorn, key=lambda r: r.rps).config.split()[2])
     if "seed" in wanted:
         for spec in (s for s in args.seed.split(",") if s):
-            attempt(
-                results,
-                f"seed {spec}",
-                results["http"].append,
-                functools.partial(bench.bench_seed, spec),
-            )
+            measure(f"seed {spec}", functools.partial(bench.bench_seed, spec))
     if "pgbench" in wanted:
         for script in (s for s in args.pgbench.split(",") if s):
-            attempt(
-                results,
-                f"pgbench {script}",
-                results["http"].append,
-                functools.partial(bench.bench_pgbench, script),
-            )
+            measure(f"pgbench {script}", functools.partial(bench.bench_pgbench, script))
     needs_relay = wanted & {"relay", "latency", "pending"}
     if needs_relay and not relay_ready:
         missing = ", ".join(sorted(needs_relay))
