@@ -66,6 +66,9 @@ def create_app(settings: Settings) -> PaymentApp:
     app.metrics = Metrics()
     app.config["MAX_CONTENT_LENGTH"] = DRAIN_BODY_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # No per-request asyncio.wait_for around handlers (a task per request): every handler is
+    # already bounded by the pool's acquire timeout and the connections' command timeout.
+    app.config["RESPONSE_TIMEOUT"] = None
     QuartSchema(
         app,
         info=Info(title="Payment Service", version=__version__),

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import cast
 
 import asyncpg
-from asyncpg.pool import PoolAcquireContext
 from quart import Quart, current_app
 
 from app.metrics import Metrics
 from app.notifier import OutboxNotifier
 from payment_service.config import Settings
-from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
+from payment_service.database import PooledConnection, acquire
 
 
 class PaymentApp(Quart):
@@ -32,8 +31,8 @@ class PaymentApp(Quart):
             raise RuntimeError("the notifier starts when the server starts serving")
         return self._notifier
 
-    def connection(self) -> PoolAcquireContext:
-        return self.pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)
+    def connection(self) -> PooledConnection:
+        return acquire(self.pool)
 
 
 def current_payment_app() -> PaymentApp:

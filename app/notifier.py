@@ -17,7 +17,7 @@ import logging
 import asyncpg
 
 from payment_service import OUTBOX_CHANNEL
-from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
+from payment_service.database import acquire
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class OutboxNotifier:
             await self._pending.wait()
             self._pending.clear()
             try:
-                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                async with acquire(self._pool) as conn:
                     await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
             except asyncio.CancelledError:
                 raise

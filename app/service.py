@@ -26,7 +26,7 @@ from app.idempotency import (
     key_in_progress,
 )
 from app.models import CreatePayment, CreateRefund, Settle
-from payment_service.database import ACQUIRE_TIMEOUT_SECONDS
+from payment_service.database import acquire
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ async def create_payment(
         "extra_fields": extra,
         "response_status": response_status,
     }
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+    async with acquire(pool) as conn:
         try:
             result = await payments.insert_payment(conn, **arguments)
         except asyncpg.UniqueViolationError:
@@ -128,7 +128,7 @@ def trip_already_charged(payment_id: int) -> APIError:
 async def settle_payment(
     pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
 ) -> Outcome:
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
+    async with acquire(pool) as conn, conn.transaction():
         payment = await _claim_then_lock(conn, guard, payment_id)
         if isinstance(payment, Outcome):
             return payment
@@ -162,7 +162,7 @@ REFUNDABLE = frozenset({"SUCCESS", "PARTIALLY_REFUNDED"})
 async def refund_payment(
     pool: asyncpg.Pool, payment_id: int, request: CreateRefund, *, guard: Guard
 ) -> Outcome:
-    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn, conn.transaction():
+    async with acquire(pool) as conn, conn.transaction():
         # The row lock serialises concurrent refunds of one payment: each sees the last one's sum.
         payment = await _claim_then_lock(conn, guard, payment_id)
         if isinstance(payment, Outcome):

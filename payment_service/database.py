@@ -44,6 +44,32 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+class PooledConnection:
+    """`async with acquire(pool) as conn`: a pooled connection, or TimeoutError after
+    ACQUIRE_TIMEOUT_SECONDS. Unlike `pool.acquire(timeout=…)`, which wraps every acquire in
+    `asyncio.wait_for` and so creates a task per request, this uses `asyncio.timeout`."""
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            await self._pool.release(self._conn)
+            self._conn = None
+
+
+def acquire(pool: asyncpg.Pool) -> PooledConnection:
+    return PooledConnection(pool)
+
+
 async def keep_session(_conn: asyncpg.Connection) -> None:
     """Return a connection to the pool as it is.
 
