@@ -26,7 +26,7 @@ from app.notifier import OutboxNotifier
 from app.routes import blueprint
 from payment_service import SERVICE_NAME, __version__
 from payment_service.config import Settings
-from payment_service.database import UNAVAILABLE_ERRORS, create_pool
+from payment_service.database import UNAVAILABLE_ERRORS, create_pool, keep_session
 from payment_service.migrations import pending_check
 
 logger = logging.getLogger(__name__)
@@ -94,18 +94,25 @@ def _install_lifecycle(app: PaymentApp) -> None:
         settings = app.settings
         try:
             app._pool = await create_pool(
-                settings.dsn(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
+                settings.dsn(),
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                reset=keep_session,
             )
             async with app.connection() as conn:
                 await pending_check(conn)
         except UNAVAILABLE_ERRORS as error:
+            if app._pool is not None:
+                app._pool.terminate()
             # Serve anyway: requests answer 503 until the database is back, and the pool
             # connects lazily then. The schema check is the migrate job's (compose runs it).
             logger.warning(
                 "database unavailable at start; answering 503 until it is back",
                 extra={"error": type(error).__name__},
             )
-            app._pool = await create_pool(settings.dsn(), min_size=0, max_size=settings.db_pool_max)
+            app._pool = await create_pool(
+                settings.dsn(), min_size=0, max_size=settings.db_pool_max, reset=keep_session
+            )
         app._notifier = OutboxNotifier(app.pool)
         app._notifier.start()
         if not settings.callback_signing_secret:

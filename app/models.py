@@ -83,7 +83,10 @@ def parse_amount(value: object) -> Decimal:
     return amount.quantize(CENT)
 
 
-def _check_json_value(value: Any, path: str) -> Any:
+METADATA_MAX_DEPTH = 32
+
+
+def _check_json_value(value: Any, path: str, depth: int = 0) -> Any:
     """Metadata values: strings without NUL or lone surrogates, finite numbers, nested JSON."""
     if isinstance(value, str):
         if "\x00" in value:
@@ -100,13 +103,15 @@ def _check_json_value(value: Any, path: str) -> Any:
         if number in (float("inf"), float("-inf")):
             raise ValueError(f"{path}: number out of range")
         return number
+    if depth > METADATA_MAX_DEPTH:
+        raise ValueError(f"{path}: nested more than {METADATA_MAX_DEPTH} levels deep")
     if isinstance(value, dict):
         return {
-            _check_json_value(k, path): _check_json_value(v, f"{path}.{k}")
+            _check_json_value(k, path): _check_json_value(v, f"{path}.{k}", depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_check_json_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_check_json_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if value is None or isinstance(value, bool | int | float):
         return value
     raise ValueError(f"{path}: not a JSON value")

@@ -28,8 +28,7 @@ EVENT_FOR_STATUS = {
 @dataclass(frozen=True)
 class InsertResult:
     acquired: bool  # False: another transaction holds the key
-    taken: bool  # the key is stored already, or the trip has a live payment: nothing written
-    body: str | None  # the answer, when the payment was written
+    body: str | None  # the answer; None when nothing was written (key stored or trip charged)
 
 
 def new_reference_suffix() -> str:
@@ -63,8 +62,8 @@ async def insert_payment(
 ) -> InsertResult:
     """Insert a payment, its outbox event and the key's stored answer, if the key's lock is free.
 
-    Nothing is written when another transaction holds the key's lock (`acquired` False) or when
-    the key is already stored or the trip already charged (`taken`). A race past those checks
+    Nothing is written (`body` None) when another transaction holds the key's lock (`acquired`
+    False) or when the key is already stored or the trip already charged. A race past those checks
     (or a reference collision) raises asyncpg.UniqueViolationError and writes nothing either.
     """
     row = await conn.fetchrow(
@@ -93,9 +92,8 @@ async def insert_payment(
               FROM payment AS p
         ), {STORE_ANSWER}
         SELECT lock.acquired,
-               taken.taken,
                (SELECT body FROM answer) AS body
-          FROM lock, taken
+          FROM lock
         """,
         *guard.values(),
         EVENT_FOR_STATUS[status],
@@ -111,7 +109,7 @@ async def insert_payment(
         response_status,
     )
     assert row is not None
-    return InsertResult(row["acquired"], row["taken"], row["body"])
+    return InsertResult(row["acquired"], row["body"])
 
 
 async def select_live_payment_for_trip(conn: asyncpg.Connection, *, trip_id: int) -> int | None:

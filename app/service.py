@@ -10,6 +10,7 @@ the key first and decides under its lock.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -85,35 +86,50 @@ async def create_payment(
             if result.body is not None:
                 return Outcome(response_status, result.body)
 
-        for attempt in range(CAREFUL_ATTEMPTS):
-            try:
-                async with conn.transaction():
-                    stored = await claim_key(conn, guard)
-                    if stored is not None:
-                        return _replay(stored)
-                    charged = await payments.select_live_payment_for_trip(
-                        conn, trip_id=request.trip_id
-                    )
-                    if charged is not None:
-                        return await _store_business_error(
-                            conn, guard, trip_already_charged(charged)
-                        )
-                    result = await payments.insert_payment(conn, **arguments)
-                    if result.body is not None:
-                        return Outcome(response_status, result.body)
-                    # The trip was charged by someone else just now: decide again.
-            except asyncpg.UniqueViolationError as error:
-                logger.info(
-                    "payment insert raced; deciding again",
-                    extra={"constraint": error.constraint_name, "attempt": attempt + 1},
-                )
-                continue
-        raise APIError(
-            503,
-            "CONFLICT_RETRY",
-            "Too much contention; retry with the same key.",
-            headers={"Retry-After": "1"},
-        )
+        async def decide(conn: asyncpg.Connection) -> Outcome | None:
+            stored = await claim_key(conn, guard)
+            if stored is not None:
+                return _replay(stored)
+            charged = await payments.select_live_payment_for_trip(conn, trip_id=request.trip_id)
+            if charged is not None:
+                return await _store_business_error(conn, guard, trip_already_charged(charged))
+            result = await payments.insert_payment(conn, **arguments)
+            if result.body is None:
+                return None  # the trip was charged by someone else just now: decide again
+            return Outcome(response_status, result.body)
+
+        return await _under_key(conn, decide)
+
+
+async def _under_key(
+    conn: asyncpg.Connection,
+    decide: Callable[[asyncpg.Connection], Awaitable[Outcome | None]],
+) -> Outcome:
+    """Run `decide` in a transaction that starts by claiming the key, deciding again on a race.
+
+    `claim_key` reads the key with its statement's snapshot, taken just before the advisory lock:
+    a request with the same key that commits in between is invisible to it, and this request's
+    own key insert then fails on the primary key. Rolled back, the next round sees that row and
+    replays it. `decide` returning None asks for another round too.
+    """
+    for attempt in range(CAREFUL_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                outcome = await decide(conn)
+        except asyncpg.UniqueViolationError as error:
+            logger.info(
+                "write raced; deciding again",
+                extra={"constraint": error.constraint_name, "attempt": attempt + 1},
+            )
+            continue
+        if outcome is not None:
+            return outcome
+    raise APIError(
+        503,
+        "CONFLICT_RETRY",
+        "Too much contention; retry with the same key.",
+        headers={"Retry-After": "1"},
+    )
 
 
 def trip_already_charged(payment_id: int) -> APIError:
@@ -128,7 +144,7 @@ def trip_already_charged(payment_id: int) -> APIError:
 async def settle_payment(
     pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
 ) -> Outcome:
-    async with acquire(pool) as conn, conn.transaction():
+    async def decide(conn: asyncpg.Connection) -> Outcome:
         payment = await _claim_then_lock(conn, guard, payment_id)
         if isinstance(payment, Outcome):
             return payment
@@ -154,6 +170,9 @@ async def settle_payment(
         )
         return Outcome(200, body)
 
+    async with acquire(pool) as conn:
+        return await _under_key(conn, decide)
+
 
 # -- refunds -------------------------------------------------------------------------------------
 REFUNDABLE = frozenset({"SUCCESS", "PARTIALLY_REFUNDED"})
@@ -162,7 +181,7 @@ REFUNDABLE = frozenset({"SUCCESS", "PARTIALLY_REFUNDED"})
 async def refund_payment(
     pool: asyncpg.Pool, payment_id: int, request: CreateRefund, *, guard: Guard
 ) -> Outcome:
-    async with acquire(pool) as conn, conn.transaction():
+    async def decide(conn: asyncpg.Connection) -> Outcome:
         # The row lock serialises concurrent refunds of one payment: each sees the last one's sum.
         payment = await _claim_then_lock(conn, guard, payment_id)
         if isinstance(payment, Outcome):
@@ -201,6 +220,9 @@ async def refund_payment(
             metadata=request.metadata or {},
         )
         return Outcome(200, body)
+
+    async with acquire(pool) as conn:
+        return await _under_key(conn, decide)
 
 
 async def _claim_then_lock(

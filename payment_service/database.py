@@ -71,17 +71,18 @@ def acquire(pool: asyncpg.Pool) -> PooledConnection:
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
-    """Return a connection to the pool as it is.
+    """A pool `reset` that returns a connection as it is (the API's pool uses it).
 
     asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) costs a
-    round trip on every release: a tenth of the API's CPU per request in a py-spy profile. Our
-    pooled connections leave no session state behind (no SET, cursors, LISTEN or session advisory
-    locks); asyncpg still rolls back a transaction left open before calling this.
+    round trip on every release: a tenth of the API's CPU per request in a py-spy profile. The
+    API's connections leave no session state behind (no SET, cursors, LISTEN or session advisory
+    locks: only transaction-scoped ones); asyncpg still rolls back a transaction left open before
+    calling this. The relay keeps the default: its housekeeping holds a session advisory lock,
+    which a failed unlock must not leave on a pooled connection.
     """
 
 
 async def create_pool(dsn: str, *, min_size: int, max_size: int, **kwargs: Any) -> asyncpg.Pool:
-    kwargs.setdefault("reset", keep_session)
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,

@@ -83,6 +83,17 @@ def test_metadata_limits() -> None:
             parse_metadata(bad)
 
 
+def test_deep_metadata_is_a_validation_error_not_a_crash() -> None:
+    # json.loads accepts this depth; the metadata walk must refuse it instead of recursing out.
+    deep = parse_json_object(b'{"m": ' + b'{"a": ' * 600 + b"1" + b"}" * 600 + b"}")["m"]
+    with pytest.raises(APIError) as caught:
+        validate_model(
+            CreatePayment, {"trip_id": 1, "method": "CARD", "amount": "1.00", "metadata": deep}
+        )
+    assert caught.value.status == 400
+    assert [e["field"] for e in caught.value.errors or []] == ["metadata"]
+
+
 def test_create_payment_validation_lists_fields() -> None:
     with pytest.raises(APIError) as caught:
         validate_model(
