@@ -19,7 +19,7 @@ from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
 from werkzeug.exceptions import HTTPException
 
 from app.context import PaymentApp
-from app.errors import APIError, database_unavailable, problem_body, problem_document
+from app.errors import PROBLEM_CONTENT_TYPE, APIError, database_unavailable, problem_body
 from app.metrics import Metrics
 from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health, Liveness
 from app.notifier import OutboxNotifier
@@ -55,7 +55,7 @@ class _ProblemAwareOpenAPI(OpenAPIProvider):
                     for status, response in operation.get("responses", {}).items():
                         content = response.get("content", {})
                         if int(status) >= 400 and "application/json" in content:
-                            content["application/problem+json"] = content.pop("application/json")
+                            content[PROBLEM_CONTENT_TYPE] = content.pop("application/json")
             self._cached = document
         return self._cached
 
@@ -180,7 +180,7 @@ def _problem_response(error: APIError) -> Response:
     response = Response(
         problem_body(error.problem()),
         status=error.status,
-        content_type="application/problem+json",
+        content_type=PROBLEM_CONTENT_TYPE,
     )
     response.headers.update(error.headers)
     return response
@@ -244,4 +244,4 @@ def _install_operational_routes(app: PaymentApp) -> None:
         return Response(app.metrics.render(), content_type=app.metrics.content_type)
 
 
-__all__ = ["create_app", "problem_document"]
+__all__ = ["create_app"]

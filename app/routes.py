@@ -10,7 +10,7 @@ from quart_schema import document_querystring, document_request, document_respon
 
 from app import payments, refunds, service
 from app.context import current_payment_app
-from app.errors import APIError
+from app.errors import PROBLEM_CONTENT_TYPE, APIError
 from app.idempotency import Guard, IdempotencyKey, fingerprint, request_path
 from app.models import (
     INT64_MAX,
@@ -99,7 +99,7 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
     response = Response(
         outcome.body,
         status=outcome.status,
-        content_type=JSON if outcome.status < 400 else "application/problem+json",
+        content_type=JSON if outcome.status < 400 else PROBLEM_CONTENT_TYPE,
     )
     if outcome.replayed:
         response.headers["Idempotent-Replayed"] = "true"
