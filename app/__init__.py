@@ -25,7 +25,7 @@ from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health, Liveness
 from app.notifier import OutboxNotifier
 from app.routes import blueprint
 from payment_service import SERVICE_NAME, __version__
-from payment_service.config import Settings
+from payment_service.config import DEFAULT_CALLER, Settings
 from payment_service.database import UNAVAILABLE_ERRORS, create_pool, keep_session
 from payment_service.migrations import pending_check
 
@@ -131,18 +131,31 @@ def _install_lifecycle(app: PaymentApp) -> None:
 
 def _install_request_hooks(app: PaymentApp) -> None:
     protected = (app.settings.api_prefix + "/payments").encode()
-    keys = [key.encode() for key in app.settings.api_keys]
+    keys = [(key.token.encode(), key.name) for key in app.settings.api_keys]
+
+    def authenticate(authorization: str) -> str | None:
+        """The caller's name for an `Authorization: Bearer <token>` header, else None.
+
+        Every configured token is compared, in constant time each, whichever one matches.
+        """
+        scheme, _, token = authorization.partition(" ")
+        sent = token.strip().encode()
+        caller = None
+        for expected, name in keys:
+            if hmac.compare_digest(sent, expected):
+                caller = name
+        return caller if scheme.lower() == "bearer" else None
 
     @app.before_request
     async def start() -> None:
         g.started = time.perf_counter()
         sent = request.headers.get("X-Request-ID", "")
         g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
+        # The caller (idempotency scope, DESIGN §5): with auth off, one shared scope.
+        g.caller = None if keys else DEFAULT_CALLER
         if keys and request.path.encode().startswith(protected):
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(
-                hmac.compare_digest(token.strip().encode(), key) for key in keys
-            ):
+            g.caller = authenticate(request.headers.get("Authorization", ""))
+            if g.caller is None:
                 raise APIError(
                     401,
                     "UNAUTHORIZED",
@@ -165,6 +178,7 @@ def _install_request_hooks(app: PaymentApp) -> None:
                 "request",
                 extra={
                     "request_id": request_id,
+                    "caller": getattr(g, "caller", None),  # the API_KEYS name, never the token
                     "method": request.method,
                     "path": request.path,
                     "route": route,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +21,50 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PAYMENT_METHODS = ("CARD", "UPI", "WALLET", "CASH", "NETBANKING")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# API_KEYS: `name:token`; a bare token is named DEFAULT_CALLER. Names are stored with idempotency
+# keys and written to the access log, so they are short and plain.
+DEFAULT_CALLER = "default"
+_CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One `API_KEYS` entry: the caller's name (its idempotency scope) and its bearer token."""
+
+    name: str
+    token: str = field(repr=False)
+
+
+def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
+    """`name:token` entries (a bare token is named `default`), refused when ambiguous.
+
+    Several bare tokens share `default`: that is what they meant before names existed (one shared
+    scope). Otherwise a name is given once and a token once. Messages name entries by position and
+    never quote one: a mistyped entry may be a token.
+    """
+    keys: list[ApiKey] = []
+    names: dict[str, tuple[int, bool]] = {}  # name -> (its first entry, given as a bare token)
+    tokens: dict[str, int] = {}
+    for number, entry in enumerate(entries, start=1):
+        name, colon, token = (part.strip() for part in entry.partition(":"))
+        bare = not colon
+        if bare:
+            name, token = DEFAULT_CALLER, name
+        if not name:
+            raise ValueError(f"entry {number} has an empty name (use name:token)")
+        if not _CALLER_NAME.match(name):
+            raise ValueError(
+                f"entry {number}: a name is 1-64 letters, digits, '.', '_' or '-' (use name:token)"
+            )
+        if not token:
+            raise ValueError(f"entry {number} has an empty token")
+        first, first_bare = names.setdefault(name, (number, bare))
+        if first != number and not (bare and first_bare):
+            raise ValueError(f"entries {first} and {number} have the same name")
+        if (first := tokens.setdefault(token, number)) != number:
+            raise ValueError(f"entries {first} and {number} have the same token")
+        keys.append(ApiKey(name, token))
+    return tuple(keys)
 
 
 class ConfigurationError(Exception):
@@ -55,7 +100,7 @@ class Settings(BaseSettings):
     notification_callback_path: str = "/notifications"
     callback_signing_secret: str | None = Field(default=None, repr=False)
 
-    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(default=(), repr=False)
+    api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(default=(), repr=False)
     async_methods: Annotated[tuple[str, ...], NoDecode] = ()
     default_currency: str = "INR"
     max_payment_amount: Decimal = Field(
@@ -98,6 +143,15 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object) -> object:
+        # Before-validators run last-defined first: split here too, whatever the order.
+        value = cls._split_csv(value)
+        if isinstance(value, tuple | list) and all(isinstance(entry, str) for entry in value):
+            return parse_api_keys(tuple(value))
         return value
 
     @field_validator("async_methods")

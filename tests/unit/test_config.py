@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from payment_service.config import ConfigurationError, Settings, load_settings
+from payment_service.config import ApiKey, ConfigurationError, Settings, load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -74,7 +74,11 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LOG_LEVEL", "debug")
     settings = load_settings()
     assert settings.service_port == 9000
-    assert settings.api_keys == ("k1", "k2", "k3")
+    assert settings.api_keys == (
+        ApiKey("default", "k1"),
+        ApiKey("default", "k2"),
+        ApiKey("default", "k3"),
+    )
     assert settings.async_methods == ("UPI", "WALLET")
     assert settings.api_prefix == "/v1"
     assert settings.idempotency_key_ttl == 60
@@ -171,6 +175,51 @@ def test_bad_values_are_refused_naming_the_variable(
     assert message.startswith("invalid configuration"), message
 
 
+def test_api_keys_name_their_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", "svc-a:tok1, svc-b:tok2,baretok")
+    assert load_settings().api_keys == (
+        ApiKey("svc-a", "tok1"),
+        ApiKey("svc-b", "tok2"),
+        ApiKey("default", "baretok"),  # a bare token is the caller `default`, as before names
+    )
+
+
+def test_a_token_may_contain_colons_after_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_KEYS", "svc.a_1:abc:def")
+    assert load_settings().api_keys == (ApiKey("svc.a_1", "abc:def"),)
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        (":tok1", "entry 1 has an empty name"),
+        ("svc-a:", "entry 1 has an empty token"),
+        ("svc-a:tok1,svc b:tok2", "entry 2: a name is"),
+        ("svc-a:tok1,svc/b:tok2", "entry 2: a name is"),
+        ("-svc:tok1", "entry 1: a name is"),
+        ("svc-a:tok1,svc-a:tok2", "entries 1 and 2 have the same name"),
+        ("baretok,default:tok2", "entries 1 and 2 have the same name"),
+        ("default:tok1,baretok", "entries 1 and 2 have the same name"),
+        ("svc-a:tok1,svc-b:tok1", "entries 1 and 2 have the same token"),
+        ("tok1,svc-b:tok2,tok1", "entries 1 and 3 have the same token"),
+    ],
+)
+def test_malformed_api_keys_are_refused_without_quoting_a_token(
+    monkeypatch: pytest.MonkeyPatch, value: str, complaint: str
+) -> None:
+    monkeypatch.setenv("API_KEYS", value)
+    message = refused()
+    assert message.startswith("invalid configuration: API_KEYS: "), message
+    assert complaint in message, message
+    assert "tok1" not in message and "tok2" not in message, message
+
+
+def test_several_bare_tokens_share_the_default_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Today's `API_KEYS=k1,k2` keeps working: both are the one caller it always was."""
+    monkeypatch.setenv("API_KEYS", "k1,k2,svc-a:k3")
+    assert [key.name for key in load_settings().api_keys] == ["default", "default", "svc-a"]
+
+
 def test_pool_min_above_max_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DB_POOL_MIN", "20")
     monkeypatch.setenv("DB_POOL_MAX", "10")
@@ -178,11 +227,12 @@ def test_pool_min_above_max_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_secrets_are_not_in_the_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("API_KEYS", "super-secret-key")
+    monkeypatch.setenv("API_KEYS", "super-secret-key,svc-a:named-secret-key")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
     monkeypatch.setenv("DB_PASS", "db-password-123")
-    text = repr(load_settings()) + str(load_settings())
-    for secret in ("super-secret-key", SECRET, "db-password-123"):
+    settings = load_settings()
+    text = repr(settings) + str(settings) + repr(settings.api_keys)
+    for secret in ("super-secret-key", "named-secret-key", SECRET, "db-password-123"):
         assert secret not in text
 
 
@@ -195,7 +245,7 @@ def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch)
 def test_keyword_overrides_win(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("API_KEYS", "from-env")
     settings = load_settings(api_keys=("k1",), async_methods=("UPI",), api_prefix="/v1")
-    assert settings.api_keys == ("k1",)
+    assert settings.api_keys == (ApiKey("default", "k1"),)
     assert settings.async_methods == ("UPI",)
     assert settings.api_prefix == "/v1"
 
