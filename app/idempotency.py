@@ -2,8 +2,12 @@
 
 A key's row is written in the same transaction as the operation it guards, together with the
 final answer, so a row never exists without its answer and a 5xx (rolled back) stores nothing.
-While an operation runs, its transaction holds `pg_try_advisory_xact_lock(lock_id(key))`; a
-concurrent request with the same key fails to take it and is answered 409 at once.
+While an operation runs, its transaction holds `pg_try_advisory_xact_lock(lock_id)`; a concurrent
+request with the same key fails to take it and is answered 409 at once.
+
+Keys are scoped per caller (the `API_KEYS` name; `default` when auth is off): the row's primary
+key and the advisory lock are of (caller, key), so two callers sending the same key never replay,
+see or block each other's requests.
 """
 
 from __future__ import annotations
@@ -16,21 +20,32 @@ from typing import Any
 import asyncpg
 
 from app.errors import APIError
+from payment_service.config import DEFAULT_CALLER
 
 RETRY_AFTER_SECONDS = "1"
 
 
 @dataclass(frozen=True)
 class IdempotencyKey:
-    """A client's key and what we derive from it."""
+    """A caller's key and what we derive from it."""
 
     key_hash: str  # hex SHA-256 of the key as sent: the seed's encode(digest(key,'sha256'),'hex')
-    lock_id: int  # the first 8 bytes of that digest, as a signed int64 advisory-lock key
+    caller: str  # the scope: the API_KEYS name of the caller
+    lock_id: int  # signed int64 advisory-lock key of (caller, key); see from_key
 
     @classmethod
-    def from_key(cls, key: str) -> IdempotencyKey:
+    def from_key(cls, key: str, caller: str = DEFAULT_CALLER) -> IdempotencyKey:
+        """The lock id is the first 8 bytes of SHA-256 of the key for the `default` caller (as
+        before callers existed, so an API of the previous version, still running during a rolling
+        upgrade, takes the same lock), and of `caller NUL key` for a named caller (names and keys
+        have no NUL, so distinct pairs never share the hashed text)."""
         digest = hashlib.sha256(key.encode("utf-8")).digest()
-        return cls(digest.hex(), int.from_bytes(digest[:8], "big", signed=True))
+        scoped = (
+            digest
+            if caller == DEFAULT_CALLER
+            else hashlib.sha256(f"{caller}\0{key}".encode()).digest()
+        )
+        return cls(digest.hex(), caller, int.from_bytes(scoped[:8], "big", signed=True))
 
 
 @dataclass(frozen=True)
@@ -42,18 +57,19 @@ class Guard:
     fingerprint: str
     ttl_seconds: int
 
-    def values(self) -> tuple[str, str, str, int]:
-        """$1-$4 of every statement that stores an answer (see STORE_ANSWER)."""
-        return (self.key.key_hash, self.path, self.fingerprint, self.ttl_seconds)
+    def values(self) -> tuple[str, str, str, str, int]:
+        """$1-$5 of every statement that stores an answer (see STORE_ANSWER)."""
+        return (self.key.key_hash, self.key.caller, self.path, self.fingerprint, self.ttl_seconds)
 
 
 # The CTE that stores an operation's answer with its key, in the operation's own statement. It
-# reads the CTE `answer` (columns status, body) and takes the guard's values as $1-$4.
+# reads the CTE `answer` (columns status, body) and takes the guard's values as $1-$5: key_hash,
+# caller, request_path, request_fingerprint, TTL seconds.
 STORE_ANSWER = """stored AS (
             INSERT INTO idempotency_keys
-                   (key_hash, request_path, request_fingerprint, response_status, response_data,
-                    expires_at)
-            SELECT $1, $2, $3, answer.status, answer.body, now() + make_interval(secs => $4)
+                   (key_hash, caller, request_path, request_fingerprint, response_status,
+                    response_data, expires_at)
+            SELECT $1, $2, $3, $4, answer.status, answer.body, now() + make_interval(secs => $5)
               FROM answer
         )"""
 
@@ -94,6 +110,7 @@ async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | 
         ), expired AS (
             DELETE FROM idempotency_keys
              WHERE key_hash = $2
+               AND caller = $3
                AND expires_at <= now()
                AND (SELECT acquired FROM lock)
         )
@@ -105,10 +122,12 @@ async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | 
           FROM lock
           LEFT JOIN idempotency_keys AS k
                  ON k.key_hash = $2
+                AND k.caller = $3
                 AND k.expires_at > now()
         """,
         guard.key.lock_id,
         guard.key.key_hash,
+        guard.key.caller,
     )
     assert row is not None
     if not row["acquired"]:
@@ -127,7 +146,7 @@ async def insert_key_response(
     stored = await conn.fetchval(
         f"""
         WITH answer AS (
-            SELECT $5::int AS status, $6::jsonb AS body
+            SELECT $6::int AS status, $7::jsonb AS body
         ), {STORE_ANSWER}
         SELECT body FROM answer
         """,

@@ -37,11 +37,11 @@ def new_reference_suffix() -> str:
 
 
 # The outbox event of the payment that the CTE `payment` wrote (its row as column `payments`);
-# the event type is $5 in both statements that use it.
+# the event type is $6 (after the guard's $1-$5) in both statements that use it.
 PAYMENT_EVENT = """event AS (
             INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-            SELECT e.event_id, $5::text, (p.payments).payment_id,
-                   payment_event_json(p.payments, e.event_id, $5::text)
+            SELECT e.event_id, $6::text, (p.payments).payment_id,
+                   payment_event_json(p.payments, e.event_id, $6::text)
               FROM payment AS p
              CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
         )"""
@@ -69,26 +69,26 @@ async def insert_payment(
     row = await conn.fetchrow(
         f"""
         WITH lock AS (
-            SELECT pg_try_advisory_xact_lock($6) AS acquired
+            SELECT pg_try_advisory_xact_lock($7) AS acquired
         ), taken AS (
             -- Cheap index probes that send retries and charged trips to the careful path
             -- without a doomed insert; the unique indexes still decide every race.
-            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $1)
-                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $7 AND status <> 'FAILED')
+            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $1 AND caller = $2)
+                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $8 AND status <> 'FAILED')
                    AS taken
         ), payment AS (
             INSERT INTO payments
                    (trip_id, amount, currency, method, status, reference, idempotency_hash,
-                    metadata)
-            SELECT $7, $8, $9, $10, $11,
-                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $12,
-                   $1, $13
+                    caller, metadata)
+            SELECT $8, $9, $10, $11, $12,
+                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $13,
+                   $1, $2, $14
               FROM lock, taken
              WHERE lock.acquired
                AND NOT taken.taken
          RETURNING payments
         ), {PAYMENT_EVENT}, answer AS (
-            SELECT $15::int AS status, payment_json(p.payments) || $14::jsonb AS body
+            SELECT $16::int AS status, payment_json(p.payments) || $15::jsonb AS body
               FROM payment AS p
         ), {STORE_ANSWER}
         SELECT lock.acquired,
@@ -153,11 +153,11 @@ async def update_payment_settlement(
         f"""
         WITH payment AS (
             UPDATE payments
-               SET status = $7,
-                   gateway_reference = $8,
-                   failure_reason = $9,
+               SET status = $8,
+                   gateway_reference = $9,
+                   failure_reason = $10,
                    updated_at = now()
-             WHERE payment_id = $6
+             WHERE payment_id = $7
          RETURNING payments
         ), {PAYMENT_EVENT}, answer AS (
             SELECT 200 AS status, payment_json(p.payments) AS body

@@ -26,8 +26,8 @@ async def insert_refund(
     body = await conn.fetchval(
         f"""
         WITH refund AS (
-            INSERT INTO payment_refunds (payment_id, amount, idempotency_hash, metadata)
-            VALUES ($5, $6, $1, $7)
+            INSERT INTO payment_refunds (payment_id, amount, idempotency_hash, caller, metadata)
+            VALUES ($6, $7, $1, $2, $8)
          RETURNING refund_id, amount, created_at
         ), payment AS (
             UPDATE payments AS p
@@ -36,7 +36,7 @@ async def insert_refund(
                                  THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
                    updated_at = now()
               FROM refund
-             WHERE p.payment_id = $5
+             WHERE p.payment_id = $6
          RETURNING p
         ), event AS (
             INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)

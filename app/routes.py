@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, g, request
 from quart_schema import document_querystring, document_request, document_response
 
 from app import payments, refunds, service
@@ -87,7 +87,7 @@ def _guard(key: str, route: str, params: dict[str, Any], model: Any) -> Guard:
     app = current_payment_app()
     body = model.model_dump(mode="json", exclude={"idempotency_key"}, exclude_none=True)
     return Guard(
-        key=IdempotencyKey.from_key(key),
+        key=IdempotencyKey.from_key(key, g.caller),  # the scope: set by the auth hook
         path=request_path("POST", route),
         fingerprint=fingerprint("POST", route, params, body),
         ttl_seconds=app.settings.idempotency_key_ttl,

@@ -11,9 +11,10 @@ Two housekeeping jobs delete rows legitimately, and the rules account for them e
   purged, or replaced when a new request claims the expired key. A claim row is written in the
   transaction that creates its payment or refund, so it shares that row's `created_at` (the
   transaction's `now()`). Hence a payment or refund created less than the TTL ago must still have
-  its claim row (`key_hash = idempotency_hash`, same `created_at`, a 2xx answer naming it); an
-  older one may have lost it. Run the check with the API's `IDEMPOTENCY_KEY_TTL`: a larger value
-  reports rows that were purged legitimately, a smaller one only checks fewer rows.
+  its claim row (`key_hash = idempotency_hash` of the same `caller`, same `created_at`, a 2xx
+  answer naming it); an older one may have lost it. Run the check with the API's
+  `IDEMPOTENCY_KEY_TTL`: a larger value reports rows that were purged legitimately, a smaller one
+  only checks fewer rows.
 - Delivered outbox events are deleted `OUTBOX_RETENTION_HOURS` after delivery, so an event is
   required only for a state change made less than the retention ago (an event is created with its
   state change and delivered after it). Duplicates, orphans and contradictions are reported at any
@@ -229,7 +230,8 @@ CHECKS: tuple[Check, ...] = (
                          || ' with payment ' || coalesce(k.response_data ->> 'payment_id', 'none')
                END AS detail
         FROM payments AS p
-        LEFT JOIN idempotency_keys AS k ON k.key_hash = p.idempotency_hash
+        LEFT JOIN idempotency_keys AS k
+               ON k.key_hash = p.idempotency_hash AND k.caller = p.caller
         WHERE p.created_at > :keys_since
           AND (k.key_hash IS NULL
                OR k.created_at <> p.created_at
@@ -252,7 +254,8 @@ CHECKS: tuple[Check, ...] = (
                          || ' with refund ' || coalesce(k.response_data ->> 'refund_id', 'none')
                END AS detail
         FROM payment_refunds AS r
-        LEFT JOIN idempotency_keys AS k ON k.key_hash = r.idempotency_hash
+        LEFT JOIN idempotency_keys AS k
+               ON k.key_hash = r.idempotency_hash AND k.caller = r.caller
         WHERE r.created_at > :keys_since
           AND (k.key_hash IS NULL
                OR k.created_at <> r.created_at
@@ -270,14 +273,15 @@ CHECKS: tuple[Check, ...] = (
         """
         SELECT k.id, k.detail
         FROM (
-            SELECT left(key_hash, 16) || '…' AS id,
+            SELECT caller || ':' || left(key_hash, 16) || '…' AS id,
                    CASE WHEN response_data ? 'refund_id'
                              AND NOT EXISTS (
                                  SELECT 1 FROM payment_refunds AS r
                                  WHERE r.refund_id = CASE
                                            WHEN response_data ->> 'refund_id' ~ '^[0-9]{1,18}$'
                                            THEN (response_data ->> 'refund_id')::bigint END
-                                   AND r.idempotency_hash = key_hash)
+                                   AND r.idempotency_hash = key_hash
+                                   AND r.caller = idempotency_keys.caller)
                             THEN 'answered refund ' || (response_data ->> 'refund_id')
                                  || ', which does not exist with this key'
                         WHEN NOT response_data ? 'refund_id'

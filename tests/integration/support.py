@@ -107,9 +107,10 @@ def sha256_hex(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def advisory_lock_id(key: str) -> int:
-    """The int64 the API passes to pg_try_advisory_xact_lock for an idempotency key."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big", signed=True)
+def advisory_lock_id(key: str, caller: str = "default") -> int:
+    """The int64 the API passes to pg_try_advisory_xact_lock for a caller's idempotency key."""
+    text = key if caller == "default" else f"{caller}\0{key}"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big", signed=True)
 
 
 def exact_json(response: httpx.Response) -> Any:

@@ -1,10 +1,12 @@
 """Idempotency (DESIGN §5): one payment per key under concurrency, byte-identical replays, 422 on
-reuse, 409 while in flight, expiry, the seed's key hash, and what is (not) stored."""
+reuse, 409 while in flight, expiry, the seed's key hash, what is (not) stored, and keys scoped
+per caller."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -407,3 +409,201 @@ async def test_keys_are_per_operation_not_per_client_bytes(
     second = await post_json(client, "/payments", payment_body(idempotency_key="key-a"))
     assert first.status_code == second.status_code == 200
     assert await db.fetchval("SELECT count(*) FROM payments") == 2
+
+
+# -- keys are scoped per caller (DESIGN §3 API_KEYS, §5) -----------------------------------------
+TWO_CALLERS = ("svc-a:tok-a", "svc-b:tok-b")
+AS_A = {"Authorization": "Bearer tok-a"}
+AS_B = {"Authorization": "Bearer tok-b"}
+
+
+@pytest.fixture
+async def callers(api_factory: Any) -> RunningApi:
+    """An API with two named callers, svc-a (token tok-a) and svc-b (token tok-b)."""
+    return await api_factory(api_keys=TWO_CALLERS)
+
+
+async def test_two_callers_with_one_key_each_get_their_own_payment(
+    callers: RunningApi, db: asyncpg.Connection
+) -> None:
+    """B's request with A's key is B's own: never A's stored answer, never a 422 against A's
+    request, and A's own retry still replays A's answer (metadata included)."""
+    key = new_key("shared")
+    body_a = payment_body(idempotency_key=key, metadata={"owner": "svc-a"})
+    body_b = payment_body(idempotency_key=key, amount=Decimal("99.00"), metadata={"owner": "b"})
+
+    first_a = await post_json(callers.client, "/payments", body_a, headers=AS_A)
+    first_b = await post_json(callers.client, "/payments", body_b, headers=AS_B)
+
+    assert first_a.status_code == 200, first_a.text
+    assert first_b.status_code == 200, first_b.text
+    assert first_b.headers.get("idempotent-replayed") in (None, "false")
+    payment_a, payment_b = exact_json(first_a), exact_json(first_b)
+    assert payment_a["payment_id"] != payment_b["payment_id"]
+    assert payment_b["metadata"] == {"owner": "b"} and payment_b["amount"] == Decimal("99.00")
+    assert_replay(first_a, await post_json(callers.client, "/payments", body_a, headers=AS_A))
+    assert_replay(first_b, await post_json(callers.client, "/payments", body_b, headers=AS_B))
+    # Each scope still refuses its own key for another request.
+    assert_problem(
+        await post_json(callers.client, "/payments", body_b, headers=AS_A),
+        422,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    rows = await db.fetch(
+        "SELECT caller, response_data ->> 'payment_id' AS payment_id FROM idempotency_keys "
+        "WHERE key_hash = encode(digest($1::text, 'sha256'), 'hex') ORDER BY caller",
+        key,
+    )
+    assert [tuple(row) for row in rows] == [
+        ("svc-a", str(payment_a["payment_id"])),
+        ("svc-b", str(payment_b["payment_id"])),
+    ], "the guide's query by key_hash finds the key's row of each caller"
+    owners = await db.fetch(
+        "SELECT caller FROM payments WHERE idempotency_hash = $1 ORDER BY payment_id",
+        sha256_hex(key),
+    )
+    assert [row["caller"] for row in owners] == ["svc-a", "svc-b"]
+
+
+async def test_a_key_first_used_by_another_caller_is_new_to_this_one(
+    callers: RunningApi, db: asyncpg.Connection
+) -> None:
+    """The other order: B's different request came first; A's own first request with the key
+    runs (no 422 because of B), and so does a refund with a key B used on another payment."""
+    key = new_key("shared")
+    first_b = await post_json(
+        callers.client, "/payments", payment_body(idempotency_key=key), headers=AS_B
+    )
+    assert first_b.status_code == 200, first_b.text
+    first_a = await post_json(
+        callers.client, "/payments", payment_body(idempotency_key=key), headers=AS_A
+    )
+    assert first_a.status_code == 200, first_a.text
+    assert first_a.headers.get("idempotent-replayed") in (None, "false")
+
+    refund_key = new_key("shared-refund")
+    for first, auth, amount in ((first_b, AS_B, "1.00"), (first_a, AS_A, "2.00")):
+        refund = await post_json(
+            callers.client,
+            f"/payments/{exact_json(first)['payment_id']}/refunds",
+            {"idempotency_key": refund_key, "amount": Decimal(amount)},
+            headers=auth,
+        )
+        assert refund.status_code == 200, refund.text
+        assert exact_json(refund)["refund_amount"] == Decimal(amount)
+    assert await db.fetchval("SELECT count(*) FROM payment_refunds") == 2
+
+
+async def test_two_callers_sending_the_same_request_with_one_key_each_run_it(
+    callers: RunningApi, db: asyncpg.Connection
+) -> None:
+    """Same key, same body: two refunds, each caller's own, each replayed to its caller only."""
+    payment = exact_json(
+        await post_json(
+            callers.client, "/payments", payment_body(amount=Decimal("10.00")), headers=AS_A
+        )
+    )
+    path = f"/payments/{payment['payment_id']}/refunds"
+    body = {"idempotency_key": new_key("same"), "amount": Decimal("3.00")}
+
+    first_a = await post_json(callers.client, path, body, headers=AS_A)
+    first_b = await post_json(callers.client, path, body, headers=AS_B)
+
+    assert first_a.status_code == first_b.status_code == 200, (first_a.text, first_b.text)
+    assert first_b.headers.get("idempotent-replayed") in (None, "false")
+    assert exact_json(first_a)["refund_id"] != exact_json(first_b)["refund_id"]
+    assert exact_json(first_b)["refunded_amount"] == Decimal("6.00")
+    assert_replay(first_a, await post_json(callers.client, path, body, headers=AS_A))
+    assert_replay(first_b, await post_json(callers.client, path, body, headers=AS_B))
+    assert await db.fetchval("SELECT count(*) FROM payment_refunds") == 2
+
+
+async def test_a_caller_in_flight_does_not_block_another_with_the_same_key(
+    callers: RunningApi, db: asyncpg.Connection
+) -> None:
+    key = new_key("shared")
+    async with db.transaction():  # svc-a's request with the key is in flight
+        await db.execute("SELECT pg_advisory_xact_lock($1)", advisory_lock_id(key, "svc-a"))
+        held = await post_json(
+            callers.client, "/payments", payment_body(idempotency_key=key), headers=AS_A
+        )
+        assert_problem(held, 409, "IDEMPOTENCY_KEY_IN_PROGRESS")
+        other = await post_json(
+            callers.client, "/payments", payment_body(idempotency_key=key), headers=AS_B
+        )
+        assert other.status_code == 200, other.text
+
+
+async def test_concurrent_callers_with_one_key_make_one_payment_each(
+    callers: RunningApi, db: asyncpg.Connection
+) -> None:
+    key = new_key("race")
+    bodies = {"a": payment_body(idempotency_key=key), "b": payment_body(idempotency_key=key)}
+    responses = await asyncio.gather(
+        *(
+            post_json(callers.client, "/payments", bodies[who], headers=auth)
+            for _ in range(8)
+            for who, auth in (("a", AS_A), ("b", AS_B))
+        )
+    )
+    assert {r.status_code for r in responses} <= {200, 409}, [r.text for r in responses]
+    by_trip = {exact_json(r)["trip_id"]: r.content for r in responses if r.status_code == 200}
+    assert set(by_trip) == {bodies["a"]["trip_id"], bodies["b"]["trip_id"]}
+    for response in responses:
+        if response.status_code == 200:  # each 200 is its caller's one payment, byte for byte
+            assert response.content == by_trip[exact_json(response)["trip_id"]]
+        else:
+            assert_problem(response, 409, "IDEMPOTENCY_KEY_IN_PROGRESS")
+    counts = await db.fetch(
+        "SELECT caller, count(*) AS n FROM payments WHERE idempotency_hash = $1 GROUP BY caller",
+        sha256_hex(key),
+    )
+    assert {row["caller"]: row["n"] for row in counts} == {"svc-a": 1, "svc-b": 1}
+
+
+@pytest.mark.parametrize("api_keys", [(), ("k1", "k2")], ids=["auth-off", "bare-tokens"])
+async def test_without_names_every_request_shares_one_scope(
+    api_factory: Any, db: asyncpg.Connection, api_keys: tuple[str, ...]
+) -> None:
+    """Auth off, or today's bare tokens: one caller `default`, as before callers had names."""
+    api: RunningApi = await api_factory(api_keys=api_keys)
+    first_auth, second_auth = (
+        ({"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}) if api_keys else ({}, {})
+    )
+    body = payment_body()
+    first = await post_json(api.client, "/payments", body, headers=first_auth)
+    assert first.status_code == 200, first.text
+    other_client = api.new_client()
+    assert_replay(first, await post_json(other_client, "/payments", body, headers=second_auth))
+    assert_problem(
+        await post_json(other_client, "/payments", {**body, "amount": "1.00"}, headers=second_auth),
+        422,
+        "IDEMPOTENCY_KEY_REUSED",
+    )
+    assert (
+        await db.fetchval(
+            "SELECT caller FROM idempotency_keys WHERE key_hash = $1",
+            sha256_hex(body["idempotency_key"]),
+        )
+        == "default"
+    )
+
+
+async def test_the_access_log_names_the_caller_never_the_token(
+    callers: RunningApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="payment_service.access")
+    response = await post_json(callers.client, "/payments", payment_body(), headers=AS_B)
+    assert response.status_code == 200, response.text
+    unauthorised = await post_json(callers.client, "/payments", payment_body())
+    assert unauthorised.status_code == 401
+
+    lines = {
+        record.request_id: record  # type: ignore[attr-defined]
+        for record in caplog.records
+        if record.name == "payment_service.access"
+    }
+    assert lines[response.headers["x-request-id"]].caller == "svc-b"  # type: ignore[attr-defined]
+    assert lines[unauthorised.headers["x-request-id"]].caller is None  # type: ignore[attr-defined]
+    for record in lines.values():
+        assert "tok-b" not in str(record.__dict__)

@@ -464,6 +464,35 @@ async def test_an_expired_key_claimed_again_is_not_an_inconsistency(
     assert (await run(check_db, ttl=86400)).consistent
 
 
+async def test_two_callers_using_one_key_are_consistent(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """Keys are scoped per caller: each caller's payment and refund relate to its own key row,
+    and a row credited to the wrong caller is reported."""
+    key, refund_key = new_key("shared"), new_key("shared-refund")
+    payments = []
+    async with running_api(database_url, api_keys=("svc-a:tok-a", "svc-b:tok-b")) as api:
+        for token in ("tok-a", "tok-b"):
+            auth = {"Authorization": f"Bearer {token}"}
+            body = {"idempotency_key": key, "trip_id": new_trip(), "method": "CARD", "amount": "9"}
+            payment = await post_json(api.client, "/payments", body, headers=auth)
+            assert payment.status_code == 200, payment.text
+            payments.append(payment.json()["payment_id"])
+            path = f"/payments/{payments[-1]}/refunds"
+            refund = await post_json(
+                api.client, path, {"idempotency_key": refund_key, "amount": "1"}, headers=auth
+            )
+            assert refund.status_code == 200, refund.text
+
+    report = await run(db)
+    assert report.consistent, failures(report)
+    assert report.summary["idempotency_keys"] == 4
+
+    await db.execute("UPDATE payments SET caller = 'svc-b' WHERE payment_id = $1", payments[0])
+    found = failures(await run(db))
+    assert found == {"payment_idempotency": {str(payments[0])}}, found
+
+
 async def test_events_past_retention_may_be_gone(
     check_db: asyncpg.Connection, ids: dict[str, Any]
 ) -> None:
