@@ -56,7 +56,7 @@ PAYMENT_FIELDS = frozenset({
 })  # fmt: skip
 EVENT_FIELDS = frozenset({
     "event_id", "event_type", "occurred_at", "payment_id", "trip_id", "amount", "currency",
-    "status", "reference",
+    "status", "reference", "sequence",
 })  # fmt: skip
 
 
