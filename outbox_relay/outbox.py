@@ -281,7 +281,7 @@ async def select_superseding_events(
     Replaying such an event sends a state older than the one its receiver holds: `sequence`
     (DESIGN §7) lets the receiver drop it, and `outbox replay` says so before it sends.
     """
-    return await conn.fetch(
+    return await conn.fetch(  # type: ignore[no-any-return]
         """
         SELECT dead.event_id::text          AS dead_event_id,
                dead.aggregate_id            AS payment_id,
