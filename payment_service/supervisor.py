@@ -91,10 +91,18 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say("using the configured database")
     else:
         data_dir = settings.payment_service_data_dir.resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
         embedded = EmbeddedPostgres(data_dir / "postgres")
         say(f"starting the embedded PostgreSQL (data in {data_dir / 'postgres'})")
-        embedded.start()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            embedded.start()
+        except OSError as error:
+            # Not a database outage: the data directory cannot be made or written.
+            say(
+                f"cannot keep the embedded database's data in {data_dir} "
+                f"(PAYMENT_SERVICE_DATA_DIR): {error.strerror or error}"
+            )
+            return 1
         embedded.ensure_database(EMBEDDED_DATABASE)
         dsn = embedded.dsn(EMBEDDED_DATABASE)
         env["DATABASE_URL"] = dsn

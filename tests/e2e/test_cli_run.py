@@ -11,7 +11,14 @@ from pathlib import Path
 import httpx
 
 from payment_service.embedded import EmbeddedPostgres, free_port
-from tests.e2e.cli_support import Service, clean_env, port_closed, scratch_dir, service
+from tests.e2e.cli_support import (
+    Service,
+    clean_env,
+    port_closed,
+    run_to_end,
+    scratch_dir,
+    service,
+)
 from tests.helpers import wait_until
 
 # The first start runs initdb; give it time on a slow machine.
@@ -102,3 +109,19 @@ async def test_run_refuses_a_port_in_use(tmp_path: Path) -> None:
                 assert "Traceback" not in run.stderr()
         finally:
             stop_leftover_postgres(data_dir)
+
+
+def test_run_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
+    # A path under a regular file cannot be a directory, whoever runs the command (root too).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file\n")
+    data_dir = blocker / "data"
+    env = clean_env(PAYMENT_SERVICE_DATA_DIR=str(data_dir), SERVICE_PORT=str(free_port()))
+
+    finished = run_to_end(["run"], env, tmp_path)
+
+    assert finished.returncode == 1, finished.stderr
+    assert str(data_dir) in finished.error_lines[-1], finished.stderr
+    assert "PAYMENT_SERVICE_DATA_DIR" in finished.error_lines[-1]
+    assert "not reachable" not in finished.stderr
+    assert "Traceback" not in finished.stderr
