@@ -132,6 +132,11 @@ def _supervise(
         nonlocal stopping
         stopping = True
 
+    def wait_unless_stopping(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, POLL_SECONDS))
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for child in children:
@@ -152,10 +157,12 @@ def _supervise(
                     stopping = True
                     break
                 say(f"{child.name} exited with code {code}; restarting")
-                time.sleep(RESTART_DELAY_SECONDS)
+                # Ctrl-C during the delay means stop: nothing is started again after it.
+                wait_unless_stopping(RESTART_DELAY_SECONDS)
+                if stopping:
+                    break
                 child.start(env)
-            if not stopping:
-                time.sleep(POLL_SECONDS)
+            wait_unless_stopping(POLL_SECONDS)
         return _stop_children(children)
     finally:
         for sig, handler in previous.items():
