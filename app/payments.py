@@ -37,7 +37,9 @@ def new_reference_suffix() -> str:
 
 
 # The outbox event of the payment that the CTE `payment` wrote (its row as column `payments`);
-# the event type is $6 (after the guard's $1-$5) in both statements that use it.
+# the event type is $6 (after the guard's $1-$5) in both statements that use it. The payload's
+# `sequence` is the row's `event_sequence`: 1 for a new payment, and every statement that changes
+# a payment's state increments it in the same UPDATE that this event reads back.
 PAYMENT_EVENT = """event AS (
             INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
             SELECT e.event_id, $6::text, (p.payments).payment_id,
@@ -156,6 +158,7 @@ async def update_payment_settlement(
                SET status = $8,
                    gateway_reference = $9,
                    failure_reason = $10,
+                   event_sequence = event_sequence + 1,
                    updated_at = now()
              WHERE payment_id = $7
          RETURNING payments

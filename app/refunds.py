@@ -34,6 +34,8 @@ async def insert_refund(
                SET refunded_amount = p.refunded_amount + refund.amount,
                    status = CASE WHEN p.refunded_amount + refund.amount = p.amount
                                  THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
+                   -- The event's `sequence`: one more state change of the (locked) payment.
+                   event_sequence = p.event_sequence + 1,
                    updated_at = now()
               FROM refund
              WHERE p.payment_id = $6

@@ -92,6 +92,7 @@ def outbox_replay(settings: Settings, event_id: str | None, dead: bool) -> int:
         return 2
 
     async def replay(conn: asyncpg.Connection) -> tuple[list[str], str | None]:
+        _warn_superseded(await outbox.select_superseding_events(conn, event_id=wanted))
         replayed = await outbox.replay_dead_events(conn, event_id=wanted)
         status = None
         if wanted is not None and not replayed:
@@ -105,3 +106,25 @@ def outbox_replay(settings: Settings, event_id: str | None, dead: bool) -> int:
         return 1
     print(f"replayed {len(replayed)} event(s)")
     return 0
+
+
+def _warn_superseded(rows: list[asyncpg.Record]) -> None:
+    """Say which dead events are older than what their receivers already got, before replaying.
+
+    They are replayed all the same (a receiver may still need the event, e.g. for its records):
+    a receiver that honours `sequence` keeps the newer state it holds.
+    """
+    later: dict[tuple[str, int, str | None], list[str]] = {}
+    for row in rows:
+        key = (row["dead_event_id"], row["payment_id"], row["dead_sequence"])
+        later.setdefault(key, []).append(
+            f"{row['event_id']} ({row['event_type']}, sequence {row['sequence'] or '?'})"
+        )
+    for (dead_id, payment_id, sequence), delivered in later.items():
+        print(
+            f"payment-service: warning: event {dead_id} (payment {payment_id}, sequence "
+            f"{sequence or '?'}) is older than event(s) of that payment already delivered: "
+            f"{', '.join(delivered)}. It is replayed anyway; receivers that honour `sequence` "
+            "keep the newer state.",
+            file=sys.stderr,
+        )

@@ -273,6 +273,35 @@ async def select_event_status(conn: asyncpg.Connection, *, event_id: uuid.UUID) 
     )
 
 
+async def select_superseding_events(
+    conn: asyncpg.Connection, *, event_id: uuid.UUID | None = None
+) -> list[asyncpg.Record]:
+    """For dead events (one, or all), the later events of the same payment already delivered.
+
+    Replaying such an event sends a state older than the one its receiver holds: `sequence`
+    (DESIGN §7) lets the receiver drop it, and `outbox replay` says so before it sends.
+    """
+    return await conn.fetch(  # type: ignore[no-any-return]
+        """
+        SELECT dead.event_id::text          AS dead_event_id,
+               dead.aggregate_id            AS payment_id,
+               dead.payload ->> 'sequence'  AS dead_sequence,
+               later.event_id::text         AS event_id,
+               later.event_type,
+               later.payload ->> 'sequence' AS sequence
+          FROM outbox_events AS dead
+          JOIN outbox_events AS later
+            ON later.aggregate_id = dead.aggregate_id
+           AND later.id > dead.id
+           AND later.status = 'DELIVERED'
+         WHERE dead.status = 'DEAD'
+           AND ($1::uuid IS NULL OR dead.event_id = $1)
+         ORDER BY dead.id, later.id
+        """,
+        event_id,
+    )
+
+
 # -- housekeeping -------------------------------------------------------------------------------
 async def delete_delivered_events(
     conn: asyncpg.Connection, *, older_than_hours: float, limit: int

@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UNAVAILABLE_ERRORS as error:
         print(f"payment-service: the database is not reachable: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file or a port, say: not the database
+        print(f"payment-service: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     relay_poll_interval: float = Field(default=1.0, gt=0)
     relay_request_timeout: float = Field(default=10, gt=0)
     relay_metrics_port: int = Field(default=9102, ge=0, le=65535)  # 0: no metrics endpoint
-    relay_metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other hosts/containers
+    # Loopback unless configured: the metrics are unauthenticated. Compose sets 0.0.0.0 so that
+    # its network (not the host) can scrape the relay container.
+    relay_metrics_host: str = "127.0.0.1"
     outbox_retention_hours: float = Field(default=168, ge=0)
     # Relay tuning beyond DESIGN §3 (tests and demos shorten these). RELAY_RETRY_SCHEDULE: seconds
     # before attempt 2, 3, … (comma-separated; the last repeats). RELAY_QUICK_RETRIES: extra tries

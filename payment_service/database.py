@@ -18,17 +18,24 @@ from tenacity import (
 
 logger = logging.getLogger(__name__)
 
-# Errors that say "the database cannot be reached right now", as opposed to a bug in a query.
+
+class DatabaseUnreachable(ConnectionError):
+    """Connecting to the database failed: refused, unreachable, unknown host, no socket."""
+
+
+# Errors that say "the database cannot be reached right now" (a 503 with Retry-After, a loop that
+# waits), as opposed to a bug in a query (a logged 500 with its traceback). asyncpg's
+# InterfaceError is not here: it is also what a wrong number of query arguments raises.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.ConnectionFailureError,
-    asyncpg.InterfaceError,
+    DatabaseUnreachable,  # any OSError while connecting, see `connect`
+    ConnectionError,  # a connection reset or broken mid-way
+    TimeoutError,  # connecting, waiting for a pooled connection, a command (= asyncio's)
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08, and "connection was closed" mid-query
+    asyncpg.CannotConnectNowError,  # starting up or shutting down
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.TargetServerAttributeNotMatched,  # failover: no read-write server among the hosts yet
 )
 CONNECT_TIMEOUT_SECONDS = 5
 COMMAND_TIMEOUT_SECONDS = 15
@@ -85,6 +92,7 @@ async def keep_session(_conn: asyncpg.Connection) -> None:
 async def create_pool(dsn: str, *, min_size: int, max_size: int, **kwargs: Any) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
+        connect=_connect_or_unreachable,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
@@ -96,8 +104,19 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, **kwargs: Any) 
     return pool
 
 
+async def _connect_or_unreachable(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect, with every OSError of connecting (refused, no route, unknown host, no
+    such socket) raised as DatabaseUnreachable: nothing else is doing I/O at that moment."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except TimeoutError:  # already an "unavailable" error, with its own name
+        raise
+    except OSError as error:
+        raise DatabaseUnreachable(f"cannot connect to the database: {error}") from error
+
+
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
+    conn = await _connect_or_unreachable(dsn, timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
     await _init_connection(conn)
     return conn
 

@@ -91,10 +91,18 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say("using the configured database")
     else:
         data_dir = settings.payment_service_data_dir.resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
         embedded = EmbeddedPostgres(data_dir / "postgres")
         say(f"starting the embedded PostgreSQL (data in {data_dir / 'postgres'})")
-        embedded.start()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            embedded.start()
+        except OSError as error:
+            # Not a database outage: the data directory cannot be made or written.
+            say(
+                f"cannot keep the embedded database's data in {data_dir} "
+                f"(PAYMENT_SERVICE_DATA_DIR): {error.strerror or error}"
+            )
+            return 1
         embedded.ensure_database(EMBEDDED_DATABASE)
         dsn = embedded.dsn(EMBEDDED_DATABASE)
         env["DATABASE_URL"] = dsn
@@ -124,6 +132,11 @@ def _supervise(
         nonlocal stopping
         stopping = True
 
+    def wait_unless_stopping(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, POLL_SECONDS))
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for child in children:
@@ -144,10 +157,12 @@ def _supervise(
                     stopping = True
                     break
                 say(f"{child.name} exited with code {code}; restarting")
-                time.sleep(RESTART_DELAY_SECONDS)
+                # Ctrl-C during the delay means stop: nothing is started again after it.
+                wait_unless_stopping(RESTART_DELAY_SECONDS)
+                if stopping:
+                    break
                 child.start(env)
-            if not stopping:
-                time.sleep(POLL_SECONDS)
+            wait_unless_stopping(POLL_SECONDS)
         return _stop_children(children)
     finally:
         for sig, handler in previous.items():

@@ -34,6 +34,8 @@ def test_every_setting_reaches_the_service_containers(
     assert set(environment) & UNUSED_SETTINGS == set()
     assert environment["DB_HOST"] == "db"
     assert environment["NOTIFICATION_SERVICE_URL"] == "http://notification-sink:8085"
+    # The relay's metrics default to 127.0.0.1; its container opens them to the compose network.
+    assert environment["RELAY_METRICS_HOST"] == "${RELAY_METRICS_HOST:-0.0.0.0}"
 
 
 def test_ports_are_published_on_127_0_0_1_unless_told_otherwise(compose: dict[str, Any]) -> None:

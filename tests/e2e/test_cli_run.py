@@ -5,13 +5,21 @@ beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a rest
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import httpx
 
 from payment_service.embedded import EmbeddedPostgres, free_port
-from tests.e2e.cli_support import Service, clean_env, port_closed, scratch_dir, service
+from tests.e2e.cli_support import (
+    Service,
+    clean_env,
+    port_closed,
+    run_to_end,
+    scratch_dir,
+    service,
+)
 from tests.helpers import wait_until
 
 # The first start runs initdb; give it time on a slow machine.
@@ -102,3 +110,71 @@ async def test_run_refuses_a_port_in_use(tmp_path: Path) -> None:
                 assert "Traceback" not in run.stderr()
         finally:
             stop_leftover_postgres(data_dir)
+
+
+def test_run_names_a_data_directory_it_cannot_use(tmp_path: Path) -> None:
+    # A path under a regular file cannot be a directory, whoever runs the command (root too).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file\n")
+    data_dir = blocker / "data"
+    env = clean_env(PAYMENT_SERVICE_DATA_DIR=str(data_dir), SERVICE_PORT=str(free_port()))
+
+    finished = run_to_end(["run"], env, tmp_path)
+
+    assert finished.returncode == 1, finished.stderr
+    assert str(data_dir) in finished.error_lines[-1], finished.stderr
+    assert "PAYMENT_SERVICE_DATA_DIR" in finished.error_lines[-1]
+    assert "not reachable" not in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def children(pid: int) -> set[int]:
+    """The live (or not yet reaped) child processes of `pid`."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:  # the process is gone
+        return set()
+    return {int(child) for child in text.split()}
+
+
+def child_running(pid: int, command_word: str) -> int | None:
+    for child in children(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command_word.encode() in argv:
+            return child
+    return None
+
+
+async def test_ctrl_c_while_a_child_waits_to_be_restarted_restarts_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    port = free_port()
+    env = clean_env(
+        DATABASE_URL=database_url,
+        SERVICE_PORT=str(port),
+        RELAY_METRICS_PORT=str(free_port()),
+        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    with service(["run"], env, tmp_path, "run-restart") as run:
+        await run.wait_http(f"http://127.0.0.1:{port}/health", timeout=START_TIMEOUT_SECONDS)
+        relay = await wait_until(lambda: child_running(run.pid, "relay"), timeout=60)
+        os.kill(relay, signal.SIGKILL)
+        # The supervisor saw it die and waits RESTART_DELAY_SECONDS before starting another.
+        await wait_until(lambda: "relay exited with code -9" in run.stderr(), timeout=30)
+        before = children(run.pid)
+
+        run.process.send_signal(signal.SIGINT)
+        started_after_ctrl_c: set[int] = set()
+
+        def exited() -> bool:
+            started_after_ctrl_c.update(children(run.pid) - before)
+            return run.process.poll() is not None
+
+        await wait_until(exited, timeout=STOP_TIMEOUT_SECONDS, interval=0.002)
+
+    assert started_after_ctrl_c == set(), "a child was restarted after Ctrl-C:\n" + run.output()
+    assert run.process.returncode == 0, run.output()[-4000:]
+    assert "Traceback" not in run.output()

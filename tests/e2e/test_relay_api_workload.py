@@ -172,6 +172,13 @@ async def test_a_mixed_workload_through_the_api_is_delivered_signed_and_in_order
     await wait_until(lambda: expected <= receiver.accepted_ids(), timeout=60)
 
     stored = {r["event_id"]: r for r in rows}
+    # Each payment's events in the order they were written: its state changes 1, 2, 3, …
+    seq: dict[int, int] = {}
+    events = []
+    for r in rows:
+        seq[r["aggregate_id"]] = seq.get(r["aggregate_id"], 0) + 1
+        events.append(EventRow(r["id"], r["event_id"], r["aggregate_id"], seq[r["aggregate_id"]]))
+    written_as = {e.event_id: e.seq for e in events}
     for delivery in receiver.deliveries:
         payload = delivery.verify()
         row = stored[delivery.webhook_id]
@@ -190,7 +197,9 @@ async def test_a_mixed_workload_through_the_api_is_delivered_signed_and_in_order
             "currency",
             "status",
             "reference",
+            "sequence",
         } <= set(exact)
+        assert exact["sequence"] == written_as[delivery.webhook_id], exact
         if row["event_type"] == "payment.refunded":
             assert exact["refund_id"] and exact["refund_amount"] in (
                 Decimal("10.00"),
@@ -203,11 +212,6 @@ async def test_a_mixed_workload_through_the_api_is_delivered_signed_and_in_order
     assert set(receiver.accepted_counts().values()) == {1}
 
     # Order per payment: the receiver saw each payment's events in the order they were written.
-    seq: dict[int, int] = {}
-    events = []
-    for r in rows:
-        seq[r["aggregate_id"]] = seq.get(r["aggregate_id"], 0) + 1
-        events.append(EventRow(r["id"], r["event_id"], r["aggregate_id"], seq[r["aggregate_id"]]))
     assert_ordered_per_payment(receiver, events)
 
 

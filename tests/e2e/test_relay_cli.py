@@ -292,3 +292,37 @@ async def test_outbox_stats_dead_and_replay_commands(
         [e.id for e in events[:2]],
     )
     assert all(r["attempts"] == 0 and r["due"] for r in replayed)
+
+
+async def test_replaying_an_event_older_than_a_delivered_one_warns_first(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    stale, newer, newest = await insert_events(conn, payments=1, events_per_payment=3)
+    lone, lone_later = await insert_events(conn, payments=1, events_per_payment=2)
+    await conn.execute(
+        "UPDATE outbox_events SET payload = payload || jsonb_build_object('sequence', s.seq)"
+        "  FROM unnest($1::bigint[], $2::int[]) AS s(id, seq) WHERE outbox_events.id = s.id",
+        [e.id for e in (stale, newer, newest, lone, lone_later)],
+        [e.seq for e in (stale, newer, newest, lone, lone_later)],
+    )
+    await conn.execute(
+        "UPDATE outbox_events SET status = 'DEAD', attempts = 12 WHERE id = ANY($1)",
+        [stale.id, lone.id],
+    )
+    # The payment's later events got through; `lone`'s later event is still pending.
+    await conn.execute(
+        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() WHERE id = ANY($1)",
+        [newer.id, newest.id],
+    )
+
+    replay = outbox_command(database_url, "replay", "--dead")
+
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout.strip() == "replayed 2 event(s)"
+    warnings = [line for line in replay.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, replay.stderr
+    assert f"event {stale.event_id} (payment {stale.payment_id}, sequence 1)" in warnings[0]
+    assert f"{newer.event_id} (payment.refunded, sequence 2)" in warnings[0]
+    assert f"{newest.event_id} (payment.refunded, sequence 3)" in warnings[0]
+    assert lone.event_id not in replay.stderr, "nothing newer was delivered for that payment"
+    assert await status_counts(conn) == {"PENDING": 3, "DELIVERED": 2}

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -56,7 +56,7 @@ PAYMENT_FIELDS = frozenset({
 })  # fmt: skip
 EVENT_FIELDS = frozenset({
     "event_id", "event_type", "occurred_at", "payment_id", "trip_id", "amount", "currency",
-    "status", "reference",
+    "status", "reference", "sequence",
 })  # fmt: skip
 
 
@@ -197,12 +197,17 @@ class RunningApi:
 
 
 @contextlib.asynccontextmanager
-async def running_api(database_url: str, **overrides: Any) -> AsyncIterator[RunningApi]:
-    """`app.create_app(settings)` served by Hypercorn on 127.0.0.1:<free port> until exit."""
+async def running_api(
+    database_url: str, *, customize: Callable[[Any], None] | None = None, **overrides: Any
+) -> AsyncIterator[RunningApi]:
+    """`app.create_app(settings)` served by Hypercorn on 127.0.0.1:<free port> until exit;
+    `customize(app)` may add to the app first (a test-only route, say)."""
     from app import create_app
 
     settings = load_settings(**{**BASE_OVERRIDES, "database_url": database_url, **overrides})
     application = create_app(settings)
+    if customize is not None:
+        customize(application)
     fd, port = _listening_socket_fd()
     config = Config()
     config.bind = [f"fd://{fd}"]

@@ -37,6 +37,7 @@ def test_defaults() -> None:
     settings = load_settings()
     assert settings.service_port == 8082
     assert settings.api_prefix == ""
+    assert settings.relay_metrics_host == "127.0.0.1", "unauthenticated metrics stay local"
     assert settings.idempotency_key_ttl == 86400
     assert settings.db_pool_min == 2 and settings.db_pool_max == 10
     assert settings.api_keys == ()
