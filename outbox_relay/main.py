@@ -6,7 +6,8 @@ One relay runs these tasks on one event loop:
   free capacity, and queues them;
 - RELAY_CONCURRENCY workers take events off the queue and deliver them over one shared HTTP client;
 - the recorder writes finished attempts back in batches, one statement per batch, checking each
-  row's claim token;
+  row's claim token (row by row when the database refuses a batch's values: one bad row never
+  holds back the others);
 - the listener LISTENs on the outbox channel and reconnects after a database restart;
 - housekeeping and the metric gauges run on timers.
 A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claimer, let
