@@ -22,13 +22,18 @@ from tenacity import (
 )
 
 from outbox_relay.http import CallbackClient, CallbackError, TimedOut
-from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from outbox_relay.outbox import (
+    ERROR_TEXT_LIMIT,
+    AttemptRecord,
+    ClaimedEvent,
+    safe_status_code,
+    safe_text,
+)
 from outbox_relay.schedule import Outcome, Verdict, classify, decide, parse_retry_after
 from outbox_relay.signing import sign
 
 logger = logging.getLogger(__name__)
 
-ERROR_TEXT_LIMIT = 300  # characters of an error (or of a receiver's error body) kept on the row
 QUICK_WAIT_CAP_FACTOR = 8  # quick retries back off up to 8 times RELAY_QUICK_RETRY_WAIT
 
 
@@ -131,18 +136,24 @@ class Deliverer:
         try:
             answer = await self._client.post(event.body, headers)
         except TimedOut as error:
-            return Try(Verdict.RETRYABLE, error=f"timeout: {error}"[:ERROR_TEXT_LIMIT])
-        except CallbackError as error:  # refused, reset, closed early, not HTTP
-            return Try(Verdict.RETRYABLE, error=f"connection error: {error}"[:ERROR_TEXT_LIMIT])
+            return Try(Verdict.RETRYABLE, error=safe_text(f"timeout: {error}"))
+        except CallbackError as error:  # refused, reset, closed early, not HTTP, malformed
+            return Try(Verdict.RETRYABLE, error=safe_text(f"connection error: {error}"))
         status = answer.status
-        verdict = classify(status)
-        if verdict is Verdict.DELIVERED:
-            return Try(verdict, status)
+        if safe_status_code(status) is None:
+            # "HTTP/1.1 999 Odd" is an answer, but not one that says anything: a receiver in
+            # trouble, like a 5xx. The row cannot hold the code; the error keeps the line.
+            verdict, status_code, summary = Verdict.RETRYABLE, None, answer.status_line
+        else:
+            verdict = classify(status)
+            if verdict is Verdict.DELIVERED:
+                return Try(verdict, status)
+            status_code, summary = status, f"HTTP {status}"
         detail = answer.body[:ERROR_TEXT_LIMIT].decode("utf-8", "replace").strip()
         return Try(
             verdict,
-            status,
-            error=f"HTTP {status}" + (f": {detail}" if detail else ""),
+            status_code,
+            error=safe_text(summary + (f": {detail}" if detail else "")),
             retry_after=parse_retry_after(answer.headers.get("retry-after")),
         )
 

@@ -10,16 +10,21 @@ needs: POST a body to one URL (http or https) and read the status, headers and a
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = (
-    64 * 1024
-)  # of an answer's body kept; a longer one is cut and its connection closed
+MAX_HEAD_BYTES = 64 * 1024  # of an answer's head, and of a chunked body's size lines and trailers
+# Of an answer's body kept. A longer body with a content-length is cut (its status stands) and its
+# connection closed; a chunked or unframed body that has not ended by then is a BrokenAnswer.
+MAX_BODY_BYTES = 64 * 1024
+MAX_INTERIM_ANSWERS = 8  # 1xx answers (100 Continue, 103 Early Hints) before the real one
 _HEAD_END = b"\r\n\r\n"
+# "HTTP/1.x NNN[ reason]": exactly three ASCII digits ("HTTP/1.1 2000" is not a 200).
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: |\Z)")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # 8 hex digits are far beyond MAX_BODY_BYTES
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -46,9 +51,10 @@ class _Stale(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    status: int
+    status: int  # three digits, as sent: it may be outside 100-599
     headers: dict[str, str]  # lower-case names
     body: bytes
+    status_line: str = ""  # as sent (latin-1), for an error message
 
 
 class CallbackClient:
@@ -132,15 +138,27 @@ class CallbackClient:
         keep = False
         try:
             writer.write(request)
-            version, status, headers = await _read_head(reader)
+            status_line, status, headers = await _read_head(reader)
+            interim = 0
             while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints)
-                version, status, headers = await _read_head(reader, interim=True)
+                interim += 1
+                if interim > MAX_INTERIM_ANSWERS:
+                    raise BrokenAnswer(f"more than {MAX_INTERIM_ANSWERS} interim answers")
+                status_line, status, headers = await _read_head(reader, interim=True)
             body, complete = await _read_body(reader, status, headers)
             connection = headers.get("connection", "").lower()
-            keep = complete and connection != "close" and version == "HTTP/1.1"
-            return Answer(status, headers, body)
+            keep = (
+                complete
+                and connection != "close"
+                and status_line.startswith("HTTP/1.1 ")
+                and status < 600
+            )
+            return Answer(status, headers, body, status_line)
         except (ConnectionError, OSError) as error:
             raise BrokenAnswer(f"{type(error).__name__}: {error}") from None
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as error:
+            # Whatever else a malformed answer trips over is that answer's fault, not the relay's.
+            raise BrokenAnswer(f"malformed answer ({type(error).__name__})") from None
         finally:
             if keep:
                 self._idle.append(conn)
@@ -151,7 +169,7 @@ class CallbackClient:
 async def _read_head(
     reader: asyncio.StreamReader, *, interim: bool = False
 ) -> tuple[str, int, dict[str, str]]:
-    """The version, status code and headers of an answer."""
+    """The status line, status code and headers of an answer."""
     try:
         head = await reader.readuntil(_HEAD_END)
     except asyncio.IncompleteReadError as error:
@@ -165,55 +183,77 @@ async def _read_head(
     except asyncio.LimitOverrunError:
         raise BrokenAnswer("the answer's head is too large") from None
     lines = head[: -len(_HEAD_END)].decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
+    status = _STATUS_LINE.match(lines[0])
+    if status is None:
         raise BrokenAnswer(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
     headers = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
-    return version, int(code), headers
+    return lines[0], int(status[1]), headers
 
 
 async def _read_body(
     reader: asyncio.StreamReader, status: int, headers: dict[str, str]
 ) -> tuple[bytes, bool]:
-    """The body (at most MAX_BODY_BYTES) and whether the connection may be used again."""
+    """The body (at most MAX_BODY_BYTES) and whether the connection may be used again.
+
+    Never reads more than MAX_BODY_BYTES of body and MAX_HEAD_BYTES of framing; the request
+    timeout bounds the time.
+    """
     try:
         if status in (204, 304):
             return b"", True
         if "chunked" in headers.get("transfer-encoding", "").lower():
             return await _read_chunked(reader)
         if "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise BrokenAnswer("invalid content-length") from None
-            if length > MAX_BODY_BYTES:
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):
+                raise BrokenAnswer(f"invalid content-length: {length[:40]!r}")
+            if int(length) > MAX_BODY_BYTES:
                 return await reader.readexactly(MAX_BODY_BYTES), False
-            return await reader.readexactly(length), True
-        # No length: the body runs to the end of the connection.
-        return await reader.read(MAX_BODY_BYTES), False
+            return await reader.readexactly(int(length)), True
+        return await _read_to_end(reader), False
     except asyncio.IncompleteReadError:
         raise BrokenAnswer("the connection closed in the middle of an answer") from None
+    except asyncio.LimitOverrunError:
+        raise BrokenAnswer("a line of the answer's body is too long") from None
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """A body without a length: it runs to the end of the connection."""
+    parts: list[bytes] = []
+    kept = 0
+    while part := await reader.read(MAX_BODY_BYTES + 1 - kept):
+        parts.append(part)
+        kept += len(part)
+        if kept > MAX_BODY_BYTES:
+            raise BrokenAnswer(f"the answer's body did not end within {MAX_BODY_BYTES} bytes")
+    return b"".join(parts)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     parts: list[bytes] = []
     kept = 0
+    framing = 0  # bytes of size lines and trailers
     while True:
         size_line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BrokenAnswer("invalid chunk size") from None
+        framing += len(size_line)
+        size_field = size_line.split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_field):
+            raise BrokenAnswer(f"invalid chunk size: {size_field[:20]!r}")
+        size = int(size_field, 16)
         if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                pass
+            while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
+                framing += len(trailer)
+                if framing > MAX_HEAD_BYTES:
+                    raise BrokenAnswer("the answer's trailers are too long")
             return b"".join(parts), True
-        if kept + size > MAX_BODY_BYTES:
-            return b"".join(parts), False
-        parts.append((await reader.readexactly(size + 2))[:-2])
+        if kept + size > MAX_BODY_BYTES or framing > MAX_HEAD_BYTES:
+            raise BrokenAnswer(f"the answer's body did not end within {MAX_BODY_BYTES} bytes")
+        chunk = await reader.readexactly(size + 2)
+        if chunk[-2:] != b"\r\n":
+            raise BrokenAnswer("a chunk is longer than its size")
+        parts.append(chunk[:-2])
         kept += size

@@ -6,7 +6,8 @@ One relay runs these tasks on one event loop:
   free capacity, and queues them;
 - RELAY_CONCURRENCY workers take events off the queue and deliver them over one shared HTTP client;
 - the recorder writes finished attempts back in batches, one statement per batch, checking each
-  row's claim token;
+  row's claim token (row by row when the database refuses a batch's values: one bad row never
+  holds back the others);
 - the listener LISTENs on the outbox channel and reconnects after a database restart;
 - housekeeping and the metric gauges run on timers.
 A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claimer, let
@@ -33,7 +34,7 @@ from outbox_relay.housekeeping import housekeep
 from outbox_relay.http import CallbackClient
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
-from outbox_relay.schedule import Outcome, Verdict, decide
+from outbox_relay.schedule import MAX_RETRY_AFTER_SECONDS, Outcome, Verdict, decide
 from outbox_relay.signing import secret_key
 from payment_service import OUTBOX_CHANNEL, __version__
 from payment_service.config import Settings
@@ -381,12 +382,8 @@ class Relay:
         async with self._pool.acquire() as conn:
             if self._records:
                 batch, self._records = self._records, []
-                try:
-                    written = await outbox.record_attempts(conn, batch)
-                except BaseException:
-                    self._records[:0] = batch
-                    raise
-                lost = len(batch) - len(written)
+                written, dropped = await self._record_attempts(conn, batch)
+                lost = len(batch) - len(written) - dropped
                 if lost:
                     self.metrics.lost_leases.inc(lost)
                     logger.warning(
@@ -403,6 +400,62 @@ class Relay:
                     self._releases[:0] = claims
                     raise
                 self._wake.set()
+
+    async def _record_attempts(
+        self, conn: asyncpg.Connection, batch: list[AttemptRecord]
+    ) -> tuple[list[tuple[int, bool]], int]:
+        """Write a batch; if the database refuses its values, write it row by row.
+
+        Returns the rows written and how many were dropped. Whatever was not written when the
+        database turns out to be unreachable goes back on the list, to be written later.
+        """
+        try:
+            return await outbox.record_attempts(conn, batch), 0
+        except _REFUSED_VALUES as error:
+            logger.error(
+                "the database refused a batch of delivery results; writing them one by one",
+                extra={"error": _error_text(error), "results": len(batch)},
+            )
+        except BaseException:
+            self._records[:0] = batch
+            raise
+        written: list[tuple[int, bool]] = []
+        dropped = 0
+        for index, record in enumerate(batch):
+            try:
+                row = await self._record_attempt(conn, record)
+            except BaseException:
+                self._records[:0] = batch[index:]
+                raise
+            if row is None:
+                dropped += 1
+            else:
+                written += row
+        return written, dropped
+
+    async def _record_attempt(
+        self, conn: asyncpg.Connection, record: AttemptRecord
+    ) -> list[tuple[int, bool]] | None:
+        """Write one result; one the database refuses is written bare, or dropped (None)."""
+        try:
+            return await outbox.record_attempts(conn, [record])
+        except _REFUSED_VALUES as error:
+            refused = error
+        bare = _bare(record, refused, retry_in=self.settings.relay_retry_schedule[0])
+        try:
+            written = await outbox.record_attempts(conn, [bare])
+        except _REFUSED_VALUES as error:
+            # Not retried: its lease runs out and the event goes out again.
+            logger.error(
+                "the database refused a delivery result; dropped",
+                extra={"id": record.id, "error": _error_text(error)},
+            )
+            return None
+        logger.error(
+            "the database refused a delivery result; recorded without its details",
+            extra={"id": record.id, "status": record.status, "error": _error_text(refused)},
+        )
+        return written
 
     # -- timers -------------------------------------------------------------------------------
     async def _housekeeping_loop(self) -> None:
@@ -441,6 +494,32 @@ async def _finish_within(*tasks: asyncio.Task[None], deadline: float) -> None:
     for result in results:
         if isinstance(result, Exception):
             logger.error("task failed during shutdown", exc_info=result)
+
+
+# The database (SQLSTATE classes 22 and 23) or the driver (encoding an argument: asyncpg raises a
+# ValueError) refused the values of a write. Writing the same values again cannot succeed.
+_REFUSED_VALUES: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+)
+MAX_TRIES = 1000  # tries in one attempt, as written when a result's details were refused
+MAX_DURATION_MS = 2**31 - 1
+
+
+def _bare(record: AttemptRecord, refused: BaseException, *, retry_in: float) -> AttemptRecord:
+    """The result with only values the database always takes: same outcome, no receiver details."""
+    return AttemptRecord(
+        id=record.id,
+        claim_token=record.claim_token,
+        status=record.status,
+        delay=record.delay if 0 <= record.delay <= MAX_RETRY_AFTER_SECONDS else retry_in,
+        attempted_at=time.time(),
+        status_code=None,
+        error=f"the database refused this attempt's details ({type(refused).__name__})",
+        tries=min(max(record.tries, 1), MAX_TRIES),
+        duration_ms=min(max(record.duration_ms, 0), MAX_DURATION_MS),
+    )
 
 
 def _without_credentials(url: str) -> str:

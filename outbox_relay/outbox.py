@@ -8,6 +8,7 @@ The statements are module constants so that the tests can EXPLAIN exactly what r
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from payment_service import OUTBOX_CHANNEL
 
 # pg_advisory_lock key of housekeeping, one relay at a time ("outboxhk" in ASCII).
 HOUSEKEEPING_LOCK_ID = 0x6F7574626F78686B
+
+ERROR_TEXT_LIMIT = 300  # characters of an error kept on the row and in its attempt log
+MIN_STATUS_CODE, MAX_STATUS_CODE = 100, 599  # what the CHECK on last_status_code allows
+# Characters PostgreSQL text and jsonb reject (NUL), or UTF-8 cannot encode (lone surrogates).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 CLAIM_SQL = """
 WITH due AS (
@@ -196,6 +202,19 @@ class AttemptRecord:
     duration_ms: int
 
 
+def safe_text(text: str | None, *, limit: int = ERROR_TEXT_LIMIT) -> str | None:
+    """`text` cut to `limit` characters, as PostgreSQL text and jsonb take it: no NUL, no lone
+    surrogate (each becomes a replacement character); None stays None."""
+    if text is None:
+        return None
+    return _UNSTORABLE.sub("\ufffd", text[:limit])
+
+
+def safe_status_code(code: int | None) -> int | None:
+    """An HTTP status code the row can hold: None for one outside 100-599."""
+    return code if code is not None and MIN_STATUS_CODE <= code <= MAX_STATUS_CODE else None
+
+
 async def claim_events(
     conn: asyncpg.Connection, *, limit: int, lease_seconds: float
 ) -> list[ClaimedEvent]:
@@ -211,7 +230,8 @@ async def record_attempts(
     """Write a batch of finished attempts in one statement and end their leases.
 
     Rows whose claim token changed (the lease ran out and another relay took the event) are left
-    alone. Returns `(id, unblocks)` for each row written.
+    alone. Returns `(id, unblocks)` for each row written. Whatever a receiver answered, the status
+    code and error are made safe to store here (see `safe_text`, `safe_status_code`).
     """
     rows = await conn.fetch(
         RECORD_SQL,
@@ -220,8 +240,8 @@ async def record_attempts(
         [r.status for r in records],
         [r.delay for r in records],
         [r.attempted_at for r in records],
-        [r.status_code for r in records],
-        [r.error for r in records],
+        [safe_status_code(r.status_code) for r in records],
+        [safe_text(r.error) for r in records],
         [r.tries for r in records],
         [r.duration_ms for r in records],
     )

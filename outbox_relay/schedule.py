@@ -46,7 +46,7 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²" is a digit to str.isdigit, not to int()
         return float(min(int(value), MAX_RETRY_AFTER_SECONDS))
     try:
         when = parsedate_to_datetime(value)

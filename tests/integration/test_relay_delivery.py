@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
+from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
-from outbox_relay.outbox import ClaimedEvent
+from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from outbox_relay.signing import secret_key
 from payment_service.embedded import free_port
 from payment_service.sink import HttpResponse
@@ -222,3 +223,74 @@ async def test_no_quick_retry_that_could_outlive_the_lease_or_a_shutdown(
         event(), lease_deadline=far_deadline()
     )
     assert stopping.tries == 1 and stopping.status == "PENDING"
+
+
+async def raw_answer_url(answer: bytes) -> tuple[str, asyncio.Server]:
+    """A server on 127.0.0.1 that reads one request per connection, writes `answer`, hangs up."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(answer)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{CALLBACK_PATH}", server
+
+
+async def deliver_to_raw(
+    deliverer: DelivererFactory, answer: bytes, *, quick_retries: int
+) -> AttemptRecord:
+    """One attempt against a server that answers every request with `answer`."""
+    url, server = await raw_answer_url(answer)
+    try:
+        return await deliverer(url=url, quick_retries=quick_retries).deliver(
+            event(), lease_deadline=far_deadline()
+        )
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 999 Odd\r\ncontent-length: 4\r\n\r\nhuh?", "HTTP/1.1 999 Odd: huh?"),
+        (b"HTTP/1.1 099 x\r\ncontent-length: 0\r\n\r\n", "HTTP/1.1 099 x"),
+        (b"HTTP/1.1 999 \x00\xff\r\ncontent-length: 0\r\n\r\n", "HTTP/1.1 999 \ufffd\xff"),
+    ],
+)
+async def test_a_status_outside_100_to_599_is_a_retryable_failure_with_its_line_kept(
+    deliverer: DelivererFactory, answer: bytes, error: str
+) -> None:
+    result = await deliver_to_raw(deliverer, answer, quick_retries=1)
+    assert (result.status, result.status_code, result.tries) == ("PENDING", None, 2)
+    assert result.error == error
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 500 Oops\r\ncontent-length: 9\r\n\r\nbad\x00\x00body",
+        b"HTTP/1.1 400 Bad\r\ncontent-length: 6\r\n\r\n\xed\xa0\x80\x00\xff!",
+        b"HTTP/1.1 500 Oops\r\ncontent-length: 600\r\n\r\n" + b"\x00" * 600,
+    ],
+)
+async def test_an_error_body_is_kept_as_storable_bounded_text(
+    deliverer: DelivererFactory, answer: bytes
+) -> None:
+    result = await deliver_to_raw(deliverer, answer, quick_retries=0)
+    assert result.status == "PENDING" and result.error is not None
+    assert "\x00" not in result.error  # PostgreSQL text and jsonb refuse it
+    result.error.encode("utf-8")  # no lone surrogate
+    assert len(result.error) <= outbox.ERROR_TEXT_LIMIT
+
+
+async def test_a_malformed_answer_is_a_retryable_failure(deliverer: DelivererFactory) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n"
+    result = await deliver_to_raw(deliverer, chunked, quick_retries=0)
+    assert (result.status, result.status_code, result.tries) == ("PENDING", None, 1)
+    assert result.error == "connection error: invalid chunk size: b'-5'"

@@ -267,3 +267,88 @@ async def test_https_with_the_receivers_certificate_verified(
         assert requests[-1].startswith(b"POST /h HTTP/1.1\r\nhost: localhost:%d\r\n" % port)
     finally:
         server.close()
+
+
+def endless(head: bytes, piece: bytes) -> Script:
+    """Answer `head`, then write `piece` over and over until the client hangs up."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: Scripted) -> None:
+        await s.read_request(r)
+        w.write(head)
+        while True:
+            w.write(piece)
+            await w.drain()
+
+    return script
+
+
+CHUNKED_200 = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        answering(CHUNKED_200 + b"1" * (http.MAX_HEAD_BYTES + 10) + b"\r\n"),
+        answering(CHUNKED_200 + b"-5\r\nabc\r\n0\r\n\r\n"),
+        answering(CHUNKED_200 + b"zz\r\nabc\r\n0\r\n\r\n"),
+        answering(CHUNKED_200 + b"0x3\r\nabc\r\n0\r\n\r\n"),
+        answering(CHUNKED_200 + b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n"),
+        answering(CHUNKED_200 + b"2\r\nabc\r\n0\r\n\r\n"),  # a chunk longer than its size
+        answering(b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\nabc"),
+        answering(b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n"),
+        answering(b"HTTP/1.1 \xb200 OK\r\ncontent-length: 0\r\n\r\n"),  # a superscript digit
+        answering(b"HTTP/2 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        answering(b"\x00\x00\x00\r\n\r\n"),
+        endless(CHUNKED_200, b"400\r\n" + b"x" * 0x400 + b"\r\n"),  # chunks without an end
+        endless(CHUNKED_200, b"1;" + b"e" * 1000 + b"\r\nx\r\n"),  # tiny chunks, huge extensions
+        endless(CHUNKED_200 + b"0\r\n", b"trailer: " + b"t" * 1000 + b"\r\n"),  # endless trailers
+        endless(b"HTTP/1.1 200 OK\r\n\r\n", b"y" * 4096),  # no length, never closed
+        endless(b"", b"HTTP/1.1 100 Continue\r\n\r\n"),  # interim answers for ever
+    ],
+    ids=[
+        "chunk-size-line-over-head-limit",
+        "negative-chunk-size",
+        "garbage-chunk-size",
+        "0x-chunk-size",
+        "underscore-chunk-size",
+        "chunk-longer-than-its-size",
+        "negative-content-length",
+        "four-digit-status",
+        "non-ascii-digit-status",
+        "http-2-status-line",
+        "nul-bytes-status-line",
+        "chunked-without-end",
+        "chunk-extensions-without-end",
+        "trailers-without-end",
+        "no-length-without-end",
+        "interim-answers-without-end",
+    ],
+)
+async def test_a_malformed_answer_is_a_broken_answer_read_within_bounds(
+    servers: Servers, script: Script
+) -> None:
+    server = await servers(script)
+    c = client(server.url, timeout=5.0)  # a bound, not a measurement: a read for ever fails here
+    with pytest.raises(BrokenAnswer):
+        await c.post(b"{}", [])
+    assert c._idle == []  # a connection that carried a malformed answer is never used again
+
+
+async def test_a_status_outside_100_to_599_is_an_answer_whose_connection_is_dropped(
+    servers: Servers,
+) -> None:
+    odd = [
+        b"HTTP/1.1 999 Odd\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 099 x\r\ncontent-length: 0\r\n\r\n",
+    ]
+
+    async def by_connection(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: Scripted) -> None:
+        await answering(odd[s.connections - 1])(r, w, s)
+
+    server = await servers(by_connection)
+    c = client(server.url)
+    answer = await c.post(b"{}", [])
+    assert (answer.status, answer.status_line, answer.body) == (999, "HTTP/1.1 999 Odd", b"abc")
+    answer = await c.post(b"{}", [])
+    assert (answer.status, answer.status_line) == (99, "HTTP/1.1 099 x")
+    assert server.connections == 2

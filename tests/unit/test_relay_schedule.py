@@ -92,7 +92,7 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(http_date, now=now) == pytest.approx(90)
     past = format_datetime(now - timedelta(seconds=90), usegmt=True)
     assert parse_retry_after(past, now=now) == 0
-    for unusable in (None, "", "soon", "-5", "1.5", "Mon, 99 Foo 2025"):
+    for unusable in (None, "", "soon", "-5", "1.5", "Mon, 99 Foo 2025", "\u00b2", "1\x00"):
         assert parse_retry_after(unusable, now=now) is None
 
 
