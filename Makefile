@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn]'
 	@touch $(STAMP)
 
 run: install
@@ -23,7 +23,8 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app outbox_relay payment_service
+	$(BIN)/mypy app outbox_relay payment_service payment_cli
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .
@@ -33,7 +34,7 @@ format: install
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -24,7 +24,7 @@ from tenacity import (
 from outbox_relay.http import CallbackClient, CallbackError, TimedOut
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from outbox_relay.schedule import Outcome, Verdict, classify, decide, parse_retry_after
-from outbox_relay.signing import sign
+from payment_service.signing import sign
 
 logger = logging.getLogger(__name__)
 
