@@ -38,12 +38,12 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 # Headless Locust run (60 s) against a service it starts itself, or LOADTEST_HOST; reports in
 # loadtests/reports/.
 loadtest: install
-	$(BIN)/python loadtests/loadtest.py $(LOADTEST_ARGS)
+	$(BIN)/python -m loadtests.loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,6 @@ migration leaves nothing of itself behind."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,15 +21,6 @@ from payment_service.migrations import (
 )
 
 TABLES = {"payments", "payment_refunds", "idempotency_keys", "outbox_events", "schema_migrations"}
-
-
-@pytest.fixture
-async def empty_db(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def tables(conn: asyncpg.Connection) -> set[str]:
