@@ -17,11 +17,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 
-# Dependencies first, from pyproject alone, so a code change does not reinstall them. `pgserver`
-# (the embedded PostgreSQL of `payment-service run`) is left out: in a container the database is
-# always a real server (DATABASE_URL or DB_*), and its binaries would add ~35 MB.
+# Dependencies first, from pyproject alone, so a code change does not reinstall them. Only the
+# runtime's: the embedded PostgreSQL of `payment-service run` is an extra (`embedded`) that a
+# container never needs, since its database is always a real server (DATABASE_URL or DB_*).
 COPY pyproject.toml ./
-RUN python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('pgserver')))" > requirements.txt \
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && /opt/venv/bin/pip install --requirement requirements.txt
 
 # The package itself, as a wheel (not editable): db/migrations goes in as
@@ -29,6 +29,7 @@ RUN python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb')
 COPY README.md ./
 COPY db/migrations ./db/migrations
 COPY payment_service ./payment_service
+COPY payment_cli ./payment_cli
 COPY app ./app
 COPY outbox_relay ./outbox_relay
 RUN /opt/venv/bin/pip install --no-deps . \

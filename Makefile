@@ -4,14 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint format bench loadtest clean
+.PHONY: install run test test-fast lint format bench loadtest clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn]'
 	@touch $(STAMP)
 
 run: install
@@ -20,10 +20,15 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The inner loop: everything but the slow fault tests (marked `slow`). CI runs `make test`.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app outbox_relay payment_service
+	$(BIN)/mypy app outbox_relay payment_service payment_cli
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .
@@ -33,16 +38,16 @@ format: install
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,load,uvicorn,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 # Headless Locust run (60 s) against a service it starts itself, or LOADTEST_HOST; reports in
 # loadtests/reports/.
 loadtest: install
-	$(BIN)/python loadtests/loadtest.py $(LOADTEST_ARGS)
+	$(BIN)/python -m loadtests.loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ with the callbacks going to a local receiver (loadtests/receiver.py) — and sto
 end. Reports: loadtests/reports/locust_stats.csv (and _failures, _exceptions, _stats_history) and
 loadtests/reports/locust.html. Exits non-zero when any request failed.
 
-    python loadtests/loadtest.py [--run-time 60s] [--users 40] [extra locust arguments...]
+    python -m loadtests.loadtest [--run-time 60s] [--users 40] [extra locust arguments...]
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import Proc, free_port, wait_http  # loadtests/bench.py: the same process plumbing
+from loadtests.bench.paths import BIN, REPORTS, ROOT
+from loadtests.bench.processes import Proc, free_port, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
-REPORTS = ROOT / "loadtests" / "reports"
-BIN = Path(sys.executable).parent
 READY_TIMEOUT_SECONDS = 180  # a first embedded PostgreSQL initialises its cluster
 
 

@@ -1,1 +1,4 @@
 """The outbox relay: delivers outbox events as signed HTTP callbacks."""
+
+# The one-line description of `payment-service relay` and `python -m outbox_relay`.
+RELAY_DESCRIPTION = "Deliver outbox events to the Notification Service."

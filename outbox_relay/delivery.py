@@ -30,7 +30,7 @@ from outbox_relay.outbox import (
     safe_text,
 )
 from outbox_relay.schedule import Outcome, Verdict, classify, decide, parse_retry_after
-from outbox_relay.signing import sign
+from payment_service.signing import sign
 
 logger = logging.getLogger(__name__)
 

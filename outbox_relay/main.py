@@ -35,10 +35,10 @@ from outbox_relay.http import CallbackClient
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from outbox_relay.schedule import MAX_RETRY_AFTER_SECONDS, Outcome, Verdict, decide
-from outbox_relay.signing import secret_key
 from payment_service import OUTBOX_CHANNEL, __version__
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect, create_pool
+from payment_service.signing import secret_key
 
 logger = logging.getLogger(__name__)
 

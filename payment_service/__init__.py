@@ -1,7 +1,7 @@
-"""Shared plumbing of the Payment Service: configuration, database access, migrations and the CLI.
+"""The shared core of the Payment Service: settings, database access, logging, migrations, signing.
 
-`app` (the HTTP API) and `outbox_relay` (delivery) both build on this package; neither imports the
-other.
+The bottom layer: `app` (the HTTP API) and `outbox_relay` (delivery) both build on it, and it
+imports neither; only the command line (`payment_cli`) imports both. `make lint` checks the rule.
 """
 
 __version__ = "1.0.0"

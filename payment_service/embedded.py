@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from payment_service.config import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_USER = "pgserver"
@@ -28,8 +30,20 @@ def _bin_dir() -> Path:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; pgserver reads it at import.
         warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
+        try:
+            # A private name of pgserver's: the version is pinned in pyproject's `embedded` extra.
+            from pgserver._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            raise EmbeddedUnavailable(
+                "the embedded PostgreSQL is not installed: install the 'embedded' extra "
+                "(pip install 'payment-service[embedded]'; `make install` does) or set "
+                "DATABASE_URL"
+            ) from None
     return Path(POSTGRES_BIN_PATH)
+
+
+class EmbeddedUnavailable(ConfigurationError):
+    """The `pgserver` package (the `embedded` extra) is not installed."""
 
 
 def free_port() -> int:

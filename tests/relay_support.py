@@ -31,7 +31,7 @@ import asyncpg
 import pytest
 from standardwebhooks import Webhook
 
-from payment_service.sink import HttpRequest, HttpResponse, HttpServer
+from payment_cli.sink import HttpRequest, HttpResponse, HttpServer
 
 # A signing secret for tests only (Standard Webhooks format).
 SECRET = "whsec_" + base64.b64encode(b"relay-tests-only-signing-key-32b").decode()

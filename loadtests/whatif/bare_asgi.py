@@ -1,11 +1,12 @@
 """The floor for POST /payments: the API's own statement from a bare ASGI function.
 
 No framework, no validation model, no hooks: parse the JSON body, hash the key, fingerprint the
-request, send app/payments.py insert_payment's statement (as bench.captured_insert records it)
-with asyncpg on a pool without asyncpg's reset query, answer the stored body. Amount, currency
-and method are the benchmark's (150.00 INR by CARD, as wrk sends). Not a service — a measurement
-of what the HTTP server, the driver and PostgreSQL cost without the layers above them.
-`make bench` runs it under Uvicorn (the "floor" row); BARE_POOL_RESET=1 keeps asyncpg's reset.
+request, send app/payments.py insert_payment's statement (as loadtests.bench.pgbench's
+captured_insert records it) with asyncpg on a pool without asyncpg's reset query, answer the stored
+body. Amount, currency and method are the benchmark's (150.00 INR by CARD, as wrk sends). Not a
+service — a measurement of what the HTTP server, the driver and PostgreSQL cost without the layers
+above them. `make bench` runs it under Uvicorn (the "floor" row); BARE_POOL_RESET=1 keeps asyncpg's
+reset.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import hashlib
 import json
 import os
 import secrets
-import sys
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench  # loadtests/bench.py
+from loadtests.bench import pgbench as bench
 
 # The API's statement and its arguments for one payment; the per-payment ones are swapped below.
 SQL, TEMPLATE = bench.captured_insert()

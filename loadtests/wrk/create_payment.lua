@@ -1,7 +1,7 @@
 -- wrk script for `make bench`: POST /payments with a fresh idempotency key and trip id per request.
 -- Arguments after `--`: <key prefix> <first trip id>. Each wrk thread numbers its own requests, so
 -- keys and trips never repeat within a run, and distinct prefixes/trip bases keep runs apart.
--- done() prints one line `WRK_JSON {...}` that loadtests/bench.py parses.
+-- done() prints one line `WRK_JSON {...}` that loadtests/bench (load.run_wrk) parses.
 
 local counter = 0
 local prefix = "bench"

@@ -27,7 +27,7 @@ def command(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("payment-service")
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "payment_service.cli", *args]
+    return [sys.executable, "-m", "payment_cli.cli", *args]
 
 
 def clean_env(**variables: str) -> dict[str, str]:

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from outbox_relay.http import CallbackClient
-from outbox_relay.signing import secret_key, sign
 from payment_service.embedded import free_port
+from payment_service.signing import secret_key, sign
 from tests.helpers import wait_until
 from tests.relay_support import (  # noqa: F401 - fixtures
     CALLBACK_PATH,

@@ -13,7 +13,7 @@ import random
 import asyncpg
 import pytest
 
-from payment_service.sink import HttpResponse
+from payment_cli.sink import HttpResponse
 from tests.helpers import wait_until
 from tests.relay_support import (  # noqa: F401 - fixtures
     OK,

@@ -49,7 +49,7 @@ def service_command(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("payment-service")
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "payment_service.cli", *args]
+    return [sys.executable, "-m", "payment_cli.cli", *args]
 
 
 def key_hash(key: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from payment_service.check import CHECKS, Report, check_database
+from payment_cli.check import CHECKS, Report, check_database
 from payment_service.embedded import free_port
 from tests.faults.harness import service_command, service_environment
 from tests.integration.support import new_key, new_trip, post_json, running_api

@@ -14,9 +14,9 @@ from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
-from outbox_relay.signing import secret_key
+from payment_cli.sink import HttpResponse
 from payment_service.embedded import free_port
-from payment_service.sink import HttpResponse
+from payment_service.signing import secret_key
 from tests.relay_support import (  # noqa: F401 - fixture
     CALLBACK_PATH,
     OK,

@@ -11,8 +11,8 @@ from decimal import Decimal
 
 import pytest
 
-from outbox_relay.signing import secret_key, sign
-from payment_service.sink import HttpRequest, HttpResponse, HttpServer, Sink, SinkOptions
+from payment_cli.sink import HttpRequest, HttpResponse, HttpServer, Sink, SinkOptions
+from payment_service.signing import secret_key, sign
 from tests.relay_support import SECRET
 
 BODY = b'{"event_id": "e-1", "amount": 150.10, "status": "SUCCESS"}'

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture
 async def empty_db(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to a database with no schema at all."""
+    """A connection to a fresh database with no schema at all."""
     conn = await asyncpg.connect(empty_database_url)
     try:
         yield conn

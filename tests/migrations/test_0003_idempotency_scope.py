@@ -16,7 +16,7 @@ import pytest
 
 from app.idempotency import fingerprint
 from app.models import CreatePayment
-from payment_service.check import check_database
+from payment_cli.check import check_database
 from payment_service.migrations import load_migrations, migrate
 from tests.integration.support import assert_replay, exact_json, post_json, running_api
 

@@ -255,3 +255,16 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         settings.service_port = 1  # type: ignore[misc]
+
+
+def test_run_without_the_embedded_extra_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pgserver is an extra: without it, one clear line names the extra and DATABASE_URL."""
+    import sys
+
+    from payment_service import embedded
+
+    monkeypatch.setitem(sys.modules, "pgserver._commands", None)  # import raises ImportError
+    with pytest.raises(ConfigurationError, match=r"'embedded' extra.*DATABASE_URL"):
+        embedded._bin_dir()

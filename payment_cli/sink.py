@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TextIO
 
-from outbox_relay.signing import secret_key, verify
 from payment_service.config import Settings
+from payment_service.signing import secret_key, verify
 
 logger = logging.getLogger(__name__)
 

@@ -11,28 +11,16 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from outbox_relay import RELAY_DESCRIPTION
 from payment_service import __version__
-from payment_service.config import ConfigurationError, Settings, load_settings
-from payment_service.database import UNAVAILABLE_ERRORS
-from payment_service.logs import configure_logging
-from payment_service.migrations import MigrationError
-
-
-def _settings() -> Settings:
-    settings = load_settings()
-    configure_logging(settings.log_level)
-    return settings
-
-
-def _database_settings() -> Settings:
-    settings = _settings()
-    settings.dsn()  # fails with a clear message when no database is configured
-    return settings
+from payment_service.entry import database_settings as _database_settings
+from payment_service.entry import run_command
+from payment_service.entry import settings_with_logging as _settings
 
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from payment_service.supervisor import run_all
+    from payment_cli.supervisor import run_all
 
     return run_all(_settings(), with_relay=not args.no_relay)
 
@@ -90,14 +78,14 @@ def cmd_outbox_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_notification_sink(args: argparse.Namespace) -> int:
-    from payment_service.sink import run_sink
+    from payment_cli.sink import run_sink
 
     settings = _settings()
     return run_sink(settings, args)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from payment_service.check import run_check
+    from payment_cli.check import run_check
 
     return run_check(_database_settings(), as_json=args.json)
 
@@ -144,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ASGI server (default hypercorn; uvicorn needs the 'uvicorn' extra)",
     )
 
-    add("relay", cmd_relay, "Deliver outbox events to the Notification Service.")
+    add("relay", cmd_relay, RELAY_DESCRIPTION)
 
     migrate = add(
         "migrate",
@@ -219,19 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except (ConfigurationError, MigrationError) as error:
-        print(f"payment-service: {error}", file=sys.stderr)
-        return 2
-    except UNAVAILABLE_ERRORS as error:
-        print(f"payment-service: the database is not reachable: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # a file or a port, say: not the database
-        print(f"payment-service: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

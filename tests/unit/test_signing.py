@@ -9,7 +9,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from outbox_relay.signing import secret_key, sign, verify
+from payment_service.signing import secret_key, sign, verify
 
 SECRET = "whsec_" + base64.b64encode(b"unit-test-signing-key-0123456789").decode()
 BODY = b'{"event_id": "e1", "amount": 12.50, "status": "SUCCESS"}'

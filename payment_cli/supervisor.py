@@ -112,7 +112,7 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         applied = _apply_migrations(dsn)
         say(f"applied migrations {applied}" if applied else "database schema is up to date")
 
-        command = [sys.executable, "-m", "payment_service.cli"]
+        command = [sys.executable, "-m", "payment_cli.cli"]
         children = [Child("api", [*command, "serve", "--host", host, "--port", str(port)])]
         if with_relay:
             children.append(Child("relay", [*command, "relay"]))

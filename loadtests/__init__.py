@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: `make loadtest` (Locust) and `make bench`; see README.md."""

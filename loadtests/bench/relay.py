@@ -1,0 +1,321 @@
+"""Relay runs: draining pending events, commit-to-callback latency, oldest pending under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .contenders import start_service
+from .harness import TEMPLATE_DB, Bench
+from .load import event_loop_runner, percentile, steady_load
+from .paths import BIN, LOADTESTS
+from .processes import CpuMeter, Proc, fmt_cpu, free_port, http_json, wait_http
+
+RELAY_TEMPLATE_DB = "bench_relay_template"
+
+
+def start_receiver(bench: Bench, name: str) -> tuple[Proc, int, Path]:
+    port = free_port()
+    dump = bench.workdir / f"{name}.jsonl"
+    proc = Proc(
+        name,
+        [
+            sys.executable,
+            str(LOADTESTS / "receiver.py"),
+            "--port",
+            str(port),
+            "--dump",
+            str(dump),
+        ],
+        env=bench.env(),
+        logs=bench.logs,
+    )
+    wait_http(f"http://127.0.0.1:{port}/__stats", proc)
+    return proc, port, dump
+
+
+def start_relay(bench: Bench, dsn: str, receiver_port: int, index: int) -> Proc:
+    env = bench.env(
+        DATABASE_URL=dsn,
+        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{receiver_port}",
+        NOTIFICATION_CALLBACK_PATH="/notifications",
+        CALLBACK_SIGNING_SECRET=bench.secret,
+        RELAY_METRICS_PORT=str(free_port()),
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith("RELAY_") and k != "RELAY_METRICS_PORT"
+        },
+    )
+    return Proc(f"relay-{index}", [str(BIN / "payment-service"), "relay"], env=env, logs=bench.logs)
+
+
+# -- relay throughput -----------------------------------------------------------------------------
+def build_relay_template(bench: Bench) -> None:
+    events = bench.args.relay_events
+    bench.pg.psql(f'DROP DATABASE IF EXISTS "{RELAY_TEMPLATE_DB}"')
+    bench.pg.psql(f'CREATE DATABASE "{RELAY_TEMPLATE_DB}" TEMPLATE "{TEMPLATE_DB}"')
+    bench.pg.psql(
+        f"""
+        INSERT INTO payments (trip_id, amount, currency, method, status, reference,
+                              idempotency_hash)
+        SELECT g, 150.00, 'INR', 'CARD', 'SUCCESS', 'PAY-20250101-' || lpad(to_hex(g), 8, '0'),
+               lpad(to_hex(g), 64, '0')
+          FROM generate_series(1, {events}) AS g;
+        INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
+        SELECT x.event_id, 'payment.succeeded', (x.p).payment_id,
+               payment_event_json(x.p, x.event_id, 'payment.succeeded')
+          FROM (SELECT p, gen_random_uuid() AS event_id FROM payments AS p) AS x;
+        """,
+        database=RELAY_TEMPLATE_DB,
+    )
+    bench.pg.psql("VACUUM ANALYZE", database=RELAY_TEMPLATE_DB)
+
+
+def bench_relay(bench: Bench, processes: int) -> dict[str, Any]:
+    events = bench.args.relay_events
+    db = f"relay_{processes}"
+    dsn = bench.fresh_db(db, template=RELAY_TEMPLATE_DB)
+    receiver, port, _dump = start_receiver(bench, f"receiver-relay-{processes}")
+    relays: list[Proc] = []
+    deadline = time.monotonic() + bench.args.relay_timeout
+    pending = events
+    try:
+        started = time.time()
+        relays = [start_relay(bench, dsn, port, i) for i in range(processes)]
+        groups: dict[str, Callable[[], set[int]]] = {
+            "relay": lambda: set().union(*(r.pids() for r in relays)),
+            "postgres": bench.postgres_pids,
+            "receiver": receiver.pids,
+        }
+        with CpuMeter(groups) as meter:
+            while time.monotonic() < deadline:
+                pending = int(
+                    bench.scalar(db, "SELECT count(*) FROM outbox_events WHERE status = 'PENDING'")
+                )
+                if pending == 0 or not all(r.alive() for r in relays):
+                    break
+                time.sleep(0.25)
+        finished = time.time()
+        stats = http_json(f"http://127.0.0.1:{port}/__stats")
+    finally:
+        codes = [r.stop(signal.SIGTERM) for r in relays]
+        receiver.stop(signal.SIGTERM)
+    delivered = int(
+        bench.scalar(db, "SELECT count(*) FROM outbox_events WHERE status = 'DELIVERED'")
+    )
+    bench.drop_db(db)
+    window = (stats["last"] - stats["first"]) if stats["count"] > 1 else float("nan")
+    result = {
+        "processes": processes,
+        "events": events,
+        "delivered": delivered,
+        "pending_left": pending,
+        "received": stats["count"],
+        "unique": stats["unique"],
+        "wall_s": finished - started,
+        "rate_wall": delivered / (finished - started),
+        "rate_window": stats["count"] / window if window == window and window > 0 else 0.0,
+        "first_after_s": (stats["first"] - started) if stats["first"] else None,
+        "exit_codes": codes,
+        "cpu": meter.cores,
+        "logs": [str(r.log_path) for r in relays],
+    }
+    print(
+        f"  relay x{processes}: {delivered}/{events} delivered in {result['wall_s']:.1f} s "
+        f"-> {result['rate_wall']:.0f}/s wall, {result['rate_window']:.0f}/s first-to-last "
+        f"callback; received {stats['count']} ({stats['unique']} unique); "
+        f"exit codes {codes}; cpu {fmt_cpu(meter.cores)}",
+        flush=True,
+    )
+    if delivered < events and relays:
+        print("    relay log tail:\n" + relays[0].tail(), flush=True)
+    return result
+
+
+# -- commit-to-callback latency -------------------------------------------------------------------
+def enable_commit_timestamps(bench: Bench) -> None:
+    """Restart PostgreSQL with track_commit_timestamp=on (exact commit times per row)."""
+    setting = "track_commit_timestamp=on"
+    if setting not in bench.pg.settings:
+        bench.pg.stop()
+        bench.pg.settings = (*bench.pg.settings, setting)
+        bench.pg.start()
+
+
+def bench_latency(bench: Bench, workers: int) -> dict[str, Any]:
+    enable_commit_timestamps(bench)
+    db = "latency"
+    dsn = bench.fresh_db(db)
+    receiver, port, dump = start_receiver(bench, "receiver-latency")
+    service, base = start_service(bench, dsn, workers=workers, name="service-latency")
+    relay = start_relay(bench, dsn, port, 0)
+    try:
+        time.sleep(1.0)  # let the relay connect and LISTEN; nothing is pending yet
+        runner = event_loop_runner()
+        sent = runner(
+            steady_load(
+                base,
+                rate=bench.args.rate,
+                seconds=bench.args.rate_seconds,
+                trip_base=bench.next_trip_base(),
+            )
+        )
+        ok = {
+            pid: (t_sent, t_done)
+            for pid, t_sent, t_done, status in sent
+            if status == 200 and pid is not None
+        }
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if http_json(f"http://127.0.0.1:{port}/__stats")["unique"] >= len(ok):
+                break
+            time.sleep(0.2)
+    finally:
+        relay.stop(signal.SIGTERM)
+        service.stop(signal.SIGTERM)
+        receiver.stop(signal.SIGTERM)
+    committed = {
+        int(payment_id): float(epoch)
+        for payment_id, epoch in (
+            line.split("|")
+            for line in bench.scalar(
+                db,
+                "SELECT payment_id, extract(epoch FROM pg_xact_commit_timestamp(xmin))"
+                " FROM payments",
+            ).splitlines()
+            if line
+        )
+    }
+    bench.drop_db(db)
+    arrivals: dict[int, float] = {}
+    for line in dump.read_text().splitlines():
+        record = json.loads(line)
+        if record["event_type"] == "payment.succeeded" and record["payment_id"] is not None:
+            arrivals.setdefault(int(record["payment_id"]), record["arrival"])
+    after_response = [(arrivals[p] - done) * 1000 for p, (_, done) in ok.items() if p in arrivals]
+    after_request = [(arrivals[p] - start) * 1000 for p, (start, _) in ok.items() if p in arrivals]
+    after_commit = [
+        (arrivals[p] - committed[p]) * 1000 for p in ok if p in arrivals and p in committed
+    ]
+    api_latency = [(done - start) * 1000 for start, done in ok.values()]
+    duration = max(t for _, _, t, _ in sent) - min(t for _, t, _, _ in sent) if sent else 1
+    result = {
+        "rate": bench.args.rate,
+        "seconds": bench.args.rate_seconds,
+        "sent": len(sent),
+        "ok": len(ok),
+        "achieved_rate": len(sent) / duration if duration else 0.0,
+        "callbacks": len(after_response),
+        "after_commit_p50": percentile(after_commit, 50),
+        "after_commit_p99": percentile(after_commit, 99),
+        "after_commit_max": max(after_commit, default=float("nan")),
+        "after_response_p50": percentile(after_response, 50),
+        "after_response_p99": percentile(after_response, 99),
+        "after_response_max": max(after_response, default=float("nan")),
+        "after_request_p50": percentile(after_request, 50),
+        "after_request_p99": percentile(after_request, 99),
+        "api_p50": percentile(api_latency, 50),
+        "api_p99": percentile(api_latency, 99),
+        "workers": workers,
+    }
+    print(
+        f"  latency @ {bench.args.rate}/s: {len(ok)}/{len(sent)} ok, "
+        f"{len(after_response)} callbacks; commit->callback p50 "
+        f"{result['after_commit_p50']:.1f} ms p99 {result['after_commit_p99']:.1f} ms; "
+        "response->callback p50 "
+        f"{result['after_response_p50']:.1f} ms p99 {result['after_response_p99']:.1f} ms; "
+        f"request->callback p50 {result['after_request_p50']:.1f} ms p99 "
+        f"{result['after_request_p99']:.1f} ms; API p50 {result['api_p50']:.1f} ms",
+        flush=True,
+    )
+    return result
+
+
+# -- oldest pending under full load ---------------------------------------------------------------
+def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
+    db = "pending"
+    dsn = bench.fresh_db(db)
+    receiver, port, _dump = start_receiver(bench, "receiver-pending")
+    service, base = start_service(bench, dsn, workers=workers, name="service-pending")
+    relay_procs = [start_relay(bench, dsn, port, i) for i in range(relays)]
+    samples: list[tuple[float, int, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute(
+                    "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() -"
+                    " min(created_at)), 0) FROM outbox_events WHERE status = 'PENDING'"
+                )
+                count, age = cur.fetchone()
+                samples.append((time.monotonic(), int(count), float(age)))
+                stop.wait(0.1)
+        conn.close()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        time.sleep(1.0)  # the relay connects and LISTENs
+        sampler.start()
+        stats, cores = bench.wrk(
+            base + "/payments",
+            bench.args.duration,
+            "pending",
+            {
+                "server": service.pids,
+                "postgres": bench.postgres_pids,
+                "relay": lambda: set().union(*(r.pids() for r in relay_procs)),
+                "receiver": receiver.pids,
+            },
+        )
+        load_end = time.monotonic()
+        drained_at = None
+        deadline = load_end + 60
+        while time.monotonic() < deadline:
+            if samples and samples[-1][0] > load_end and samples[-1][1] == 0:
+                drained_at = samples[-1][0]
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        sampler.join(5)
+        for proc in relay_procs:
+            proc.stop(signal.SIGTERM)
+        service.stop(signal.SIGTERM)
+        receiver.stop(signal.SIGTERM)
+    bench.drop_db(db)
+    during = [s for s in samples if s[0] <= load_end]
+    ages = [s[2] for s in during]
+    result = {
+        "workers": workers,
+        "relays": relays,
+        "rps": (stats["requests"] - stats["status_errors"]) / (stats["duration_us"] / 1e6),
+        "p99_ms": stats["p99_us"] / 1000,
+        "age_max_s": max(ages, default=float("nan")),
+        "age_p50_s": percentile(ages, 50),
+        "age_p99_s": percentile(ages, 99),
+        "pending_max": max((s[1] for s in during), default=0),
+        "drain_after_load_s": (drained_at - load_end) if drained_at else None,
+        "samples": len(during),
+        "cpu": cores,
+    }
+    print(
+        f"  oldest pending under load ({workers} API workers, {relays} relay): "
+        f"{result['rps']:.0f} req/s; age p50 {result['age_p50_s']:.3f} s, p99 "
+        f"{result['age_p99_s']:.3f} s, max {result['age_max_s']:.3f} s; pending max "
+        f"{result['pending_max']}; cpu {fmt_cpu(cores)}",
+        flush=True,
+    )
+    return result

@@ -1,0 +1,270 @@
+"""`make bench`: side-by-side benchmarks on this machine, in one bounded run.
+
+Starts a fresh embedded PostgreSQL (durable settings: fsync and synchronous_commit on), gives every
+contender its own freshly migrated database, and measures:
+
+- POST /payments at 32 connections (wrk + a Lua script that makes a fresh idempotency key and trip
+  per request): this service (`payment-service serve --workers N`), the seed guide's own stack
+  (Flask + psycopg2 on gunicorn, loadtests/baselines/seed_stack.py) and pgbench running the same
+  transaction (the database's ceiling);
+- the relay draining 50,000 pending events into a fast local receiver with 1, 2 and 4 processes;
+- commit-to-callback latency at a steady 200 payments/s;
+- the oldest pending event's age while the API runs flat out beside a relay.
+
+Every process it starts listens on 127.0.0.1, is stopped by PID, and every run is bounded in time.
+It prints a table and rewrites the generated part of docs/benchmarks.md. See --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .contenders import auto_servers, bench_floor, bench_seed, bench_service
+from .harness import Bench
+from .load import HttpResult
+from .paths import BIN, DOC, REPORTS
+from .pgbench import PGBENCH_VARIANTS, bench_pgbench
+from .profiling import profile_service
+from .relay import bench_latency, bench_pending, bench_relay, build_relay_template
+from .report import machine_facts, print_table, render_markdown, write_doc
+
+SECTIONS = ("service", "seed", "pgbench", "relay", "latency", "pending", "profile")
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("wrk is missing: installing Debian's package (apt-get install -y wrk)", flush=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk"], check=False, stdout=subprocess.DEVNULL
+        )
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: wrk is not installed (Debian: apt-get install -y wrk)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--duration", type=float, default=15, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--workers", default="1,2", help="API worker counts to try")
+    parser.add_argument(
+        "--servers",
+        default="auto",
+        help="extra ASGI servers to try besides hypercorn: auto (what serve "
+        "offers, plus uvicorn/granian when installed), none, or a comma list",
+    )
+    parser.add_argument(
+        "--seed",
+        default="sync:5,gthread:2x16",
+        help="gunicorn configurations of the seed stack (class:workers[xthreads])",
+    )
+    parser.add_argument(
+        "--pgbench",
+        default="service,notify_after_commit,notify_in_transaction",
+        help="pgbench variants of the service's statement to run, of: "
+        + ", ".join(PGBENCH_VARIANTS),
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the floor row (the API's statement from a bare ASGI function, no framework)",
+    )
+    parser.add_argument("--relay-events", type=int, default=50_000)
+    parser.add_argument("--relays", default="1,2,4")
+    parser.add_argument("--relay-timeout", type=float, default=180)
+    parser.add_argument("--rate", type=float, default=200, help="payments/s for the latency run")
+    parser.add_argument("--rate-seconds", type=float, default=20)
+    parser.add_argument("--pending-relays", type=int, default=1)
+    parser.add_argument(
+        "--fsync",
+        choices=("on", "off", "both"),
+        default="both",
+        help="on: durable (as production); off: fsync/synchronous_commit off; both: the "
+        "durable run, then POST /payments again without fsync (default)",
+    )
+    parser.add_argument(
+        "--only", default="", help=f"comma list of sections to run (of {', '.join(SECTIONS)})"
+    )
+    parser.add_argument("--skip", default="", help="comma list of sections to skip")
+    parser.add_argument(
+        "--profile", action="store_true", help="also record py-spy profiles of the API under load"
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this run's nice value by N (root only): on a machine shared "
+        "with other work, gives every process of the benchmark priority",
+    )
+    parser.add_argument("--output", type=Path, default=DOC, help="the Markdown file to update")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    skip = {s for s in args.skip.split(",") if s}
+    wanted = {s for s in SECTIONS if (not only or s in only) and s not in skip}
+    if not args.profile and not only:
+        wanted.discard("profile")
+    ensure_wrk()
+    if args.nice:
+        os.nice(-args.nice)  # inherited by every process started below, PostgreSQL included
+    command = "python -m loadtests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "http": [],
+        "relay": [],
+        "latency": None,
+        "pending": None,
+        "skipped": [],
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "connections": args.connections,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "pg_settings": {},
+    }
+    modes = ["on", "off"] if args.fsync == "both" else [args.fsync]
+    facts: dict[str, str] = {}
+    for mode in modes:
+        # The durable run measures everything; a run without fsync repeats only POST /payments,
+        # to show what the disk's commit latency costs each contender.
+        sections = wanted if mode == modes[0] else wanted & {"service", "seed", "pgbench"}
+        if not sections:
+            continue
+        with tempfile.TemporaryDirectory(prefix="payment-bench-") as tmp:
+            bench = Bench(args, Path(tmp), fsync=mode, results=results)
+            results["pg_settings"][mode] = " ".join(bench.pg_settings)
+            print(
+                f"bench: embedded PostgreSQL ({results['pg_settings'][mode]}) in {tmp}", flush=True
+            )
+            bench.start_database()
+            facts = facts or machine_facts(bench)
+            try:
+                run_sections(bench, args, sections)
+            finally:
+                bench.pg.stop()
+    results["elapsed_s"] = time.monotonic() - started
+    print_table(results)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = REPORTS / f"bench-{stamp}.json"
+    json_path.write_text(
+        json.dumps(
+            {**results, "http": [r.__dict__ for r in results["http"]], "facts": facts},
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nraw results: {json_path}")
+    if not args.no_doc:
+        write_doc(render_markdown(results, facts, command), args.output)
+        print(f"updated {args.output}")
+    return 0
+
+
+def attempt(
+    results: dict[str, Any], label: str, keep: Callable[[Any], Any], run: Callable[[], Any]
+) -> None:
+    """Run one measurement; a failure is reported in the results and the run goes on."""
+    try:
+        keep(run())
+    except Exception as error:  # one broken contender must not lose the others' figures
+        print(f"  {label}: FAILED: {error}", flush=True)
+        results["skipped"].append(f"{label} (failed: {str(error).splitlines()[0][:200]})")
+
+
+def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> None:
+    results = bench.results
+    workers = [int(w) for w in args.workers.split(",") if w]
+    app_ready = importlib.util.find_spec("app.server") is not None
+    relay_ready = importlib.util.find_spec("outbox_relay.main") is not None
+    best_workers = workers[-1] if workers else 1
+
+    def measure(label: str, run: Callable[[], HttpResult]) -> None:
+        attempt(results, label, results["http"].append, run)
+
+    if "service" in wanted:
+        if not app_ready:
+            results["skipped"].append("service (app.server is missing)")
+        else:
+            servers: list[str | None] = [None]
+            extra = (
+                auto_servers()
+                if args.servers == "auto"
+                else ([] if args.servers == "none" else args.servers.split(","))
+            )
+            servers += extra
+            for server in servers:
+                for n in workers:
+                    measure(
+                        f"serve --workers {n} {server or ''}",
+                        functools.partial(bench_service, bench, n, server),
+                    )
+            if args.floor and (BIN / "uvicorn").exists():
+                measure("floor", functools.partial(bench_floor, bench))
+            hypercorn = [
+                r for r in results["http"] if r.kind == "service" and "--server" not in r.config
+            ]
+            if hypercorn:
+                best_workers = int(max(hypercorn, key=lambda r: r.rps).config.split()[2])
+    if "seed" in wanted:
+        for spec in (s for s in args.seed.split(",") if s):
+            measure(f"seed {spec}", functools.partial(bench_seed, bench, spec))
+    if "pgbench" in wanted:
+        for script in (s for s in args.pgbench.split(",") if s):
+            measure(f"pgbench {script}", functools.partial(bench_pgbench, bench, script))
+    needs_relay = wanted & {"relay", "latency", "pending"}
+    if needs_relay and not relay_ready:
+        missing = ", ".join(sorted(needs_relay))
+        results["skipped"].append(f"{missing} (outbox_relay.main is missing)")
+    elif needs_relay:
+        if "relay" in wanted:
+            build_relay_template(bench)
+            for n in (int(r) for r in args.relays.split(",") if r):
+                attempt(
+                    results,
+                    f"relay x{n}",
+                    results["relay"].append,
+                    functools.partial(bench_relay, bench, n),
+                )
+        if "latency" in wanted and app_ready:
+            attempt(
+                results,
+                "latency",
+                lambda r: results.__setitem__("latency", r),
+                lambda: bench_latency(bench, best_workers),
+            )
+        if "pending" in wanted and app_ready:
+            attempt(
+                results,
+                "pending",
+                lambda r: results.__setitem__("pending", r),
+                lambda: bench_pending(bench, best_workers, args.pending_relays),
+            )
+    if "profile" in wanted and app_ready:
+        results["profile"] = profile_service(bench, best_workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What-if variants that `make bench` measures beside the service."""

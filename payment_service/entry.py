@@ -1,0 +1,48 @@
+"""What every command does around its body: settings, logging, and errors a user can act on.
+
+Shared by the `payment-service` command line (payment_cli) and `python -m outbox_relay`, so both
+fail the same way: one line on stderr naming the problem, and an exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from payment_service.config import ConfigurationError, Settings, load_settings
+from payment_service.database import UNAVAILABLE_ERRORS
+from payment_service.logs import configure_logging
+from payment_service.migrations import MigrationError
+
+PROGRAM = "payment-service"
+
+
+def settings_with_logging() -> Settings:
+    """The settings from the environment, with logging configured at their LOG_LEVEL."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return settings
+
+
+def database_settings() -> Settings:
+    """As `settings_with_logging`, failing with a clear message when no database is configured."""
+    settings = settings_with_logging()
+    settings.dsn()
+    return settings
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command's body and return its exit code; known failures become one line."""
+    try:
+        return int(body())
+    except (ConfigurationError, MigrationError) as error:
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 2
+    except UNAVAILABLE_ERRORS as error:
+        print(f"{PROGRAM}: the database is not reachable: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file or a port, say: not the database
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
