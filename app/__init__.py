@@ -91,11 +91,10 @@ def _enforced(operation: dict[str, Any], method: str, *, open_route: bool) -> No
 
 
 def _replace(node: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """Replace, in place, every schema equal to `old` within `node` by a copy of `new`."""
+    """Replace, in place, every schema that is `old` (titled or not) within `node` by `new`."""
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
     for child in children:
-        if child == old:
-            child.clear()
+        if isinstance(child, dict) and child.get("anyOf") == old["anyOf"]:
             child.update(copy.deepcopy(new))
         else:
             _replace(child, old, new)
@@ -129,6 +128,7 @@ def create_app(settings: Settings) -> PaymentApp:
     app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
     _install_lifecycle(app)
     _install_request_hooks(app)
+    _install_strict_paths(app)
     _install_error_handlers(app)
     _install_operational_routes(app)
     return app
@@ -219,6 +219,16 @@ def _install_request_hooks(app: PaymentApp) -> None:
                 },
             )
         return response
+
+
+def _install_strict_paths(app: PaymentApp) -> None:
+    # A path with an empty segment names no resource. Werkzeug would redirect `/payments//1` to a
+    # Location built from the Host header (merge_slashes, off above), and its request.path has a
+    # leading `//` already stripped: the path as sent is the ASGI scope's.
+    @app.before_request
+    async def refuse_empty_segments() -> None:
+        if "//" in request.scope["path"]:
+            raise NotFound()
 
 
 def _problem_response(error: APIError) -> Response:

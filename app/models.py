@@ -274,7 +274,16 @@ IdempotencyKey = Annotated[
     Strict(),
     Field(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS, pattern=r"^[\x20-\x7e]+$"),
 ]
-TripId = Annotated[int, Strict(), Field(ge=1, le=INT64_MAX)]
+
+
+def integral_number(value: object) -> object:
+    """A JSON number with a zero fraction (`101.0`, `1e2`) is the integer JSON Schema says it is."""
+    if not isinstance(value, Decimal) or not value.is_finite() or value.adjusted() > 18:
+        return value  # left to the strict int validation (and its 400)
+    return int(value) if value == value.to_integral_value() else value
+
+
+TripId = Annotated[int, Strict(), Field(ge=1, le=INT64_MAX), BeforeValidator(integral_number)]
 Currency = Annotated[str, Strict(), Field(pattern=r"^[A-Z]{3}$")]
 Metadata = Annotated[
     dict[str, Any],

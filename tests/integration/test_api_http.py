@@ -8,6 +8,7 @@ import json
 import re
 import tracemalloc
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -366,6 +367,32 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
         ("/payments/{payment_id}/settlement", "post"),
     ]:
         assert method in paths.get(path, {}), (path, method, sorted(paths))
+
+
+async def test_openapi_document_says_what_is_enforced(api_factory: Any) -> None:
+    api: RunningApi = await api_factory(api_keys=("k1",), max_payment_amount=Decimal("2500.50"))
+    document = (await api.client.get("/openapi.json")).json()
+    paths = document["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if not path.startswith("/payments"):
+                assert operation.get("security") == [], (path, method)
+            if method != "post":
+                continue
+            assert operation["requestBody"]["required"] is True, (path, method)
+            (header,) = [p for p in operation["parameters"] if p["in"] == "header"]
+            assert header["name"] == "Idempotency-Key" and header["required"] is False
+            assert re.fullmatch(header["schema"]["pattern"], '"k-\\"1\\""'), header
+            assert not re.fullmatch(header["schema"]["pattern"], '"k-1'), header
+    assert document["security"] == [{"bearer": []}]
+    body = paths["/payments"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    number, text = body["properties"]["amount"]["anyOf"]
+    assert number["maximum"] == 2500.5 and number["exclusiveMinimum"] == 0, number
+    assert re.fullmatch(text["pattern"], "2500.50") and not re.fullmatch(text["pattern"], "2500.51")
+    assert body["properties"]["trip_id"]["maximum"] == 2**63 - 1
+    assert body["properties"]["metadata"]["anyOf"][0]["maxProperties"] == 50
+    (parameter,) = paths["/payments/{payment_id}"]["get"]["parameters"]
+    assert parameter["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 
 
 async def test_docs_page(client: httpx.AsyncClient) -> None:

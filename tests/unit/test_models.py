@@ -198,3 +198,16 @@ def test_fingerprint_depends_on_route_params_and_body_only() -> None:
         "POST", "/payments/{payment_id}/refunds", {"payment_id": 2}, {"amount": "5.00"}
     )
     assert a != fingerprint("POST", "/payments", {"payment_id": 1}, {"amount": "5.00"})
+
+
+@pytest.mark.parametrize(("raw", "trip"), [(b"101.0", 101), (b"1.01e2", 101), (b"101", 101)])
+def test_an_integral_json_number_is_the_trip_id_json_schema_says(raw: bytes, trip: int) -> None:
+    body = parse_json_object(b'{"trip_id": ' + raw + b', "method": "CARD", "amount": 1}')
+    assert validate_model(CreatePayment, body).trip_id == trip
+
+
+@pytest.mark.parametrize("raw", [b"101.5", b"1e19", b"1e400", b'"101"', b"true", b"0.0"])
+def test_other_trip_ids_are_refused(raw: bytes) -> None:
+    body = parse_json_object(b'{"trip_id": ' + raw + b', "method": "CARD", "amount": 1}')
+    with pytest.raises(APIError):
+        validate_model(CreatePayment, body)
