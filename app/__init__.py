@@ -6,6 +6,7 @@ time. The database pool opens when the server starts serving and closes when it 
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
 import re
@@ -16,14 +17,22 @@ from typing import Any
 from quart import Response, g, request
 from quart_schema import QuartSchema, document_response, hide
 from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter, RequestRedirect
 
 from app.context import PaymentApp
 from app.errors import PROBLEM_CONTENT_TYPE, APIError, database_unavailable, problem_body
 from app.metrics import Metrics
-from app.models import DRAIN_BODY_BYTES, MAX_BODY_BYTES, Health, Liveness
+from app.models import (
+    DRAIN_BODY_BYTES,
+    INT64_MAX,
+    MAX_BODY_BYTES,
+    Health,
+    Liveness,
+    amount_schema,
+)
 from app.notifier import OutboxNotifier
-from app.routes import blueprint
+from app.routes import IDEMPOTENCY_KEY_HEADER, BodyTooLarge, PaymentIdConverter, blueprint
 from payment_service import SERVICE_NAME, __version__
 from payment_service.config import DEFAULT_CALLER, Settings
 from payment_service.database import UNAVAILABLE_ERRORS, create_pool, keep_session
@@ -43,21 +52,52 @@ _HTTP_CODES = {
 
 
 class _ProblemAwareOpenAPI(OpenAPIProvider):
-    """Error responses are documented as application/problem+json, as they are sent."""
+    """The document says what the API enforces (DESIGN §4), so that a request valid by the
+    document is never refused for a reason it hides: bodies required, the Idempotency-Key header,
+    the configured MAX_PAYMENT_AMOUNT, payment id limits, open health routes. Error responses are
+    documented as application/problem+json, as they are sent."""
 
     _cached: dict[str, Any] | None = None
+
+    def build_path_parameter(self, name: str, converter: BaseConverter) -> dict[str, Any]:
+        parameter = super().build_path_parameter(name, converter)
+        if isinstance(converter, PaymentIdConverter):
+            parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
+        return parameter
 
     def schema(self) -> dict[str, Any]:
         if self._cached is None:
             document = super().schema()
-            for operations in document.get("paths", {}).values():
-                for operation in operations.values():
-                    for status, response in operation.get("responses", {}).items():
-                        content = response.get("content", {})
-                        if int(status) >= 400 and "application/json" in content:
-                            content[PROBLEM_CONTENT_TYPE] = content.pop("application/json")
+            payments_prefix = self._app.config["API_PREFIX"] + "/payments"
+            for path, operations in document.get("paths", {}).items():
+                for method, operation in operations.items():
+                    _enforced(operation, method, open_route=not path.startswith(payments_prefix))
+            _replace(document, amount_schema(), amount_schema(self._app.config["MAX_AMOUNT"]))
             self._cached = document
         return self._cached
+
+
+def _enforced(operation: dict[str, Any], method: str, *, open_route: bool) -> None:
+    if open_route:
+        operation["security"] = []
+    if "requestBody" in operation:
+        operation["requestBody"]["required"] = True
+    if method == "post":
+        operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
+    for status, response in operation.get("responses", {}).items():
+        content = response.get("content", {})
+        if int(status) >= 400 and "application/json" in content:
+            content[PROBLEM_CONTENT_TYPE] = content.pop("application/json")
+
+
+def _replace(node: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Replace, in place, every schema that is `old` (titled or not) within `node` by `new`."""
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for child in children:
+        if isinstance(child, dict) and child.get("anyOf") == old["anyOf"]:
+            child.update(copy.deepcopy(new))
+        else:
+            _replace(child, old, new)
 
 
 def create_app(settings: Settings) -> PaymentApp:
@@ -65,6 +105,11 @@ def create_app(settings: Settings) -> PaymentApp:
     app.settings = settings
     app.metrics = Metrics()
     app.config["MAX_CONTENT_LENGTH"] = DRAIN_BODY_BYTES
+    app.config["API_PREFIX"] = settings.api_prefix
+    app.config["MAX_AMOUNT"] = settings.max_payment_amount
+    # `//payments` must not answer a redirect whose Location is built from the Host header.
+    app.url_map.merge_slashes = False
+    app.url_map.converters["payment_id"] = PaymentIdConverter
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # No per-request asyncio.wait_for around handlers (a task per request): every handler is
     # already bounded by the pool's acquire timeout and the connections' command timeout.
@@ -83,6 +128,7 @@ def create_app(settings: Settings) -> PaymentApp:
     app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
     _install_lifecycle(app)
     _install_request_hooks(app)
+    _install_strict_paths(app)
     _install_error_handlers(app)
     _install_operational_routes(app)
     return app
@@ -189,6 +235,16 @@ def _install_request_hooks(app: PaymentApp) -> None:
         return response
 
 
+def _install_strict_paths(app: PaymentApp) -> None:
+    # A path with an empty segment names no resource. Werkzeug would redirect `/payments//1` to a
+    # Location built from the Host header (merge_slashes, off above), and its request.path has a
+    # leading `//` already stripped: the path as sent is the ASGI scope's.
+    @app.before_request
+    async def refuse_empty_segments() -> None:
+        if "//" in request.scope["path"]:
+            raise NotFound()
+
+
 def _problem_response(error: APIError) -> Response:
     g.error_code = error.code
     response = Response(
@@ -205,8 +261,20 @@ def _install_error_handlers(app: PaymentApp) -> None:
     async def api_error(error: APIError) -> Response:
         return _problem_response(error)
 
+    @app.errorhandler(BodyTooLarge)
+    async def body_too_large(error: BodyTooLarge) -> Response:
+        g.error_code = error.code
+        document = problem_body(error.problem()).encode()
+        response = Response(
+            error.answer_then_drain(document), status=413, content_type=PROBLEM_CONTENT_TYPE
+        )
+        response.headers["Content-Length"] = str(len(document))
+        return response
+
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
+        if isinstance(error, RequestRedirect):  # no route redirects; never one built from Host
+            error = NotFound()
         status = error.code or 500
         code = _HTTP_CODES.get(status, "HTTP_ERROR")
         detail = {
@@ -214,7 +282,10 @@ def _install_error_handlers(app: PaymentApp) -> None:
             405: "This method is not allowed on this resource.",
             413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
         }.get(status, error.description or "")
-        return _problem_response(APIError(status, code, detail))
+        headers = {}
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return _problem_response(APIError(status, code, detail, headers=headers))
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

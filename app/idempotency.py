@@ -13,13 +13,13 @@ see or block each other's requests.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from app.errors import APIError
+from payment_service import exact_json
 from payment_service.config import DEFAULT_CALLER
 
 RETRY_AFTER_SECONDS = "1"
@@ -81,13 +81,16 @@ class StoredResponse:
 
 
 def fingerprint(method: str, route: str, params: dict[str, Any], body: dict[str, Any]) -> str:
-    """SHA-256 of the canonical request: method, route template, path params, body without key."""
-    canonical = json.dumps(
+    """SHA-256 of the canonical request: method, route template, path params, body without key.
+
+    Numbers in `body` may be Decimals (metadata keeps them exact): they are written as numbers, so
+    `{"x": 1.5}` and `{"x": "1.5"}` are different requests.
+    """
+    canonical = exact_json.dumps(
         {"method": method, "route": route, "params": params, "body": body},
         sort_keys=True,
-        separators=(",", ":"),
+        compact=True,
         ensure_ascii=False,
-        default=str,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

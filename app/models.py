@@ -1,12 +1,17 @@
 """Request parsing and the pydantic models of the API (they also generate /openapi.json).
 
-Bodies are parsed with `json.loads(parse_float=Decimal)`, so an amount never passes through a
-binary float: `0.29` is `Decimal("0.29")` from the first byte to the numeric(12,2) column.
+Bodies are parsed with every JSON number with a fraction as a Decimal, so an amount never passes
+through a binary float: `0.29` is `Decimal("0.29")` from the first byte to the numeric(12,2) column,
+and a metadata number is stored as the literal it was sent as. Input is strict (DESIGN §4):
+duplicate members, numbers Python cannot hold, exponents in amounts and non-ASCII digits are 400.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
@@ -24,11 +29,12 @@ from pydantic import (
 )
 
 from app.errors import APIError, validation_error
+from payment_service import exact_json
 
 INT64_MAX = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
-# Bodies up to this size are read to the end before a 413, so that the client can read the answer;
-# beyond it the connection is answered and closed at once.
+# Quart's own limit: a body declared larger is answered 413 and the connection closed at once. Up to
+# it, a refused body is read and dropped after the 413 (routes.BodyTooLarge), never kept.
 DRAIN_BODY_BYTES = 4 * 1024 * 1024
 METADATA_MAX_KEYS = 50
 METADATA_MAX_BYTES = 8 * 1024
@@ -40,37 +46,91 @@ PaymentStatus = Literal["PENDING", "SUCCESS", "FAILED", "PARTIALLY_REFUNDED", "R
 
 
 # -- pure parsing helpers ------------------------------------------------------------------------
+class ExponentNumber(Decimal):
+    """A JSON number written with an exponent (`1E+2`): exact in metadata, never an amount."""
+
+
+class _RefusedJSON(Exception):
+    """JSON that parses but that the API refuses (duplicate member, number out of range)."""
+
+
+# A metadata number's exponent is bounded so that PostgreSQL (whose jsonb writes numbers out in
+# full, 1E+400 as 401 digits) stores it exactly and within the metadata size limit.
+METADATA_NUMBER_MAX_EXPONENT = 1000
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
+    raise _RefusedJSON(f"{name} is not a number JSON allows.")
+
+
+def _parse_int(text: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(text) > limit:  # int() would raise past Python's digit limit
+        raise _RefusedJSON(f"A number in the body has more than {limit} digits.")
+    return int(text)
+
+
+def _parse_float(text: str) -> Decimal:
+    try:
+        return ExponentNumber(text) if "e" in text or "E" in text else Decimal(text)
+    except InvalidOperation:  # an exponent beyond what Decimal represents
+        raise _RefusedJSON("A number in the body is out of range.") from None
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _RefusedJSON(f"The member {json.dumps(name)} appears more than once.")
+            seen.add(name)
+    return document
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Parse a request body: exact decimals, no NaN/Infinity, a JSON object at the top."""
+    """Parse a request body: exact decimals, no NaN/Infinity or duplicate members, an object."""
     if not raw.strip():
         raise APIError(400, "MALFORMED_JSON", "The request body is empty; send a JSON object.")
     try:
-        value = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+        value = json.loads(
+            raw,
+            parse_float=_parse_float,
+            parse_int=_parse_int,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_object_without_duplicates,
+        )
+    except _RefusedJSON as error:
+        raise APIError(400, "MALFORMED_JSON", str(error)) from None
     except RecursionError:
         raise APIError(400, "MALFORMED_JSON", "The JSON body is nested too deeply.") from None
-    except ValueError as error:  # includes JSONDecodeError and UnicodeDecodeError
-        raise APIError(400, "MALFORMED_JSON", f"The body is not valid JSON: {error}") from None
+    except json.JSONDecodeError as error:
+        detail = (
+            f"The body is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        )
+        raise APIError(400, "MALFORMED_JSON", detail) from None
+    except UnicodeDecodeError as error:
+        detail = f"The body is not valid UTF-8 (byte {error.start})."
+        raise APIError(400, "MALFORMED_JSON", detail) from None
     if not isinstance(value, dict):
         raise APIError(400, "MALFORMED_JSON", "The body must be a JSON object.")
     return value
+
+
+# ASCII digits only (a str pattern's \d would take "\u0663"), no sign, exponent, "_" or space.
+_AMOUNT_TEXT = re.compile(r"[0-9]+(\.[0-9]{1,2})?")
 
 
 def parse_amount(value: object) -> Decimal:
     """A positive amount with at most two decimals, from a JSON number or a decimal string."""
     if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
         raise ValueError("must be a number or a decimal string")
+    if isinstance(value, ExponentNumber):
+        raise ValueError("must be written without an exponent")
     if isinstance(value, str):
-        text = value.strip()
-        if text != value or not text:
+        if not _AMOUNT_TEXT.fullmatch(value):
             raise ValueError('must be a decimal string such as "12.34"')
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            raise ValueError('must be a decimal string such as "12.34"') from None
+        value = Decimal(value)
     amount = Decimal(value)
     if not amount.is_finite():
         raise ValueError("must be a finite number")
@@ -87,7 +147,7 @@ METADATA_MAX_DEPTH = 32
 
 
 def _check_json_value(value: Any, path: str, depth: int = 0) -> Any:
-    """Metadata values: strings without NUL or lone surrogates, finite numbers, nested JSON."""
+    """Metadata values: strings without NUL or lone surrogates, exact numbers, nested JSON."""
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError(f"{path}: strings may not contain NUL characters")
@@ -99,10 +159,9 @@ def _check_json_value(value: Any, path: str, depth: int = 0) -> Any:
             ) from None
         return value
     if isinstance(value, Decimal):
-        number = float(value)
-        if number in (float("inf"), float("-inf")):
+        if not value.is_finite() or abs(value.adjusted()) > METADATA_NUMBER_MAX_EXPONENT:
             raise ValueError(f"{path}: number out of range")
-        return number
+        return value  # kept exactly: written to jsonb as the literal it was sent as
     if depth > METADATA_MAX_DEPTH:
         raise ValueError(f"{path}: nested more than {METADATA_MAX_DEPTH} levels deep")
     if isinstance(value, dict):
@@ -112,7 +171,9 @@ def _check_json_value(value: Any, path: str, depth: int = 0) -> Any:
         }
     if isinstance(value, list):
         return [_check_json_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
         return value
     raise ValueError(f"{path}: not a JSON value")
 
@@ -123,33 +184,111 @@ def parse_metadata(value: object) -> dict[str, Any]:
     if len(value) > METADATA_MAX_KEYS:
         raise ValueError(f"may have at most {METADATA_MAX_KEYS} keys")
     checked = _check_json_value(value, "metadata")
-    size = len(json.dumps(checked, ensure_ascii=False).encode("utf-8"))
+    size = len(exact_json.dumps(checked, ensure_ascii=False).encode("utf-8"))
     if size > METADATA_MAX_BYTES:
         raise ValueError(f"may be at most {METADATA_MAX_BYTES} bytes encoded (got {size})")
     return checked  # type: ignore[no-any-return]
 
 
 # -- field types ---------------------------------------------------------------------------------
-_AMOUNT_SCHEMA = {
+AMOUNT_LIMIT = Decimal("1000000000000")  # parse_amount's own bound; the API's is the setting
+
+
+def integers_below(digits: str) -> list[str]:
+    """Regex alternatives for the integers from 1 up to `digits` - 1, written without leading 0."""
+    alternatives = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) >= 2 else []
+    for position, digit in enumerate(digits):
+        lowest = 1 if position == 0 else 0
+        if int(digit) > lowest:
+            rest = len(digits) - position - 1
+            tail = f"[0-9]{{{rest}}}" if rest else ""
+            alternatives.append(f"{digits[:position]}[{lowest}-{int(digit) - 1}]{tail}")
+    return alternatives
+
+
+def amount_pattern(maximum: Decimal) -> str:
+    """The decimal strings parse_amount takes whose value is in (0, maximum] (maximum ≥ 1)."""
+    whole, cents = divmod(int(maximum.quantize(CENT) * 100), 100)
+    tens, units = divmod(cents, 10)
+    fraction = f"{tens}[0-{units}]?" if tens == 0 else f"[0-{tens - 1}][0-9]?|{tens}[0-{units}]?"
+    branches = [
+        r"0+\.(0[1-9]|[1-9][0-9]?)",  # 0.01 to 0.99
+        rf"0*{whole}(\.({fraction}))?",  # the maximum's own whole part
+    ]
+    below = integers_below(str(whole))
+    if below:
+        branches.insert(0, rf"0*({'|'.join(below)})(\.[0-9]{{1,2}})?")
+    return "^(" + "|".join(branches) + ")$"
+
+
+def amount_schema(maximum: Decimal = AMOUNT_LIMIT) -> dict[str, Any]:
+    """A JSON number (no exponent) or a decimal string, more than 0 and at most `maximum`."""
+    return {
+        "anyOf": [
+            {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": int(maximum) if maximum == maximum.to_integral() else float(maximum),
+                "multipleOf": 0.01,
+            },
+            {"type": "string", "pattern": amount_pattern(maximum)},
+        ],
+        "examples": [150.00, "12.34"],
+    }
+
+
+# Strings the API stores: no NUL (PostgreSQL text cannot hold it).
+_TEXT_PATTERN = r"^[^\x00]*$"
+_METADATA_SCALAR = {
     "anyOf": [
-        {"type": "number", "exclusiveMinimum": 0, "multipleOf": 0.01},
-        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
-    ],
-    "examples": [150.00, "12.34"],
+        {"type": "string", "pattern": _TEXT_PATTERN},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
 }
-Amount = Annotated[Decimal, BeforeValidator(parse_amount), WithJsonSchema(_AMOUNT_SCHEMA)]
+_METADATA_SCHEMA = {
+    "type": "object",
+    "description": (
+        f"Any JSON object: at most {METADATA_MAX_KEYS} keys, {METADATA_MAX_BYTES} bytes encoded "
+        f"and {METADATA_MAX_DEPTH} levels deep; strings without NUL; numbers are kept exactly."
+    ),
+    "maxProperties": METADATA_MAX_KEYS,
+    "propertyNames": {"pattern": _TEXT_PATTERN},
+    "additionalProperties": {
+        "anyOf": [
+            *_METADATA_SCALAR["anyOf"],
+            {"type": "array", "items": _METADATA_SCALAR},
+            {
+                "type": "object",
+                "propertyNames": {"pattern": _TEXT_PATTERN},
+                "additionalProperties": _METADATA_SCALAR,
+            },
+        ]
+    },
+}
+Amount = Annotated[Decimal, BeforeValidator(parse_amount), WithJsonSchema(amount_schema())]
 MoneyOut = Annotated[Decimal, WithJsonSchema({"type": "number", "examples": [150.0]})]
 IdempotencyKey = Annotated[
     str,
     Strict(),
     Field(min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS, pattern=r"^[\x20-\x7e]+$"),
 ]
-TripId = Annotated[int, Strict(), Field(ge=1, le=INT64_MAX)]
+
+
+def integral_number(value: object) -> object:
+    """A JSON number with a zero fraction (`101.0`, `1e2`) is the integer JSON Schema says it is."""
+    if not isinstance(value, Decimal) or not value.is_finite() or value.adjusted() > 18:
+        return value  # left to the strict int validation (and its 400)
+    return int(value) if value == value.to_integral_value() else value
+
+
+TripId = Annotated[int, Strict(), Field(ge=1, le=INT64_MAX), BeforeValidator(integral_number)]
 Currency = Annotated[str, Strict(), Field(pattern=r"^[A-Z]{3}$")]
 Metadata = Annotated[
     dict[str, Any],
     BeforeValidator(parse_metadata),
-    WithJsonSchema({"type": "object", "maxProperties": METADATA_MAX_KEYS}),
+    WithJsonSchema(_METADATA_SCHEMA),
 ]
 
 
@@ -189,7 +328,9 @@ class Settle(_Request):
         Annotated[str, Strict(), Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")]
         | None
     ) = None
-    failure_reason: Annotated[str, Strict(), Field(min_length=1, max_length=500)] | None = None
+    failure_reason: (
+        Annotated[str, Strict(), Field(min_length=1, max_length=500, pattern=_TEXT_PATTERN)] | None
+    ) = None
 
     @field_validator("failure_reason")
     @classmethod

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from quart import Blueprint, Response, g, request
+from quart.wrappers.request import Body
 from quart_schema import document_querystring, document_request, document_response
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
 
 from app import payments, refunds, service
 from app.context import current_payment_app
 from app.errors import PROBLEM_CONTENT_TYPE, APIError
 from app.idempotency import Guard, IdempotencyKey, fingerprint, request_path
 from app.models import (
+    DRAIN_BODY_BYTES,
     INT64_MAX,
     MAX_BODY_BYTES,
     CreatePayment,
@@ -25,6 +32,7 @@ from app.models import (
     RefundList,
     RefundResult,
     Settle,
+    integers_below,
     parse_json_object,
     validate_model,
 )
@@ -32,6 +40,7 @@ from app.models import Payment as PaymentDocument
 
 JSON = "application/json"
 ERRORS_POST = (400, 401, 409, 413, 415, 422, 503)
+DRAIN_SECONDS = 10  # how long a refused body is read and dropped before the connection closes
 
 blueprint = Blueprint("payments", __name__)
 
@@ -49,22 +58,110 @@ def _document_errors(*statuses: int) -> Callable[[F], F]:
 
 
 # -- request plumbing ----------------------------------------------------------------------------
+class PaymentIdConverter(BaseConverter):
+    """`<payment_id:…>`: ASCII digits without a leading zero that fit a bigint; else no match (404).
+
+    Werkzeug's `int` converter takes `007`, the Arabic-Indic digit three and any size.
+    """
+
+    # The ids 1 to INT64_MAX, spelled out: a converter's ValidationError would turn into a 405.
+    regex = "|".join(integers_below(str(INT64_MAX + 1)))
+    part_isolating = True
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: Any) -> str:
+        return str(int(value))
+
+
+class BodyTooLarge(APIError):
+    """413 PAYLOAD_TOO_LARGE, decided without keeping the body: from Content-Length before a
+    byte is read, or as soon as a chunked body passes MAX_BODY_BYTES."""
+
+    def __init__(self, body: Body) -> None:
+        detail = f"The body is larger than {MAX_BODY_BYTES} bytes."
+        super().__init__(413, "PAYLOAD_TOO_LARGE", detail)
+        self._body = body
+
+    async def answer_then_drain(self, document: bytes) -> AsyncIterator[bytes]:
+        """Send the answer at once, then read and drop what the client still sends (up to
+        DRAIN_BODY_BYTES): closing on unread data would reset the connection, and a client still
+        sending would lose the 413. Beyond that, Quart has refused the body already."""
+        yield document
+        drained = 0
+        with contextlib.suppress(RequestEntityTooLarge, TimeoutError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for chunk in self._body:
+                    drained += len(chunk)
+                    if drained > DRAIN_BODY_BYTES:
+                        break
+
+
 async def _json_body() -> dict[str, Any]:
     mimetype = request.mimetype
     if mimetype != JSON and not (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
         raise APIError(415, "UNSUPPORTED_MEDIA_TYPE", "Send the body as application/json.")
-    raw = await request.get_data(as_text=False)
-    assert isinstance(raw, bytes)
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, "PAYLOAD_TOO_LARGE", f"The body is larger than {MAX_BODY_BYTES} bytes.")
-    return parse_json_object(raw)
+    body = request.body
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise BodyTooLarge(body)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in body:  # past MAX_CONTENT_LENGTH (declared), Quart raises a 413 itself
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(body)
+        parts.append(chunk)
+    return parse_json_object(b"".join(parts))
+
+
+# RFC 8941 sf-string (the Idempotency-Key draft's form): printable ASCII in quotes, with \" and
+# \\ escaped.
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+
+
+IDEMPOTENCY_KEY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "The idempotency key, instead of the body's idempotency_key (one of them is required; "
+        'both must then be equal). A quoted structured-field string "abc" is the key abc.'
+    ),
+    "schema": {
+        "type": "string",
+        "pattern": (
+            r"^([\x21\x23-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?"
+            r'|"([\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255}")$'
+        ),
+    },
+}
+
+
+def _header_key() -> str | None:
+    """The Idempotency-Key header's key: sent once, bare or as a structured-field string."""
+    values = request.headers.getlist("Idempotency-Key")
+    if len(values) > 1:
+        raise APIError(
+            400, "IDEMPOTENCY_KEY_INVALID", "Send one Idempotency-Key header, not several."
+        )
+    if not values or not values[0].startswith('"'):
+        return values[0] if values else None
+    quoted = _SF_STRING.fullmatch(values[0])
+    if quoted is None:
+        raise APIError(
+            400,
+            "IDEMPOTENCY_KEY_INVALID",
+            'The quoted Idempotency-Key header is not a structured-field string such as "abc".',
+        )
+    return re.sub(r"\\(.)", r"\1", quoted.group(1))
 
 
 def _idempotency_key(data: dict[str, Any]) -> str:
     """The key from the body or the Idempotency-Key header (validated with the body model)."""
-    header = request.headers.get("Idempotency-Key")
+    header = _header_key()
     body = data.get("idempotency_key")
     if header is not None and body is not None and header != body:
         raise APIError(
@@ -85,7 +182,10 @@ def _idempotency_key(data: dict[str, Any]) -> str:
 
 def _guard(key: str, route: str, params: dict[str, Any], model: Any) -> Guard:
     app = current_payment_app()
-    body = model.model_dump(mode="json", exclude={"idempotency_key"}, exclude_none=True)
+    body = model.model_dump(mode="json", exclude={"idempotency_key", "metadata"}, exclude_none=True)
+    metadata = getattr(model, "metadata", None)
+    if metadata is not None:  # its numbers stay exact Decimals, not strings
+        body["metadata"] = metadata
     return Guard(
         key=IdempotencyKey.from_key(key, g.caller),  # the scope: set by the auth hook
         path=request_path("POST", route),
@@ -107,12 +207,6 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
     elif outcome.status < 300:
         app.notifier.poke()  # every successful write committed an outbox event
     return response
-
-
-def _check_id(payment_id: int) -> int:
-    if payment_id > INT64_MAX:
-        raise service.payment_not_found(payment_id)
-    return payment_id
 
 
 # -- write endpoints -----------------------------------------------------------------------------
@@ -142,7 +236,7 @@ async def post_payment() -> Response:
     return _answer(outcome, "/payments")
 
 
-@blueprint.post("/payments/<int:payment_id>/refunds")
+@blueprint.post("/payments/<payment_id:payment_id>/refunds")
 @document_request(CreateRefund)
 @document_response(RefundResult, 200)
 @_document_errors(404, *ERRORS_POST)
@@ -157,7 +251,7 @@ async def post_refund(payment_id: int) -> Response:
     return _answer(outcome, "/payments/{payment_id}/refunds")
 
 
-@blueprint.post("/payments/<int:payment_id>/settlement")
+@blueprint.post("/payments/<payment_id:payment_id>/settlement")
 @document_request(Settle)
 @document_response(PaymentDocument, 200)
 @_document_errors(404, *ERRORS_POST)
@@ -182,29 +276,29 @@ async def _payment_write(
     model = validate_model(model_type, data)
     guard = _guard(key, route, {"payment_id": payment_id}, model)
     pool = current_payment_app().pool
-    return await operation(pool, _check_id(payment_id), model, guard=guard)
+    return await operation(pool, payment_id, model, guard=guard)
 
 
 # -- read endpoints ------------------------------------------------------------------------------
-@blueprint.get("/payments/<int:payment_id>")
+@blueprint.get("/payments/<payment_id:payment_id>")
 @document_response(PaymentWithRefunds, 200)
 @_document_errors(401, 404, 503)
 async def get_payment(payment_id: int) -> Response:
     """A payment with its refunds."""
     async with current_payment_app().connection() as conn:
-        body = await payments.select_payment_document(conn, payment_id=_check_id(payment_id))
+        body = await payments.select_payment_document(conn, payment_id=payment_id)
     if body is None:
         raise service.payment_not_found(payment_id)
     return Response(body, content_type=JSON)
 
 
-@blueprint.get("/payments/<int:payment_id>/refunds")
+@blueprint.get("/payments/<payment_id:payment_id>/refunds")
 @document_response(RefundList, 200)
 @_document_errors(401, 404, 503)
 async def get_refunds(payment_id: int) -> Response:
     """The refunds of a payment, oldest first."""
     async with current_payment_app().connection() as conn:
-        body = await refunds.select_refunds_document(conn, payment_id=_check_id(payment_id))
+        body = await refunds.select_refunds_document(conn, payment_id=payment_id)
     if body is None:
         raise service.payment_not_found(payment_id)
     return Response(body, content_type=JSON)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -15,6 +14,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+
+from payment_service import exact_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ ACQUIRE_TIMEOUT_SECONDS = 5
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb comes back as text (passed through to clients untouched) and goes in from Python
-    # objects; json.dumps never sees a float because amounts are numeric strings or Decimals.
+    # objects; a Decimal (a metadata number) is written as its exact literal, never as a float.
     await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=lambda text: text, schema="pg_catalog"
+        "jsonb", encoder=exact_json.dumps, decoder=lambda text: text, schema="pg_catalog"
     )
 
 

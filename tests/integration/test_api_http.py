@@ -3,9 +3,12 @@ problem+json everywhere, API_PREFIX, /health, /metrics, /openapi.json and /docs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import tracemalloc
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -122,6 +125,55 @@ async def test_3mb_body_without_content_length_is_413(
     assert (await client.get("/health")).status_code == 200
 
 
+def _streamed_body(*, chunks: int) -> tuple[Any, int]:
+    """A body of `chunks` blocks of 64 KiB streamed from one buffer, and its size."""
+    chunk, head, tail = b"x" * 65536, b'{"metadata": {"blob": "', b'"}}'
+
+    async def stream():  # type: ignore[no-untyped-def]
+        yield head
+        for _ in range(chunks):
+            yield chunk
+        yield tail
+
+    return stream(), len(head) + chunks * len(chunk) + len(tail)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_oversize_body_is_refused_without_buffering_it(
+    client: httpx.AsyncClient, db: asyncpg.Connection, declared: bool
+) -> None:
+    # The server runs in this process, so what it keeps of a 3 MiB body shows in tracemalloc.
+    stream, size = _streamed_body(chunks=60)
+    headers = {"Content-Type": "application/json"}
+    if declared:
+        headers["Content-Length"] = str(size)
+    tracemalloc.start()
+    try:
+        response = await client.post("/payments", content=stream, headers=headers)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_problem(response, 413, "PAYLOAD_TOO_LARGE")  # still readable by the client
+    assert peak < 2 * 1024 * 1024, f"{peak} bytes held while refusing a {size}-byte body"
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
+
+
+async def test_declared_oversize_body_is_refused_before_it_is_sent(api: RunningApi) -> None:
+    # Only the headers and a few bytes of a declared 1 MiB body: the 413 needs no more of it.
+    host, port = api.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /payments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1048576\r\n\r\n{"metadata": '
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 20)
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413"), status_line
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -195,6 +247,46 @@ async def test_routing_errors_are_problems(
     client: httpx.AsyncClient, method: str, path: str, status: int
 ) -> None:
     assert_problem(await client.request(method, path), status)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/payments", {"GET", "HEAD", "POST"}),
+        ("PUT", "/payments/1", {"GET", "HEAD"}),
+        ("GET", "/payments/1/settlement", {"POST"}),
+        ("POST", "/health", {"GET", "HEAD"}),
+    ],
+)
+async def test_405_names_the_allowed_methods(
+    client: httpx.AsyncClient, method: str, path: str, allowed: set[str]
+) -> None:
+    response = await client.request(method, path)
+    assert_problem(response, 405, "METHOD_NOT_ALLOWED")
+    assert {m.strip() for m in response.headers.get("allow", "").split(",")} == allowed
+
+
+async def _raw_get(api: RunningApi, target: bytes, host: bytes) -> bytes:
+    """The status line and headers of GET `target` sent as is (no client normalises it)."""
+    address, port = api.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "target", [b"//payments", b"/payments//1", b"//health", b"/health//live", b"///payments"]
+)
+async def test_empty_path_segments_never_redirect_to_the_host_header(
+    api: RunningApi, target: bytes
+) -> None:
+    head = await _raw_get(api, target, host=b"attacker.invalid")
+    assert head.startswith(b"HTTP/1.1 404"), head
+    assert b"attacker.invalid" not in head and b"location:" not in head.lower(), head
 
 
 # -- API_PREFIX ----------------------------------------------------------------------------------
@@ -275,6 +367,32 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
         ("/payments/{payment_id}/settlement", "post"),
     ]:
         assert method in paths.get(path, {}), (path, method, sorted(paths))
+
+
+async def test_openapi_document_says_what_is_enforced(api_factory: Any) -> None:
+    api: RunningApi = await api_factory(api_keys=("k1",), max_payment_amount=Decimal("2500.50"))
+    document = (await api.client.get("/openapi.json")).json()
+    paths = document["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if not path.startswith("/payments"):
+                assert operation.get("security") == [], (path, method)
+            if method != "post":
+                continue
+            assert operation["requestBody"]["required"] is True, (path, method)
+            (header,) = [p for p in operation["parameters"] if p["in"] == "header"]
+            assert header["name"] == "Idempotency-Key" and header["required"] is False
+            assert re.fullmatch(header["schema"]["pattern"], '"k-\\"1\\""'), header
+            assert not re.fullmatch(header["schema"]["pattern"], '"k-1'), header
+    assert document["security"] == [{"bearer": []}]
+    body = paths["/payments"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    number, text = body["properties"]["amount"]["anyOf"]
+    assert number["maximum"] == 2500.5 and number["exclusiveMinimum"] == 0, number
+    assert re.fullmatch(text["pattern"], "2500.50") and not re.fullmatch(text["pattern"], "2500.51")
+    assert body["properties"]["trip_id"]["maximum"] == 2**63 - 1
+    assert body["properties"]["metadata"]["anyOf"][0]["maxProperties"] == 50
+    (parameter,) = paths["/payments/{payment_id}"]["get"]["parameters"]
+    assert parameter["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 
 
 async def test_docs_page(client: httpx.AsyncClient) -> None:

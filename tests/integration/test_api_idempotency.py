@@ -179,6 +179,20 @@ async def test_same_key_different_body_is_422_and_runs_nothing(
     assert await db.fetchval("SELECT count(*) FROM outbox_events") == 1
 
 
+async def test_a_metadata_number_and_the_same_digits_as_a_string_are_different_requests(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """Metadata keeps numbers exact, and so does the fingerprint: 1.5 is not "1.5"."""
+    body = payment_body(metadata={"tip": Decimal("1.5")})
+    first = await post_json(client, "/payments", body)
+    assert first.status_code == 200, first.text
+    assert_replay(first, await post_json(client, "/payments", body))
+    for other in ("1.5", Decimal("1.50")):
+        response = await post_json(client, "/payments", {**body, "metadata": {"tip": other}})
+        assert_problem(response, 422, "IDEMPOTENCY_KEY_REUSED")
+    assert await db.fetchval("SELECT count(*) FROM payments") == 1
+
+
 async def test_same_key_on_another_endpoint_is_422(
     client: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from decimal import Decimal
 
 import pytest
@@ -12,11 +13,13 @@ from app.errors import APIError
 from app.idempotency import IdempotencyKey, fingerprint
 from app.models import (
     CreatePayment,
+    amount_pattern,
     parse_amount,
     parse_json_object,
     parse_metadata,
     validate_model,
 )
+from payment_service import exact_json
 
 
 @pytest.mark.parametrize(
@@ -76,11 +79,75 @@ def test_metadata_limits() -> None:
         {"big": "x" * 9000},
         {"nul": "a\x00b"},
         {"surrogate": "\ud800"},
-        {"huge": Decimal("1e400")},
+        {"huge": Decimal("1e1001")},
+        {"tiny": Decimal("1e-1001")},
         [1],
     ):
         with pytest.raises(ValueError):
             parse_metadata(bad)
+
+
+def test_metadata_numbers_are_kept_exactly() -> None:
+    sent = b'{"x": 0.1000000000000000055511151231257827, "n": 1e400, "i": ' + b"9" * 400 + b"}"
+    metadata = parse_metadata(parse_json_object(sent))
+    assert metadata["x"] == Decimal("0.1000000000000000055511151231257827")
+    assert metadata["n"] == Decimal("1e400")
+    assert metadata["i"] == 10**400 - 1
+    assert exact_json.dumps(metadata) == sent.decode().replace("1e400", "1E+400")
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"amount": 1, "amount": 2}', '"amount" appears more than once'),
+        (b'{"m": {"a": 1, "b": {"a": 2}, "a": 3}}', '"a" appears more than once'),
+        (b'{"amount": 1e99999999999999999999999999}', "out of range"),
+        (b'{"m": [1e-99999999999999999999999999]}', "out of range"),
+        (b'{"trip_id": ' + b"9" * 5000 + b"}", "digits"),
+        (b'{"trip_id": ', "Expecting value at line 1, column 13"),
+        (b'{"a": 1} x', "Extra data at line 1, column 10"),
+        (b'{"k": "\xff"}', "not valid UTF-8"),
+    ],
+)
+def test_refused_json_says_why_without_python_internals(raw: bytes, detail: str) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_json_object(raw)
+    assert caught.value.status == 400
+    assert detail in caught.value.detail, caught.value.detail
+    for internal in ("Error", "sys.set_int_max_str_digits", "<class", "char "):
+        assert internal not in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["1E+2", "1e2", "\u0663", "1_0", "+1", "-1", "1.", ".5", "1.5\n", "1,5", "١٢.٣٤", "0x10"],
+)
+def test_amount_strings_are_ascii_decimals_only(raw: str) -> None:
+    with pytest.raises(ValueError):
+        parse_amount(raw)
+
+
+@pytest.mark.parametrize("raw", [b"1E+2", b"1e2", b"1.5e1", b"100e-2"])
+def test_amount_numbers_with_an_exponent_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="exponent"):
+        parse_amount(parse_json_object(b'{"a": ' + raw + b"}")["a"])
+
+
+@pytest.mark.parametrize("maximum", ["1000000.00", "250.37", "1", "9.99", "10.5", "99999.90"])
+def test_amount_pattern_takes_exactly_the_amounts_up_to_the_maximum(maximum: str) -> None:
+    limit = Decimal(maximum)
+    pattern = re.compile(amount_pattern(limit))
+    whole = int(limit)
+    candidates = {"0", "0.0", "0.00", "0.01", "00.5", "1.", "", "1e2", "\u0663", " 1", "1.005"}
+    for number in [*range(0, 120), *range(whole - 3, whole + 3), whole * 10]:
+        for fraction in ["", ".0", ".9", ".00", ".01", ".36", ".37", ".38", ".89", ".99"]:
+            candidates |= {f"{number}{fraction}", f"00{number}{fraction}"}
+    for text in candidates:
+        try:
+            accepted = parse_amount(text) <= limit
+        except ValueError:
+            accepted = False
+        assert bool(pattern.fullmatch(text)) == accepted, (maximum, text)
 
 
 def test_deep_metadata_is_a_validation_error_not_a_crash() -> None:
@@ -131,3 +198,16 @@ def test_fingerprint_depends_on_route_params_and_body_only() -> None:
         "POST", "/payments/{payment_id}/refunds", {"payment_id": 2}, {"amount": "5.00"}
     )
     assert a != fingerprint("POST", "/payments", {"payment_id": 1}, {"amount": "5.00"})
+
+
+@pytest.mark.parametrize(("raw", "trip"), [(b"101.0", 101), (b"1.01e2", 101), (b"101", 101)])
+def test_an_integral_json_number_is_the_trip_id_json_schema_says(raw: bytes, trip: int) -> None:
+    body = parse_json_object(b'{"trip_id": ' + raw + b', "method": "CARD", "amount": 1}')
+    assert validate_model(CreatePayment, body).trip_id == trip
+
+
+@pytest.mark.parametrize("raw", [b"101.5", b"1e19", b"1e400", b'"101"', b"true", b"0.0"])
+def test_other_trip_ids_are_refused(raw: bytes) -> None:
+    body = parse_json_object(b'{"trip_id": ' + raw + b', "method": "CARD", "amount": 1}')
+    with pytest.raises(APIError):
+        validate_model(CreatePayment, body)
