@@ -1,10 +1,9 @@
 """A lean HTTP/1.1 client for callbacks: one URL, keep-alive connections, one write per request.
 
-Why not httpx: on the 2-core machine this service targets, an `httpx.AsyncClient` POST measured
-about 300 µs of CPU even over a minimal transport, and several milliseconds through httpcore's
-pool (which polls every idle connection with a system call on every request); this client takes
-about 15 µs. At 2,000 callbacks/s that difference is most of a core. It does only what the relay
-needs: POST a body to one URL (http or https) and read the status, headers and a bounded body.
+Why not httpx or aiohttp: their CPU per request was most of the relay's budget at the target rate
+(docs/benchmarks.md, section "Relay", has the measurements). This client does only what
+the relay needs: POST a body to one URL (http or https) and read the status, headers and a
+bounded body, treating every malformed answer as a failed attempt.
 """
 
 from __future__ import annotations
