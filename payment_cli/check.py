@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TextIO
+from typing import TextIO
 
 import asyncpg
 
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect
+from payment_service.sql import Statement
 
 EXAMPLES_PER_CHECK = 20
 REPORT_WIDTH = 100
@@ -314,19 +314,20 @@ SELECT (SELECT count(*) FROM payments)                                      AS p
 """
 
 
-_PARAMETER = re.compile(r"(?<!:):([a-z_]+)\b")
+def _violations(check: Check) -> Statement:
+    """The statement that runs a check: its first `:examples` violations and their total."""
+    return Statement(
+        f"""
+        SELECT id::text AS id, detail, count(*) OVER () AS total
+        FROM ({check.sql}) AS violations
+        ORDER BY violations.id
+        LIMIT :examples
+        """
+    )
 
 
-def _bind(sql: str, **values: Any) -> tuple[str, list[Any]]:
-    """Turn `:name` parameters into asyncpg's `$n`, in order of first use."""
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match[1] not in names:
-            names.append(match[1])
-        return f"${names.index(match[1]) + 1}"
-
-    return _PARAMETER.sub(number, sql), [values[name] for name in names]
+# Compiled once, at import; the text sent is the same on every run.
+STATEMENTS = {check.name: _violations(check) for check in CHECKS}
 
 
 @dataclass
@@ -371,15 +372,12 @@ async def check_database(
             if outbox_retention_hours > 0
             else checked_at
         )
+        windows = {"keys_since": keys_since, "events_since": events_since, "examples": examples}
         for check in CHECKS:
-            query = f"""
-                SELECT id::text AS id, detail, count(*) OVER () AS total
-                FROM ({check.sql}) AS violations
-                ORDER BY violations.id
-                LIMIT {int(examples)}
-            """
-            query, args = _bind(query, keys_since=keys_since, events_since=events_since)
-            rows = await conn.fetch(query, *args)
+            statement = STATEMENTS[check.name]
+            rows = await conn.fetch(
+                statement.sql, *statement.args(**{name: windows[name] for name in statement.names})
+            )
             total = int(rows[0]["total"]) if rows else 0
             results.append(
                 CheckResult(
