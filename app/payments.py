@@ -6,7 +6,7 @@ without an explicit transaction. The relay is woken after the commit (app.notifi
 They are composed of named fragments (the key's in app.idempotency, the payment's outbox event
 here, which app.refunds uses too) and compiled once at import (payment_service.sql), so each reads
 on its own and no `$n` spans modules. Documents are built by the SQL functions of the schema
-(`payment_json`, `payment_event_json`) and come back as jsonb text, sent
+(`payment_json`, `payment_event_json`, `payment_refunds_json`) and come back as jsonb text, sent
 as is.
 """
 
@@ -202,10 +202,7 @@ async def select_payment_document(conn: asyncpg.Connection, *, payment_id: int) 
     """GET /payments/{id}: the payment with its refunds, oldest refund first."""
     return await conn.fetchval(  # type: ignore[no-any-return]
         """
-        SELECT payment_json(p) || jsonb_build_object(
-                   'refunds', coalesce((SELECT jsonb_agg(refund_json(r) ORDER BY r.refund_id)
-                                          FROM payment_refunds AS r
-                                         WHERE r.payment_id = p.payment_id), '[]'::jsonb))
+        SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
           FROM payments AS p
          WHERE p.payment_id = $1
         """,

@@ -2,7 +2,8 @@
 
 A refund is one statement, like a payment (app.payments): refund row, payment totals, the payment's
 outbox event (app.payments.PAYMENT_EVENT, with the refund's fields) and the key's stored answer
-(app.idempotency.STORE_ANSWER), composed by name (payment_service.sql).
+(app.idempotency.STORE_ANSWER), composed by name (payment_service.sql). A payment's refunds as a
+JSON list are the schema's `payment_refunds_json`, which GET /payments/{id} uses too.
 """
 
 from __future__ import annotations
@@ -85,11 +86,8 @@ async def select_refunds_document(conn: asyncpg.Connection, *, payment_id: int) 
     """GET /payments/{id}/refunds: None when the payment does not exist."""
     return await conn.fetchval(  # type: ignore[no-any-return]
         """
-        SELECT jsonb_build_object(
-                   'payment_id', p.payment_id,
-                   'data', coalesce((SELECT jsonb_agg(refund_json(r) ORDER BY r.refund_id)
-                                       FROM payment_refunds AS r
-                                      WHERE r.payment_id = p.payment_id), '[]'::jsonb))
+        SELECT jsonb_build_object('payment_id', p.payment_id,
+                                  'data', payment_refunds_json(p.payment_id))
           FROM payments AS p
          WHERE p.payment_id = $1
         """,

@@ -1,9 +1,11 @@
-"""The relay's SQL on `outbox_events` (and the expired idempotency keys it purges).
+"""The relay's SQL on `outbox_events`.
 
 Every function takes the connection first and runs one short statement: no transaction is ever
 held open while a callback is in flight. A claim leases rows with a token; every later write to a
 claimed row checks that token, so a relay whose lease ran out cannot overwrite a newer claim.
-The statements are module constants so that the tests can EXPLAIN exactly what runs.
+The statements are module constants so that the tests can EXPLAIN exactly what runs; each is
+whole, its `$n` numbered in place. The API's tables are not read here: housekeeping purges expired
+idempotency keys through the schema's `purge_expired_idempotency_keys` (db/migrations/0005).
 """
 
 from __future__ import annotations
@@ -165,16 +167,6 @@ DELETE FROM outbox_events
    AND delivered_at < now() - make_interval(secs => $1)
 """
 
-DELETE_EXPIRED_KEYS_SQL = """
-DELETE FROM idempotency_keys
- WHERE key_hash = ANY (ARRAY(SELECT key_hash
-                               FROM idempotency_keys
-                              WHERE expires_at < now()
-                              ORDER BY expires_at
-                              LIMIT $1))
-   AND expires_at < now()
-"""
-
 
 @dataclass(slots=True)
 class ClaimedEvent:
@@ -328,10 +320,4 @@ async def delete_delivered_events(
 ) -> int:
     """Delete up to `limit` events delivered more than `older_than_hours` ago."""
     result = await conn.execute(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
-    return int(result.split()[-1])
-
-
-async def delete_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
-    """Delete up to `limit` idempotency keys past their expiry."""
-    result = await conn.execute(DELETE_EXPIRED_KEYS_SQL, limit)
     return int(result.split()[-1])
