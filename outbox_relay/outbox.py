@@ -108,25 +108,32 @@ UPDATE outbox_events AS o
    AND o.claim_token = c.claim_token
 """
 
-GAUGES_SQL = """
-SELECT (SELECT count(*) FROM outbox_events WHERE status = 'PENDING') AS pending,
-       (SELECT extract(epoch FROM now() - min(created_at))::float8
-          FROM outbox_events
-         WHERE status = 'PENDING') AS oldest_pending_age,
+# The undelivered part of the outbox, counted once for the relay's gauges (every few seconds),
+# `outbox stats` and `payment-service check`: PENDING rows by state and DEAD rows, both read
+# through their partial indexes, so the cost follows the backlog, not the retained history.
+BACKLOG_SQL = """
+SELECT count(*) AS pending,
+       count(*) FILTER (WHERE locked_until > now()) AS in_flight,
+       count(*) FILTER (WHERE next_attempt_at <= now()
+                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
+       count(*) FILTER (WHERE attempts > 0) AS retrying,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age_seconds,
        (SELECT count(*) FROM outbox_events WHERE status = 'DEAD') AS dead
+  FROM outbox_events
+ WHERE status = 'PENDING'
 """
 
-STATS_SQL = """
-SELECT count(*) FILTER (WHERE status = 'PENDING') AS pending,
-       count(*) FILTER (WHERE status = 'DELIVERED') AS delivered,
-       count(*) FILTER (WHERE status = 'DEAD') AS dead,
-       count(*) FILTER (WHERE status = 'PENDING' AND locked_until > now()) AS in_flight,
-       count(*) FILTER (WHERE status = 'PENDING' AND next_attempt_at <= now()
-                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
-       count(*) FILTER (WHERE status = 'PENDING' AND attempts > 0) AS retrying,
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'PENDING'))::float8
-           AS oldest_pending_age_seconds
-  FROM outbox_events
+# Every status: the backlog plus the delivered rows kept for OUTBOX_RETENTION_HOURS, which may be
+# many (counted only when someone asks, never by the gauges).
+STATS_SQL = f"""
+SELECT backlog.pending,
+       (SELECT count(*) FROM outbox_events WHERE status = 'DELIVERED') AS delivered,
+       backlog.dead,
+       backlog.in_flight,
+       backlog.due,
+       backlog.retrying,
+       backlog.oldest_pending_age_seconds
+  FROM ({BACKLOG_SQL}) AS backlog
 """
 
 DEAD_SQL = """
@@ -249,15 +256,16 @@ async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, u
 
 
 # -- inspection and operation -------------------------------------------------------------------
-async def select_gauges(conn: asyncpg.Connection) -> asyncpg.Record:
-    """Pending count, age of the oldest pending event (seconds, None if none) and dead count."""
-    row = await conn.fetchrow(GAUGES_SQL)
+async def select_backlog(conn: asyncpg.Connection) -> asyncpg.Record:
+    """Pending events (all, in flight, due, retrying), the oldest one's age in seconds (None if
+    none) and dead events: see BACKLOG_SQL."""
+    row = await conn.fetchrow(BACKLOG_SQL)
     assert row is not None
     return row
 
 
 async def select_stats(conn: asyncpg.Connection) -> dict[str, Any]:
-    """Counts by status, due and leased pending events, and the oldest pending age."""
+    """Counts by status, due and leased pending events, and the oldest pending age (seconds)."""
     row = await conn.fetchrow(STATS_SQL)
     assert row is not None
     return dict(row)

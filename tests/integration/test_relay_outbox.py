@@ -296,7 +296,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
             [2],
         ),
         "release": await _plan(conn, outbox.RELEASE_SQL, [pending[0].id], [token]),
-        "gauges": await _plan(conn, outbox.GAUGES_SQL),
+        "backlog": await _plan(conn, outbox.BACKLOG_SQL),
         "dead": await _plan(conn, outbox.DEAD_SQL, 50),
         "replay": await _plan(conn, outbox.REPLAY_SQL, None, OUTBOX_CHANNEL),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
