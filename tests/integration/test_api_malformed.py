@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import assert_problem, create_payment, exact_json, payment_body
+from tests.support.api import assert_problem, create_payment, exact_json, payment_body
 
 VALID = json.dumps(payment_body(amount="10.00"))
 DEEP = 5000
