@@ -14,8 +14,8 @@ from outbox_relay import outbox
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service import OUTBOX_CHANNEL
 from payment_service.database import connect
-from tests.helpers import wait_until
-from tests.relay_support import conn_fixture, insert_events  # noqa: F401 - fixture
+from tests.support.database import insert_events
+from tests.support.waiting import wait_until
 
 LEASE = 30.0
 

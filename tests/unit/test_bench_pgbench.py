@@ -7,6 +7,7 @@ from loadtests.bench import pgbench
 
 
 def test_the_benchmark_captures_the_apis_insert_statement() -> None:
+    pgbench.captured_insert.cache_clear()
     sql, args = pgbench.captured_insert()
     assert sql == INSERT_PAYMENT.sql
     assert len(args) == len(INSERT_PAYMENT.names)
