@@ -59,3 +59,23 @@ def test_images_are_overridable_and_the_password_has_no_default(compose: dict[st
         }
         assert services[name]["environment"]["DB_PASS"].startswith("${DB_PASS:?")
     assert services["db"]["environment"]["POSTGRES_PASSWORD"].startswith("${DB_PASS:?")
+
+
+def test_everything_the_dockerfile_copies_is_in_the_build_context() -> None:
+    """.dockerignore is an allow-list: a package the Dockerfile copies but the list leaves out
+    fails only at `docker build`, which needs an engine; this finds it without one."""
+    allowed = {
+        line[1:].strip("/")
+        for line in (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.startswith("!")
+    }
+    copied = [
+        source.strip("./")
+        for line in (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert copied, "the Dockerfile copies nothing?"
+    assert [source for source in copied if source not in allowed] == []
+    # And every package the wheel is built from is copied.
+    assert {"app", "outbox_relay", "payment_service", "payment_cli"} <= set(copied)
