@@ -27,7 +27,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app outbox_relay payment_service payment_cli
+	$(BIN)/mypy app outbox_relay payment_service payment_cli tests loadtests
 	$(BIN)/lint-imports
 
 format: install

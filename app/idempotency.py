@@ -21,6 +21,7 @@ import asyncpg
 from app.errors import APIError
 from payment_service import exact_json
 from payment_service.config import DEFAULT_CALLER
+from payment_service.sql import Statement
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -57,21 +58,73 @@ class Guard:
     fingerprint: str
     ttl_seconds: int
 
-    def values(self) -> tuple[str, str, str, str, int]:
-        """$1-$5 of every statement that stores an answer (see STORE_ANSWER)."""
-        return (self.key.key_hash, self.key.caller, self.path, self.fingerprint, self.ttl_seconds)
+    def params(self) -> dict[str, Any]:
+        """The named values of the fragments below (all but TRY_LOCK's `lock_id`)."""
+        return {
+            "key_hash": self.key.key_hash,
+            "caller": self.key.caller,
+            "request_path": self.path,
+            "request_fingerprint": self.fingerprint,
+            "ttl_seconds": self.ttl_seconds,
+        }
 
 
-# The CTE that stores an operation's answer with its key, in the operation's own statement. It
-# reads the CTE `answer` (columns status, body) and takes the guard's values as $1-$5: key_hash,
-# caller, request_path, request_fingerprint, TTL seconds.
+# Fragments of the statements that take a key and store its answer in the operation's own
+# statement (here, app.payments, app.refunds). Their placeholders are named (payment_service.sql)
+# and filled from `Guard.params()`, plus `lock_id` (IdempotencyKey.lock_id) for TRY_LOCK.
+
+# The CTE `lock` (column `acquired`): the key's transaction-scoped advisory lock, without waiting.
+TRY_LOCK = "lock AS (SELECT pg_try_advisory_xact_lock(:lock_id) AS acquired)"
+
+# An expression: the key has a row in this caller's scope, live or expired.
+KEY_HAS_ROW = (
+    "EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = :key_hash AND caller = :caller)"
+)
+
+# The CTE that stores the operation's answer with its key. It reads the CTE `answer` (columns
+# status, body).
 STORE_ANSWER = """stored AS (
-            INSERT INTO idempotency_keys
-                   (key_hash, caller, request_path, request_fingerprint, response_status,
-                    response_data, expires_at)
-            SELECT $1, $2, $3, $4, answer.status, answer.body, now() + make_interval(secs => $5)
-              FROM answer
-        )"""
+        INSERT INTO idempotency_keys
+               (key_hash, caller, request_path, request_fingerprint, response_status,
+                response_data, expires_at)
+        SELECT :key_hash, :caller, :request_path, :request_fingerprint,
+               answer.status, answer.body, now() + make_interval(secs => :ttl_seconds)
+          FROM answer
+    )"""
+
+# Takes the key: its lock, and its live row if any. An expired row is deleted (only under the
+# lock), so that the key counts as new.
+CLAIM_KEY = Statement(
+    f"""
+    WITH {TRY_LOCK}, expired AS (
+        DELETE FROM idempotency_keys
+         WHERE key_hash = :key_hash
+           AND caller = :caller
+           AND expires_at <= now()
+           AND (SELECT acquired FROM lock)
+    )
+    SELECT lock.acquired,
+           k.request_path,
+           k.request_fingerprint,
+           k.response_status,
+           k.response_data
+      FROM lock
+      LEFT JOIN idempotency_keys AS k
+             ON k.key_hash = :key_hash
+            AND k.caller = :caller
+            AND k.expires_at > now()
+    """
+)
+
+# Stores an answer decided under the key (a business 4xx) and returns its body as stored.
+STORE_DECIDED_ANSWER = Statement(
+    f"""
+    WITH answer AS (
+        SELECT :status::int AS status, :body::jsonb AS body
+    ), {STORE_ANSWER}
+    SELECT body FROM answer
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -107,30 +160,10 @@ async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | 
     that the key counts as new.
     """
     row = await conn.fetchrow(
-        """
-        WITH lock AS (
-            SELECT pg_try_advisory_xact_lock($1) AS acquired
-        ), expired AS (
-            DELETE FROM idempotency_keys
-             WHERE key_hash = $2
-               AND caller = $3
-               AND expires_at <= now()
-               AND (SELECT acquired FROM lock)
-        )
-        SELECT lock.acquired,
-               k.request_path,
-               k.request_fingerprint,
-               k.response_status,
-               k.response_data
-          FROM lock
-          LEFT JOIN idempotency_keys AS k
-                 ON k.key_hash = $2
-                AND k.caller = $3
-                AND k.expires_at > now()
-        """,
-        guard.key.lock_id,
-        guard.key.key_hash,
-        guard.key.caller,
+        CLAIM_KEY.sql,
+        *CLAIM_KEY.args(
+            lock_id=guard.key.lock_id, key_hash=guard.key.key_hash, caller=guard.key.caller
+        ),
     )
     assert row is not None
     if not row["acquired"]:
@@ -147,15 +180,8 @@ async def insert_key_response(
 ) -> StoredResponse:
     """Store a business answer (e.g. a 4xx decided under the key) and return it as replayed."""
     stored = await conn.fetchval(
-        f"""
-        WITH answer AS (
-            SELECT $6::int AS status, $7::jsonb AS body
-        ), {STORE_ANSWER}
-        SELECT body FROM answer
-        """,
-        *guard.values(),
-        status,
-        body,
+        STORE_DECIDED_ANSWER.sql,
+        *STORE_DECIDED_ANSWER.args(**guard.params(), status=status, body=body),
     )
     return StoredResponse(status, stored)
 

@@ -3,12 +3,16 @@
 The write statements are single statements with data-modifying CTEs: the payment, its outbox event
 and the idempotency row with its answer go to PostgreSQL in one round trip and are atomic even
 without an explicit transaction. The relay is woken after the commit (app.notifier), not inside.
-Documents are built by the SQL functions of the schema (`payment_json`, `payment_event_json`) and
-come back as jsonb text, sent as is.
+They are composed of named fragments (the key's in app.idempotency, the payment's outbox event
+here, which app.refunds uses too) and compiled once at import (payment_service.sql), so each reads
+on its own and no `$n` spans modules. Documents are built by the SQL functions of the schema
+(`payment_json`, `payment_event_json`, `payment_refunds_json`) and come back as jsonb text, sent
+as is.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,7 +20,8 @@ from typing import Any
 
 import asyncpg
 
-from app.idempotency import STORE_ANSWER, Guard
+from app.idempotency import KEY_HAS_ROW, STORE_ANSWER, TRY_LOCK, Guard
+from payment_service.sql import Statement
 
 EVENT_FOR_STATUS = {
     "SUCCESS": "payment.succeeded",
@@ -36,17 +41,70 @@ def new_reference_suffix() -> str:
     return secrets.token_hex(4)
 
 
-# The outbox event of the payment that the CTE `payment` wrote (its row as column `payments`);
-# the event type is $6 (after the guard's $1-$5) in both statements that use it. The payload's
+# The CTE `event`: the outbox event of a payment whose statement changed it. It reads the CTE
+# `payment`, whose columns are `p` (the payment's new row) and `event_fields` (jsonb added to the
+# payload: a refund's fields, else '{}'), and takes the placeholder `:event_type`. The payload's
 # `sequence` is the row's `event_sequence`: 1 for a new payment, and every statement that changes
 # a payment's state increments it in the same UPDATE that this event reads back.
 PAYMENT_EVENT = """event AS (
-            INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-            SELECT e.event_id, $6::text, (p.payments).payment_id,
-                   payment_event_json(p.payments, e.event_id, $6::text)
-              FROM payment AS p
-             CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
-        )"""
+        INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
+        SELECT e.event_id, :event_type::text, (payment.p).payment_id,
+               payment_event_json(payment.p, e.event_id, :event_type::text)
+               || payment.event_fields
+          FROM payment
+         CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
+    )"""
+
+# POST /payments in one statement: the key's lock, the payment, its event and the key's answer.
+INSERT_PAYMENT = Statement(
+    f"""
+    WITH {TRY_LOCK}, taken AS (
+        -- Cheap index probes that send retries and charged trips to the careful path
+        -- without a doomed insert; the unique indexes still decide every race.
+        SELECT {KEY_HAS_ROW}
+               OR EXISTS (SELECT 1 FROM payments WHERE trip_id = :trip_id AND status <> 'FAILED')
+               AS taken
+    ), payment AS (
+        INSERT INTO payments
+               (trip_id, amount, currency, method, status, reference, idempotency_hash,
+                caller, metadata)
+        SELECT :trip_id, :amount, :currency, :method, :status,
+               'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || :reference_suffix,
+               :key_hash, :caller, :metadata
+          FROM lock, taken
+         WHERE lock.acquired
+           AND NOT taken.taken
+     RETURNING payments AS p, '{{}}'::jsonb AS event_fields
+    ), {PAYMENT_EVENT}, answer AS (
+        SELECT :response_status::int AS status,
+               payment_json(payment.p) || :extra_fields::jsonb AS body
+          FROM payment
+    ), {STORE_ANSWER}
+    SELECT lock.acquired,
+           (SELECT body FROM answer) AS body
+      FROM lock
+    """
+)
+
+# Settles a PENDING payment (locked by the caller): status, outbox event, the key's answer.
+SETTLE_PAYMENT = Statement(
+    f"""
+    WITH payment AS (
+        UPDATE payments
+           SET status = :status,
+               gateway_reference = :gateway_reference,
+               failure_reason = :failure_reason,
+               event_sequence = event_sequence + 1,
+               updated_at = now()
+         WHERE payment_id = :payment_id
+     RETURNING payments AS p, '{{}}'::jsonb AS event_fields
+    ), {PAYMENT_EVENT}, answer AS (
+        SELECT 200 AS status, payment_json(payment.p) AS body
+          FROM payment
+    ), {STORE_ANSWER}
+    SELECT body FROM answer
+    """
+)
 
 
 async def insert_payment(
@@ -69,46 +127,21 @@ async def insert_payment(
     (or a reference collision) raises asyncpg.UniqueViolationError and writes nothing either.
     """
     row = await conn.fetchrow(
-        f"""
-        WITH lock AS (
-            SELECT pg_try_advisory_xact_lock($7) AS acquired
-        ), taken AS (
-            -- Cheap index probes that send retries and charged trips to the careful path
-            -- without a doomed insert; the unique indexes still decide every race.
-            SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = $1 AND caller = $2)
-                   OR EXISTS (SELECT 1 FROM payments WHERE trip_id = $8 AND status <> 'FAILED')
-                   AS taken
-        ), payment AS (
-            INSERT INTO payments
-                   (trip_id, amount, currency, method, status, reference, idempotency_hash,
-                    caller, metadata)
-            SELECT $8, $9, $10, $11, $12,
-                   'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || $13,
-                   $1, $2, $14
-              FROM lock, taken
-             WHERE lock.acquired
-               AND NOT taken.taken
-         RETURNING payments
-        ), {PAYMENT_EVENT}, answer AS (
-            SELECT $16::int AS status, payment_json(p.payments) || $15::jsonb AS body
-              FROM payment AS p
-        ), {STORE_ANSWER}
-        SELECT lock.acquired,
-               (SELECT body FROM answer) AS body
-          FROM lock
-        """,
-        *guard.values(),
-        EVENT_FOR_STATUS[status],
-        guard.key.lock_id,
-        trip_id,
-        amount,
-        currency,
-        method,
-        status,
-        new_reference_suffix(),
-        metadata,
-        extra_fields,
-        response_status,
+        INSERT_PAYMENT.sql,
+        *INSERT_PAYMENT.args(
+            **guard.params(),
+            lock_id=guard.key.lock_id,
+            event_type=EVENT_FOR_STATUS[status],
+            trip_id=trip_id,
+            amount=amount,
+            currency=currency,
+            method=method,
+            status=status,
+            reference_suffix=new_reference_suffix(),
+            metadata=metadata,
+            extra_fields=extra_fields,
+            response_status=response_status,
+        ),
     )
     assert row is not None
     return InsertResult(row["acquired"], row["body"])
@@ -152,28 +185,15 @@ async def update_payment_settlement(
 ) -> str:
     """Settle a PENDING payment (locked by the caller): status, outbox event, stored answer."""
     body = await conn.fetchval(
-        f"""
-        WITH payment AS (
-            UPDATE payments
-               SET status = $8,
-                   gateway_reference = $9,
-                   failure_reason = $10,
-                   event_sequence = event_sequence + 1,
-                   updated_at = now()
-             WHERE payment_id = $7
-         RETURNING payments
-        ), {PAYMENT_EVENT}, answer AS (
-            SELECT 200 AS status, payment_json(p.payments) AS body
-              FROM payment AS p
-        ), {STORE_ANSWER}
-        SELECT body FROM answer
-        """,
-        *guard.values(),
-        EVENT_FOR_STATUS[status],
-        payment_id,
-        status,
-        gateway_reference,
-        failure_reason,
+        SETTLE_PAYMENT.sql,
+        *SETTLE_PAYMENT.args(
+            **guard.params(),
+            event_type=EVENT_FOR_STATUS[status],
+            payment_id=payment_id,
+            status=status,
+            gateway_reference=gateway_reference,
+            failure_reason=failure_reason,
+        ),
     )
     return body  # type: ignore[no-any-return]
 
@@ -182,14 +202,45 @@ async def select_payment_document(conn: asyncpg.Connection, *, payment_id: int) 
     """GET /payments/{id}: the payment with its refunds, oldest refund first."""
     return await conn.fetchval(  # type: ignore[no-any-return]
         """
-        SELECT payment_json(p) || jsonb_build_object(
-                   'refunds', coalesce((SELECT jsonb_agg(refund_json(r) ORDER BY r.refund_id)
-                                          FROM payment_refunds AS r
-                                         WHERE r.payment_id = p.payment_id), '[]'::jsonb))
+        SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
           FROM payments AS p
          WHERE p.payment_id = $1
         """,
         payment_id,
+    )
+
+
+# GET /payments filters: (name, condition); a filter given in the request adds its condition.
+PAGE_FILTERS = (
+    ("trip_id", "p.trip_id = :trip_id"),
+    ("status", "p.status = :status"),
+    ("starting_after", "p.payment_id < :starting_after"),
+)
+
+
+@functools.cache
+def payments_page_statement(filters: frozenset[str]) -> Statement:
+    """The GET /payments statement with the conditions of `filters` (one per combination)."""
+    conditions = [condition for name, condition in PAGE_FILTERS if name in filters]
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    # One row more than asked (:fetch) tells whether there is a next page.
+    return Statement(
+        f"""
+        WITH page AS (
+            SELECT p
+              FROM payments AS p
+              {where}
+             ORDER BY p.payment_id DESC
+             LIMIT :fetch
+        )
+        SELECT jsonb_build_object(
+                   'data', coalesce((SELECT jsonb_agg(payment_json(shown.p)
+                                                      ORDER BY (shown.p).payment_id DESC)
+                                       FROM (SELECT p FROM page
+                                              ORDER BY (p).payment_id DESC
+                                              LIMIT :limit) AS shown), '[]'::jsonb),
+                   'has_more', (SELECT count(*) FROM page) > :limit)
+        """
     )
 
 
@@ -202,37 +253,16 @@ async def select_payments_page(
     starting_after: int | None,
 ) -> str:
     """GET /payments: newest first, keyset pagination on payment_id."""
-    conditions = []
-    args: list[Any] = []
-    for column, operator, value in (
-        ("trip_id", "=", trip_id),
-        ("status", "=", status),
-        ("payment_id", "<", starting_after),
-    ):
-        if value is not None:
-            args.append(value)
-            conditions.append(f"p.{column} {operator} ${len(args)}")
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    limit_arg, fetch_arg = len(args) + 1, len(args) + 2
-    # One row more than asked tells whether there is a next page.
-    return await conn.fetchval(  # type: ignore[no-any-return]
-        f"""
-        WITH page AS (
-            SELECT p
-              FROM payments AS p
-              {where}
-             ORDER BY p.payment_id DESC
-             LIMIT ${fetch_arg}
+    given = {
+        name: value
+        for name, value in (
+            ("trip_id", trip_id),
+            ("status", status),
+            ("starting_after", starting_after),
         )
-        SELECT jsonb_build_object(
-                   'data', coalesce((SELECT jsonb_agg(payment_json(shown.p)
-                                                      ORDER BY (shown.p).payment_id DESC)
-                                       FROM (SELECT p FROM page
-                                              ORDER BY (p).payment_id DESC
-                                              LIMIT ${limit_arg}) AS shown), '[]'::jsonb),
-                   'has_more', (SELECT count(*) FROM page) > ${limit_arg})
-        """,
-        *args,
-        limit,
-        limit + 1,
+        if value is not None
+    }
+    statement = payments_page_statement(frozenset(given))
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        statement.sql, *statement.args(**given, limit=limit, fetch=limit + 1)
     )

@@ -67,7 +67,7 @@ def random_amount() -> str:
 
 def _problem_code(response: Any) -> str | None:
     try:
-        return response.json().get("code")  # type: ignore[no-any-return]
+        return response.json().get("code")
     except (ValueError, AttributeError):
         return None
 

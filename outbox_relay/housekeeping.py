@@ -2,6 +2,8 @@
 
 One relay at a time does it (a session advisory lock; the others skip the pass), in small
 batches, each its own short statement, so it never holds long locks or bloats one transaction.
+The keys are the API's table: their batch is the schema's `purge_expired_idempotency_keys`
+(db/migrations/0005), so the relay carries no SQL of that table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000  # rows per DELETE
 MAX_BATCHES_PER_PASS = 100  # a pass stops after this many batches of each kind; the next continues
+PURGE_EXPIRED_KEYS_SQL = "SELECT purge_expired_idempotency_keys($1)"
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ async def housekeep(
             batch_size,
         )
         keys = await _in_batches(
-            lambda: outbox.delete_expired_idempotency_keys(conn, limit=batch_size), batch_size
+            lambda: purge_expired_idempotency_keys(conn, limit=batch_size), batch_size
         )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", outbox.HOUSEKEEPING_LOCK_ID)
@@ -51,6 +54,12 @@ async def housekeep(
             extra={"delivered_events": events, "idempotency_keys": keys},
         )
     return HousekeepingResult(ran=True, events_deleted=events, keys_deleted=keys)
+
+
+async def purge_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
+    """Delete up to `limit` idempotency keys past their expiry; how many were deleted."""
+    deleted = await conn.fetchval(PURGE_EXPIRED_KEYS_SQL, limit)
+    return int(deleted)
 
 
 async def _in_batches(delete_batch: Callable[[], Awaitable[int]], batch_size: int) -> int:

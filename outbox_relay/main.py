@@ -469,10 +469,10 @@ class Relay:
         assert self._pool is not None
         while True:
             async with self._pool.acquire() as conn:
-                gauges = await outbox.select_gauges(conn)
-            self.metrics.pending.set(gauges["pending"])
-            self.metrics.oldest_pending_age.set(gauges["oldest_pending_age"] or 0)
-            self.metrics.dead_events.set(gauges["dead"])
+                backlog = await outbox.select_backlog(conn)
+            self.metrics.pending.set(backlog["pending"])
+            self.metrics.oldest_pending_age.set(backlog["oldest_pending_age_seconds"] or 0)
+            self.metrics.dead_events.set(backlog["dead"])
             await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
 
 

@@ -1,9 +1,11 @@
-"""The relay's SQL on `outbox_events` (and the expired idempotency keys it purges).
+"""The relay's SQL on `outbox_events`.
 
 Every function takes the connection first and runs one short statement: no transaction is ever
 held open while a callback is in flight. A claim leases rows with a token; every later write to a
 claimed row checks that token, so a relay whose lease ran out cannot overwrite a newer claim.
-The statements are module constants so that the tests can EXPLAIN exactly what runs.
+The statements are module constants so that the tests can EXPLAIN exactly what runs; each is
+whole, its `$n` numbered in place. The API's tables are not read here: housekeeping purges expired
+idempotency keys through the schema's `purge_expired_idempotency_keys` (db/migrations/0005).
 """
 
 from __future__ import annotations
@@ -106,25 +108,32 @@ UPDATE outbox_events AS o
    AND o.claim_token = c.claim_token
 """
 
-GAUGES_SQL = """
-SELECT (SELECT count(*) FROM outbox_events WHERE status = 'PENDING') AS pending,
-       (SELECT extract(epoch FROM now() - min(created_at))::float8
-          FROM outbox_events
-         WHERE status = 'PENDING') AS oldest_pending_age,
+# The undelivered part of the outbox, counted once for the relay's gauges (every few seconds),
+# `outbox stats` and `payment-service check`: PENDING rows by state and DEAD rows, both read
+# through their partial indexes, so the cost follows the backlog, not the retained history.
+BACKLOG_SQL = """
+SELECT count(*) AS pending,
+       count(*) FILTER (WHERE locked_until > now()) AS in_flight,
+       count(*) FILTER (WHERE next_attempt_at <= now()
+                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
+       count(*) FILTER (WHERE attempts > 0) AS retrying,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age_seconds,
        (SELECT count(*) FROM outbox_events WHERE status = 'DEAD') AS dead
+  FROM outbox_events
+ WHERE status = 'PENDING'
 """
 
-STATS_SQL = """
-SELECT count(*) FILTER (WHERE status = 'PENDING') AS pending,
-       count(*) FILTER (WHERE status = 'DELIVERED') AS delivered,
-       count(*) FILTER (WHERE status = 'DEAD') AS dead,
-       count(*) FILTER (WHERE status = 'PENDING' AND locked_until > now()) AS in_flight,
-       count(*) FILTER (WHERE status = 'PENDING' AND next_attempt_at <= now()
-                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
-       count(*) FILTER (WHERE status = 'PENDING' AND attempts > 0) AS retrying,
-       extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'PENDING'))::float8
-           AS oldest_pending_age_seconds
-  FROM outbox_events
+# Every status: the backlog plus the delivered rows kept for OUTBOX_RETENTION_HOURS, which may be
+# many (counted only when someone asks, never by the gauges).
+STATS_SQL = f"""
+SELECT backlog.pending,
+       (SELECT count(*) FROM outbox_events WHERE status = 'DELIVERED') AS delivered,
+       backlog.dead,
+       backlog.in_flight,
+       backlog.due,
+       backlog.retrying,
+       backlog.oldest_pending_age_seconds
+  FROM ({BACKLOG_SQL}) AS backlog
 """
 
 DEAD_SQL = """
@@ -163,16 +172,6 @@ DELETE FROM outbox_events
                         LIMIT $2))
    AND status = 'DELIVERED'
    AND delivered_at < now() - make_interval(secs => $1)
-"""
-
-DELETE_EXPIRED_KEYS_SQL = """
-DELETE FROM idempotency_keys
- WHERE key_hash = ANY (ARRAY(SELECT key_hash
-                               FROM idempotency_keys
-                              WHERE expires_at < now()
-                              ORDER BY expires_at
-                              LIMIT $1))
-   AND expires_at < now()
 """
 
 
@@ -257,15 +256,16 @@ async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, u
 
 
 # -- inspection and operation -------------------------------------------------------------------
-async def select_gauges(conn: asyncpg.Connection) -> asyncpg.Record:
-    """Pending count, age of the oldest pending event (seconds, None if none) and dead count."""
-    row = await conn.fetchrow(GAUGES_SQL)
+async def select_backlog(conn: asyncpg.Connection) -> asyncpg.Record:
+    """Pending events (all, in flight, due, retrying), the oldest one's age in seconds (None if
+    none) and dead events: see BACKLOG_SQL."""
+    row = await conn.fetchrow(BACKLOG_SQL)
     assert row is not None
     return row
 
 
 async def select_stats(conn: asyncpg.Connection) -> dict[str, Any]:
-    """Counts by status, due and leased pending events, and the oldest pending age."""
+    """Counts by status, due and leased pending events, and the oldest pending age (seconds)."""
     row = await conn.fetchrow(STATS_SQL)
     assert row is not None
     return dict(row)
@@ -328,10 +328,4 @@ async def delete_delivered_events(
 ) -> int:
     """Delete up to `limit` events delivered more than `older_than_hours` ago."""
     result = await conn.execute(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
-    return int(result.split()[-1])
-
-
-async def delete_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
-    """Delete up to `limit` idempotency keys past their expiry."""
-    result = await conn.execute(DELETE_EXPIRED_KEYS_SQL, limit)
     return int(result.split()[-1])

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TextIO
+from typing import TextIO
 
 import asyncpg
 
+from outbox_relay import outbox
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect
+from payment_service.sql import Statement
 
 EXAMPLES_PER_CHECK = 20
 REPORT_WIDTH = 100
@@ -303,30 +304,30 @@ CHECKS: tuple[Check, ...] = (
     ),
 )
 
+# The outbox's counts come from the relay's own query (outbox_relay.outbox.STATS_SQL); its three
+# statuses are all the schema allows, so they sum to every event.
 SUMMARY_SQL = """
-SELECT (SELECT count(*) FROM payments)                                      AS payments,
-       (SELECT count(*) FROM payment_refunds)                               AS refunds,
-       (SELECT count(*) FROM idempotency_keys)                              AS idempotency_keys,
-       (SELECT count(*) FROM outbox_events)                                 AS events,
-       (SELECT count(*) FROM outbox_events WHERE status = 'PENDING')        AS events_pending,
-       (SELECT count(*) FROM outbox_events WHERE status = 'DEAD')           AS events_dead,
-       now()                                                                AS checked_at
+SELECT (SELECT count(*) FROM payments)         AS payments,
+       (SELECT count(*) FROM payment_refunds)  AS refunds,
+       (SELECT count(*) FROM idempotency_keys) AS idempotency_keys,
+       now()                                   AS checked_at
 """
 
 
-_PARAMETER = re.compile(r"(?<!:):([a-z_]+)\b")
+def _violations(check: Check) -> Statement:
+    """The statement that runs a check: its first `:examples` violations and their total."""
+    return Statement(
+        f"""
+        SELECT id::text AS id, detail, count(*) OVER () AS total
+        FROM ({check.sql}) AS violations
+        ORDER BY violations.id
+        LIMIT :examples
+        """
+    )
 
 
-def _bind(sql: str, **values: Any) -> tuple[str, list[Any]]:
-    """Turn `:name` parameters into asyncpg's `$n`, in order of first use."""
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match[1] not in names:
-            names.append(match[1])
-        return f"${names.index(match[1]) + 1}"
-
-    return _PARAMETER.sub(number, sql), [values[name] for name in names]
+# Compiled once, at import; the text sent is the same on every run.
+STATEMENTS = {check.name: _violations(check) for check in CHECKS}
 
 
 @dataclass
@@ -364,6 +365,10 @@ async def check_database(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         summary = dict(await conn.fetchrow(SUMMARY_SQL))
         checked_at: datetime = summary.pop("checked_at")
+        outbox_stats = await outbox.select_stats(conn)
+        summary["events"] = sum(outbox_stats[status] for status in ("pending", "delivered", "dead"))
+        summary["events_pending"] = outbox_stats["pending"]
+        summary["events_dead"] = outbox_stats["dead"]
         keys_since = checked_at - timedelta(seconds=idempotency_key_ttl)
         # With no retention every delivered event may be gone at once: require none.
         events_since = (
@@ -371,15 +376,12 @@ async def check_database(
             if outbox_retention_hours > 0
             else checked_at
         )
+        windows = {"keys_since": keys_since, "events_since": events_since, "examples": examples}
         for check in CHECKS:
-            query = f"""
-                SELECT id::text AS id, detail, count(*) OVER () AS total
-                FROM ({check.sql}) AS violations
-                ORDER BY violations.id
-                LIMIT {int(examples)}
-            """
-            query, args = _bind(query, keys_since=keys_since, events_since=events_since)
-            rows = await conn.fetch(query, *args)
+            statement = STATEMENTS[check.name]
+            rows = await conn.fetch(
+                statement.sql, *statement.args(**{name: windows[name] for name in statement.names})
+            )
             total = int(rows[0]["total"]) if rows else 0
             results.append(
                 CheckResult(

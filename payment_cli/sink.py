@@ -6,7 +6,8 @@ one JSON line per callback. `--fail-first`, `--fail-rate`, `--status` and `--del
 errors or slowly, to watch the relay retry.
 
 The HTTP/1.1 server underneath (`HttpServer`) is deliberately tiny: keep-alive, Content-Length
-bodies, one handler coroutine per request. The tests use it as their receiver too.
+bodies, one handler coroutine per request. The tests have their own receiver
+(tests/support/receiver.py), which misbehaves in ways a demo sink need not.
 """
 
 from __future__ import annotations
@@ -98,14 +99,14 @@ class HttpServer:
                 if response is None:
                     writer.transport.abort()
                     return
-                writer.write(_encode_response(response, keep_alive))
+                writer.write(encode_response(response, keep_alive))
                 await writer.drain()
                 if not keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return
         except _BadRequest as error:
-            writer.write(_encode_response(HttpResponse(error.status), keep_alive=False))
+            writer.write(encode_response(HttpResponse(error.status), keep_alive=False))
         finally:
             self._connections.pop(writer, None)
             writer.close()
@@ -149,7 +150,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[HttpRequest | Non
     return HttpRequest(method, target.split("?", 1)[0], headers, body), keep_alive
 
 
-def _encode_response(response: HttpResponse, keep_alive: bool) -> bytes:
+def encode_response(response: HttpResponse, keep_alive: bool) -> bytes:
+    """The bytes of an answer (the tests' receiver writes its answers with it too)."""
     try:
         reason = HTTPStatus(response.status).phrase
     except ValueError:

@@ -77,7 +77,7 @@ def event_loop_runner() -> Callable[[Any], Any]:
     try:
         import uvloop
 
-        return uvloop.run  # type: ignore[no-any-return]
+        return uvloop.run
     except ImportError:
         return asyncio.run
 

@@ -50,6 +50,7 @@ def captured_insert() -> tuple[str, tuple[Any, ...]]:
 
     from app import payments
     from app.idempotency import Guard, IdempotencyKey
+    from payment_service.config import DEFAULT_CALLER
 
     class Captured(Exception):
         pass
@@ -63,7 +64,10 @@ def captured_insert() -> tuple[str, tuple[Any, ...]]:
 
     candidates: dict[str, Any] = {
         "guard": Guard(
-            IdempotencyKey(SENT_KEY_HASH, SENT_LOCK_ID), "POST:/payments", SENT_FINGERPRINT, 86400
+            IdempotencyKey(SENT_KEY_HASH, DEFAULT_CALLER, SENT_LOCK_ID),
+            "POST:/payments",
+            SENT_FINGERPRINT,
+            86400,
         ),
         "trip_id": SENT_TRIP,
         "amount": Decimal("150.00"),

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from payment_service.config import Settings
-from tests.helpers import REPO_ROOT
+from tests.support import REPO_ROOT
 
 APP_SERVICES = ("migrate", "api", "relay", "notification-sink")
 # Fixed by the compose file for the containers: its own database and its own sink.

@@ -30,7 +30,8 @@ import httpx
 import pytest
 
 from payment_service.config import Settings
-from tests.helpers import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT
+from tests.support.waiting import wait_until
 
 BUILD_TIMEOUT_SECONDS = 900  # the first build on a new machine installs every dependency
 COMMAND_TIMEOUT_SECONDS = 180

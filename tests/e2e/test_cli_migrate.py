@@ -9,7 +9,8 @@ from pathlib import Path
 import asyncpg
 
 from payment_service.migrations import load_migrations
-from tests.e2e.cli_support import clean_env, command, run_to_end
+from tests.support.commands import run_to_end, service_command
+from tests.support.environment import clean_env
 
 LATEST = [m.version for m in load_migrations()]
 
@@ -40,7 +41,7 @@ async def test_concurrent_migrate_processes(tmp_path: Path, empty_database_url: 
     env = clean_env(DATABASE_URL=empty_database_url)
     processes = [
         await asyncio.create_subprocess_exec(
-            *command("migrate"),
+            *service_command("migrate"),
             env=env,
             cwd=tmp_path,
             stdout=asyncio.subprocess.PIPE,

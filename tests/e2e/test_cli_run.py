@@ -12,15 +12,11 @@ from pathlib import Path
 import httpx
 
 from payment_service.embedded import EmbeddedPostgres, free_port
-from tests.e2e.cli_support import (
-    Service,
-    clean_env,
-    port_closed,
-    run_to_end,
-    scratch_dir,
-    service,
-)
-from tests.helpers import wait_until
+from tests.support.commands import run_to_end
+from tests.support.database import scratch_dir
+from tests.support.environment import clean_env
+from tests.support.processes import Service, service
+from tests.support.waiting import port_closed, wait_until
 
 # The first start runs initdb; give it time on a slow machine.
 START_TIMEOUT_SECONDS = 180

@@ -15,8 +15,10 @@ import httpx
 import pytest
 
 from payment_service.embedded import free_port
-from tests.e2e.cli_support import clean_env, port_closed, run_to_end, service
-from tests.helpers import wait_until
+from tests.support.commands import run_to_end
+from tests.support.environment import clean_env
+from tests.support.processes import service
+from tests.support.waiting import port_closed, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"an-example-key-of-32-bytes-long!").decode()
 

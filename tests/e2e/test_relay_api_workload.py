@@ -21,17 +21,12 @@ import httpx
 import pytest
 
 from payment_service.embedded import free_port
-from tests.helpers import wait_until
-from tests.relay_support import (  # noqa: F401 - fixtures
-    EventRow,
-    Receiver,
-    RelayLauncher,
-    assert_ordered_per_payment,
-    conn_fixture,
-    payment_service_command,
-    receiver_fixture,
-    relays_fixture,
-)
+from tests.support.commands import service_command
+from tests.support.database import EventRow
+from tests.support.environment import minimal_environment
+from tests.support.processes import RelayLauncher
+from tests.support.receiver import Receiver, assert_ordered_per_payment
+from tests.support.waiting import wait_until
 
 _keys = itertools.count(1)
 
@@ -44,17 +39,12 @@ def key(kind: str) -> str:
 def api(tmp_path: Path, database_url: str) -> Iterator[str]:
     """`payment-service serve` on 127.0.0.1; its base URL."""
     port = free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "DATABASE_URL": database_url,
-        "ASYNC_METHODS": "UPI",
-        "ENVIRONMENT": "test",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = minimal_environment(
+        database_url=database_url, async_methods="UPI", environment="test", log_level="WARNING"
+    )
     with (tmp_path / "api.log").open("wb") as log:
         process = subprocess.Popen(
-            payment_service_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+            service_command("serve", "--host", "127.0.0.1", "--port", str(port)),
             env=env,
             cwd=tmp_path,
             stdout=log,
@@ -76,7 +66,7 @@ async def api_up(http: httpx.AsyncClient) -> bool:
 
 async def ok(response: httpx.Response) -> dict[str, object]:
     assert response.status_code in (200, 202), response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 async def card_flow(http: httpx.AsyncClient, trip: int, refunds: list[str | None]) -> None:
@@ -236,9 +226,8 @@ async def test_a_committed_payment_wakes_an_idle_relay_without_waiting_for_its_p
                     },
                 )
             )
-            await wait_until(
-                lambda p=payment: any(
-                    json.loads(d.body)["payment_id"] == p["payment_id"] for d in receiver.accepted()
-                ),
-                timeout=10,
-            )
+
+            def delivered(payment_id: object = payment["payment_id"]) -> bool:
+                return any(d.event.get("payment_id") == payment_id for d in receiver.accepted())
+
+            await wait_until(delivered, timeout=10)

@@ -20,21 +20,12 @@ import pytest
 from outbox_relay.http import CallbackClient
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key, sign
-from tests.helpers import wait_until
-from tests.relay_support import (  # noqa: F401 - fixtures
-    CALLBACK_PATH,
-    SECRET,
-    Receiver,
-    RelayLauncher,
-    answer_status,
-    conn_fixture,
-    insert_events,
-    outbox_command,
-    payment_service_command,
-    receiver_fixture,
-    relays_fixture,
-    status_counts,
-)
+from tests.support.commands import outbox_command, service_command
+from tests.support.database import insert_events, status_counts
+from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
+from tests.support.processes import RelayLauncher
+from tests.support.receiver import Receiver, answer_status
+from tests.support.waiting import wait_until
 
 
 class Sink:
@@ -43,12 +34,12 @@ class Sink:
     def __init__(self, tmp_path: Path, *args: str, secret: str | None = SECRET) -> None:
         self.port = free_port()
         self.out = tmp_path / f"sink-{self.port}.out"
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        env = minimal_environment()
         if secret:
             env["CALLBACK_SIGNING_SECRET"] = secret
         with self.out.open("wb") as out:
             self.process = subprocess.Popen(
-                payment_service_command("notification-sink", "--port", str(self.port), *args),
+                service_command("notification-sink", "--port", str(self.port), *args),
                 env=env,
                 cwd=tmp_path,
                 stdout=out,
@@ -103,9 +94,7 @@ async def test_the_notification_sink_verifies_dedupes_and_prints_each_event(
 ) -> None:
     sink = start_sink(sinks, tmp_path)
     await sink_ready(sink)
-    relay = relays.start(
-        command=payment_service_command("relay"), notification_service_url=sink.base_url
-    )
+    relay = relays.start(command=service_command("relay"), notification_service_url=sink.base_url)
     events = await insert_events(conn, payments=5)
     await wait_until(lambda: len(sink.callbacks()) >= 5, timeout=30)
     stored = {

@@ -15,26 +15,14 @@ import time
 import asyncpg
 import pytest
 
-from payment_cli.sink import HttpResponse
-from tests.helpers import wait_until
-from tests.relay_support import (  # noqa: F401 - fixtures
-    OK,
-    Delivery,
-    Receiver,
-    RelayLauncher,
-    assert_ordered_per_payment,
-    claims_outstanding,
-    conn_fixture,
-    dump_logs,
-    insert_events,
-    receiver_fixture,
-    relays_fixture,
-    status_counts,
-)
+from tests.support.database import claims_outstanding, insert_events, status_counts
+from tests.support.processes import RelayLauncher, dump_logs
+from tests.support.receiver import OK, Delivery, Receiver, Reply, assert_ordered_per_payment
+from tests.support.waiting import wait_until
 
 
 def slow(seconds: float):  # type: ignore[no-untyped-def]
-    async def policy(_d: Delivery) -> HttpResponse:
+    async def policy(_d: Delivery) -> Reply:
         await asyncio.sleep(seconds)
         return OK
 

@@ -16,17 +16,11 @@ import pytest
 from payment_service.database import connect
 from payment_service.embedded import EmbeddedPostgres
 from payment_service.migrations import migrate
-from tests.helpers import wait_until
-from tests.relay_support import OK as ANSWER_OK
-from tests.relay_support import (  # noqa: F401 - fixture
-    Delivery,
-    Receiver,
-    RelayLauncher,
-    dump_logs,
-    insert_events,
-    receiver_fixture,
-    status_counts,
-)
+from tests.support.database import insert_events, status_counts
+from tests.support.processes import RelayLauncher, dump_logs
+from tests.support.receiver import OK as ANSWER_OK
+from tests.support.receiver import Delivery, Receiver
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -13,23 +13,18 @@ import random
 import asyncpg
 import pytest
 
-from payment_cli.sink import HttpResponse
-from tests.helpers import wait_until
-from tests.relay_support import (  # noqa: F401 - fixtures
+from tests.support.commands import outbox_command
+from tests.support.database import insert_events, status_counts
+from tests.support.processes import RelayLauncher, dump_logs
+from tests.support.receiver import (
     OK,
     Delivery,
     Receiver,
-    RelayLauncher,
+    Reply,
     answer_status,
     assert_ordered_per_payment,
-    conn_fixture,
-    dump_logs,
-    insert_events,
-    outbox_command,
-    receiver_fixture,
-    relays_fixture,
-    status_counts,
 )
+from tests.support.waiting import wait_until
 
 
 async def all_accepted(receiver: Receiver, event_ids: set[str], timeout: float = 60) -> None:
@@ -78,8 +73,8 @@ async def test_order_per_payment_holds_while_the_receiver_fails_some(
 ) -> None:
     rng = random.Random(20240601)
 
-    async def unreliable(_d: Delivery) -> HttpResponse:
-        return HttpResponse(500) if rng.random() < 0.3 else OK
+    async def unreliable(_d: Delivery) -> Reply:
+        return Reply(500) if rng.random() < 0.3 else OK
 
     receiver.policy = unreliable
     relays.start(relay_quick_retries=0, relay_retry_schedule="0.05", relay_concurrency=16)
@@ -96,7 +91,7 @@ async def _fail_while(receiver: Receiver, mode: str) -> None:
         receiver.policy = answer_status(500)
     elif mode == "timeout":
 
-        async def hang(_d: Delivery) -> HttpResponse:
+        async def hang(_d: Delivery) -> Reply:
             await asyncio.sleep(5)
             return OK
 

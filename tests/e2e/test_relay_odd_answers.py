@@ -10,112 +10,63 @@ failed to record would come back when its lease runs out).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
-from tests.helpers import wait_until
-from tests.relay_support import (  # noqa: F401 - fixture
-    RelayProcess,
-    conn_fixture,
-    dump_logs,
-    insert_events,
-    relay_env,
-    status_counts,
-)
+from tests.support.database import insert_events, status_counts
+from tests.support.environment import relay_env
+from tests.support.processes import RelayProcess, dump_logs
+from tests.support.receiver import OK, Answer, Delivery, Raw, Receiver
+from tests.support.waiting import wait_until
 
-OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 CHUNKED_200 = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-# kind -> (first bytes of the answer, bytes then written over and over until the relay hangs up)
-ODD_ANSWERS: dict[str, tuple[bytes, bytes]] = {
-    "nul-bytes-in-body": (b"HTTP/1.1 500 Oops\r\ncontent-length: 9\r\n\r\nbad\x00\x00body", b""),
-    "status-999": (b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n", b""),
-    "status-099": (b"HTTP/1.1 099 x\r\ncontent-length: 0\r\n\r\n", b""),
-    "chunk-size-line-too-long": (CHUNKED_200 + b"1" * (80 * 1024), b""),
-    "negative-chunk-size": (CHUNKED_200 + b"-5\r\nabc\r\n0\r\n\r\n", b""),
-    "garbage-chunk-size": (CHUNKED_200 + b"zz\r\nabc\r\n0\r\n\r\n", b""),
-    "chunked-without-end": (CHUNKED_200, b"400\r\n" + b"x" * 0x400 + b"\r\n"),
-    "no-length-without-end": (b"HTTP/1.1 200 OK\r\n\r\n", b"y" * 4096),
-    "not-http": (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b""),
+# kind -> the first bytes of the answer, then bytes written over and over until the relay hangs up
+ODD_ANSWERS: dict[str, Raw] = {
+    "nul-bytes-in-body": Raw(b"HTTP/1.1 500 Oops\r\ncontent-length: 9\r\n\r\nbad\x00\x00body"),
+    "status-999": Raw(b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n"),
+    "status-099": Raw(b"HTTP/1.1 099 x\r\ncontent-length: 0\r\n\r\n"),
+    "chunk-size-line-too-long": Raw(CHUNKED_200 + b"1" * (80 * 1024)),
+    "negative-chunk-size": Raw(CHUNKED_200 + b"-5\r\nabc\r\n0\r\n\r\n"),
+    "garbage-chunk-size": Raw(CHUNKED_200 + b"zz\r\nabc\r\n0\r\n\r\n"),
+    "chunked-without-end": Raw(CHUNKED_200, b"400\r\n" + b"x" * 0x400 + b"\r\n"),
+    "no-length-without-end": Raw(b"HTTP/1.1 200 OK\r\n\r\n", b"y" * 4096),
+    "not-http": Raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
 }
 KINDS = ["ok", *ODD_ANSWERS]  # "ok": a plain 200 at once, in the same batches as the odd ones
 DEADLINE_SECONDS = 60  # generous: the old relay never got there; it re-sent events for ever
 
 
-class OddReceiver:
-    """Answers each event's first request by its planned kind, every later one with a 200."""
+class OddAnswers:
+    """The receiver's policy: each event's first request gets its planned kind, later ones a 200."""
 
     def __init__(self, plan: dict[str, str]) -> None:
         self.plan = plan
         self.answers: dict[str, list[str]] = defaultdict(list)  # event_id -> kinds, in order
-        self._server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    def acknowledged(self) -> set[str]:
-        return {event_id for event_id, kinds in self.answers.items() if "ok" in kinds}
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                event_id = json.loads(await reader.readexactly(length))["event_id"]
-                sent = self.answers[event_id]
-                kind = self.plan[event_id] if not sent else "ok"
-                sent.append(kind)
-                if kind == "ok":
-                    writer.write(OK)
-                    await writer.drain()
-                    continue  # kept alive
-                first, again = ODD_ANSWERS[kind]
-                writer.write(first)
-                await writer.drain()
-                while again:  # until the relay hangs up: a reset ends it
-                    writer.write(again)
-                    await writer.drain()
-                return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def receiver_and_events(
-    conn: asyncpg.Connection,
-) -> AsyncIterator[tuple[OddReceiver, str, dict[str, str]]]:
-    events = await insert_events(conn, payments=len(KINDS) * 4)
-    plan = {e.event_id: KINDS[i % len(KINDS)] for i, e in enumerate(events)}
-    receiver = OddReceiver(plan)
-    url = await receiver.start()
-    try:
-        yield receiver, url, plan
-    finally:
-        await receiver.close()
+    async def __call__(self, delivery: Delivery) -> Answer:
+        assert delivery.event_id is not None
+        sent = self.answers[delivery.event_id]
+        kind = self.plan[delivery.event_id] if not sent else "ok"
+        sent.append(kind)
+        return OK if kind == "ok" else ODD_ANSWERS[kind]
 
 
 async def test_odd_answers_cost_one_attempt_and_everything_is_delivered_once_acknowledged(
     conn: asyncpg.Connection,
     database_url: str,
-    receiver_and_events: tuple[OddReceiver, str, dict[str, str]],
+    receiver: Receiver,
     tmp_path: Path,
 ) -> None:
-    receiver, url, plan = receiver_and_events
+    events = await insert_events(conn, payments=len(KINDS) * 4)
+    plan = {e.event_id: KINDS[i % len(KINDS)] for i, e in enumerate(events)}
+    odd = OddAnswers(plan)
+    receiver.policy = odd
     env = relay_env(
         database_url,
-        url,
+        receiver.base_url,
         relay_quick_retries=0,
         relay_retry_schedule="0.2",
         relay_lease_seconds=5,  # a result never written would come back within the deadline
@@ -134,8 +85,8 @@ async def test_odd_answers_cost_one_attempt_and_everything_is_delivered_once_ack
 
     # Each event got its planned answer, then (if it was odd) exactly one 200, and nothing after.
     expected = {e: [k] if k == "ok" else [k, "ok"] for e, k in plan.items()}
-    assert dict(receiver.answers) == expected
-    assert receiver.acknowledged() == set(plan)
+    assert dict(odd.answers) == expected
+    assert receiver.accepted_ids() == set(plan)
 
     rows = await conn.fetch(
         "SELECT event_id::text, attempts, last_status_code, last_error, attempt_log"

@@ -1,5 +1,6 @@
-"""The machinery of the fault tests: a PostgreSQL the test can stop, the service's real processes,
-a load generator of retrying clients, and the assertions every fault test ends with.
+"""The machinery of the fault tests: the service's processes of one test (`ServiceStack`), a load
+generator of retrying clients, and the assertions every fault test ends with. The PostgreSQL a
+test can stop, the processes and the receiver are in tests/support.
 
 Everything waits on conditions with deadlines; nothing sleeps to let something happen. The only
 sleeps are a client's pause between retries (what a real client does) and the receiver's stall.
@@ -8,18 +9,13 @@ sleeps are a client's pause between retries (what a real client does) and the re
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import itertools
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -28,15 +24,14 @@ from typing import Any
 import asyncpg
 import httpx
 
-from payment_service.config import Settings
-from payment_service.embedded import EmbeddedPostgres, free_port
-from payment_service.migrations import migrate
-from tests.helpers import wait_until
+from tests.support.api import key_hash
+from tests.support.commands import run_check
+from tests.support.database import OWN_DATABASE_NAME, FaultDatabase
+from tests.support.environment import clean_env, new_signing_secret
+from tests.support.processes import ApiProcess, ServiceProcess
+from tests.support.receiver import Receiver
+from tests.support.waiting import wait_for
 
-DATABASE_NAME = "payments"
-START_TIMEOUT_SECONDS = 60
-STOP_TIMEOUT_SECONDS = 30
-CHECK_TIMEOUT_SECONDS = 60
 # A client waits this long for an answer. The API must answer every request well within it, even
 # with its database down, so a client timeout counts as a hang and fails the test.
 CLIENT_TIMEOUT_SECONDS = 20.0
@@ -44,191 +39,75 @@ CLIENT_TIMEOUT_SECONDS = 20.0
 OPERATION_DEADLINE_SECONDS = 150.0
 
 
-def service_command(*args: str) -> list[str]:
-    """`payment-service ARGS` from this virtualenv."""
-    script = Path(sys.executable).with_name("payment-service")
-    if script.exists():
-        return [str(script), *args]
-    return [sys.executable, "-m", "payment_cli.cli", *args]
+# -- the service's processes of one test ---------------------------------------------------------
+# The settings every process of a fault test runs with; a test overrides what it exercises.
+BASE_ENVIRONMENT: dict[str, object] = {
+    "ENVIRONMENT": "test",
+    "LOG_LEVEL": "WARNING",
+    "ASYNC_METHODS": "UPI",
+    "IDEMPOTENCY_KEY_TTL": 86400,
+    "DB_POOL_MIN": 1,
+    "DB_POOL_MAX": 6,
+    "RELAY_POLL_INTERVAL": 0.5,
+    "RELAY_REQUEST_TIMEOUT": 10,
+    "RELAY_LEASE_SECONDS": 15,
+    "RELAY_METRICS_PORT": 0,
+    # A failed delivery is retried after 1 s, then 2 s, … instead of 5 s, 30 s, …: the faults are
+    # short, and a test should not wait half a minute for the second try.
+    "RELAY_RETRY_SCHEDULE": "1,2,4",
+}
 
 
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+class ServiceStack:
+    """The service's processes of one test, all pointed at its database and receiver."""
 
-
-def new_signing_secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
-# -- the test's own PostgreSQL -------------------------------------------------------------------
-class FaultDatabase:
-    """An embedded PostgreSQL that belongs to one test, so the test may stop and start it.
-
-    fsync is off (a test survives process crashes, not power loss) but every commit still reaches
-    the kernel before it is acknowledged (synchronous_commit stays on), so an immediate stop loses
-    nothing that a client was told is committed.
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.server = EmbeddedPostgres(
-            data_dir,
-            settings=["fsync=off", "full_page_writes=off", "max_connections=200"],
-        )
-
-    @property
-    def dsn(self) -> str:
-        return self.server.dsn(DATABASE_NAME)
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.server.start)
-
-    async def stop(self, *, immediate: bool = False) -> None:
-        """Stop the server: `immediate` is a crash (no checkpoint, clients cut off)."""
-        await asyncio.to_thread(self.server.stop, "immediate" if immediate else "fast")
-
-    async def create(self) -> None:
-        await self.start()
-        await asyncio.to_thread(self.server.ensure_database, DATABASE_NAME)
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    async def connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.dsn, timeout=10)
-
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self.connect()
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        conn = await self.connect()
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
-
-
-# -- the service's processes ---------------------------------------------------------------------
-def service_environment(**variables: object) -> dict[str, str]:
-    """The process environment: this one without any of the service's variables, plus these."""
-    ours = {name.upper() for name in Settings.model_fields}
-    env = {name: value for name, value in os.environ.items() if name.upper() not in ours}
-    env.update({name.upper(): str(value) for name, value in variables.items()})
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class ServiceProcess:
-    """One `payment-service …` process (and its children) in its own process group."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
+    def __init__(self, db: FaultDatabase, receiver: Receiver, workdir: Path) -> None:
+        self.db = db
+        self.receiver = receiver
         self.workdir = workdir
-        self.log_path = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
+        self.secret = new_signing_secret()
+        receiver.secret = self.secret
+        self.processes: list[ServiceProcess] = []
 
-    def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None, f"{self.name} is running"
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"---- start #{self.starts}: {' '.join(self.args)}\n".encode())
-            log.flush()
-            # cwd is the test's folder: no .env of the developer's is read.
-            self.process = subprocess.Popen(
-                service_command(*self.args),
-                env=self.env,
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+    def env(self, **overrides: object) -> dict[str, str]:
+        variables: dict[str, Any] = {
+            **BASE_ENVIRONMENT,
+            "DATABASE_URL": self.db.dsn,
+            "NOTIFICATION_SERVICE_URL": self.receiver.base_url,
+            "CALLBACK_SIGNING_SECRET": self.secret,
+        }
+        variables.update({name.upper(): value for name, value in overrides.items()})
+        return clean_env(**variables)
+
+    async def api(self, name: str = "api", *, workers: int = 2, **env: object) -> ApiProcess:
+        process = ApiProcess(name, self.env(**env), self.workdir, workers=workers)
+        self.processes.append(process)
+        process.start()
+        await process.wait_ready()
+        return process
+
+    def relay(self, name: str = "relay", **env: object) -> ServiceProcess:
+        process = ServiceProcess(name, ["relay"], self.env(**env), self.workdir)
+        self.processes.append(process)
+        process.start()
+        return process
+
+    async def check(self) -> dict[str, Any]:
+        """`payment-service check --json` must pass; returns its report."""
+        return await run_check(self.env(), self.workdir)
+
+    async def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(Exception):
+                await process.terminate()
+
+    def print_logs(self) -> None:
+        for process in self.processes:
+            print(
+                f"==== {process.name} (pid {process.pid if process.process else '-'}, "
+                f"started {process.starts}x) — last lines of {process.log_path}"
             )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    async def kill9(self) -> None:
-        """SIGKILL the whole process group (server and workers), as a crash or OOM kill would."""
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_SECONDS)
-        await self._wait_group_gone()
-
-    async def terminate(self) -> int | None:
-        """SIGTERM and wait for a clean exit; SIGKILL at the deadline. Returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                await self.kill9()
-                return None
-        code = self.process.returncode
-        # Workers of a multi-process server may outlive the parent by a moment.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        await self._wait_group_gone()
-        return code
-
-    async def _wait_group_gone(self) -> None:
-        assert self.process is not None
-        pgid = self.process.pid
-
-        def gone() -> bool:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return True
-            return False
-
-        await wait_for(gone, timeout=STOP_TIMEOUT_SECONDS, what=f"{self.name}'s processes to exit")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-class ApiProcess(ServiceProcess):
-    """`payment-service serve --workers N --host 127.0.0.1 --port P`."""
-
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, *, workers: int) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        args = ["serve", "--workers", str(workers), "--host", "127.0.0.1", "--port", str(self.port)]
-        super().__init__(name, args, env, workdir)
-
-    async def wait_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
-        """Until /health answers 200 (every worker shares the socket; one answering suffices)."""
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=5) as client:
-
-            async def healthy() -> bool:
-                if not self.running():
-                    raise AssertionError(f"{self.name} exited:\n{self.log_tail()}")
-                try:
-                    return (await client.get("/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(healthy, timeout=timeout, what=f"{self.name} to answer /health")
+            print(process.log_tail(30))
 
 
 def socket_owner(client_port: int, server_port: int, processes: dict[str, int]) -> str | None:
@@ -259,43 +138,11 @@ async def connections_by_process(db: FaultDatabase, processes: dict[str, int]) -
     rows = await db.fetch(
         "SELECT client_port FROM pg_stat_activity "
         "WHERE datname = $1 AND client_port IS NOT NULL AND pid <> pg_backend_pid()",
-        DATABASE_NAME,
+        OWN_DATABASE_NAME,
     )
     port = db.server.port
     assert port is not None
     return Counter(socket_owner(row["client_port"], port, processes) or "other" for row in rows)
-
-
-async def wait_for(
-    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """`tests.helpers.wait_until`, naming what was awaited when the deadline passes."""
-    try:
-        return await wait_until(predicate, timeout=timeout, interval=interval)
-    except AssertionError as error:
-        if not str(error).startswith("condition not met"):
-            raise  # the predicate's own assertion
-        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
-
-
-# -- `payment-service check` ---------------------------------------------------------------------
-async def run_check(env: dict[str, str], workdir: Path) -> dict[str, Any]:
-    """Run `payment-service check --json`; return its report, asserting exit 0 = consistent."""
-    process = await asyncio.create_subprocess_exec(
-        *service_command("check", "--json"),
-        env=env,
-        cwd=workdir,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), CHECK_TIMEOUT_SECONDS)
-    assert process.returncode in (0, 1), f"check failed to run: {err.decode()[-2000:]}"
-    report: dict[str, Any] = json.loads(out)
-    failed = [check for check in report["checks"] if not check["ok"]]
-    assert process.returncode == 0 and report["consistent"] and not failed, (
-        "payment-service check found inconsistencies:\n" + json.dumps(failed, indent=2)
-    )
-    return report
 
 
 # -- the load generator --------------------------------------------------------------------------
@@ -602,7 +449,7 @@ async def _stored_as_answered(
 
 
 async def assert_every_event_delivered(
-    db: FaultDatabase, receiver: Any, *, timeout: float, exactly_once: bool
+    db: FaultDatabase, receiver: Receiver, *, timeout: float, exactly_once: bool
 ) -> list[asyncpg.Record]:
     """Wait until every outbox event is DELIVERED and the receiver acknowledged each one.
 
@@ -618,7 +465,7 @@ async def assert_every_event_delivered(
         if undelivered:
             return False
         events = await db.fetch("SELECT event_id::text AS event_id FROM outbox_events")
-        return {row["event_id"] for row in events} <= set(receiver.acknowledged())
+        return {row["event_id"] for row in events} <= set(receiver.accepted_counts())
 
     try:
         await wait_for(
@@ -636,17 +483,17 @@ async def assert_every_event_delivered(
     )
     expected = {row["event_id"]: row for row in events}
     for delivery in receiver.deliveries:
-        assert delivery.event_id in expected, f"a callback for an unknown event: {delivery.body}"
+        assert delivery.event_id in expected, f"a callback for an unknown event: {delivery.body!r}"
         assert delivery.webhook_id == delivery.event_id == delivery.idempotency_key, delivery
         assert delivery.signature_ok is not False, f"bad signature on {delivery.event_id}"
-        assert delivery.body == json.loads(expected[delivery.event_id]["payload"]), delivery
+        assert delivery.event == json.loads(expected[delivery.event_id]["payload"]), delivery
     if exactly_once:
-        twice = {event: n for event, n in receiver.acknowledged().items() if n > 1}
+        twice = {event: n for event, n in receiver.accepted_counts().items() if n > 1}
         assert not twice, f"{len(twice)} event(s) delivered more than once without a crash"
     # Per payment, events are first acknowledged in the order they were written.
     first_ack: dict[str, int] = {}
     for position, delivery in enumerate(receiver.deliveries):
-        if delivery.event_id and 200 <= delivery.answered < 300:
+        if delivery.event_id and delivery.accepted:
             first_ack.setdefault(delivery.event_id, position)
     by_payment: dict[int, list[str]] = {}
     for row in events:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import ServiceStack
 from tests.faults.harness import (
-    FaultDatabase,
     LoadGenerator,
+    ServiceStack,
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
-    wait_for,
 )
-from tests.faults.receiver import CallbackReceiver
+from tests.support.database import FaultDatabase
+from tests.support.receiver import Receiver
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -29,7 +29,7 @@ PROGRESS_PER_ROUND = 25
 
 
 async def test_kill_9_of_the_api_under_load_loses_nothing(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     api = await stack.api(workers=2)
     relay = stack.relay()
@@ -39,7 +39,7 @@ async def test_kill_9_of_the_api_under_load_loses_nothing(
         for crash in range(CRASHES + 1):
             target = load.successes() + PROGRESS_PER_ROUND
             await wait_for(
-                lambda target=target: load.successes() >= target,
+                lambda: load.successes() >= target,  # noqa: B023 - awaited in this iteration
                 timeout=90,
                 what=f"{PROGRESS_PER_ROUND} more successful requests (round {crash + 1})",
             )

@@ -14,15 +14,15 @@ import asyncio
 import httpx
 import pytest
 
-from tests.faults.conftest import ServiceStack
 from tests.faults.harness import (
-    FaultDatabase,
     LoadGenerator,
+    ServiceStack,
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
-    wait_for,
 )
-from tests.faults.receiver import CallbackReceiver
+from tests.support.database import FaultDatabase
+from tests.support.receiver import Receiver
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -31,7 +31,7 @@ OUTAGE_503S = 30  # 503s the clients must have seen before the database comes ba
 
 
 async def test_database_restart_under_load(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     loop = asyncio.get_running_loop()
     api = await stack.api(workers=2)
@@ -40,7 +40,7 @@ async def test_database_restart_under_load(
     load.start()
     try:
         await wait_for(lambda: load.successes() >= PROGRESS, timeout=90, what="load to run")
-        await wait_for(lambda: len(receiver.acknowledged()) >= 10, timeout=60, what="deliveries")
+        await wait_for(lambda: len(receiver.accepted_ids()) >= 10, timeout=60, what="deliveries")
 
         await fault_db.stop(immediate=True)
         down_at = loop.time()

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import ServiceStack
 from tests.faults.harness import (
-    FaultDatabase,
     LoadGenerator,
+    ServiceStack,
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
-    wait_for,
 )
-from tests.faults.receiver import CallbackReceiver
+from tests.support.database import FaultDatabase
+from tests.support.receiver import (
+    Receiver,
+    answer_ok,
+    answer_status,
+    hang_first_request_of_each_event,
+)
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -40,28 +45,28 @@ async def _failed_attempts(db: FaultDatabase) -> int:
 
 
 async def test_receiver_down_then_failing_then_back(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     api = await stack.api(workers=1)
     stack.relay()
     load = LoadGenerator([api.base_url], clients=4, seed=3)
     load.start()
     try:
-        await wait_for(lambda: len(receiver.acknowledged()) >= 10, timeout=60, what="deliveries")
+        await wait_for(lambda: len(receiver.accepted_ids()) >= 10, timeout=60, what="deliveries")
 
-        await receiver.stop()
+        await receiver.stop_listening(answer_in_flight=True)
         # Down until the relay has recorded a failed attempt and rescheduled the event.
         await wait_for(
             lambda: _failed_attempts(fault_db), timeout=60, what="a failed delivery recorded"
         )
-        receiver.mode = "error"
-        await receiver.start()
+        receiver.policy = answer_status(500)
+        await receiver.listen_again()
         await wait_for(
-            lambda: any(d.answered == 500 for d in receiver.deliveries),
+            lambda: any(d.status == 500 for d in receiver.deliveries),
             timeout=60,
             what="the relay to be answered 500",
         )
-        receiver.mode = "ok"
+        receiver.policy = answer_ok
         target = load.successes() + 20
         await wait_for(lambda: load.successes() >= target, timeout=60, what="more load")
     finally:
@@ -73,9 +78,9 @@ async def test_receiver_down_then_failing_then_back(
 
 
 async def test_receiver_slower_than_the_request_timeout(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
-    receiver.mode = "slow"  # the first request of each event is held until the relay hangs up
+    receiver.policy = hang_first_request_of_each_event()  # until the relay hangs up
     api = await stack.api(workers=1)
     stack.relay(relay_request_timeout=SLOW_TIMEOUT_SECONDS)
     load = LoadGenerator([api.base_url], clients=3, seed=4)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import ServiceStack
 from tests.faults.harness import (
-    FaultDatabase,
     LoadGenerator,
+    ServiceStack,
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
-    wait_for,
 )
-from tests.faults.receiver import CallbackReceiver
+from tests.support.database import FaultDatabase
+from tests.support.receiver import Receiver
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -27,7 +27,7 @@ LEASE_SECONDS = 3  # a dead relay's claims come back this soon
 
 
 async def test_kill_9_of_the_relay_mid_batch_loses_no_event(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     api = await stack.api(workers=1)
     relay = stack.relay(relay_lease_seconds=LEASE_SECONDS)
@@ -36,9 +36,9 @@ async def test_kill_9_of_the_relay_mid_batch_loses_no_event(
     kills: list[int] = []  # how many requests the receiver had seen at each kill
     try:
         for crash in range(CRASHES):
-            target = len(receiver.acknowledged()) + 10
+            target = len(receiver.accepted_ids()) + 10
             await wait_for(
-                lambda target=target: len(receiver.acknowledged()) >= target,
+                lambda: len(receiver.accepted_ids()) >= target,  # noqa: B023 - awaited at once
                 timeout=90,
                 what=f"deliveries before crash {crash + 1}",
             )

@@ -14,17 +14,17 @@ from collections import Counter
 
 import pytest
 
-from tests.faults.conftest import ServiceStack
 from tests.faults.harness import (
-    FaultDatabase,
     LoadGenerator,
+    ServiceStack,
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
     connections_by_process,
     socket_owner,
-    wait_for,
 )
-from tests.faults.receiver import CallbackReceiver
+from tests.support.database import FaultDatabase
+from tests.support.receiver import Receiver
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -33,7 +33,7 @@ OPERATIONS = 150
 
 
 async def test_two_apis_and_three_relays_deliver_every_event_exactly_once(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: CallbackReceiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     apis = [await stack.api(f"api-{n}", workers=1) for n in (1, 2)]
     # Each relay holds at most concurrency + batch events, so held deliveries cannot all go to

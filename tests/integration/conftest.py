@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.support import RunningApi, running_api
+from tests.support.api import RunningApi, running_api
 
 ApiFactory = Callable[..., Awaitable[RunningApi]]
 

@@ -18,15 +18,15 @@ import pytest
 
 from payment_service.embedded import EmbeddedPostgres
 from payment_service.migrations import migrate
-from tests.helpers import wait_until
-from tests.integration.support import (
+from tests.support.api import (
     assert_problem,
     exact_json,
+    key_hash,
     payment_body,
     post_json,
     running_api,
-    sha256_hex,
 )
+from tests.support.waiting import wait_until
 
 # An unavailable database must be reported fast: a client's own timeout is often a few seconds.
 ANSWER_WITHIN_SECONDS = 5
@@ -116,7 +116,7 @@ async def test_database_outage_and_recovery(
         assert (
             await conn.fetchval(
                 "SELECT count(*) FROM payments WHERE idempotency_hash = $1",
-                sha256_hex(down_body["idempotency_key"]),
+                key_hash(down_body["idempotency_key"]),
             )
             == 1
         )

@@ -13,7 +13,7 @@ import pytest
 
 from app.context import PaymentApp
 from tests.integration.conftest import ApiFactory
-from tests.integration.support import assert_problem, payment_body, post_json
+from tests.support.api import assert_problem, payment_body, post_json
 
 
 def logged_tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

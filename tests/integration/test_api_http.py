@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     RunningApi,
     assert_problem,
     dumps_exact,

@@ -15,16 +15,16 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     RunningApi,
     advisory_lock_id,
     assert_problem,
     assert_replay,
     exact_json,
+    key_hash,
     new_key,
     payment_body,
     post_json,
-    sha256_hex,
 )
 
 
@@ -71,14 +71,14 @@ async def test_key_hash_is_the_seed_digest(
         "WHERE key_hash = encode(digest('demo-client-1','sha256'),'hex')"
     )
     assert row is not None, "the seed's encode(digest(key,'sha256'),'hex') must find the row"
-    assert row["key_hash"] == sha256_hex("demo-client-1")
+    assert row["key_hash"] == key_hash("demo-client-1")
     assert row["response_status"] == 200
     assert json.loads(row["data"], parse_float=Decimal) == payment
     assert row["expires_at"] - row["created_at"] == timedelta(seconds=86400)
     hash_on_payment = await db.fetchval(
         "SELECT idempotency_hash FROM payments WHERE payment_id = $1", payment["payment_id"]
     )
-    assert hash_on_payment == sha256_hex("demo-client-1")
+    assert hash_on_payment == key_hash("demo-client-1")
 
 
 async def test_concurrent_creates_with_one_key_make_one_payment(
@@ -96,9 +96,9 @@ async def test_concurrent_creates_with_one_key_make_one_payment(
         if response.status_code == 409:
             assert_problem(response, 409, "IDEMPOTENCY_KEY_IN_PROGRESS")
             assert response.headers.get("retry-after", "").isdigit()
-    key_hash = sha256_hex(body["idempotency_key"])
+    stored_hash = key_hash(body["idempotency_key"])
     assert (
-        await db.fetchval("SELECT count(*) FROM payments WHERE idempotency_hash = $1", key_hash)
+        await db.fetchval("SELECT count(*) FROM payments WHERE idempotency_hash = $1", stored_hash)
         == 1
     )
     assert await db.fetchval("SELECT count(*) FROM payments") == 1
@@ -119,7 +119,7 @@ async def test_concurrent_creates_over_many_connections(
         assert (
             await db.fetchval(
                 "SELECT count(*) FROM payments WHERE idempotency_hash = $1",
-                sha256_hex(body["idempotency_key"]),
+                key_hash(body["idempotency_key"]),
             )
             == 1
         )
@@ -232,7 +232,7 @@ async def test_header_key_works_and_is_the_same_key(
     assert first.status_code == 200, first.text
     assert (
         await db.fetchval(
-            "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", sha256_hex(key)
+            "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", key_hash(key)
         )
         == 1
     )
@@ -325,7 +325,7 @@ async def test_printable_keys_up_to_255_are_accepted(
     assert response.status_code == 200, response.text
     assert (
         await db.fetchval(
-            "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", sha256_hex(key)
+            "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", key_hash(key)
         )
         == 1
     )
@@ -358,7 +358,7 @@ async def test_business_error_is_stored_and_replayed(
     assert (
         await db.fetchval(
             "SELECT response_status FROM idempotency_keys WHERE key_hash = $1",
-            sha256_hex(body["idempotency_key"]),
+            key_hash(str(body["idempotency_key"])),
         )
         == 400
     )
@@ -369,9 +369,9 @@ async def test_expired_key_is_new(api_factory: Any, db: asyncpg.Connection) -> N
     body = payment_body()
     first = await post_json(api.client, "/payments", body)
     assert first.status_code == 200, first.text
-    key_hash = sha256_hex(body["idempotency_key"])
+    stored_hash = key_hash(body["idempotency_key"])
     ttl = await db.fetchval(
-        "SELECT expires_at - created_at FROM idempotency_keys WHERE key_hash = $1", key_hash
+        "SELECT expires_at - created_at FROM idempotency_keys WHERE key_hash = $1", stored_hash
     )
     assert ttl == timedelta(seconds=1)
 
@@ -381,7 +381,7 @@ async def test_expired_key_is_new(api_factory: Any, db: asyncpg.Connection) -> N
 
     await db.execute(
         "UPDATE idempotency_keys SET expires_at = now() - interval '1 s' WHERE key_hash = $1",
-        key_hash,
+        stored_hash,
     )
     # ...after it, the key is new: a new payment, not a 422 and not a replay.
     second = await post_json(api.client, "/payments", changed)
@@ -389,13 +389,13 @@ async def test_expired_key_is_new(api_factory: Any, db: asyncpg.Connection) -> N
     assert second.headers.get("idempotent-replayed") in (None, "false")
     assert exact_json(second)["payment_id"] != exact_json(first)["payment_id"]
     assert (
-        await db.fetchval("SELECT count(*) FROM payments WHERE idempotency_hash = $1", key_hash)
+        await db.fetchval("SELECT count(*) FROM payments WHERE idempotency_hash = $1", stored_hash)
         == 2
     )
     assert (
         await db.fetchval(
             "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1 AND expires_at > now()",
-            key_hash,
+            stored_hash,
         )
         == 1
     )
@@ -474,7 +474,7 @@ async def test_two_callers_with_one_key_each_get_their_own_payment(
     ], "the guide's query by key_hash finds the key's row of each caller"
     owners = await db.fetch(
         "SELECT caller FROM payments WHERE idempotency_hash = $1 ORDER BY payment_id",
-        sha256_hex(key),
+        key_hash(key),
     )
     assert [row["caller"] for row in owners] == ["svc-a", "svc-b"]
 
@@ -570,7 +570,7 @@ async def test_concurrent_callers_with_one_key_make_one_payment_each(
             assert_problem(response, 409, "IDEMPOTENCY_KEY_IN_PROGRESS")
     counts = await db.fetch(
         "SELECT caller, count(*) AS n FROM payments WHERE idempotency_hash = $1 GROUP BY caller",
-        sha256_hex(key),
+        key_hash(key),
     )
     assert {row["caller"]: row["n"] for row in counts} == {"svc-a": 1, "svc-b": 1}
 
@@ -597,7 +597,7 @@ async def test_without_names_every_request_shares_one_scope(
     assert (
         await db.fetchval(
             "SELECT caller FROM idempotency_keys WHERE key_hash = $1",
-            sha256_hex(body["idempotency_key"]),
+            key_hash(body["idempotency_key"]),
         )
         == "default"
     )

@@ -12,15 +12,15 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     assert_problem,
     assert_replay,
     create_payment,
     dumps_exact,
     exact_json,
+    key_hash,
     new_key,
     payment_body,
-    sha256_hex,
 )
 
 VALID = json.dumps(payment_body(amount="10.00"))
@@ -370,7 +370,7 @@ async def test_structured_field_idempotency_key_is_the_key_without_quotes(
     first = await client.post("/payments", content=sent, headers=headers)
     assert first.status_code == 200, first.text
     assert await db.fetchval(
-        "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", sha256_hex(key)
+        "SELECT count(*) FROM idempotency_keys WHERE key_hash = $1", key_hash(key)
     ) == 1  # fmt: skip
     # The same key in the body is the same request: a replay, not a mismatch.
     again = await client.post(

@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     EVENT_FIELDS,
     PAYMENT_FIELDS,
     RunningApi,
@@ -23,10 +23,10 @@ from tests.integration.support import (
     money_text,
     new_key,
     new_trip,
-    outbox_rows,
     payment_body,
     post_json,
 )
+from tests.support.database import outbox_rows
 
 REFERENCE = re.compile(r"^PAY-(\d{8})-[0-9a-f]{8}$")
 

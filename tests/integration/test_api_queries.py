@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     PAYMENT_FIELDS,
     assert_problem,
     create_payment,

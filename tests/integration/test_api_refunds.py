@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     EVENT_FIELDS,
     assert_problem,
     assert_replay,
@@ -20,9 +20,9 @@ from tests.integration.support import (
     exact_json,
     money_text,
     new_key,
-    outbox_rows,
     post_json,
 )
+from tests.support.database import outbox_rows
 
 REFUND_FIELDS = {
     "payment_id",

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.support import (
+from tests.support.api import (
     EVENT_FIELDS,
     assert_problem,
     assert_replay,
@@ -18,10 +18,10 @@ from tests.integration.support import (
     error_fields,
     exact_json,
     new_key,
-    outbox_rows,
     payment_body,
     post_json,
 )
+from tests.support.database import outbox_rows
 
 
 async def settle(client: httpx.AsyncClient, payment_id: int | str, **body: Any) -> httpx.Response:

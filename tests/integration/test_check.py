@@ -23,8 +23,9 @@ import pytest
 
 from payment_cli.check import CHECKS, Report, check_database
 from payment_service.embedded import free_port
-from tests.faults.harness import service_command, service_environment
-from tests.integration.support import new_key, new_trip, post_json, running_api
+from tests.support.api import new_key, new_trip, post_json, running_api
+from tests.support.commands import service_command
+from tests.support.environment import clean_env
 
 TTL_SECONDS = 86400
 RETENTION_HOURS = 168.0
@@ -530,7 +531,7 @@ async def test_a_duplicate_is_reported_at_any_age(
 # -- the command ----------------------------------------------------------------------------------
 def _cli(dsn: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`payment-service check ARGS` with only DATABASE_URL set among the service's variables."""
-    env = service_environment(database_url=dsn)
+    env = clean_env(database_url=dsn)
     return subprocess.run(
         service_command("check", *args),
         env=env,

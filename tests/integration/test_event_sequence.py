@@ -9,7 +9,8 @@ from decimal import Decimal
 import asyncpg
 import httpx
 
-from tests.integration.support import create_payment, new_key, outbox_rows, post_json
+from tests.support.api import create_payment, new_key, post_json
+from tests.support.database import outbox_rows
 
 
 async def refund(client: httpx.AsyncClient, payment_id: int, amount: str) -> httpx.Response:

@@ -14,18 +14,10 @@ from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
-from payment_cli.sink import HttpResponse
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key
-from tests.relay_support import (  # noqa: F401 - fixture
-    CALLBACK_PATH,
-    OK,
-    SECRET,
-    Delivery,
-    Receiver,
-    answer_status,
-    receiver_fixture,
-)
+from tests.support.environment import CALLBACK_PATH, SECRET
+from tests.support.receiver import OK, Delivery, Receiver, Reply, answer_status
 
 BODY = b'{"event_id": "%s", "amount": 150.50, "status": "SUCCESS", "reference": "PAY-1"}'
 
@@ -104,8 +96,8 @@ async def test_without_a_secret_the_callback_is_unsigned(
 async def test_quick_retries_recover_from_a_brief_failure(
     receiver: Receiver, deliverer: DelivererFactory
 ) -> None:
-    async def flaky(d: Delivery) -> HttpResponse:
-        return OK if d.seq >= 2 else HttpResponse(503)
+    async def flaky(d: Delivery) -> Reply:
+        return OK if d.seq >= 2 else Reply(503)
 
     receiver.policy = flaky
     result = await deliverer().deliver(event(), lease_deadline=far_deadline())
@@ -128,8 +120,8 @@ async def test_after_the_quick_retries_the_event_is_rescheduled(
 async def test_a_short_retry_after_is_waited_inline(
     receiver: Receiver, deliverer: DelivererFactory
 ) -> None:
-    async def busy_once(d: Delivery) -> HttpResponse:
-        return OK if d.seq else HttpResponse(429, headers=(("retry-after", "1"),))
+    async def busy_once(d: Delivery) -> Reply:
+        return OK if d.seq else Reply(429, headers=(("retry-after", "1"),))
 
     receiver.policy = busy_once
     result = await deliverer(quick_retry_wait=0.2).deliver(event(), lease_deadline=far_deadline())
@@ -179,7 +171,7 @@ async def test_the_last_attempt_failing_is_dead(
 async def test_a_timeout_is_retried_then_rescheduled(
     receiver: Receiver, deliverer: DelivererFactory
 ) -> None:
-    async def hang(_d: Delivery) -> HttpResponse:
+    async def hang(_d: Delivery) -> Reply:
         await asyncio.sleep(2)
         return OK
 
@@ -196,7 +188,7 @@ async def test_a_timeout_is_retried_then_rescheduled(
 async def test_a_dropped_connection_is_retryable(
     receiver: Receiver, deliverer: DelivererFactory
 ) -> None:
-    async def drop_first(d: Delivery) -> HttpResponse | None:
+    async def drop_first(d: Delivery) -> Reply | None:
         return OK if d.seq else None
 
     receiver.policy = drop_first

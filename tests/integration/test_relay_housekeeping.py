@@ -7,7 +7,7 @@ import asyncpg
 from outbox_relay.housekeeping import housekeep
 from outbox_relay.outbox import HOUSEKEEPING_LOCK_ID
 from payment_service.database import connect
-from tests.relay_support import conn_fixture, insert_events  # noqa: F401 - fixture
+from tests.support.database import insert_events
 
 
 async def arrange(conn: asyncpg.Connection) -> dict[str, list[int]]:

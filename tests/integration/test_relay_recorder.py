@@ -15,7 +15,7 @@ from outbox_relay.main import Relay
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.config import Settings
 from payment_service.database import create_pool
-from tests.relay_support import conn_fixture, insert_events  # noqa: F401 - fixture
+from tests.support.database import insert_events
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from payment_cli.sink import HttpRequest, HttpResponse, HttpServer, Sink, SinkOptions
 from payment_service.signing import secret_key, sign
-from tests.relay_support import SECRET
+from tests.support.environment import SECRET
 
 BODY = b'{"event_id": "e-1", "amount": 150.10, "status": "SUCCESS"}'
 

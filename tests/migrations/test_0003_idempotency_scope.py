@@ -18,7 +18,7 @@ from app.idempotency import fingerprint
 from app.models import CreatePayment
 from payment_cli.check import check_database
 from payment_service.migrations import load_migrations, migrate
-from tests.integration.support import assert_replay, exact_json, post_json, running_api
+from tests.support.api import assert_replay, exact_json, post_json, running_api
 
 SCOPE_VERSION = 3
 GUIDE_BODY: dict[str, Any] = {

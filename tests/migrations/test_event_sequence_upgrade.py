@@ -12,7 +12,7 @@ from payment_service.migrations import load_migrations, migrate
 
 
 async def payment(db: asyncpg.Connection, trip_id: int, status: str, refunded: str = "0") -> int:
-    return await db.fetchval(  # type: ignore[no-any-return]
+    return await db.fetchval(
         """
         INSERT INTO payments (trip_id, amount, currency, method, status, reference,
                               idempotency_hash, refunded_amount)
@@ -27,7 +27,7 @@ async def payment(db: asyncpg.Connection, trip_id: int, status: str, refunded: s
 
 
 async def event(db: asyncpg.Connection, payment_id: int, event_type: str) -> int:
-    return await db.fetchval(  # type: ignore[no-any-return]
+    return await db.fetchval(
         """
         INSERT INTO outbox_events (event_type, aggregate_id, payload)
         VALUES ($1::text, $2, jsonb_build_object('event_type', $1::text, 'payment_id', $2::bigint))

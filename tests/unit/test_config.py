@@ -254,7 +254,7 @@ def test_keyword_overrides_win(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
-        settings.service_port = 1  # type: ignore[misc]
+        settings.service_port = 1
 
 
 def test_run_without_the_embedded_extra_says_how_to_get_it(

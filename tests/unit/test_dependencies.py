@@ -7,7 +7,7 @@ import ast
 import re
 import tomllib
 
-from tests.helpers import REPO_ROOT
+from tests.support import REPO_ROOT
 
 RUNTIME_PACKAGES = ("app", "outbox_relay", "payment_service")
 

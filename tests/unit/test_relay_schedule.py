@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_parse_retry_after() -> None:
 
 def test_decide() -> None:
     schedule = (10.0, 20.0)
-    kwargs = {"max_attempts": 3, "schedule": schedule}
+    kwargs: dict[str, Any] = {"max_attempts": 3, "schedule": schedule}
     assert decide(Verdict.DELIVERED, attempts=1, **kwargs) == (Outcome.DELIVERED, 0.0)
     assert decide(Verdict.DELIVERED, attempts=3, **kwargs) == (Outcome.DELIVERED, 0.0)
     # 410 is dead at once, whatever the attempt count
@@ -116,5 +117,5 @@ def test_decide() -> None:
 
 
 def test_schedule_setting_parses_comma_separated_seconds() -> None:
-    settings = Settings(_env_file=None, relay_retry_schedule=" 0.5, 2 ,10")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, relay_retry_schedule=" 0.5, 2 ,10")  # type: ignore[call-arg,arg-type]
     assert settings.relay_retry_schedule == (0.5, 2.0, 10.0)

@@ -1,4 +1,4 @@
-"""Helpers for the API tests: a real Hypercorn server on 127.0.0.1 and contract assertions.
+"""The API in the tests: a real Hypercorn server on 127.0.0.1 and the contract's assertions.
 
 The server runs in the test's own event loop (`hypercorn.asyncio.serve` with a shutdown trigger),
 so a test can hold database locks, stop the database or inspect rows while requests are in flight.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -23,7 +22,8 @@ import httpx
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from payment_service.config import Settings, load_settings
+from app.idempotency import IdempotencyKey
+from payment_service.config import DEFAULT_CALLER, Settings, load_settings
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 STARTUP_TIMEOUT_SECONDS = 30
@@ -103,14 +103,14 @@ async def post_json(
     )
 
 
-def sha256_hex(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+def key_hash(key: str) -> str:
+    """The hex SHA-256 the API stores for an idempotency key (app.idempotency computes it)."""
+    return IdempotencyKey.from_key(key).key_hash
 
 
-def advisory_lock_id(key: str, caller: str = "default") -> int:
+def advisory_lock_id(key: str, caller: str = DEFAULT_CALLER) -> int:
     """The int64 the API passes to pg_try_advisory_xact_lock for a caller's idempotency key."""
-    text = key if caller == "default" else f"{caller}\0{key}"
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big", signed=True)
+    return IdempotencyKey.from_key(key, caller).lock_id
 
 
 def exact_json(response: httpx.Response) -> Any:
@@ -258,15 +258,3 @@ async def create_payment(client: httpx.AsyncClient, **fields: Any) -> dict[str, 
     response = await post_json(client, "/payments", payment_body(**fields))
     assert response.status_code in (200, 202), response.text
     return exact_json(response)
-
-
-async def outbox_rows(db: Any, payment_id: int) -> list[dict[str, Any]]:
-    """The outbox events of one payment, oldest first, with the payload decoded exactly."""
-    rows = await db.fetch(
-        "SELECT id, event_id, event_type, aggregate_id, payload::text AS payload, status "
-        "FROM outbox_events WHERE aggregate_id = $1 ORDER BY id",
-        payment_id,
-    )
-    return [
-        {**dict(row), "payload": json.loads(row["payload"], parse_float=Decimal)} for row in rows
-    ]
