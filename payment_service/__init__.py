@@ -8,3 +8,5 @@ __version__ = "1.0.0"
 SERVICE_NAME = "payment-service"
 # The channel the API's transactions NOTIFY and the relay LISTENs on.
 OUTBOX_CHANNEL = "outbox_events"
+# The channel every change to an endpoint NOTIFYs, so that running relays reload at once.
+ENDPOINTS_CHANNEL = "endpoints"

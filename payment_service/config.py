@@ -98,9 +98,19 @@ class Settings(BaseSettings):
     rider_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8084")
     notification_service_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8085")
     notification_callback_path: str = "/notifications"
+    # A service whose *_CALLBACK_PATH is set is seeded as endpoint trip / driver / rider,
+    # subscribed to its *_EVENT_TYPES (comma-separated; default every type).
+    trip_callback_path: str | None = None
+    driver_callback_path: str | None = None
+    rider_callback_path: str | None = None
+    trip_event_types: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    driver_event_types: Annotated[tuple[str, ...], NoDecode] = ("*",)
+    rider_event_types: Annotated[tuple[str, ...], NoDecode] = ("*",)
     callback_signing_secret: str | None = Field(default=None, repr=False)
 
     api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(default=(), repr=False)
+    # `name:token` pairs for /admin/…; empty: the admin API answers 404.
+    admin_api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(default=(), repr=False)
     async_methods: Annotated[tuple[str, ...], NoDecode] = ()
     default_currency: str = "INR"
     max_payment_amount: Decimal = Field(
@@ -133,6 +143,13 @@ class Settings(BaseSettings):
     relay_shutdown_grace_seconds: float = Field(default=10, ge=0)  # drain time on SIGTERM
     relay_housekeeping_interval: float = Field(default=300, gt=0)  # seconds between passes
 
+    # Endpoint health (DESIGN §7a): the breaker opens after this many consecutive failed
+    # attempts, probes after the cooldown (doubling up to 10 minutes); an endpoint failing
+    # without a success for ENDPOINT_DISABLE_AFTER_HOURS is DISABLED.
+    endpoint_breaker_failures: int = Field(default=10, ge=1, le=10000)
+    endpoint_breaker_cooldown_seconds: float = Field(default=30, gt=0, le=600)
+    endpoint_disable_after_hours: float = Field(default=120, gt=0)
+
     payment_service_data_dir: Path = Path(".data")
 
     @field_validator("log_level", mode="before")
@@ -140,14 +157,23 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("api_keys", "async_methods", "relay_retry_schedule", mode="before")
+    @field_validator(
+        "api_keys",
+        "admin_api_keys",
+        "async_methods",
+        "relay_retry_schedule",
+        "trip_event_types",
+        "driver_event_types",
+        "rider_event_types",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _api_keys(cls, value: object) -> object:
         # Before-validators run last-defined first: split here too, whatever the order.
@@ -180,12 +206,27 @@ class Settings(BaseSettings):
             raise ValueError("must look like /v1 (a path starting with '/')")
         return value
 
-    @field_validator("notification_callback_path")
+    @field_validator(
+        "notification_callback_path",
+        "trip_callback_path",
+        "driver_callback_path",
+        "rider_callback_path",
+    )
     @classmethod
-    def _callback_path(cls, value: str) -> str:
-        if not value.startswith("/"):
+    def _callback_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
             raise ValueError("must start with '/'")
         return value
+
+    @field_validator("trip_event_types", "driver_event_types", "rider_event_types")
+    @classmethod
+    def _event_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from payment_service.endpoints import EndpointError, check_event_types
+
+        try:
+            return check_event_types(value)
+        except EndpointError as error:
+            raise ValueError(str(error)) from None
 
     @field_validator("callback_signing_secret")
     @classmethod
