@@ -279,16 +279,32 @@ async def delete_endpoint(name: str) -> Response:
     return _answer({"name": name, "removed": True, "undelivered_removed": undelivered})
 
 
-# State changes by hand: (route, state, what the endpoint's state_reason says).
+# State changes by hand: (route, state, the endpoint's state_reason, the operation's summary).
 STATE_CHANGES = (
-    ("pause", "PAUSED", "paused by {caller}"),
-    ("resume", "ACTIVE", None),
-    ("disable", "DISABLED", "disabled by {caller}"),
-    ("enable", "ACTIVE", None),
+    (
+        "pause",
+        "PAUSED",
+        "paused by {caller}",
+        "Hold the endpoint's deliveries until resume; its new events still get deliveries.",
+    ),
+    ("resume", "ACTIVE", None, "Deliver again, in order, what the endpoint held while paused."),
+    (
+        "disable",
+        "DISABLED",
+        "disabled by {caller}",
+        "Hold the endpoint's deliveries until enable; its new events get none (outbox replay "
+        "backfills them).",
+    ),
+    (
+        "enable",
+        "ACTIVE",
+        None,
+        "Deliver again, in order, what the endpoint held; the breaker closes.",
+    ),
 )
 
 
-def _state_route(action: str, state: str, reason: str | None) -> None:
+def _state_route(action: str, state: str, reason: str | None, summary: str) -> None:
     async def change_state(name: str) -> Response:
         async with _endpoints() as conn:
             changed = await endpoints.set_state(
@@ -297,18 +313,13 @@ def _state_route(action: str, state: str, reason: str | None) -> None:
         return _answer(changed.public())
 
     change_state.__name__ = f"post_endpoint_{action}"
-    change_state.__doc__ = {
-        "pause": "Hold the endpoint's deliveries (they keep arriving) until resume.",
-        "resume": "Deliver again, in order, what the endpoint held while paused.",
-        "disable": "Stop delivering to the endpoint; new events are not written for it.",
-        "enable": "Deliver again, in order, what the endpoint held; closes its breaker.",
-    }[action]
+    change_state.__doc__ = summary
     view = document_errors(401, 404, 503)(document_response(EndpointDocument, 200)(change_state))
     blueprint.post(f"/endpoints/<endpoint_name:name>/{action}")(view)
 
 
-for _action, _state, _reason in STATE_CHANGES:
-    _state_route(_action, _state, _reason)
+for _change in STATE_CHANGES:
+    _state_route(*_change)
 
 
 @blueprint.post("/endpoints/<endpoint_name:name>/rotate-secret")
