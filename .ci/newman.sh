@@ -28,8 +28,12 @@ free_port() { "$PYTHON" -c 'from payment_service.embedded import free_port; prin
 port="$(free_port)"
 metrics_port="$(free_port)"
 
+# The admin API (the collection's folder Admin) with a key of this run only.
+admin_key="newman-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')"
+
 # The relay delivers to a port where nothing listens; it only retries in the background.
 env -u DATABASE_URL -u DB_HOST -u API_KEYS -u API_PREFIX \
+    ADMIN_API_KEYS="newman:$admin_key" \
     PAYMENT_SERVICE_DATA_DIR="$work/data" SERVICE_PORT="$port" RELAY_METRICS_PORT="$metrics_port" \
     NOTIFICATION_SERVICE_URL="http://127.0.0.1:$(free_port)" LOG_LEVEL=WARNING \
     .venv/bin/payment-service run >"$work/service.log" 2>&1 &
@@ -76,5 +80,6 @@ EOF
 
 echo "== newman: the collection, twice, against payment-service run on 127.0.0.1:$port"
 "$newman" run "$COLLECTION" --environment "$ENVIRONMENT" \
-    --env-var "base_url=http://127.0.0.1:$port" --iteration-count 2 \
+    --env-var "base_url=http://127.0.0.1:$port" --env-var "adminKey=$admin_key" \
+    --iteration-count 2 \
     --timeout-request 10000 --color off --reporters cli

@@ -1,13 +1,15 @@
 """The HTTP API of the Payment Service (Quart on Hypercorn).
 
 `create_app(settings)` builds the application; nothing connects or reads the environment at import
-time. Its parts live in their own modules: the routes (`routes`), the pool's lifecycle
-(`lifecycle`), what runs around every request (`hooks`), errors as problem+json (`handlers`),
-health and metrics (`ops`) and the OpenAPI document (`openapi`).
+time. Its parts live in their own modules: the routes (`routes`), the admin API (`admin`, only
+with ADMIN_API_KEYS), the pool's lifecycle (`lifecycle`), what runs around every request
+(`hooks`), errors as problem+json (`handlers`), health and metrics (`ops`) and the OpenAPI
+document (`openapi`).
 """
 
 from __future__ import annotations
 
+from app import admin
 from app.context import PaymentApp
 from app.handlers import install_error_handlers
 from app.hooks import install_request_hooks, install_strict_paths
@@ -32,8 +34,11 @@ def create_app(settings: Settings) -> PaymentApp:
     # `//payments` must not answer a redirect whose Location is built from the Host header.
     app.url_map.merge_slashes = False
     app.url_map.converters["payment_id"] = PaymentIdConverter
+    app.url_map.converters["endpoint_name"] = admin.EndpointNameConverter
     install_openapi(app, settings)
     app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
+    if settings.admin_api_keys:  # else every /admin path is 404, as if absent (DESIGN §3)
+        app.register_blueprint(admin.blueprint, url_prefix=settings.api_prefix + "/admin")
     install_lifecycle(app)
     install_request_hooks(app)
     install_strict_paths(app)

@@ -15,29 +15,39 @@ from werkzeug.exceptions import NotFound
 
 from app.context import PaymentApp
 from app.errors import APIError
-from payment_service.config import DEFAULT_CALLER
+from payment_service.config import DEFAULT_CALLER, ApiKey
 
 access_logger = logging.getLogger("payment_service.access")
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
+def bearer_name(authorization: str, keys: tuple[ApiKey, ...]) -> str | None:
+    """The key's name for an `Authorization: Bearer <token>` header, else None.
+
+    Every configured token is compared, in constant time each, whichever one matches.
+    """
+    scheme, _, token = authorization.partition(" ")
+    sent = token.strip().encode()
+    caller = None
+    for key in keys:
+        if hmac.compare_digest(sent, key.token.encode()):
+            caller = key.name
+    return caller if scheme.lower() == "bearer" else None
+
+
+def unauthorized(realm: str) -> APIError:
+    return APIError(
+        401,
+        "UNAUTHORIZED",
+        "Send a valid API key as 'Authorization: Bearer <key>'.",
+        headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+    )
+
+
 def install_request_hooks(app: PaymentApp) -> None:
     protected = (app.settings.api_prefix + "/payments").encode()
-    keys = [(key.token.encode(), key.name) for key in app.settings.api_keys]
-
-    def authenticate(authorization: str) -> str | None:
-        """The caller's name for an `Authorization: Bearer <token>` header, else None.
-
-        Every configured token is compared, in constant time each, whichever one matches.
-        """
-        scheme, _, token = authorization.partition(" ")
-        sent = token.strip().encode()
-        caller = None
-        for expected, name in keys:
-            if hmac.compare_digest(sent, expected):
-                caller = name
-        return caller if scheme.lower() == "bearer" else None
+    keys = app.settings.api_keys
 
     @app.before_request
     async def start() -> None:
@@ -47,14 +57,9 @@ def install_request_hooks(app: PaymentApp) -> None:
         # The caller (idempotency scope, DESIGN §5): with auth off, one shared scope.
         g.caller = None if keys else DEFAULT_CALLER
         if keys and request.path.encode().startswith(protected):
-            g.caller = authenticate(request.headers.get("Authorization", ""))
+            g.caller = bearer_name(request.headers.get("Authorization", ""), keys)
             if g.caller is None:
-                raise APIError(
-                    401,
-                    "UNAUTHORIZED",
-                    "Send a valid API key as 'Authorization: Bearer <key>'.",
-                    headers={"WWW-Authenticate": 'Bearer realm="payment-service"'},
-                )
+                raise unauthorized("payment-service")
 
     @app.after_request
     async def finish(response: Response) -> Response:

@@ -15,24 +15,32 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
 from werkzeug.routing import BaseConverter
 
+from app.admin import EndpointNameConverter
 from app.context import PaymentApp
 from app.errors import PROBLEM_CONTENT_TYPE
 from app.models import INT64_MAX, amount_schema
 from app.routes import IDEMPOTENCY_KEY_HEADER, PaymentIdConverter
 from payment_service import __version__
 from payment_service.config import Settings
+from payment_service.endpoints import NAME_PATTERN
+
+ADMIN_SCHEME = "admin"  # the admin routes' bearer scheme: ADMIN_API_KEYS, not API_KEYS
 
 
 def install_openapi(app: PaymentApp, settings: Settings) -> None:
-    """Serve /openapi.json and /docs for `app`, with bearer security when API_KEYS is set."""
+    """Serve /openapi.json and /docs for `app`, with bearer security when API_KEYS is set and the
+    admin routes' own bearer scheme (`admin`) when ADMIN_API_KEYS is."""
     app.config["API_PREFIX"] = settings.api_prefix
     app.config["MAX_AMOUNT"] = settings.max_payment_amount
+    schemes: dict[str, Any] = {
+        name: HttpSecurityScheme(scheme="bearer")
+        for name, keys in (("bearer", settings.api_keys), (ADMIN_SCHEME, settings.admin_api_keys))
+        if keys
+    }
     QuartSchema(
         app,
         info=Info(title="Payment Service", version=__version__),
-        security_schemes={"bearer": HttpSecurityScheme(scheme="bearer")}
-        if settings.api_keys
-        else None,
+        security_schemes=schemes or None,
         security=[{"bearer": []}] if settings.api_keys else None,
         redoc_ui_path=None,
         scalar_ui_path=None,
@@ -49,15 +57,23 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
         parameter = super().build_path_parameter(name, converter)
         if isinstance(converter, PaymentIdConverter):
             parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
+        elif isinstance(converter, EndpointNameConverter):
+            parameter["schema"] = {"type": "string", "pattern": NAME_PATTERN.pattern}
         return parameter
 
     def schema(self) -> dict[str, Any]:
         if self._cached is None:
             document = super().schema()
             payments_prefix = self._app.config["API_PREFIX"] + "/payments"
+            admin_prefix = self._app.config["API_PREFIX"] + "/admin/"
             for path, operations in document.get("paths", {}).items():
                 for method, operation in operations.items():
-                    _enforced(operation, method, open_route=not path.startswith(payments_prefix))
+                    if path.startswith(admin_prefix):
+                        _admin(operation, body_optional=path.endswith("/rotate-secret"))
+                    else:
+                        _enforced(
+                            operation, method, open_route=not path.startswith(payments_prefix)
+                        )
             _replace(document, amount_schema(), amount_schema(self._app.config["MAX_AMOUNT"]))
             self._cached = document
         return self._cached
@@ -70,6 +86,20 @@ def _enforced(operation: dict[str, Any], method: str, *, open_route: bool) -> No
         operation["requestBody"]["required"] = True
     if method == "post":
         operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
+    _problems(operation)
+
+
+def _admin(operation: dict[str, Any], *, body_optional: bool) -> None:
+    """An admin route: the admin keys' scheme only, and no idempotency key (its changes are
+    idempotent or refused when repeated)."""
+    operation["security"] = [{ADMIN_SCHEME: []}]
+    operation.setdefault("tags", []).append("admin")
+    if "requestBody" in operation:
+        operation["requestBody"]["required"] = not body_optional
+    _problems(operation)
+
+
+def _problems(operation: dict[str, Any]) -> None:
     for status, response in operation.get("responses", {}).items():
         content = response.get("content", {})
         if int(status) >= 400 and "application/json" in content:

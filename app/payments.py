@@ -1,13 +1,13 @@
 """SQL for the payments table. Functions take the connection first; the caller owns the transaction.
 
-The write statements are single statements with data-modifying CTEs: the payment, its outbox event
-and the idempotency row with its answer go to PostgreSQL in one round trip and are atomic even
-without an explicit transaction. The relay is woken after the commit (app.notifier), not inside.
-They are composed of named fragments (the key's in app.idempotency, the payment's outbox event
-here, which app.refunds uses too) and compiled once at import (payment_service.sql), so each reads
-on its own and no `$n` spans modules. Documents are built by the SQL functions of the schema
-(`payment_json`, `payment_event_json`, `payment_refunds_json`) and come back as jsonb text, sent
-as is.
+The write statements are single statements with data-modifying CTEs: the payment, its outbox event,
+one delivery per subscribed endpoint and the idempotency row with its answer go to PostgreSQL in
+one round trip and are atomic even without an explicit transaction. The relay is woken after the
+commit (app.notifier), not inside. They are composed of named fragments (the key's in
+app.idempotency, the payment's outbox event and its deliveries here, which app.refunds uses too)
+and compiled once at import (payment_service.sql), so each reads on its own and no `$n` spans
+modules. Documents are built by the SQL functions of the schema (`payment_json`,
+`payment_event_json`, `payment_refunds_json`) and come back as jsonb text, sent as is.
 """
 
 from __future__ import annotations
@@ -41,11 +41,16 @@ def new_reference_suffix() -> str:
     return secrets.token_hex(4)
 
 
-# The CTE `event`: the outbox event of a payment whose statement changed it. It reads the CTE
-# `payment`, whose columns are `p` (the payment's new row) and `event_fields` (jsonb added to the
-# payload: a refund's fields, else '{}'), and takes the placeholder `:event_type`. The payload's
-# `sequence` is the row's `event_sequence`: 1 for a new payment, and every statement that changes
-# a payment's state increments it in the same UPDATE that this event reads back.
+# The CTEs `event` and `fan_out`: the outbox event of a payment whose statement changed it, and
+# its deliveries. They read the CTE `payment`, whose columns are `p` (the payment's new row) and
+# `event_fields` (jsonb added to the payload: a refund's fields, else '{}'), and take the
+# placeholder `:event_type`. The payload's `sequence` is the row's `event_sequence`: 1 for a new
+# payment, and every statement that changes a payment's state increments it in the same UPDATE
+# that this event reads back.
+# `fan_out` writes one delivery per endpoint subscribed to the event's type (DESIGN §7a), in the
+# same statement, so the event and its deliveries commit together. It reads `endpoints` each time
+# (no cache): an endpoint added a moment ago gets this event. PAUSED endpoints get theirs and hold
+# them until resumed; DISABLED ones get none (`outbox replay --endpoint N --since T` backfills).
 PAYMENT_EVENT = """event AS (
         INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
         SELECT e.event_id, :event_type::text, (payment.p).payment_id,
@@ -53,6 +58,15 @@ PAYMENT_EVENT = """event AS (
                || payment.event_fields
           FROM payment
          CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
+     RETURNING id, event_type, aggregate_id
+    ), fan_out AS (
+        INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
+        SELECT event.id, endpoint.endpoint_id, event.aggregate_id
+          FROM event
+          JOIN endpoints AS endpoint
+            ON endpoint.state IN ('ACTIVE', 'PAUSED')
+           AND endpoint_wants(endpoint.event_types, event.event_type)
+         ORDER BY endpoint.endpoint_id
     )"""
 
 # POST /payments in one statement: the key's lock, the payment, its event and the key's answer.

@@ -1,9 +1,10 @@
 """SQL for the payment_refunds table. The caller owns the transaction and has locked the payment.
 
 A refund is one statement, like a payment (app.payments): refund row, payment totals, the payment's
-outbox event (app.payments.PAYMENT_EVENT, with the refund's fields) and the key's stored answer
-(app.idempotency.STORE_ANSWER), composed by name (payment_service.sql). A payment's refunds as a
-JSON list are the schema's `payment_refunds_json`, which GET /payments/{id} uses too.
+outbox event with its deliveries (app.payments.PAYMENT_EVENT, with the refund's fields) and the
+key's stored answer (app.idempotency.STORE_ANSWER), composed by name (payment_service.sql). A
+payment's refunds as a JSON list are the schema's `payment_refunds_json`, which GET /payments/{id}
+uses too.
 """
 
 from __future__ import annotations

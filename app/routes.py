@@ -48,7 +48,7 @@ blueprint = Blueprint("payments", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _document_errors(*statuses: int) -> Callable[[F], F]:
+def document_errors(*statuses: int) -> Callable[[F], F]:
     def decorator(func: F) -> F:
         for status in statuses:
             func = document_response(Problem, status)(func)
@@ -98,7 +98,7 @@ class BodyTooLarge(APIError):
                         break
 
 
-async def _json_body() -> dict[str, Any]:
+async def json_body() -> dict[str, Any]:
     mimetype = request.mimetype
     if mimetype != JSON and not (
         mimetype.startswith("application/") and mimetype.endswith("+json")
@@ -214,12 +214,12 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
 @document_request(CreatePayment)
 @document_response(PaymentDocument, 200)
 @document_response(PendingPayment, 202)
-@_document_errors(*ERRORS_POST)
+@document_errors(*ERRORS_POST)
 async def post_payment() -> Response:
     """Charge a trip. Safe to retry with the same idempotency key."""
     app = current_payment_app()
     settings = app.settings
-    data = await _json_body()
+    data = await json_body()
     key = _idempotency_key(data)
     model = validate_model(CreatePayment, data, max_amount=settings.max_payment_amount)
     currency = model.currency or settings.default_currency
@@ -239,7 +239,7 @@ async def post_payment() -> Response:
 @blueprint.post("/payments/<payment_id:payment_id>/refunds")
 @document_request(CreateRefund)
 @document_response(RefundResult, 200)
-@_document_errors(404, *ERRORS_POST)
+@document_errors(404, *ERRORS_POST)
 async def post_refund(payment_id: int) -> Response:
     """Refund all or part of a payment. Several partial refunds may add up to the amount."""
     app = current_payment_app()
@@ -254,7 +254,7 @@ async def post_refund(payment_id: int) -> Response:
 @blueprint.post("/payments/<payment_id:payment_id>/settlement")
 @document_request(Settle)
 @document_response(PaymentDocument, 200)
-@_document_errors(404, *ERRORS_POST)
+@document_errors(404, *ERRORS_POST)
 async def post_settlement(payment_id: int) -> Response:
     """Settle an asynchronous (PENDING) payment with the gateway's verdict."""
     route = "/payments/{payment_id}/settlement"
@@ -271,7 +271,7 @@ async def _payment_write(
     operation: Callable[..., Awaitable[service.Outcome]],
 ) -> service.Outcome:
     """The shared shape of the writes on one payment: body, key, validation, then the operation."""
-    data = await _json_body()
+    data = await json_body()
     key = _idempotency_key(data)
     model = validate_model(model_type, data)
     guard = _guard(key, route, {"payment_id": payment_id}, model)
@@ -282,7 +282,7 @@ async def _payment_write(
 # -- read endpoints ------------------------------------------------------------------------------
 @blueprint.get("/payments/<payment_id:payment_id>")
 @document_response(PaymentWithRefunds, 200)
-@_document_errors(401, 404, 503)
+@document_errors(401, 404, 503)
 async def get_payment(payment_id: int) -> Response:
     """A payment with its refunds."""
     async with current_payment_app().connection() as conn:
@@ -294,7 +294,7 @@ async def get_payment(payment_id: int) -> Response:
 
 @blueprint.get("/payments/<payment_id:payment_id>/refunds")
 @document_response(RefundList, 200)
-@_document_errors(401, 404, 503)
+@document_errors(401, 404, 503)
 async def get_refunds(payment_id: int) -> Response:
     """The refunds of a payment, oldest first."""
     async with current_payment_app().connection() as conn:
@@ -307,7 +307,7 @@ async def get_refunds(payment_id: int) -> Response:
 @blueprint.get("/payments")
 @document_querystring(ListQuery)
 @document_response(PaymentList, 200)
-@_document_errors(400, 401, 503)
+@document_errors(400, 401, 503)
 async def list_payments() -> Response:
     """Payments, newest first; filter by trip_id and status; page with starting_after."""
     query = validate_model(ListQuery, dict(request.args.items()))

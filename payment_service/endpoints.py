@@ -44,6 +44,10 @@ class EndpointNotFound(EndpointError):
     """No endpoint has that name."""
 
 
+class EndpointExists(EndpointError):
+    """An endpoint has that name already."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     endpoint_id: int
@@ -254,7 +258,7 @@ async def insert_endpoint(
         ENDPOINTS_CHANNEL,
     )
     if row is None:
-        raise EndpointError(f"an endpoint named {name!r} exists already")
+        raise EndpointExists(f"an endpoint named {name!r} exists already")
     return _endpoint(row)
 
 

@@ -337,7 +337,9 @@ async def test_charge_writes_one_outbox_event_with_the_callback_body(
     assert len(events) == 1
     event = events[0]
     assert event["event_type"] == "payment.succeeded"
-    assert event["status"] == "PENDING"
+    assert await db.fetchval(
+        "SELECT array_agg(d.status) FROM deliveries AS d WHERE d.event_id = $1", event["id"]
+    ) == ["PENDING"], "one delivery, to `notification`, waiting for the relay"
     payload = event["payload"]
     assert set(payload) >= EVENT_FIELDS, payload
     assert payload["event_id"] == str(event["event_id"])

@@ -353,7 +353,7 @@ async def conn_fixture(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def outbox_rows(db: Any, payment_id: int) -> list[dict[str, Any]]:
     """The outbox events of one payment, oldest first, with the payload decoded exactly."""
     rows = await db.fetch(
-        "SELECT id, event_id, event_type, aggregate_id, payload::text AS payload, status "
+        "SELECT id, event_id, event_type, aggregate_id, payload::text AS payload "
         "FROM outbox_events WHERE aggregate_id = $1 ORDER BY id",
         payment_id,
     )
