@@ -48,9 +48,8 @@ async def test_seeding_configures_then_never_overwrites(db: asyncpg.Connection) 
     )
     assert await endpoints.seed_from_settings(db, other) == []
     assert (await endpoints.select_endpoint(db, "trip")).url == "http://127.0.0.1:9002/t"
-    assert (await endpoints.select_endpoint(db, "notification")).url.startswith(
-        "http://127.0.0.1:9001"
-    )
+    notification_url = (await endpoints.select_endpoint(db, "notification")).url
+    assert notification_url is not None and notification_url.startswith("http://127.0.0.1:9001")
 
 
 async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
