@@ -14,11 +14,8 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
-
-from payment_service import OUTBOX_CHANNEL
 
 # pg_advisory_lock key of housekeeping, one relay at a time ("outboxhk" in ASCII).
 HOUSEKEEPING_LOCK_ID = 0x6F7574626F78686B
@@ -123,43 +120,6 @@ SELECT count(*) AS pending,
  WHERE status = 'PENDING'
 """
 
-# Every status: the backlog plus the delivered rows kept for OUTBOX_RETENTION_HOURS, which may be
-# many (counted only when someone asks, never by the gauges).
-STATS_SQL = f"""
-SELECT backlog.pending,
-       (SELECT count(*) FROM outbox_events WHERE status = 'DELIVERED') AS delivered,
-       backlog.dead,
-       backlog.in_flight,
-       backlog.due,
-       backlog.retrying,
-       backlog.oldest_pending_age_seconds
-  FROM ({BACKLOG_SQL}) AS backlog
-"""
-
-DEAD_SQL = """
-SELECT id, event_id::text, event_type, aggregate_id AS payment_id, attempts,
-       last_status_code, last_error, created_at, last_attempt_at
-  FROM outbox_events
- WHERE status = 'DEAD'
- ORDER BY id DESC
- LIMIT $1
-"""
-
-REPLAY_SQL = """
-WITH replayed AS (
-    UPDATE outbox_events
-       SET status = 'PENDING',
-           attempts = 0,
-           next_attempt_at = now(),
-           locked_until = NULL,
-           claim_token = NULL
-     WHERE status = 'DEAD'
-       AND ($1::uuid IS NULL OR event_id = $1)
- RETURNING event_id::text
-)
-SELECT event_id, pg_notify($2, '') FROM replayed
-"""
-
 # The conditions are repeated outside the sub-select so that a row changed meanwhile (a key
 # claimed again, say) is re-checked against its new version before it is deleted.
 DELETE_DELIVERED_SQL = """
@@ -262,64 +222,6 @@ async def select_backlog(conn: asyncpg.Connection) -> asyncpg.Record:
     row = await conn.fetchrow(BACKLOG_SQL)
     assert row is not None
     return row
-
-
-async def select_stats(conn: asyncpg.Connection) -> dict[str, Any]:
-    """Counts by status, due and leased pending events, and the oldest pending age (seconds)."""
-    row = await conn.fetchrow(STATS_SQL)
-    assert row is not None
-    return dict(row)
-
-
-async def select_dead_events(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
-    """Dead events, newest first."""
-    return await conn.fetch(DEAD_SQL, limit)  # type: ignore[no-any-return]
-
-
-async def replay_dead_events(
-    conn: asyncpg.Connection, *, event_id: uuid.UUID | None = None
-) -> list[str]:
-    """Put dead events (one, or all when `event_id` is None) back in line with fresh attempts.
-
-    Their attempt log is kept. The relays are notified, so they pick the events up at once.
-    """
-    rows = await conn.fetch(REPLAY_SQL, event_id, OUTBOX_CHANNEL)
-    return [row[0] for row in rows]
-
-
-async def select_event_status(conn: asyncpg.Connection, *, event_id: uuid.UUID) -> str | None:
-    return await conn.fetchval(  # type: ignore[no-any-return]
-        "SELECT status FROM outbox_events WHERE event_id = $1", event_id
-    )
-
-
-async def select_superseding_events(
-    conn: asyncpg.Connection, *, event_id: uuid.UUID | None = None
-) -> list[asyncpg.Record]:
-    """For dead events (one, or all), the later events of the same payment already delivered.
-
-    Replaying such an event sends a state older than the one its receiver holds: `sequence`
-    (DESIGN §7) lets the receiver drop it, and `outbox replay` says so before it sends.
-    """
-    return await conn.fetch(  # type: ignore[no-any-return]
-        """
-        SELECT dead.event_id::text          AS dead_event_id,
-               dead.aggregate_id            AS payment_id,
-               dead.payload ->> 'sequence'  AS dead_sequence,
-               later.event_id::text         AS event_id,
-               later.event_type,
-               later.payload ->> 'sequence' AS sequence
-          FROM outbox_events AS dead
-          JOIN outbox_events AS later
-            ON later.aggregate_id = dead.aggregate_id
-           AND later.id > dead.id
-           AND later.status = 'DELIVERED'
-         WHERE dead.status = 'DEAD'
-           AND ($1::uuid IS NULL OR dead.event_id = $1)
-         ORDER BY dead.id, later.id
-        """,
-        event_id,
-    )
 
 
 # -- housekeeping -------------------------------------------------------------------------------

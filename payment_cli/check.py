@@ -33,7 +33,6 @@ from typing import TextIO
 
 import asyncpg
 
-from outbox_relay import outbox
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect
 from payment_service.sql import Statement
@@ -171,6 +170,56 @@ CHECKS: tuple[Check, ...] = (
         """,
     ),
     Check(
+        "event_deliveries",
+        "event",
+        "each event younger than the retention has a delivery to every endpoint that wants its "
+        "type and was ACTIVE or PAUSED, unchanged, since before the event was written",
+        # An endpoint changed after the event (state, types, URL, secret) is not required: its
+        # types may have been different then. DISABLED endpoints get no new deliveries. A delivery
+        # is created with its event and is delivered after it, so the retention window that
+        # bounds `payment_events` bounds this too.
+        """
+        SELECT e.id,
+               'no delivery to endpoint ' || string_agg(n.name, ', ' ORDER BY n.name) AS detail
+        FROM outbox_events AS e
+        JOIN endpoints AS n
+          ON endpoint_wants(n.event_types, e.event_type)
+         AND n.state IN ('ACTIVE', 'PAUSED')
+         AND greatest(n.created_at, n.state_changed_at, n.updated_at) <= e.created_at
+        WHERE e.created_at > :events_since
+          AND NOT EXISTS (SELECT 1
+                          FROM deliveries AS d
+                          WHERE d.event_id = e.id AND d.endpoint_id = n.endpoint_id)
+        GROUP BY e.id
+        """,
+    ),
+    Check(
+        "delivery_rows",
+        "delivery",
+        "each delivery is about its event's payment, which exists, and is delivered exactly "
+        "when its status says so",
+        """
+        SELECT d.delivery_id AS id,
+               concat_ws('; ',
+                   CASE WHEN d.aggregate_id <> e.aggregate_id
+                        THEN 'payment ' || d.aggregate_id || ' but its event is about payment '
+                             || e.aggregate_id END,
+                   CASE WHEN p.payment_id IS NULL
+                        THEN 'payment ' || e.aggregate_id || ' does not exist' END,
+                   CASE WHEN (d.status = 'DELIVERED') <> (d.delivered_at IS NOT NULL)
+                        THEN 'status ' || d.status || CASE WHEN d.delivered_at IS NULL
+                                                           THEN ' without delivered_at'
+                                                           ELSE ' with delivered_at' END END
+               ) AS detail
+        FROM deliveries AS d
+        JOIN outbox_events AS e ON e.id = d.event_id
+        LEFT JOIN payments AS p ON p.payment_id = e.aggregate_id
+        WHERE d.aggregate_id <> e.aggregate_id
+           OR p.payment_id IS NULL
+           OR (d.status = 'DELIVERED') <> (d.delivered_at IS NOT NULL)
+        """,
+    ),
+    Check(
         "orphan_refunds",
         "refund",
         "each refund belongs to an existing payment",
@@ -304,12 +353,15 @@ CHECKS: tuple[Check, ...] = (
     ),
 )
 
-# The outbox's counts come from the relay's own query (outbox_relay.outbox.STATS_SQL); its three
-# statuses are all the schema allows, so they sum to every event.
 SUMMARY_SQL = """
 SELECT (SELECT count(*) FROM payments)         AS payments,
        (SELECT count(*) FROM payment_refunds)  AS refunds,
        (SELECT count(*) FROM idempotency_keys) AS idempotency_keys,
+       (SELECT count(*) FROM outbox_events)    AS events,
+       (SELECT count(*) FROM endpoints)        AS endpoints,
+       (SELECT count(*) FROM deliveries)       AS deliveries,
+       (SELECT count(*) FROM deliveries WHERE status = 'PENDING') AS deliveries_pending,
+       (SELECT count(*) FROM deliveries WHERE status = 'DEAD')    AS deliveries_dead,
        now()                                   AS checked_at
 """
 
@@ -365,10 +417,6 @@ async def check_database(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         summary = dict(await conn.fetchrow(SUMMARY_SQL))
         checked_at: datetime = summary.pop("checked_at")
-        outbox_stats = await outbox.select_stats(conn)
-        summary["events"] = sum(outbox_stats[status] for status in ("pending", "delivered", "dead"))
-        summary["events_pending"] = outbox_stats["pending"]
-        summary["events_dead"] = outbox_stats["dead"]
         keys_since = checked_at - timedelta(seconds=idempotency_key_ttl)
         # With no retention every delivered event may be gone at once: require none.
         events_since = (
@@ -408,8 +456,9 @@ def render_text(report: Report, out: TextIO) -> None:
     s = report.summary
     print(
         f"payment-service check at {report.checked_at}: {s['payments']} payments, "
-        f"{s['refunds']} refunds, {s['idempotency_keys']} idempotency keys, {s['events']} events "
-        f"({s['events_pending']} pending, {s['events_dead']} dead)",
+        f"{s['refunds']} refunds, {s['idempotency_keys']} idempotency keys, {s['events']} events, "
+        f"{s['deliveries']} deliveries to {s['endpoints']} endpoints ({s['deliveries_pending']} "
+        f"pending, {s['deliveries_dead']} dead)",
         file=out,
     )
     print(

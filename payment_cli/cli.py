@@ -7,11 +7,11 @@ commands never load the HTTP stack.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
 from outbox_relay import RELAY_DESCRIPTION
+from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
 from payment_service import __version__
 from payment_service.entry import database_settings as _database_settings
 from payment_service.entry import run_command
@@ -39,23 +39,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from payment_service.database import wait_for_database
-    from payment_service.migrations import migrate
+    from payment_cli.supervisor import prepare_database
 
     settings = _database_settings()
-
-    async def _migrate() -> list[int]:
-        conn = await wait_for_database(settings.dsn(), timeout=args.wait)
-        try:
-            return await migrate(conn)
-        finally:
-            await conn.close()
-
-    applied = asyncio.run(_migrate())
-    if applied:
-        print(f"applied migration(s): {', '.join(f'{v:04d}' for v in applied)}")
-    else:
-        print("database is up to date")
+    for line in prepare_database(settings.dsn(), settings, wait=args.wait).describe():
+        print(line)
     return 0
 
 
@@ -68,13 +56,33 @@ def cmd_outbox_stats(args: argparse.Namespace) -> int:
 def cmd_outbox_dead(args: argparse.Namespace) -> int:
     from outbox_relay.admin import outbox_dead
 
-    return outbox_dead(_database_settings(), limit=args.limit, as_json=args.json)
+    return outbox_dead(
+        _database_settings(), limit=args.limit, as_json=args.json, endpoint=args.endpoint
+    )
 
 
 def cmd_outbox_replay(args: argparse.Namespace) -> int:
-    from outbox_relay.admin import outbox_replay
+    from outbox_relay.admin import outbox_replay, outbox_replay_range
 
-    return outbox_replay(_database_settings(), event_id=args.event_id, dead=args.dead)
+    if args.since is not None or args.until is not None:
+        if args.event_id is not None or args.dead:
+            print("payment-service: --since/--until replace --event-id and --dead", file=sys.stderr)
+            return 2
+        if args.endpoint is None or args.since is None:
+            print("payment-service: a range replay needs --endpoint N --since T", file=sys.stderr)
+            return 2
+        return outbox_replay_range(
+            _database_settings(), endpoint=args.endpoint, since=args.since, until=args.until
+        )
+    if args.event_id is None and not args.dead:
+        print(
+            "payment-service: give --event-id ID, --dead, or --endpoint N --since T",
+            file=sys.stderr,
+        )
+        return 2
+    return outbox_replay(
+        _database_settings(), event_id=args.event_id, dead=args.dead, endpoint=args.endpoint
+    )
 
 
 def cmd_notification_sink(args: argparse.Namespace) -> int:
@@ -148,18 +156,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outbox_commands = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
     stats = add(
-        "stats", cmd_outbox_stats, "Counts by status and the oldest pending age.", outbox_commands
+        "stats",
+        cmd_outbox_stats,
+        "Deliveries per endpoint: pending (in flight, due, retrying), delivered, dead, the "
+        "oldest pending age, breaker and state.",
+        outbox_commands,
     )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
-    dead = add("dead", cmd_outbox_dead, "List dead events.", outbox_commands)
+    dead = add("dead", cmd_outbox_dead, "List dead deliveries, newest first.", outbox_commands)
+    dead.add_argument("--endpoint", metavar="N", help="only those to endpoint N")
     dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     replay = add(
-        "replay", cmd_outbox_replay, "Put dead events back in line for delivery.", outbox_commands
+        "replay",
+        cmd_outbox_replay,
+        "Put dead deliveries back in line (--event-id ID | --dead, optionally for one "
+        "--endpoint), or send endpoint N every event of its types created in a time range again "
+        "(--endpoint N --since T [--until T]), received ones and ones it never had included.",
+        outbox_commands,
     )
-    which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("--event-id", help="the event_id (uuid) of one dead event")
-    which.add_argument("--dead", action="store_true", help="every dead event")
+    which = replay.add_mutually_exclusive_group()
+    which.add_argument("--event-id", help="the event_id (uuid) of one event with dead deliveries")
+    which.add_argument("--dead", action="store_true", help="every dead delivery")
+    replay.add_argument("--endpoint", metavar="N", help="only deliveries to endpoint N")
+    replay.add_argument(
+        "--since",
+        metavar="T",
+        help="ISO 8601 time with an offset (e.g. 2025-01-31T09:00:00+05:30): events created at "
+        "or after it",
+    )
+    replay.add_argument(
+        "--until", metavar="T", help="ISO 8601 time with an offset: events created before it"
+    )
 
     sink = add(
         "notification-sink",
@@ -168,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sink.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sink.add_argument("--port", type=int, default=8085, help="port (default 8085)")
+    sink.add_argument(
+        "--name",
+        default="notification",
+        help="the service it stands in for, printed with each event (default notification); "
+        "several sinks run at once on other ports",
+    )
+    sink.add_argument(
+        "--path",
+        help="the callback path (default: that service's *_CALLBACK_PATH, else "
+        "NOTIFICATION_CALLBACK_PATH)",
+    )
     sink.add_argument(
         "--fail-first",
         type=int,
@@ -196,10 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long before answering (to watch timeouts)",
     )
 
+    add_endpoints_parser(commands)
+
     check = add(
         "check",
         cmd_check,
-        "Check the database's consistency: events, idempotency records and refund sums.",
+        "Check the database's consistency: events, their deliveries, idempotency records and "
+        "refund sums.",
     )
     check.add_argument("--json", action="store_true", help="machine-readable report")
     return parser

@@ -168,6 +168,7 @@ def encode_response(response: HttpResponse, keep_alive: bool) -> bytes:
 # -- the sink -------------------------------------------------------------------------------------
 @dataclass
 class SinkOptions:
+    name: str = "notification"  # printed with each event: which stand-in service got it
     path: str = "/notifications"
     signing_key: bytes | None = None
     fail_first: int = 0  # answer the first N callbacks with `status`
@@ -244,6 +245,7 @@ class Sink:
         line = json.dumps(
             {
                 "received_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "sink": self.options.name,
                 "webhook_id": webhook_id,
                 "signature": signature,
                 "answered": answered,
@@ -259,6 +261,13 @@ class Sink:
         self.options.out.flush()
 
 
+def callback_path(settings: Settings, name: str) -> str:
+    """The path a stand-in for service `name` listens on: that service's *_CALLBACK_PATH when it
+    is one of the guide's (trip, driver, rider) and set, else NOTIFICATION_CALLBACK_PATH."""
+    path: str | None = getattr(settings, f"{name}_callback_path", None)
+    return path or settings.notification_callback_path
+
+
 def run_sink(settings: Settings, args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; the exit code."""
     status = args.status
@@ -266,7 +275,8 @@ def run_sink(settings: Settings, args: argparse.Namespace) -> int:
         print("payment-service: --status must be an HTTP status code (200-599)", file=sys.stderr)
         return 2
     options = SinkOptions(
-        path=settings.notification_callback_path,
+        name=args.name,
+        path=args.path or callback_path(settings, args.name),
         signing_key=(
             secret_key(settings.callback_signing_secret)
             if settings.callback_signing_secret
@@ -295,6 +305,7 @@ def run_sink(settings: Settings, args: argparse.Namespace) -> int:
         logger.info(
             "notification sink listening",
             extra={
+                "sink": options.name,
                 "url": f"http://{args.host}:{server.port}{options.path}",
                 "verifying_signatures": options.signing_key is not None,
             },

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+from payment_service import endpoints
 from payment_service.config import Settings
 from payment_service.database import wait_for_database
 from payment_service.embedded import EmbeddedPostgres
@@ -67,11 +68,42 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _apply_migrations(dsn: str) -> list[int]:
-    async def go() -> list[int]:
-        conn = await wait_for_database(dsn, timeout=60)
+@dataclass
+class Prepared:
+    """What `prepare_database` did: migrations applied, endpoints seeded (DESIGN §3)."""
+
+    applied: list[int]
+    created: list[str]  # endpoints that did not exist
+    configured: list[str]  # endpoints that existed without a URL (migration 0006's notification)
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"applied migration(s): {', '.join(f'{v:04d}' for v in self.applied)}"
+            if self.applied
+            else "database is up to date"
+        ]
+        if self.created:
+            lines.append(f"seeded endpoint(s) from the settings: {', '.join(self.created)}")
+        if self.configured:
+            lines.append(f"configured endpoint(s) from the settings: {', '.join(self.configured)}")
+        return lines
+
+
+def prepare_database(dsn: str, settings: Settings, *, wait: float = 60) -> Prepared:
+    """Apply pending migrations, then seed endpoints from the settings (never changing one that
+    has a URL): what `migrate` and `run` do before anything else."""
+
+    async def go() -> Prepared:
+        conn = await wait_for_database(dsn, timeout=wait)
         try:
-            return await migrate(conn)
+            applied = await migrate(conn)
+            before = {e.name: e.url for e in await endpoints.select_endpoints(conn)}
+            seeded = await endpoints.seed_from_settings(conn, settings)
+            return Prepared(
+                applied,
+                created=[name for name in seeded if name not in before],
+                configured=[name for name in seeded if name in before],
+            )
         finally:
             await conn.close()
 
@@ -109,8 +141,8 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
 
     try:
-        applied = _apply_migrations(dsn)
-        say(f"applied migrations {applied}" if applied else "database schema is up to date")
+        for line in prepare_database(dsn, settings).describe():
+            say(line)
 
         command = [sys.executable, "-m", "payment_cli.cli"]
         children = [Child("api", [*command, "serve", "--host", host, "--port", str(port)])]
@@ -143,7 +175,7 @@ def _supervise(
             child.start(env)
         say(f"API on http://{host}:{port}  (try: curl http://{host}:{port}/health)")
         if len(children) > 1:
-            say(f"relay delivering callbacks to {settings.notification_url}")
+            say("relay delivering callbacks to the endpoints (payment-service endpoints list)")
         say("press Ctrl-C to stop")
         while not stopping:
             for child in children:

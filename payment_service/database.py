@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 from tenacity import (
@@ -18,6 +19,8 @@ from tenacity import (
 from payment_service import exact_json
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DatabaseUnreachable(ConnectionError):
@@ -120,6 +123,19 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     conn = await _connect_or_unreachable(dsn, timeout=CONNECT_TIMEOUT_SECONDS, **kwargs)
     await _init_connection(conn)
     return conn
+
+
+def run_with_connection(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run `action` on one new connection and close it: the body of a one-shot command."""
+
+    async def go() -> T:
+        conn = await connect(dsn)
+        try:
+            return await action(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
 
 
 async def wait_for_database(dsn: str, *, timeout: float = 60) -> asyncpg.Connection:

@@ -12,9 +12,9 @@ import yaml
 from payment_service.config import Settings
 from tests.support import REPO_ROOT
 
-APP_SERVICES = ("migrate", "api", "relay", "notification-sink")
-# Fixed by the compose file for the containers: its own database and its own sink.
-FIXED_SETTINGS = {"DB_HOST", "DB_PORT", "NOTIFICATION_SERVICE_URL"}
+APP_SERVICES = ("migrate", "api", "relay", "notification-sink", "trip-sink")
+# Fixed by the compose file for the containers: its own database and its own sinks.
+FIXED_SETTINGS = {"DB_HOST", "DB_PORT", "NOTIFICATION_SERVICE_URL", "TRIP_SERVICE_URL"}
 # Meaningless in the containers: the database is always `db`, never an embedded one.
 UNUSED_SETTINGS = {"DATABASE_URL", "PAYMENT_SERVICE_DATA_DIR"}
 
@@ -34,6 +34,12 @@ def test_every_setting_reaches_the_service_containers(
     assert set(environment) & UNUSED_SETTINGS == set()
     assert environment["DB_HOST"] == "db"
     assert environment["NOTIFICATION_SERVICE_URL"] == "http://notification-sink:8085"
+    # The second stand-in receiver is seeded as endpoint `trip` (DESIGN §7a).
+    assert environment["TRIP_SERVICE_URL"] == "http://trip-sink:8081"
+    assert environment["TRIP_CALLBACK_PATH"] == "${TRIP_CALLBACK_PATH:-/trips/payment-events}"
+    assert environment["TRIP_EVENT_TYPES"] == (
+        "${TRIP_EVENT_TYPES:-payment.succeeded,payment.refunded}"
+    )
     # The relay's metrics default to 127.0.0.1; its container opens them to the compose network.
     assert environment["RELAY_METRICS_HOST"] == "${RELAY_METRICS_HOST:-0.0.0.0}"
 
@@ -44,7 +50,7 @@ def test_ports_are_published_on_127_0_0_1_unless_told_otherwise(compose: dict[st
         for name, service in compose["services"].items()
         if "ports" in service
     }
-    assert set(published) == {"db", "api", "notification-sink"}
+    assert set(published) == {"db", "api", "notification-sink", "trip-sink"}
     for ports in published.values():
         assert all(port.startswith("${PUBLISH_HOST:-127.0.0.1}:") for port in ports), ports
 

@@ -4,7 +4,8 @@
 .env.example with a password set, every port published on 127.0.0.1 only (free ports); then:
 health; create with `demo-client-1`; the repeat answers the same body; refund with
 `refund-demo-1`; eight concurrent creates with one key make one payment; the callbacks reach the
-notification sink; `docker-compose restart` and `down` + `up` keep the data; `down -v` removes
+notification sink, and to the trip sink (endpoint `trip`, seeded from TRIP_CALLBACK_PATH and
+TRIP_EVENT_TYPES); `docker-compose restart` and `down` + `up` keep the data; `down -v` removes
 it. The images come from POSTGRES_IMAGE, PYTHON_IMAGE and PAYMENT_SERVICE_IMAGE when set (CI
 builds them locally).
 
@@ -38,7 +39,7 @@ COMMAND_TIMEOUT_SECONDS = 180
 HEALTHY_TIMEOUT_SECONDS = 180
 CALLBACK_TIMEOUT_SECONDS = 60
 CONCURRENT_REQUESTS = 8
-RUNNING_SERVICES = {"db", "api", "relay", "notification-sink"}
+RUNNING_SERVICES = {"db", "api", "relay", "notification-sink", "trip-sink"}
 
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 600)
 
@@ -174,6 +175,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         PUBLISH_HOST="127.0.0.1",
         SERVICE_PORT=str(api_port),
         NOTIFICATION_SINK_PORT=str(_free_port()),
+        TRIP_SINK_PORT=str(_free_port()),
         DB_PUBLISHED_PORT=str(_free_port()),
     )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as http:
@@ -249,7 +251,9 @@ async def test_seed_workflow(stack: Stack) -> None:
     )
     assert key_rows == ["1"]
 
-    # The relay delivers both events to the sink, which prints each one it receives.
+    # The relay delivers both events to each sink, which prints each one it receives: the trip
+    # sink (endpoint `trip`, seeded at `migrate`) is subscribed to payment.succeeded and
+    # payment.refunded, so it gets both as well.
     events = [
         row.split("|")
         for row in await stack.sql(
@@ -258,18 +262,32 @@ async def test_seed_workflow(stack: Stack) -> None:
         )
     ]
     assert [event_type for event_type, _ in events] == ["payment.succeeded", "payment.refunded"]
+    assert await stack.sql(
+        "SELECT name || ' ' || url || ' ' || array_to_string(event_types, ',') FROM endpoints "
+        "ORDER BY name"
+    ) == [
+        "notification http://notification-sink:8085/notifications *",
+        "trip http://trip-sink:8081/trips/payment-events payment.succeeded,payment.refunded",
+    ]
 
     async def delivered() -> bool:
-        undelivered = await stack.sql(
-            f"SELECT count(*) FROM outbox_events WHERE aggregate_id = {int(payment_id)} "
-            "AND status <> 'DELIVERED'"
+        deliveries = await stack.sql(
+            "SELECT count(*) || ' ' || count(*) FILTER (WHERE status = 'DELIVERED') "
+            f"FROM deliveries WHERE aggregate_id = {int(payment_id)}"
         )
-        sink_log = await stack.compose("logs", "--no-color", "notification-sink")
-        return undelivered == ["0"] and all(event_id in sink_log for _, event_id in events)
+        logs = [
+            await stack.compose("logs", "--no-color", sink)
+            for sink in ("notification-sink", "trip-sink")
+        ]
+        return deliveries == ["4 4"] and all(
+            event_id in log for log in logs for _, event_id in events
+        )
 
     await stack.wait_for(
-        delivered, "both callbacks delivered to the sink", CALLBACK_TIMEOUT_SECONDS
+        delivered, "both callbacks delivered to both sinks", CALLBACK_TIMEOUT_SECONDS
     )
+    trip_log = await stack.compose("logs", "--no-color", "trip-sink")
+    assert '"sink": "trip"' in trip_log and '"event_type": "payment.succeeded"' in trip_log
 
 
 async def test_restart_and_recreate_keep_the_data(stack: Stack) -> None:

@@ -1,5 +1,5 @@
 """The relay's commands as a user runs them: notification-sink, relay metrics and housekeeping,
-`payment-service relay`, and `outbox stats | dead | replay`."""
+`payment-service relay` (`outbox stats | dead | replay`: tests/e2e/test_outbox_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from outbox_relay.http import CallbackClient
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key, sign
-from tests.support.commands import outbox_command, service_command
+from tests.support.commands import service_command
 from tests.support.database import insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
 from tests.support.processes import RelayLauncher
@@ -229,89 +228,3 @@ async def test_relay_metrics_and_housekeeping(
     assert "outbox_oldest_pending_age_seconds 0.0" in text
     relay.send(signal.SIGTERM)
     assert await relay.wait_exit(timeout=15) == 0
-
-
-async def test_outbox_stats_dead_and_replay_commands(
-    conn: asyncpg.Connection, database_url: str
-) -> None:
-    events = await insert_events(conn, payments=4)
-    await conn.execute(
-        "UPDATE outbox_events SET status = 'DEAD', attempts = 12, last_status_code = 503,"
-        " last_error = 'HTTP 503: busy' WHERE id = ANY($1)",
-        [e.id for e in events[:2]],
-    )
-    await conn.execute(
-        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() WHERE id = $1",
-        events[2].id,
-    )
-    await conn.execute(
-        "UPDATE outbox_events SET created_at = now() - interval '90 seconds' WHERE id = $1",
-        events[3].id,
-    )
-    stats = outbox_command(database_url, "stats", "--json")
-    assert stats.returncode == 0, stats.stderr
-    numbers = json.loads(stats.stdout)
-    assert (numbers["pending"], numbers["delivered"], numbers["dead"]) == (1, 1, 2)
-    assert numbers["due"] == 1 and numbers["in_flight"] == 0
-    assert 89 < numbers["oldest_pending_age_seconds"] < 200
-    text = outbox_command(database_url, "stats").stdout
-    assert "PENDING" in text and "DEAD" in text and "oldest pending: " in text
-
-    dead = outbox_command(database_url, "dead")
-    assert dead.returncode == 0
-    assert events[0].event_id in dead.stdout and "HTTP 503: busy" in dead.stdout
-    listed = json.loads(outbox_command(database_url, "dead", "--json", "--limit", "1").stdout)
-    assert [d["event_id"] for d in listed] == [events[1].event_id]  # newest first, limited
-    assert listed[0]["attempts"] == 12 and listed[0]["last_status_code"] == 503
-
-    one = outbox_command(database_url, "replay", "--event-id", events[0].event_id)
-    assert (one.returncode, one.stdout.strip()) == (0, "replayed 1 event(s)")
-    again = outbox_command(database_url, "replay", "--event-id", events[0].event_id)
-    assert again.returncode == 1 and "it is PENDING, not DEAD" in again.stderr
-    unknown = outbox_command(database_url, "replay", "--event-id", str(uuid.uuid4()))
-    assert unknown.returncode == 1 and "no such event" in unknown.stderr
-    bad = outbox_command(database_url, "replay", "--event-id", "not-a-uuid")
-    assert bad.returncode == 2 and "is not a UUID" in bad.stderr
-    rest = outbox_command(database_url, "replay", "--dead")
-    assert rest.stdout.strip() == "replayed 1 event(s)"
-    assert outbox_command(database_url, "dead").stdout.strip() == "no dead events"
-    assert (await status_counts(conn)) == {"PENDING": 3, "DELIVERED": 1}
-    replayed = await conn.fetch(
-        "SELECT attempts, next_attempt_at <= now() AS due FROM outbox_events WHERE id = ANY($1)",
-        [e.id for e in events[:2]],
-    )
-    assert all(r["attempts"] == 0 and r["due"] for r in replayed)
-
-
-async def test_replaying_an_event_older_than_a_delivered_one_warns_first(
-    conn: asyncpg.Connection, database_url: str
-) -> None:
-    stale, newer, newest = await insert_events(conn, payments=1, events_per_payment=3)
-    lone, lone_later = await insert_events(conn, payments=1, events_per_payment=2)
-    await conn.execute(
-        "UPDATE outbox_events SET payload = payload || jsonb_build_object('sequence', s.seq)"
-        "  FROM unnest($1::bigint[], $2::int[]) AS s(id, seq) WHERE outbox_events.id = s.id",
-        [e.id for e in (stale, newer, newest, lone, lone_later)],
-        [e.seq for e in (stale, newer, newest, lone, lone_later)],
-    )
-    await conn.execute(
-        "UPDATE outbox_events SET status = 'DEAD', attempts = 12 WHERE id = ANY($1)",
-        [stale.id, lone.id],
-    )
-    # The payment's later events got through; `lone`'s later event is still pending.
-    await conn.execute(
-        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() WHERE id = ANY($1)",
-        [newer.id, newest.id],
-    )
-
-    replay = outbox_command(database_url, "replay", "--dead")
-
-    assert replay.returncode == 0, replay.stderr
-    assert replay.stdout.strip() == "replayed 2 event(s)"
-    warnings = [line for line in replay.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1, replay.stderr
-    assert f"event {stale.event_id} (payment {stale.payment_id}, sequence 1)" in warnings[0]
-    assert f"{newer.event_id} (payment.refunded, sequence 2)" in warnings[0]
-    assert f"{newest.event_id} (payment.refunded, sequence 3)" in warnings[0]
-    assert lone.event_id not in replay.stderr, "nothing newer was delivered for that payment"
-    assert await status_counts(conn) == {"PENDING": 3, "DELIVERED": 2}

@@ -22,9 +22,12 @@ import asyncpg
 import pytest
 
 from payment_cli.check import CHECKS, Report, check_database
+from payment_service import endpoints
 from payment_service.embedded import free_port
 from tests.support.api import new_key, new_trip, post_json, running_api
 from tests.support.commands import service_command
+from tests.support.database import insert_events
+from tests.support.deliveries import FAN_OUT_SQL
 from tests.support.environment import clean_env
 
 TTL_SECONDS = 86400
@@ -139,17 +142,43 @@ async def test_a_database_written_by_the_api_is_consistent(
 
 # -- each kind of corruption is caught by the check that owns it ----------------------------------
 def _new_event_sql(event_type: str) -> str:
-    """Insert an extra event of `event_type` for payment $1, its payload consistent with its row."""
+    """Insert an extra event of `event_type` for payment $1, its payload consistent with its row,
+    and its deliveries."""
     return f"""
         INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
         SELECT e.id, '{event_type}', p.payment_id, payment_event_json(p, e.id, '{event_type}')
           FROM payments AS p, (SELECT gen_random_uuid() AS id) AS e
-         WHERE p.payment_id = $1
+         WHERE p.payment_id = $1;
+        {_FAN_OUT}
     """
+
+
+# The deliveries of payment $1's events that the API's fan-out would have written.
+_FAN_OUT = FAN_OUT_SQL.replace(
+    "$1::bigint[] IS NULL OR e.aggregate_id = ANY ($1)", "e.aggregate_id = $1"
+)
 
 
 CORRUPTIONS: list[tuple[str, str, str, dict[str, str]]] = [
     # (case, SQL with $1 = the id named by the third field, that id's name, {check: subject})
+    (
+        "an event's delivery missing",
+        "DELETE FROM deliveries WHERE aggregate_id = $1",
+        "charged",
+        {"event_deliveries": "event"},
+    ),
+    (
+        "a delivery about another payment than its event",
+        "UPDATE deliveries SET aggregate_id = aggregate_id + 1000 WHERE aggregate_id = $1",
+        "charged",
+        {"delivery_rows": "delivery"},
+    ),
+    (
+        "a delivery DELIVERED without a time",
+        "UPDATE deliveries SET status = 'DELIVERED', delivered_at = NULL WHERE aggregate_id = $1",
+        "charged",
+        {"delivery_rows": "delivery"},
+    ),
     (
         "charge event missing",
         "DELETE FROM outbox_events WHERE aggregate_id = $1",
@@ -199,8 +228,9 @@ CORRUPTIONS: list[tuple[str, str, str, dict[str, str]]] = [
         SELECT e.id, o.event_type, o.aggregate_id,
                o.payload || jsonb_build_object('event_id', e.id)
           FROM outbox_events AS o, (SELECT gen_random_uuid() AS id) AS e
-         WHERE o.aggregate_id = $1 AND o.event_type = 'payment.refunded'
-        """,
+         WHERE o.aggregate_id = $1 AND o.event_type = 'payment.refunded';
+        """
+        + _FAN_OUT,
         "partial",
         {"refund_events": "partial_refund"},
     ),
@@ -374,7 +404,7 @@ async def test_each_corruption_fails_exactly_its_checks(
     assert not report.consistent
     assert set(found) == set(expected), found
     for check, subject in expected.items():
-        if subject in ("event", "key"):
+        if subject in ("event", "key", "delivery"):
             continue  # ids the test does not know in advance; the count below suffices
         wanted = ids[subject]
         wanted_ids = {str(w) for w in wanted} if isinstance(wanted, list) else {str(wanted)}
@@ -394,7 +424,8 @@ async def _inject(conn: asyncpg.Connection, sql: str, target: int) -> None:
 
 
 async def test_orphan_rows_are_reported(check_db: asyncpg.Connection, ids: dict[str, Any]) -> None:
-    """An event and a refund of a payment that does not exist (foreign keys bypassed)."""
+    """An event, its delivery and a refund of a payment that does not exist (foreign keys
+    bypassed)."""
     await check_db.execute("SET session_replication_role = replica")  # skips the FK triggers
     await check_db.execute(
         """
@@ -408,8 +439,10 @@ async def test_orphan_rows_are_reported(check_db: asyncpg.Connection, ids: dict[
         VALUES (987654, 1.00, repeat('a', 64));
         """
     )
+    await check_db.execute(FAN_OUT_SQL, [987654])
     found = failures(await run(check_db))
     assert set(found) == {
+        "delivery_rows",
         "event_payloads",
         "orphan_refunds",
         "refund_events",
@@ -523,7 +556,7 @@ async def test_a_duplicate_is_reported_at_any_age(
 ) -> None:
     charged = ids["charged"]
     await _age_payment(check_db, charged, "30 days")
-    await check_db.execute(_new_event_sql("payment.succeeded"), charged)
+    await _inject(check_db, _new_event_sql("payment.succeeded"), charged)
     found = failures(await run(check_db, ttl=1))
     assert found == {"payment_events": {str(charged)}}, found
 
@@ -579,3 +612,47 @@ def test_the_command_exits_2_when_the_database_cannot_be_read(tmp_path: Path) ->
     assert result.returncode == 2, result.stdout + result.stderr
     assert "cannot read the database" in result.stderr
     assert result.stdout == ""
+
+
+# -- deliveries: required for the endpoints subscribed when the event was written -----------------
+async def test_deliveries_are_required_per_endpoint_subscribed_before_the_event(
+    db: asyncpg.Connection,
+) -> None:
+    """Events written by SQL (no API needed), fanned out as the API does, then some deliveries
+    removed: only those to endpoints that wanted the event when it was written are missed."""
+    for name, types in (("trip", ("payment.succeeded",)), ("held", ("*",)), ("off", ("*",))):
+        await endpoints.insert_endpoint(
+            db, name=name, url="http://127.0.0.1:9/x", event_types=types
+        )
+    await endpoints.set_state(db, "held", "PAUSED")
+    await endpoints.set_state(db, "off", "DISABLED")
+    await db.execute(
+        "UPDATE endpoints SET created_at = now() - interval '1 day',"
+        " state_changed_at = now() - interval '1 day', updated_at = now() - interval '1 day'"
+    )
+    charge, refund = await insert_events(db, payments=1, events_per_payment=2)
+    await db.execute("UPDATE outbox_events SET created_at = now() - interval '1 hour'")
+    await db.execute(FAN_OUT_SQL, None)
+    await endpoints.insert_endpoint(db, name="late", url="http://127.0.0.1:9/late")
+
+    def deliveries_check(report: Report) -> dict[str, str]:
+        result = next(r for r in report.checks if r.name == "event_deliveries")
+        return {example["id"]: example["detail"] for example in result.examples}
+
+    assert deliveries_check(await run(db)) == {}  # `off` and `late` were never owed one
+    await db.execute(
+        "DELETE FROM deliveries WHERE endpoint_id IN"
+        " (SELECT endpoint_id FROM endpoints WHERE name IN ('trip', 'held'))"
+    )
+    assert deliveries_check(await run(db)) == {
+        str(charge.id): "no delivery to endpoint held, trip",
+        str(refund.id): "no delivery to endpoint held",  # trip does not want refunds
+    }
+    # An endpoint changed since (its types may have been others) is owed nothing older.
+    await endpoints.update_endpoint(db, "trip", event_types=("payment.*",))
+    assert deliveries_check(await run(db)) == {
+        str(charge.id): "no delivery to endpoint held",
+        str(refund.id): "no delivery to endpoint held",
+    }
+    # Deliveries of events older than the retention may be gone with their delivery.
+    assert deliveries_check(await run(db, retention=0.5)) == {}

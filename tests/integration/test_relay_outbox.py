@@ -12,7 +12,6 @@ import pytest
 
 from outbox_relay import outbox
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
-from payment_service import OUTBOX_CHANNEL
 from payment_service.database import connect
 from tests.support.database import insert_events
 from tests.support.waiting import wait_until
@@ -225,30 +224,6 @@ async def test_released_claims_are_due_again_without_an_attempt(conn: asyncpg.Co
     assert all(e.attempts == 0 for e in again)
 
 
-async def test_replay_puts_dead_events_back_and_notifies(
-    conn: asyncpg.Connection, database_url: str
-) -> None:
-    await insert_events(conn, payments=3)
-    claimed = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
-    await outbox.record_attempts(conn, [record(e, "DEAD", status_code=410) for e in claimed])
-    listener = await connect(database_url)
-    notified: list[str] = []
-    await listener.add_listener(OUTBOX_CHANNEL, lambda *args: notified.append(args[2]))
-    try:
-        one = uuid.UUID(claimed[0].event_id)
-        assert await outbox.replay_dead_events(conn, event_id=one) == [claimed[0].event_id]
-        assert await outbox.replay_dead_events(conn, event_id=one) == []  # no longer dead
-        rest = await outbox.replay_dead_events(conn)
-        assert sorted(rest) == sorted(e.event_id for e in claimed[1:])
-        await wait_until(lambda: len(notified) >= 2, timeout=5)
-    finally:
-        await listener.close()
-    rows = await conn.fetch("SELECT status, attempts, attempt_log FROM outbox_events")
-    assert all(r["status"] == "PENDING" and r["attempts"] == 0 for r in rows)
-    assert all(len(json.loads(r["attempt_log"])) == 1 for r in rows)  # history kept
-    assert len(await outbox.claim_events(conn, limit=5, lease_seconds=LEASE)) == 3
-
-
 async def purge_function_body(conn: asyncpg.Connection) -> str:
     """The statement `purge_expired_idempotency_keys(batch)` runs (db/migrations/0005)."""
     body: str = await conn.fetchval(
@@ -297,8 +272,6 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
         ),
         "release": await _plan(conn, outbox.RELEASE_SQL, [pending[0].id], [token]),
         "backlog": await _plan(conn, outbox.BACKLOG_SQL),
-        "dead": await _plan(conn, outbox.DEAD_SQL, 50),
-        "replay": await _plan(conn, outbox.REPLAY_SQL, None, OUTBOX_CHANNEL),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
         # the body of the function housekeeping calls (its `batch` is $1 there)
         "delete keys": await _plan(conn, await purge_function_body(conn), 1000),
