@@ -90,6 +90,14 @@ class HealthUpdate:
     hastened: int = 0  # deliveries made due at once because the breaker closed
 
 
+def recorded_verdict(status: str, status_code: int | None) -> Verdict:
+    """An attempt's verdict for the breaker from what its delivery row got: DELIVERED, 410 Gone,
+    or any other failure (connection error, timeout, 408, 429, 5xx, other 4xx alike)."""
+    if status == "DELIVERED":
+        return Verdict.DELIVERED
+    return Verdict.GONE if status_code == 410 else Verdict.FAILED
+
+
 def _health(row: asyncpg.Record) -> Health:
     return Health(
         state=row["state"],
@@ -145,8 +153,9 @@ async def record_health(
     """Apply finished attempts' verdicts (one per attempt, quick retries counted once, in the
     order they finished) to the endpoint's health; None when the endpoint no longer exists.
 
-    Call it once per endpoint for each batch the relay records, before writing the deliveries:
-    `counted` says which attempts count toward RELAY_MAX_ATTEMPTS.
+    Call it once per endpoint for each batch of attempts the relay records (`recorded_verdict`
+    turns a written attempt into its verdict). `counted` says which attempts count toward
+    RELAY_MAX_ATTEMPTS: those made while the breaker was closed.
     """
     if not verdicts:
         return HealthUpdate([], ())

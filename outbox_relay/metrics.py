@@ -50,6 +50,13 @@ class RelayMetrics:
         self.loop_restarts = Counter(
             "relay_loop_restarts", "Restarts of a relay loop after an error.", ["loop"], registry=r
         )
+        self.endpoint_state_changes = Counter(
+            "relay_endpoint_state_changes",
+            "Endpoint health changes this relay made, by endpoint and new state: the breaker's "
+            "open, half_open, closed, or the endpoint's disabled.",
+            ["endpoint", "to"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "relay_in_flight_deliveries", "Deliveries this relay has in flight.", registry=r
         )
@@ -60,13 +67,6 @@ class RelayMetrics:
             registry=r,
         )
         self.dead_events = Gauge("outbox_dead_events", "Events given up on (DEAD).", registry=r)
-        self.endpoint_state_changes = Counter(
-            "relay_endpoint_state_changes",
-            "Endpoint health changes this relay made, by endpoint and new state: the breaker's "
-            "open, half_open, closed, or the endpoint's disabled.",
-            ["endpoint", "to"],
-            registry=r,
-        )
 
     def serve(self, host: str, port: int) -> Any | None:
         """Serve /metrics in a daemon thread; None (and a warning) when the port is taken."""

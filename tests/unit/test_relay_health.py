@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from outbox_relay.endpoint_health import recorded_verdict
 from outbox_relay.health import Breaker, Change, Health, HealthPolicy, Step, apply, start_probe
 from outbox_relay.schedule import Verdict
 from payment_service.config import Settings
@@ -239,3 +240,19 @@ def test_naive_times_are_refused() -> None:
         apply(ACTIVE, Verdict.DELIVERED, now=naive, policy=POLICY)
     with pytest.raises(ValueError, match="timezone-aware"):
         start_probe(ACTIVE, now=naive, lease_seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("status", "status_code", "verdict"),
+    [
+        ("DELIVERED", 200, Verdict.DELIVERED),
+        ("PENDING", 410, Verdict.GONE),
+        ("PENDING", 500, Verdict.FAILED),
+        ("PENDING", None, Verdict.FAILED),  # refused, timed out
+        ("DEAD", 400, Verdict.FAILED),
+    ],
+)
+def test_the_verdict_of_a_recorded_attempt(
+    status: str, status_code: int | None, verdict: Verdict
+) -> None:
+    assert recorded_verdict(status, status_code) is verdict
