@@ -50,6 +50,13 @@ class RelayMetrics:
         self.loop_restarts = Counter(
             "relay_loop_restarts", "Restarts of a relay loop after an error.", ["loop"], registry=r
         )
+        self.endpoint_state_changes = Counter(
+            "relay_endpoint_state_changes",
+            "Endpoint health changes this relay made, by endpoint and new state: the breaker's "
+            "open, half_open, closed, or the endpoint's disabled.",
+            ["endpoint", "to"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "relay_in_flight_deliveries", "Deliveries this relay has in flight.", registry=r
         )

@@ -48,8 +48,9 @@ async def test_seeding_configures_then_never_overwrites(db: asyncpg.Connection) 
     )
     assert await endpoints.seed_from_settings(db, other) == []
     assert (await endpoints.select_endpoint(db, "trip")).url == "http://127.0.0.1:9002/t"
-    kept = (await endpoints.select_endpoint(db, "notification")).url
-    assert kept is not None and kept.startswith("http://127.0.0.1:9001")
+    assert (await endpoints.select_endpoint(db, "notification")).url == (
+        "http://127.0.0.1:9001/notifications"
+    )
 
 
 async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
