@@ -48,7 +48,7 @@ async def test_seeding_configures_then_never_overwrites(db: asyncpg.Connection) 
     )
     assert await endpoints.seed_from_settings(db, other) == []
     assert (await endpoints.select_endpoint(db, "trip")).url == "http://127.0.0.1:9002/t"
-    assert (await endpoints.select_endpoint(db, "notification")).url.startswith(
+    assert str((await endpoints.select_endpoint(db, "notification")).url).startswith(
         "http://127.0.0.1:9001"
     )
 
