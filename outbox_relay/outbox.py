@@ -56,13 +56,14 @@ WITH budget AS (
            -- not leased, or the lease of a relay that died has run out
            AND (d.locked_until IS NULL OR d.locked_until < now())
            -- order per (endpoint, payment): only the earliest pending delivery of a payment to
-           -- this endpoint may go; a DEAD one no longer blocks the ones after it
-           AND NOT EXISTS (SELECT 1
-                             FROM deliveries AS earlier
-                            WHERE earlier.endpoint_id = d.endpoint_id
-                              AND earlier.aggregate_id = d.aggregate_id
-                              AND earlier.status = 'PENDING'
-                              AND earlier.delivery_id < d.delivery_id)
+           -- this endpoint may go; a DEAD one no longer blocks the ones after it. (A scalar
+           -- subquery, one index probe per candidate: as NOT EXISTS the planner may choose an
+           -- anti join that scans every pending delivery of the endpoint per candidate.)
+           AND d.delivery_id = (SELECT min(earliest.delivery_id)
+                                  FROM deliveries AS earliest
+                                 WHERE earliest.endpoint_id = d.endpoint_id
+                                   AND earliest.aggregate_id = d.aggregate_id
+                                   AND earliest.status = 'PENDING')
          ORDER BY d.next_attempt_at, d.delivery_id
          LIMIT b.n
            FOR UPDATE OF d SKIP LOCKED

@@ -402,3 +402,17 @@ async def outbox_rows(db: Any, payment_id: int) -> list[dict[str, Any]]:
     return [
         {**dict(row), "payload": json.loads(row["payload"], parse_float=Decimal)} for row in rows
     ]
+
+
+# Every delivery with its event's columns, for the tests' reads (`SELECT … FROM {DELIVERY_ROWS}`):
+# `id`, `event_id` (the uuid), `event_type`, `aggregate_id`, `payload` are the event's; `endpoint`
+# is the endpoint's name; the rest is the delivery's state.
+DELIVERY_ROWS = """(
+    SELECT e.id, e.event_id, e.event_type, e.aggregate_id, e.payload, e.created_at,
+           ep.name AS endpoint, d.delivery_id, d.status, d.attempts, d.counted_attempts,
+           d.next_attempt_at, d.locked_until, d.claim_token, d.last_error, d.last_status_code,
+           d.last_attempt_at, d.attempt_log, d.delivered_at
+      FROM deliveries AS d
+      JOIN outbox_events AS e ON e.id = d.event_id
+      JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
+) AS delivery_rows"""
