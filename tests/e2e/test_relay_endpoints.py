@@ -61,8 +61,11 @@ async def test_two_endpoints_each_get_every_event_in_order_signed_with_their_own
     )
     events = await insert_events(conn, payments=150, events_per_payment=3)
     ids = {e.event_id for e in events}
-    for r in (receiver, trip):
-        await wait_for(lambda r=r: ids <= r.accepted_ids(), timeout=90, what="every event")
+    await wait_for(
+        lambda: ids <= receiver.accepted_ids() and ids <= trip.accepted_ids(),
+        timeout=90,
+        what="every event at both endpoints",
+    )
     for r, own, other in ((receiver, SECRET, TRIP_SECRET), (trip, TRIP_SECRET, SECRET)):
         # two relays, never one delivery acknowledged twice
         assert len(r.deliveries) == len(ids)
@@ -110,8 +113,12 @@ async def test_an_endpoint_that_is_down_never_delays_another_and_loses_nothing(
         batch = await insert_events(conn, payments=40, events_per_payment=2)
         events += batch
         ids = {e.event_id for e in batch}
+
+        def arrived(ids: set[str] = ids) -> bool:
+            return ids <= receiver.accepted_ids()
+
         await wait_for(
-            lambda ids=ids: ids <= receiver.accepted_ids(),
+            arrived,
             timeout=10,
             what="the healthy endpoint's events while the other is down",
         )
