@@ -2,15 +2,17 @@
 
 The first try runs without tenacity (the common case is a 2xx and should cost nothing extra);
 only a retryable failure enters tenacity's loop, whose waits honour `Retry-After` and which stops
-early rather than outlive the event's lease or a shutdown. Requests go through one shared
-`CallbackClient` (keep-alive connections, see `outbox_relay.http`).
+early rather than outlive the event's lease or a shutdown. Each endpoint has its own `Deliverer`:
+its `CallbackClient` (keep-alive connections to its URL, see `outbox_relay.http`) and its signing
+keys, one `v1,…` signature per key in `webhook-signature` (Standard Webhooks: after a secret's
+rotation both the new and the previous secret sign, so a receiver verifies with either).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tenacity import (
@@ -48,22 +50,25 @@ class Try:
 
 
 class Deliverer:
-    """Sends events to the Notification Service with one shared keep-alive HTTP client."""
+    """Sends events to one endpoint with its keep-alive HTTP client, signed with its keys."""
 
     def __init__(
         self,
         client: CallbackClient,
         *,
-        signing_key: bytes | None,
+        signing_keys: Sequence[bytes],
         request_timeout: float,
         quick_retries: int,
         quick_retry_wait: float,
         max_attempts: int,
         schedule: tuple[float, ...],
         stopping: Callable[[], bool],
+        endpoint: str = "",
     ) -> None:
         self._client = client
-        self._key = signing_key
+        # Replaced when the endpoint's secrets change (rotation); none: callbacks are unsigned.
+        self.signing_keys = tuple(signing_keys)
+        self.endpoint = endpoint  # its name, for the logs
         self._request_timeout = request_timeout
         self._quick_retries = quick_retries
         cap = quick_retry_wait * QUICK_WAIT_CAP_FACTOR
@@ -109,6 +114,7 @@ class Deliverer:
                 if outcome is Outcome.DEAD
                 else "delivery failed; rescheduled",
                 extra={
+                    "endpoint": self.endpoint,
                     "event_id": event.event_id,
                     "payment_id": event.aggregate_id,
                     "attempt": attempts,
@@ -129,10 +135,11 @@ class Deliverer:
             ("webhook-id", event.event_id),
             ("webhook-timestamp", str(timestamp)),
         ]
-        if self._key is not None:
-            headers.append(
-                ("webhook-signature", sign(self._key, event.event_id, timestamp, event.body))
+        if self.signing_keys:
+            signatures = (
+                sign(key, event.event_id, timestamp, event.body) for key in self.signing_keys
             )
+            headers.append(("webhook-signature", " ".join(signatures)))
         try:
             answer = await self._client.post(event.body, headers)
         except TimedOut as error:

@@ -1,4 +1,5 @@
-"""Housekeeping: delete delivered events past retention and expired idempotency keys.
+"""Housekeeping: delete delivered deliveries past retention, the events no delivery needs any
+more, and expired idempotency keys.
 
 One relay at a time does it (a session advisory lock; the others skip the pass), in small
 batches, each its own short statement, so it never holds long locks or bloats one transaction.
@@ -26,6 +27,7 @@ PURGE_EXPIRED_KEYS_SQL = "SELECT purge_expired_idempotency_keys($1)"
 @dataclass(frozen=True)
 class HousekeepingResult:
     ran: bool  # False when another relay held the lock
+    deliveries_deleted: int = 0
     events_deleted: int = 0
     keys_deleted: int = 0
 
@@ -37,8 +39,14 @@ async def housekeep(
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", outbox.HOUSEKEEPING_LOCK_ID):
         return HousekeepingResult(ran=False)
     try:
+        deliveries = await _in_batches(
+            lambda: outbox.delete_delivered_deliveries(
+                conn, older_than_hours=retention_hours, limit=batch_size
+            ),
+            batch_size,
+        )
         events = await _in_batches(
-            lambda: outbox.delete_delivered_events(
+            lambda: outbox.delete_old_events(
                 conn, older_than_hours=retention_hours, limit=batch_size
             ),
             batch_size,
@@ -48,12 +56,18 @@ async def housekeep(
         )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", outbox.HOUSEKEEPING_LOCK_ID)
-    if events or keys:
+    if deliveries or events or keys:
         logger.info(
             "housekeeping deleted old rows",
-            extra={"delivered_events": events, "idempotency_keys": keys},
+            extra={
+                "delivered_deliveries": deliveries,
+                "events": events,
+                "idempotency_keys": keys,
+            },
         )
-    return HousekeepingResult(ran=True, events_deleted=events, keys_deleted=keys)
+    return HousekeepingResult(
+        ran=True, deliveries_deleted=deliveries, events_deleted=events, keys_deleted=keys
+    )
 
 
 async def purge_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:

@@ -1,15 +1,36 @@
-"""The relay process: lease due outbox events, deliver them, write the results back (DESIGN §7).
+"""The relay process: lease due deliveries, send them, write the results back (DESIGN §7, §7a).
 
-One relay runs these tasks on one event loop:
-- the claimer leases batches of due events (`FOR UPDATE SKIP LOCKED`, one short statement) when
-  woken by a NOTIFY, by the poll timer, by a delivery that unblocks a payment's next event, or by
-  free capacity, and queues them;
-- RELAY_CONCURRENCY workers take events off the queue and deliver them over one shared HTTP client;
+A delivery is one event on its way to one subscribed endpoint. One relay runs these tasks on one
+event loop:
+- the endpoint loop seeds the endpoints from the settings once at start (`seed_from_settings`:
+  with only NOTIFICATION_SERVICE_URL the relay behaves as before subscriptions), then reloads the
+  endpoints every second and at once when a change is NOTIFYed on ENDPOINTS_CHANNEL;
+- each ACTIVE endpoint with a URL has a lane (outbox_relay.lanes): its own HTTP client, signing
+  keys, queue and workers, and its share of RELAY_CONCURRENCY;
+- the claimer leases due deliveries (`FOR UPDATE SKIP LOCKED`, one short statement) with a budget
+  per lane, when woken by a NOTIFY, by the poll timer, by a delivery that unblocks the next one of
+  a payment, or by a lane that has room again, and queues each on its lane;
 - the recorder writes finished attempts back in batches, one statement per batch, checking each
   row's claim token (row by row when the database refuses a batch's values: one bad row never
   holds back the others);
-- the listener LISTENs on the outbox channel and reconnects after a database restart;
+- the listener LISTENs on the outbox and endpoint channels and reconnects after a database
+  restart;
 - housekeeping and the metric gauges run on timers.
+
+Independence: an endpoint that is down, slow (answers after the timeout) or answers 500 must
+never delay another's deliveries. Three things see to it:
+1. in flight: a lane sends at most its share of RELAY_CONCURRENCY (ceil(concurrency / lanes), at
+   least one) at once, with workers and a connection pool of its own, so a hanging endpoint holds
+   its own workers and never anyone else's;
+2. claiming: the claim statement takes a budget per endpoint (a LATERAL subquery each, read
+   through the per-endpoint index), and a lane is only given room when it has drained to its low
+   water mark, so one endpoint's backlog never fills a batch and a full lane never stops the
+   claimer from serving the others;
+3. order per (endpoint, payment) only: a delivery waits for an earlier PENDING delivery of the
+   same payment to the same endpoint, never for another endpoint's.
+The endpoint's health (breaker, probes) plugs in at `_claim_budget` (what a lane may claim) and
+`_attempts_recorded` (each written attempt's outcome, per endpoint).
+
 A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claimer, let
 in-flight deliveries finish within RELAY_SHUTDOWN_GRACE_SECONDS, release the rest, and exit 0.
 """
@@ -32,22 +53,24 @@ from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.housekeeping import housekeep
 from outbox_relay.http import CallbackClient
+from outbox_relay.lanes import Lane, claimable, signing_keys
 from outbox_relay.metrics import RelayMetrics
-from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from outbox_relay.outbox import AttemptRecord, ClaimedEvent, Written
 from outbox_relay.schedule import MAX_RETRY_AFTER_SECONDS, Outcome, Verdict, decide
-from payment_service import OUTBOX_CHANNEL, __version__
+from payment_service import ENDPOINTS_CHANNEL, OUTBOX_CHANNEL, __version__
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect, create_pool
-from payment_service.signing import secret_key
+from payment_service.endpoints import Endpoint, seed_from_settings, select_endpoints
 
 logger = logging.getLogger(__name__)
 
-POOL_SIZE = 4  # claimer, recorder, housekeeping, gauges
+POOL_SIZE = 5  # claimer, recorder, endpoints, housekeeping, gauges
 RESTART_DELAY_SECONDS = 0.5  # first wait before a failed loop restarts; doubles up to the max
 MAX_RESTART_DELAY_SECONDS = 5.0
 HEALTHY_RUN_SECONDS = 30.0  # a loop that ran this long before failing restarts with the first delay
 LISTENER_CHECK_SECONDS = 5.0  # how often an idle LISTEN connection is checked with SELECT 1
 GAUGE_INTERVAL_SECONDS = 5.0
+ENDPOINT_RELOAD_SECONDS = 1.0  # endpoints are read again at least this often
 FINAL_WRITE_SECONDS = 1.0  # part of the shutdown grace kept for writing the last results
 CLOSE_TIMEOUT_SECONDS = 2.0
 
@@ -66,26 +89,23 @@ class Relay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = RelayMetrics()
-        # Events held (queued or in flight) are capped at one batch beyond the workers, and the
-        # claimer claims again once no more than `concurrency` are held: claims stay batched
-        # while the queue never runs dry under load.
-        self._low_water = settings.relay_concurrency
-        self._max_held = settings.relay_concurrency + settings.relay_batch_size
-        # An event still queued this close to the end of its lease is released, not sent: another
-        # relay may be about to take it over.
+        # A delivery still queued this close to the end of its lease is released, not sent:
+        # another relay may be about to take it over.
         self._lease_margin = min(settings.relay_request_timeout, settings.relay_lease_seconds / 2)
-        self._held = 0
-        self._queue: asyncio.Queue[tuple[ClaimedEvent, float] | None] = asyncio.Queue()
+        self._lanes: dict[int, Lane] = {}  # by endpoint id: the endpoints delivered to now
+        self._retiring: set[Lane] = set()  # lanes finishing their in-flight deliveries
+        self._closers: set[asyncio.Task[None]] = set()
+        self._endpoints_loaded = False
+        self._seeded = False
         self._records: list[AttemptRecord] = []
         self._releases: list[tuple[int, uuid.UUID]] = []
         self._stop = asyncio.Event()
-        self._wake = asyncio.Event()  # something may be claimable
-        self._room = asyncio.Event()  # held events dropped to the low water mark
+        self._wake = asyncio.Event()  # something may be claimable, or a lane has room again
+        self._endpoints_changed = asyncio.Event()
         self._results_ready = asyncio.Event()
         self._recorder_closing = False
         self._outcomes: Counter[str] = Counter()  # for the exit log line
         self._pool: asyncpg.Pool | None = None
-        self._deliverer: Deliverer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -93,7 +113,8 @@ class Relay:
             logger.info("stop requested; draining in-flight deliveries")
         self._stop.set()
         self._wake.set()
-        self._room.set()
+        for lane in self._all_lanes():
+            lane.slot_freed.set()
 
     async def run(self) -> int:
         settings = self.settings
@@ -105,46 +126,22 @@ class Relay:
             if settings.relay_metrics_port
             else None
         )
-        if settings.callback_signing_secret is None:
-            logger.warning("CALLBACK_SIGNING_SECRET is not set: callbacks are sent unsigned")
         # min_size 0: the pool opens connections when asked, so the relay starts (and waits)
         # while the database is down.
         self._pool = await create_pool(settings.dsn(), min_size=0, max_size=POOL_SIZE)
-        client = CallbackClient(
-            settings.notification_url,
-            max_connections=settings.relay_concurrency,
-            timeout=settings.relay_request_timeout,
-            user_agent=f"payment-service-relay/{__version__}",
-        )
-        self._deliverer = Deliverer(
-            client,
-            signing_key=(
-                secret_key(settings.callback_signing_secret)
-                if settings.callback_signing_secret
-                else None
-            ),
-            request_timeout=settings.relay_request_timeout,
-            quick_retries=settings.relay_quick_retries,
-            quick_retry_wait=settings.relay_quick_retry_wait,
-            max_attempts=settings.relay_max_attempts,
-            schedule=settings.relay_retry_schedule,
-            stopping=self._stop.is_set,
-        )
         logger.info(
             "relay started",
             extra={
                 "version": __version__,
-                "url": _without_credentials(settings.notification_url),
                 "concurrency": settings.relay_concurrency,
                 "batch_size": settings.relay_batch_size,
                 "lease_seconds": settings.relay_lease_seconds,
-                "signed": settings.callback_signing_secret is not None,
             },
         )
         claimer = asyncio.create_task(self._supervise("claimer", self._claim_loop))
-        workers = [asyncio.create_task(self._worker()) for _ in range(settings.relay_concurrency)]
         recorder = asyncio.create_task(self._record_loop())
         background = [
+            asyncio.create_task(self._supervise("endpoints", self._endpoint_loop)),
             asyncio.create_task(self._supervise("listener", self._listen_loop)),
             asyncio.create_task(self._supervise("housekeeping", self._housekeeping_loop)),
         ]
@@ -152,36 +149,33 @@ class Relay:
             background.append(asyncio.create_task(self._supervise("gauges", self._gauge_loop)))
         try:
             await self._stop.wait()
-            await self._drain(claimer, workers, recorder)
+            await self._drain(claimer, recorder)
         finally:
-            for task in background:
+            for task in [*background, *self._closers]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await client.aclose()
+            await asyncio.gather(*background, *self._closers, return_exceptions=True)
+            for lane in self._all_lanes():
+                await lane.client.aclose()
             await self._close_pool()
             if metrics_server is not None:
                 self.metrics.shutdown(metrics_server)
         logger.info("relay stopped", extra={"outcomes": dict(self._outcomes)})
         return 0
 
-    async def _drain(
-        self,
-        claimer: asyncio.Task[None],
-        workers: list[asyncio.Task[None]],
-        recorder: asyncio.Task[None],
-    ) -> None:
+    def _all_lanes(self) -> list[Lane]:
+        return [*self._lanes.values(), *self._retiring]
+
+    async def _drain(self, claimer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
         """Stop claiming, let in-flight deliveries finish in the grace period, release the rest."""
         started = time.monotonic()
         grace = self.settings.relay_shutdown_grace_seconds
         deadline = started + grace
         drain_deadline = deadline - min(FINAL_WRITE_SECONDS, grace / 4)
         await _finish_within(claimer, deadline=drain_deadline)
-        while not self._queue.empty():  # claimed but not started: back in line at once
-            item = self._queue.get_nowait()
-            if item is not None:
-                self._release(item[0])
-        for _ in workers:
-            self._queue.put_nowait(None)
+        workers: list[asyncio.Task[None]] = []
+        for lane in self._all_lanes():
+            self._stop_workers(lane)  # claimed but not started: back in line at once
+            workers += lane.workers
         await _finish_within(*workers, deadline=drain_deadline)
         self._recorder_closing = True
         self._results_ready.set()
@@ -235,33 +229,174 @@ class Relay:
         """Sleep, but wake at once on stop."""
         await _wait_for(self._stop, seconds)
 
+    # -- endpoints and lanes ------------------------------------------------------------------
+    async def _endpoint_loop(self) -> None:
+        """Seed once, then keep the lanes in step with the endpoints (every second, or at once
+        on a NOTIFY)."""
+        assert self._pool is not None
+        while True:
+            self._endpoints_changed.clear()
+            async with self._pool.acquire() as conn:
+                if not self._seeded:
+                    seeded = await seed_from_settings(conn, self.settings)
+                    self._seeded = True
+                    if seeded:
+                        logger.info("endpoints seeded from the settings", extra={"names": seeded})
+                found = await select_endpoints(conn)
+            self._apply_endpoints(found)
+            await _wait_for(self._endpoints_changed, ENDPOINT_RELOAD_SECONDS)
+
+    def _apply_endpoints(self, found: list[Endpoint]) -> None:
+        """Open a lane for each endpoint now delivered to, retire the lanes of those that went
+        (removed, paused, disabled, or given a new URL), refresh the others."""
+        wanted = {e.endpoint_id: e for e in found if claimable(e)}
+        changed = False
+        for endpoint_id, lane in list(self._lanes.items()):
+            endpoint = wanted.get(endpoint_id)
+            if endpoint is None or endpoint.url != lane.endpoint.url:
+                self._retire(lane, endpoint)
+                changed = True
+        for endpoint_id, endpoint in wanted.items():
+            if endpoint_id in self._lanes:
+                self._lanes[endpoint_id].update(endpoint)
+            else:
+                self._lanes[endpoint_id] = self._open_lane(endpoint)
+                changed = True
+        if changed:
+            for lane in self._lanes.values():
+                lane.size(
+                    concurrency=self.settings.relay_concurrency,
+                    batch_size=self.settings.relay_batch_size,
+                    lanes=len(self._lanes),
+                )
+        if changed or not self._endpoints_loaded:
+            self._endpoints_loaded = True
+            self._wake.set()
+
+    def _open_lane(self, endpoint: Endpoint) -> Lane:
+        settings = self.settings
+        assert endpoint.url is not None
+        client = CallbackClient(
+            endpoint.url,
+            max_connections=settings.relay_concurrency,
+            timeout=settings.relay_request_timeout,
+            user_agent=f"payment-service-relay/{__version__}",
+        )
+        deliverer = Deliverer(
+            client,
+            signing_keys=signing_keys(endpoint),
+            request_timeout=settings.relay_request_timeout,
+            quick_retries=settings.relay_quick_retries,
+            quick_retry_wait=settings.relay_quick_retry_wait,
+            max_attempts=settings.relay_max_attempts,
+            schedule=settings.relay_retry_schedule,
+            stopping=self._stop.is_set,
+            endpoint=endpoint.name,
+        )
+        lane = Lane(endpoint, client, deliverer)
+        # As many workers as the lane could ever be allowed; `lane.limit` bounds those sending.
+        lane.workers = [
+            asyncio.create_task(self._worker(lane)) for _ in range(settings.relay_concurrency)
+        ]
+        logger.info(
+            "delivering to endpoint",
+            extra={
+                "endpoint": endpoint.name,
+                "url": _without_credentials(endpoint.url),
+                "event_types": list(endpoint.event_types),
+                "signed": bool(endpoint.signing_secrets()),
+            },
+        )
+        if not endpoint.signing_secrets():
+            logger.warning(
+                "endpoint has no signing secret: its callbacks are sent unsigned",
+                extra={"endpoint": endpoint.name},
+            )
+        return lane
+
+    def _retire(self, lane: Lane, now: Endpoint | None) -> None:
+        """Stop delivering to a lane: release what it has not started, let the rest finish,
+        then close its connections."""
+        del self._lanes[lane.endpoint_id]
+        lane.retired = True
+        self._retiring.add(lane)
+        self._stop_workers(lane)
+        logger.info(
+            "no longer delivering to endpoint",
+            extra={
+                "endpoint": lane.name,
+                "state": None if now is None else now.state,
+                "reason": "removed" if now is None else ("url changed" if now.url else "no url"),
+            },
+        )
+        closer = asyncio.create_task(self._close_lane(lane))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    def _stop_workers(self, lane: Lane) -> None:
+        """Release every delivery still queued on the lane and tell its workers to stop."""
+        while not lane.queue.empty():
+            item = lane.queue.get_nowait()
+            if item is not None:
+                self._release(lane, item[0])
+        for _ in lane.workers:
+            lane.queue.put_nowait(None)
+        lane.slot_freed.set()
+
+    async def _close_lane(self, lane: Lane) -> None:
+        await asyncio.gather(*lane.workers, return_exceptions=True)
+        await lane.client.aclose()
+        self._retiring.discard(lane)
+
+    def _claim_budget(self, lane: Lane) -> int:
+        """How many deliveries to claim for the lane now.
+
+        Endpoint health hooks in here: an endpoint whose breaker is open gets nothing (its
+        deliveries wait, keeping their attempts); a half-open one would get a single probe.
+        """
+        if lane.endpoint.breaker != "closed":
+            return 0
+        return lane.budget(self.settings.relay_batch_size)
+
     # -- claiming -----------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         assert self._pool is not None
         settings = self.settings
         while not self._stop.is_set():
-            if self._held > self._low_water:
-                self._room.clear()
-                if self._held > self._low_water:
-                    await self._room.wait()
-                continue
             self._wake.clear()
-            wanted = min(settings.relay_batch_size, self._max_held - self._held)
+            budgets = {
+                lane.endpoint_id: budget
+                for lane in self._lanes.values()
+                if (budget := self._claim_budget(lane)) > 0
+            }
+            if not budgets:  # no endpoint, or every lane full: wait for room or news
+                await _wait_for(self._wake, settings.relay_poll_interval)
+                continue
             lease_deadline = time.monotonic() + settings.relay_lease_seconds
             async with self._pool.acquire() as conn:
-                events = await outbox.claim_events(
-                    conn, limit=wanted, lease_seconds=settings.relay_lease_seconds
+                events = await outbox.claim_deliveries(
+                    conn, budgets=budgets, lease_seconds=settings.relay_lease_seconds
                 )
-            if events:
-                self._held += len(events)
-                self.metrics.claimed.inc(len(events))
-                for event in events:
-                    self._queue.put_nowait((event, lease_deadline))
-            if len(events) < wanted:  # caught up: wait for news or the next poll
+            claimed: Counter[int] = Counter()
+            for event in events:
+                claimed[event.endpoint_id] += 1
+                lane = self._lanes.get(event.endpoint_id)
+                if lane is None:  # retired while the claim ran: back in line
+                    self._releases.append((event.id, event.claim_token))
+                    self._results_ready.set()
+                    continue
+                lane.held += 1
+                lane.queue.put_nowait((event, lease_deadline))
+            self.metrics.claimed.inc(len(events))
+            if all(claimed[endpoint_id] < n for endpoint_id, n in budgets.items()):
+                # every endpoint caught up: wait for news or the next poll
                 await _wait_for(self._wake, settings.relay_poll_interval)
 
     def _on_notification(self, *_args: Any) -> None:
         self._wake.set()
+
+    def _on_endpoint_change(self, *_args: Any) -> None:
+        self._endpoints_changed.set()
 
     async def _listen_loop(self) -> None:
         conn = await connect(self.settings.dsn())
@@ -269,8 +404,11 @@ class Relay:
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(OUTBOX_CHANNEL, self._on_notification)
+            await conn.add_listener(ENDPOINTS_CHANNEL, self._on_endpoint_change)
             logger.info("listening for new events", extra={"channel": OUTBOX_CHANNEL})
-            self._wake.set()  # catch up with whatever was committed while not listening
+            # catch up with whatever was committed or changed while not listening
+            self._wake.set()
+            self._endpoints_changed.set()
             while True:
                 await _wait_for(lost, LISTENER_CHECK_SECONDS)
                 if lost.is_set() or conn.is_closed():
@@ -280,28 +418,48 @@ class Relay:
             conn.terminate()
 
     # -- delivering ---------------------------------------------------------------------------
-    async def _worker(self) -> None:
-        assert self._deliverer is not None
+    async def _take_slot(self, lane: Lane) -> bool:
+        """Wait until the lane may send one more; False when it must not (stop, retired)."""
+        while lane.in_flight >= lane.limit:
+            if self._stop.is_set() or lane.retired:
+                return False
+            lane.slot_freed.clear()
+            await lane.slot_freed.wait()
+        if self._stop.is_set() or lane.retired:
+            return False
+        lane.in_flight += 1
+        return True
+
+    async def _worker(self, lane: Lane) -> None:
         while True:
-            item = await self._queue.get()
+            item = await lane.queue.get()
             if item is None:
                 return
             event, lease_deadline = item
-            if time.monotonic() + self._lease_margin > lease_deadline:
-                self._release(event)
+            if not await self._take_slot(lane):
+                self._release(lane, event)
                 continue
-            self.metrics.in_flight.inc()
             try:
-                record = await self._deliverer.deliver(event, lease_deadline=lease_deadline)
-            except asyncio.CancelledError:
-                self._release(event)
-                raise
-            except Exception as error:  # a bug, not a receiver's failure: count it as one
-                logger.exception("delivery raised", extra={"event_id": event.event_id})
-                record = self._failed_record(event, f"relay error: {_error_text(error)}")
+                if time.monotonic() + self._lease_margin > lease_deadline:
+                    self._release(lane, event)
+                    continue
+                self.metrics.in_flight.inc()
+                try:
+                    record = await lane.deliverer.deliver(event, lease_deadline=lease_deadline)
+                except asyncio.CancelledError:
+                    self._release(lane, event)
+                    raise
+                except Exception as error:  # a bug, not a receiver's failure: count it as one
+                    logger.exception(
+                        "delivery raised", extra={"event_id": event.event_id, "endpoint": lane.name}
+                    )
+                    record = self._failed_record(event, f"relay error: {_error_text(error)}")
+                finally:
+                    self.metrics.in_flight.dec()
             finally:
-                self.metrics.in_flight.dec()
-            self._record(record, event)
+                lane.in_flight -= 1
+                lane.slot_freed.set()
+            self._record(lane, record, event)
 
     def _failed_record(self, event: ClaimedEvent, error: str) -> AttemptRecord:
         settings = self.settings
@@ -323,31 +481,36 @@ class Relay:
             duration_ms=0,
         )
 
-    def _record(self, record: AttemptRecord, event: ClaimedEvent) -> None:
+    def _record(self, lane: Lane, record: AttemptRecord, event: ClaimedEvent) -> None:
         metrics = self.metrics
         self._outcomes[record.status] += 1
         metrics.delivery_seconds.observe(record.duration_ms / 1000)
         if record.status == Outcome.DELIVERED.value:
             metrics.delivered.inc()
             metrics.event_lag_seconds.observe(max(time.time() - event.created_at, 0.0))
+            outcome = "delivered"
         elif record.status == Outcome.DEAD.value:
             metrics.dead.inc()
+            outcome = "dead"
         else:
             metrics.rescheduled.inc()
+            outcome = "rescheduled"
+        metrics.endpoint_deliveries.labels(lane.name, outcome).inc()
         self._records.append(record)
-        self._finished()
+        self._finished(lane)
 
-    def _release(self, event: ClaimedEvent) -> None:
+    def _release(self, lane: Lane, event: ClaimedEvent) -> None:
         self._outcomes["RELEASED"] += 1
         self.metrics.released.inc()
+        self.metrics.endpoint_deliveries.labels(lane.name, "released").inc()
         self._releases.append((event.id, event.claim_token))
-        self._finished()
+        self._finished(lane)
 
-    def _finished(self) -> None:
+    def _finished(self, lane: Lane) -> None:
         self._results_ready.set()
-        self._held -= 1
-        if self._held <= self._low_water:
-            self._room.set()
+        lane.held -= 1
+        if lane.held == lane.low_water:  # room again: the claimer may serve this lane
+            self._wake.set()
 
     # -- recording ----------------------------------------------------------------------------
     async def _record_loop(self) -> None:
@@ -388,10 +551,11 @@ class Relay:
                     self.metrics.lost_leases.inc(lost)
                     logger.warning(
                         "lease ran out before the result was written; another relay owns it",
-                        extra={"events": lost},
+                        extra={"deliveries": lost},
                     )
-                if any(unblocks for _id, unblocks in written):
+                if any(row.unblocks for row in written):
                     self._wake.set()
+                await self._attempts_recorded(conn, _by_endpoint(batch, written))
             if self._releases:
                 claims, self._releases = self._releases, []
                 try:
@@ -401,9 +565,19 @@ class Relay:
                     raise
                 self._wake.set()
 
+    async def _attempts_recorded(
+        self, conn: asyncpg.Connection, attempts: dict[int, list[AttemptRecord]]
+    ) -> None:
+        """Called with the attempts just written, by endpoint id, in the order they finished.
+
+        Endpoint health hooks in here: each record says whether its endpoint answered
+        (`status` DELIVERED) or failed (`status_code`, `error`), which feeds the breaker.
+        Nothing to do without it.
+        """
+
     async def _record_attempts(
         self, conn: asyncpg.Connection, batch: list[AttemptRecord]
-    ) -> tuple[list[tuple[int, bool]], int]:
+    ) -> tuple[list[Written], int]:
         """Write a batch; if the database refuses its values, write it row by row.
 
         Returns the rows written and how many were dropped. Whatever was not written when the
@@ -419,7 +593,7 @@ class Relay:
         except BaseException:
             self._records[:0] = batch
             raise
-        written: list[tuple[int, bool]] = []
+        written: list[Written] = []
         dropped = 0
         for index, record in enumerate(batch):
             try:
@@ -435,7 +609,7 @@ class Relay:
 
     async def _record_attempt(
         self, conn: asyncpg.Connection, record: AttemptRecord
-    ) -> list[tuple[int, bool]] | None:
+    ) -> list[Written] | None:
         """Write one result; one the database refuses is written bare, or dropped (None)."""
         try:
             return await outbox.record_attempts(conn, [record])
@@ -469,11 +643,22 @@ class Relay:
         assert self._pool is not None
         while True:
             async with self._pool.acquire() as conn:
-                backlog = await outbox.select_backlog(conn)
-            self.metrics.pending.set(backlog["pending"])
-            self.metrics.oldest_pending_age.set(backlog["oldest_pending_age_seconds"] or 0)
-            self.metrics.dead_events.set(backlog["dead"])
+                rows = await outbox.select_endpoint_backlog(conn)
+            self.metrics.set_backlog(
+                [(r["name"], r["pending"], r["oldest_age_seconds"], r["dead"]) for r in rows]
+            )
             await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
+
+
+def _by_endpoint(
+    batch: list[AttemptRecord], written: list[Written]
+) -> dict[int, list[AttemptRecord]]:
+    """The written records of a batch, grouped by their delivery's endpoint."""
+    records = {record.id: record for record in batch}
+    grouped: dict[int, list[AttemptRecord]] = {}
+    for row in written:
+        grouped.setdefault(row.endpoint_id, []).append(records[row.id])
+    return grouped
 
 
 async def _wait_for(event: asyncio.Event, timeout: float) -> None:
@@ -519,6 +704,7 @@ def _bare(record: AttemptRecord, refused: BaseException, *, retry_in: float) -> 
         error=f"the database refused this attempt's details ({type(refused).__name__})",
         tries=min(max(record.tries, 1), MAX_TRIES),
         duration_ms=min(max(record.duration_ms, 0), MAX_DURATION_MS),
+        counted=record.counted,
     )
 
 

@@ -66,7 +66,56 @@ class RelayMetrics:
             "Age of the oldest undelivered event (0 when none).",
             registry=r,
         )
-        self.dead_events = Gauge("outbox_dead_events", "Events given up on (DEAD).", registry=r)
+        self.dead_events = Gauge(
+            "outbox_dead_events", "Deliveries given up on (DEAD), every endpoint.", registry=r
+        )
+        # Per endpoint (label `endpoint`: its name). The totals above stay for dashboards and
+        # alerts written before subscriptions.
+        self.endpoint_deliveries = Counter(
+            "relay_endpoint_deliveries",
+            "Delivery attempts by endpoint and outcome: delivered, rescheduled, dead, released.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.endpoint_pending = Gauge(
+            "outbox_endpoint_pending_deliveries",
+            "Deliveries not yet delivered, by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.endpoint_oldest_pending_age = Gauge(
+            "outbox_endpoint_oldest_pending_age_seconds",
+            "Age of the endpoint's oldest undelivered delivery (0 when none).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.endpoint_dead = Gauge(
+            "outbox_endpoint_dead_deliveries",
+            "Deliveries given up on (DEAD), by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self._endpoints_shown: set[str] = set()
+
+    def set_backlog(self, rows: list[tuple[str, int, float | None, int]]) -> None:
+        """The gauges from (endpoint, pending, oldest pending age or None, dead) rows; an endpoint
+        no longer listed (removed) loses its series."""
+        names = {row[0] for row in rows}
+        for gone in self._endpoints_shown - names:
+            for gauge in (
+                self.endpoint_pending,
+                self.endpoint_oldest_pending_age,
+                self.endpoint_dead,
+            ):
+                gauge.remove(gone)
+        self._endpoints_shown = names
+        for name, pending, oldest, dead in rows:
+            self.endpoint_pending.labels(name).set(pending)
+            self.endpoint_oldest_pending_age.labels(name).set(oldest or 0)
+            self.endpoint_dead.labels(name).set(dead)
+        self.pending.set(sum(row[1] for row in rows))
+        self.oldest_pending_age.set(max((row[2] or 0 for row in rows), default=0))
+        self.dead_events.set(sum(row[3] for row in rows))
 
     def serve(self, host: str, port: int) -> Any | None:
         """Serve /metrics in a daemon thread; None (and a warning) when the port is taken."""

@@ -1,8 +1,11 @@
-"""The relay's SQL on `outbox_events`.
+"""The relay's SQL on `deliveries` (one per event and subscribed endpoint) and `outbox_events`.
 
-Every function takes the connection first and runs one short statement: no transaction is ever
-held open while a callback is in flight. A claim leases rows with a token; every later write to a
-claimed row checks that token, so a relay whose lease ran out cannot overwrite a newer claim.
+The relay leases deliveries, sends each event's payload to the delivery's endpoint, and writes the
+outcome back on the delivery; an event is only read (its payload) and, once no delivery needs it
+any more, deleted by housekeeping. Every function takes the connection first and runs one short
+statement: no transaction is ever held open while a callback is in flight. A claim leases rows
+with a token; every later write to a claimed row checks that token, so a relay whose lease ran
+out cannot overwrite a newer claim.
 The statements are module constants so that the tests can EXPLAIN exactly what runs; each is
 whole, its `$n` numbered in place. The API's tables are not read here: housekeeping purges expired
 idempotency keys through the schema's `purge_expired_idempotency_keys` (db/migrations/0005).
@@ -14,6 +17,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 
@@ -25,45 +29,66 @@ MIN_STATUS_CODE, MAX_STATUS_CODE = 100, 599  # what the CHECK on last_status_cod
 # Characters PostgreSQL text and jsonb reject (NUL), or UTF-8 cannot encode (lone surrogates).
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
+# The claim takes a budget per endpoint: `$1` endpoint ids, `$2` how many deliveries each may
+# lease now (the relay gives each endpoint room of its own, so one endpoint's backlog never fills a
+# batch: see outbox_relay.main). An endpoint that is not ACTIVE or has no URL gets nothing, even
+# when the relay's copy of it is a moment old. Each endpoint's deliveries are read through
+# deliveries_due_idx; order per (endpoint, payment) through deliveries_pending_aggregate_idx.
 CLAIM_SQL = """
-WITH due AS (
-    SELECT e.id
-      FROM outbox_events AS e
-     WHERE e.status = 'PENDING'
-       AND e.next_attempt_at <= now()
-       -- not leased, or the lease of a relay that died has run out
-       AND (e.locked_until IS NULL OR e.locked_until < now())
-       -- order per payment: only a payment's earliest undelivered event may go;
-       -- a DEAD event no longer blocks the ones after it
-       AND NOT EXISTS (SELECT 1
-                         FROM outbox_events AS earlier
-                        WHERE earlier.aggregate_id = e.aggregate_id
-                          AND earlier.status = 'PENDING'
-                          AND earlier.id < e.id)
-     ORDER BY e.next_attempt_at, e.id
-     LIMIT $1
-       FOR UPDATE SKIP LOCKED
+WITH budget AS (
+    SELECT b.endpoint_id, b.n
+      FROM unnest($1::bigint[], $2::int[]) AS b(endpoint_id, n)
+      JOIN endpoints AS ep ON ep.endpoint_id = b.endpoint_id
+     WHERE ep.state = 'ACTIVE'
+       AND ep.url IS NOT NULL
+       AND b.n > 0
+), due AS (
+    SELECT d.delivery_id
+      FROM budget AS b
+     CROSS JOIN LATERAL (
+        SELECT d.delivery_id
+          FROM deliveries AS d
+         WHERE d.endpoint_id = b.endpoint_id
+           AND d.status = 'PENDING'
+           AND d.next_attempt_at <= now()
+           -- not leased, or the lease of a relay that died has run out
+           AND (d.locked_until IS NULL OR d.locked_until < now())
+           -- order per (endpoint, payment): only the earliest pending delivery of a payment to
+           -- this endpoint may go; a DEAD one no longer blocks the ones after it. (A scalar
+           -- subquery, one index probe per candidate: as NOT EXISTS the planner may choose an
+           -- anti join that scans every pending delivery of the endpoint per candidate.)
+           AND d.delivery_id = (SELECT min(earliest.delivery_id)
+                                  FROM deliveries AS earliest
+                                 WHERE earliest.endpoint_id = d.endpoint_id
+                                   AND earliest.aggregate_id = d.aggregate_id
+                                   AND earliest.status = 'PENDING')
+         ORDER BY d.next_attempt_at, d.delivery_id
+         LIMIT b.n
+           FOR UPDATE OF d SKIP LOCKED
+     ) AS d
 )
-UPDATE outbox_events AS o
-   SET locked_until = now() + make_interval(secs => $2),
-       claim_token = $3
-  FROM due
- WHERE o.id = due.id
-RETURNING o.id, o.event_id::text, o.aggregate_id, o.payload, o.attempts,
-          extract(epoch FROM o.created_at)::float8 AS created_at
+UPDATE deliveries AS o
+   SET locked_until = now() + make_interval(secs => $3),
+       claim_token = $4
+  FROM due, outbox_events AS e
+ WHERE o.delivery_id = due.delivery_id
+   AND e.id = o.event_id
+RETURNING o.delivery_id, o.endpoint_id, e.event_id::text, o.aggregate_id, e.payload,
+          o.counted_attempts, extract(epoch FROM e.created_at)::float8 AS created_at
 """
 
 RECORD_SQL = """
 WITH attempt AS (
     SELECT *
       FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[], $5::float8[], $6::int[],
-                  $7::text[], $8::int[], $9::int[])
+                  $7::text[], $8::int[], $9::int[], $10::bool[])
            AS a(id, claim_token, status, delay, attempted_at, status_code, error, tries,
-                duration_ms)
+                duration_ms, counted)
 ), written AS (
-    UPDATE outbox_events AS o
+    UPDATE deliveries AS o
        SET status = a.status,
            attempts = o.attempts + 1,
+           counted_attempts = o.counted_attempts + CASE WHEN a.counted THEN 1 ELSE 0 END,
            next_attempt_at = CASE WHEN a.status = 'PENDING'
                                   THEN now() + make_interval(secs => a.delay)
                                   ELSE o.next_attempt_at END,
@@ -82,66 +107,92 @@ WITH attempt AS (
                'tries', a.tries,
                'duration_ms', a.duration_ms)
       FROM attempt AS a
-     WHERE o.id = a.id
+     WHERE o.delivery_id = a.id
        AND o.claim_token = a.claim_token
- RETURNING o.id, o.aggregate_id
+ RETURNING o.delivery_id, o.endpoint_id, o.aggregate_id
 )
--- `unblocks`: a later event of the same payment was waiting for this one
-SELECT w.id,
+-- `unblocks`: a later delivery of the same payment to the same endpoint was waiting for this one
+SELECT w.delivery_id,
+       w.endpoint_id,
        EXISTS (SELECT 1
-                 FROM outbox_events AS later
-                WHERE later.aggregate_id = w.aggregate_id
+                 FROM deliveries AS later
+                WHERE later.endpoint_id = w.endpoint_id
+                  AND later.aggregate_id = w.aggregate_id
                   AND later.status = 'PENDING'
-                  AND later.id > w.id) AS unblocks
+                  AND later.delivery_id > w.delivery_id) AS unblocks
   FROM written AS w
 """
 
 RELEASE_SQL = """
-UPDATE outbox_events AS o
+UPDATE deliveries AS o
    SET locked_until = NULL,
        claim_token = NULL
   FROM unnest($1::bigint[], $2::uuid[]) AS c(id, claim_token)
- WHERE o.id = c.id
+ WHERE o.delivery_id = c.id
    AND o.claim_token = c.claim_token
 """
 
-# The undelivered part of the outbox, counted once for the relay's gauges (every few seconds),
-# `outbox stats` and `payment-service check`: PENDING rows by state and DEAD rows, both read
-# through their partial indexes, so the cost follows the backlog, not the retained history.
-BACKLOG_SQL = """
-SELECT count(*) AS pending,
-       count(*) FILTER (WHERE locked_until > now()) AS in_flight,
-       count(*) FILTER (WHERE next_attempt_at <= now()
-                          AND (locked_until IS NULL OR locked_until <= now())) AS due,
-       count(*) FILTER (WHERE attempts > 0) AS retrying,
-       extract(epoch FROM now() - min(created_at))::float8 AS oldest_pending_age_seconds,
-       (SELECT count(*) FROM outbox_events WHERE status = 'DEAD') AS dead
-  FROM outbox_events
- WHERE status = 'PENDING'
+# The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
+# dead ones. Read through the partial indexes on PENDING and DEAD rows, so the cost follows the
+# backlog, not the retained history.
+ENDPOINT_BACKLOG_SQL = """
+SELECT ep.name,
+       pending.n AS pending,
+       pending.oldest_age_seconds,
+       dead.n AS dead
+  FROM endpoints AS ep
+ CROSS JOIN LATERAL (
+        SELECT count(*) AS n,
+               extract(epoch FROM now() - min(d.created_at))::float8 AS oldest_age_seconds
+          FROM deliveries AS d
+         WHERE d.endpoint_id = ep.endpoint_id
+           AND d.status = 'PENDING') AS pending
+ CROSS JOIN LATERAL (
+        SELECT count(*) AS n
+          FROM deliveries AS d
+         WHERE d.endpoint_id = ep.endpoint_id
+           AND d.status = 'DEAD') AS dead
+ ORDER BY ep.name
 """
 
 # The conditions are repeated outside the sub-select so that a row changed meanwhile (a key
 # claimed again, say) is re-checked against its new version before it is deleted.
 DELETE_DELIVERED_SQL = """
-DELETE FROM outbox_events
- WHERE id = ANY (ARRAY(SELECT id
-                         FROM outbox_events
-                        WHERE status = 'DELIVERED'
-                          AND delivered_at < now() - make_interval(secs => $1)
-                        ORDER BY delivered_at
-                        LIMIT $2))
+DELETE FROM deliveries
+ WHERE delivery_id = ANY (ARRAY(SELECT delivery_id
+                                  FROM deliveries
+                                 WHERE status = 'DELIVERED'
+                                   AND delivered_at < now() - make_interval(secs => $1)
+                                 ORDER BY delivered_at
+                                 LIMIT $2))
    AND status = 'DELIVERED'
    AND delivered_at < now() - make_interval(secs => $1)
+"""
+
+# Events past retention that no delivery needs any more: their delivered deliveries went first
+# (DELETE_DELIVERED_SQL); one still PENDING or DEAD keeps its event, so it can still go out.
+DELETE_EVENTS_SQL = """
+DELETE FROM outbox_events AS e
+ WHERE e.id = ANY (ARRAY(SELECT old.id
+                           FROM outbox_events AS old
+                          WHERE old.created_at < now() - make_interval(secs => $1)
+                            AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = old.id)
+                          ORDER BY old.created_at
+                          LIMIT $2))
+   AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id)
 """
 
 
 @dataclass(slots=True)
 class ClaimedEvent:
-    id: int
-    event_id: str
+    """One leased delivery: an event on its way to one endpoint."""
+
+    id: int  # the delivery's id
+    endpoint_id: int
+    event_id: str  # the event's uuid: `webhook-id` at every endpoint
     aggregate_id: int
     body: bytes  # the payload jsonb as text, sent byte for byte
-    attempts: int  # attempts made before this claim
+    attempts: int  # attempts made before this claim that count toward RELAY_MAX_ATTEMPTS
     created_at: float  # epoch seconds
     claim_token: uuid.UUID
 
@@ -159,6 +210,17 @@ class AttemptRecord:
     error: str | None
     tries: int
     duration_ms: int
+    # False: the attempt is recorded but does not count toward RELAY_MAX_ATTEMPTS (endpoint
+    # health: attempts made while an endpoint's breaker is not closed).
+    counted: bool = True
+
+
+class Written(NamedTuple):
+    """A delivery whose attempt was written."""
+
+    id: int
+    endpoint_id: int
+    unblocks: bool  # a later delivery of its payment to its endpoint was waiting for it
 
 
 def safe_text(text: str | None, *, limit: int = ERROR_TEXT_LIMIT) -> str | None:
@@ -174,23 +236,24 @@ def safe_status_code(code: int | None) -> int | None:
     return code if code is not None and MIN_STATUS_CODE <= code <= MAX_STATUS_CODE else None
 
 
-async def claim_events(
-    conn: asyncpg.Connection, *, limit: int, lease_seconds: float
+async def claim_deliveries(
+    conn: asyncpg.Connection, *, budgets: dict[int, int], lease_seconds: float
 ) -> list[ClaimedEvent]:
-    """Lease up to `limit` events that are due, oldest first, one per payment at most."""
+    """Lease due deliveries, oldest first per endpoint: up to `budgets[endpoint_id]` for each
+    endpoint, at most one per (endpoint, payment)."""
     token = uuid.uuid4()
-    rows = await conn.fetch(CLAIM_SQL, limit, lease_seconds, token)
-    return [ClaimedEvent(r[0], r[1], r[2], r[3].encode(), r[4], r[5], token) for r in rows]
+    rows = await conn.fetch(CLAIM_SQL, list(budgets), list(budgets.values()), lease_seconds, token)
+    return [ClaimedEvent(r[0], r[1], r[2], r[3], r[4].encode(), r[5], r[6], token) for r in rows]
 
 
 async def record_attempts(
     conn: asyncpg.Connection, records: Sequence[AttemptRecord]
-) -> list[tuple[int, bool]]:
+) -> list[Written]:
     """Write a batch of finished attempts in one statement and end their leases.
 
-    Rows whose claim token changed (the lease ran out and another relay took the event) are left
-    alone. Returns `(id, unblocks)` for each row written. Whatever a receiver answered, the status
-    code and error are made safe to store here (see `safe_text`, `safe_status_code`).
+    Rows whose claim token changed (the lease ran out and another relay took the delivery) are
+    left alone. Returns each row written. Whatever a receiver answered, the status code and error
+    are made safe to store here (see `safe_text`, `safe_status_code`).
     """
     rows = await conn.fetch(
         RECORD_SQL,
@@ -203,31 +266,37 @@ async def record_attempts(
         [safe_text(r.error) for r in records],
         [r.tries for r in records],
         [r.duration_ms for r in records],
+        [r.counted for r in records],
     )
-    return [(row[0], row[1]) for row in rows]
+    return [Written(row[0], row[1], row[2]) for row in rows]
 
 
 async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, uuid.UUID]]) -> int:
-    """End leases without an attempt (shutdown): the events are due again at once."""
+    """End leases without an attempt (shutdown): the deliveries are due again at once."""
     result = await conn.execute(
         RELEASE_SQL, [claim[0] for claim in claims], [claim[1] for claim in claims]
     )
     return int(result.split()[-1])
 
 
+async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Per endpoint (by name): pending deliveries, the oldest one's age in seconds (None if
+    none), dead deliveries. See ENDPOINT_BACKLOG_SQL."""
+    return await conn.fetch(ENDPOINT_BACKLOG_SQL)  # type: ignore[no-any-return]
+
+
 # -- inspection and operation -------------------------------------------------------------------
-async def select_backlog(conn: asyncpg.Connection) -> asyncpg.Record:
-    """Pending events (all, in flight, due, retrying), the oldest one's age in seconds (None if
-    none) and dead events: see BACKLOG_SQL."""
-    row = await conn.fetchrow(BACKLOG_SQL)
-    assert row is not None
-    return row
-
-
-# -- housekeeping -------------------------------------------------------------------------------
-async def delete_delivered_events(
+async def delete_delivered_deliveries(
     conn: asyncpg.Connection, *, older_than_hours: float, limit: int
 ) -> int:
-    """Delete up to `limit` events delivered more than `older_than_hours` ago."""
+    """Delete up to `limit` deliveries delivered more than `older_than_hours` ago."""
     result = await conn.execute(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
+    return int(result.split()[-1])
+
+
+async def delete_old_events(
+    conn: asyncpg.Connection, *, older_than_hours: float, limit: int
+) -> int:
+    """Delete up to `limit` events older than `older_than_hours` that have no delivery left."""
+    result = await conn.execute(DELETE_EVENTS_SQL, older_than_hours * 3600, limit)
     return int(result.split()[-1])

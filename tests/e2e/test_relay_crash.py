@@ -15,7 +15,7 @@ import time
 import asyncpg
 import pytest
 
-from tests.support.database import claims_outstanding, insert_events, status_counts
+from tests.support.database import DELIVERY_ROWS, claims_outstanding, insert_events, status_counts
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import OK, Delivery, Receiver, Reply, assert_ordered_per_payment
 from tests.support.waiting import wait_until
@@ -48,7 +48,7 @@ async def test_kill_9_mid_batch_then_a_new_relay_delivers_everything(
     held = {
         r[0]
         for r in await conn.fetch(
-            "SELECT event_id::text FROM outbox_events WHERE claim_token IS NOT NULL"
+            f"SELECT event_id::text FROM {DELIVERY_ROWS} WHERE claim_token IS NOT NULL"
         )
     }
     assert held, "the relay was killed between batches; nothing was in flight"
@@ -120,7 +120,7 @@ async def test_sigterm_during_delivery_exits_0_within_grace_and_loses_nothing(
     assert await delivered_count(conn) == len(receiver.accepted_ids())
     assert len(receiver.accepted_ids()) < len(ids)
     attempts = await conn.fetchval(
-        "SELECT max(attempts) FROM outbox_events WHERE status = 'PENDING'"
+        f"SELECT max(attempts) FROM {DELIVERY_ROWS} WHERE status = 'PENDING'"
     )
     assert attempts == 0  # released events were not counted as attempts
 
@@ -146,7 +146,7 @@ async def test_sigterm_with_a_hanging_receiver_releases_the_claims_at_the_grace_
     assert await relay.wait_exit(timeout=grace + 10) == 0, dump_logs([relay])
     assert time.monotonic() - signalled < grace + 1.5
     assert await claims_outstanding(conn) == 0
-    assert await conn.fetchval("SELECT max(attempts) FROM outbox_events") == 0
+    assert await conn.fetchval(f"SELECT max(attempts) FROM {DELIVERY_ROWS}") == 0
     assert await relay_logged_release(relay)
 
     receiver.policy = slow(0)
@@ -166,7 +166,7 @@ async def test_a_crashing_loop_is_logged_and_restarted_after_a_delay(
     relay = relays.start()
     await wait_until(lambda: relay.logged("listening for new events"), timeout=30)
     # Break the claim statement with an error that is no database outage: a bug, as it were.
-    await conn.execute("ALTER TABLE outbox_events RENAME COLUMN claim_token TO claim_token_gone")
+    await conn.execute("ALTER TABLE deliveries RENAME COLUMN claim_token TO claim_token_gone")
     events = await insert_events(conn, payments=5)
     crashed = "relay loop crashed; it restarts after a delay"
     await wait_until(lambda: relay.logged(crashed) >= 2, timeout=30)
@@ -175,7 +175,7 @@ async def test_a_crashing_loop_is_logged_and_restarted_after_a_delay(
     assert record["loop"] == "claimer" and record["level"] == "ERROR"
     assert "UndefinedColumnError" in record["exc"]  # the traceback is logged
 
-    await conn.execute("ALTER TABLE outbox_events RENAME COLUMN claim_token_gone TO claim_token")
+    await conn.execute("ALTER TABLE deliveries RENAME COLUMN claim_token_gone TO claim_token")
     await wait_until(lambda: {e.event_id for e in events} <= receiver.accepted_ids(), timeout=30)
     await wait_until(lambda: _count_is(conn, len(events)), timeout=20)
     assert relay.process is not None and relay.process.poll() is None

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.support.commands import outbox_command
-from tests.support.database import insert_events, status_counts
+from tests.support.database import DELIVERY_ROWS, insert_events, status_counts
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import (
     OK,
@@ -52,7 +52,7 @@ async def test_every_event_is_delivered_once_signed_with_its_stored_payload(
     await wait_until(lambda: _all_delivered(conn, len(ids)), timeout=10)
     rows = await conn.fetch(
         "SELECT attempts, delivered_at, last_status_code, last_error, attempt_log,"
-        " claim_token, locked_until FROM outbox_events"
+        f" claim_token, locked_until FROM {DELIVERY_ROWS}"
     )
     for row in rows:
         assert (row["attempts"], row["last_status_code"], row["last_error"]) == (1, 200, None)
@@ -111,13 +111,13 @@ async def test_a_receiver_that_fails_for_a_while_gets_everything_afterwards(
     async def failed_attempts() -> bool:
         return bool(
             await conn.fetchval(
-                "SELECT count(*) >= 20 FROM outbox_events"
+                f"SELECT count(*) >= 20 FROM {DELIVERY_ROWS}"
                 " WHERE attempts >= 2 AND status = 'PENDING'"
             )
         )
 
     await wait_until(failed_attempts, timeout=30)
-    errors = {r[0] for r in await conn.fetch("SELECT DISTINCT last_error FROM outbox_events")}
+    errors = {r[0] for r in await conn.fetch(f"SELECT DISTINCT last_error FROM {DELIVERY_ROWS}")}
     expected = {"500": "HTTP 500", "timeout": "timeout", "refused": "connection error"}[mode]
     assert all(error and error.startswith(expected) for error in errors), errors
     if mode == "refused":
@@ -140,7 +140,7 @@ async def test_410_gone_makes_an_event_dead_at_once(
 
     await wait_until(dead, timeout=30)
     assert [len(receiver.requests_for(e.event_id)) for e in events] == [1] * 5
-    rows = await conn.fetch("SELECT attempts, last_status_code, last_error FROM outbox_events")
+    rows = await conn.fetch(f"SELECT attempts, last_status_code, last_error FROM {DELIVERY_ROWS}")
     assert {(r["attempts"], r["last_status_code"]) for r in rows} == {(1, 410)}
 
 
@@ -156,7 +156,7 @@ async def test_max_attempts_makes_an_event_dead_and_replay_delivers_it(
 
     await wait_until(dead, timeout=30)
     assert [len(receiver.requests_for(e.event_id)) for e in events] == [3] * 4
-    for row in await conn.fetch("SELECT attempts, attempt_log FROM outbox_events"):
+    for row in await conn.fetch(f"SELECT attempts, attempt_log FROM {DELIVERY_ROWS}"):
         log = json.loads(row["attempt_log"])
         assert row["attempts"] == 3
         assert [(e["attempt"], e["outcome"], e["status_code"]) for e in log] == [

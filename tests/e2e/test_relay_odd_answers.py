@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.support.database import insert_events, status_counts
+from tests.support.database import DELIVERY_ROWS, insert_events, status_counts
 from tests.support.environment import relay_env
 from tests.support.processes import RelayProcess, dump_logs
 from tests.support.receiver import OK, Answer, Delivery, Raw, Receiver
@@ -90,7 +90,7 @@ async def test_odd_answers_cost_one_attempt_and_everything_is_delivered_once_ack
 
     rows = await conn.fetch(
         "SELECT event_id::text, attempts, last_status_code, last_error, attempt_log"
-        " FROM outbox_events"
+        f" FROM {DELIVERY_ROWS}"
     )
     for row in rows:
         kind = plan[row["event_id"]]

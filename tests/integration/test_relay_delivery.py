@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
@@ -16,7 +17,7 @@ from outbox_relay.http import CallbackClient
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key
-from tests.support.environment import CALLBACK_PATH, SECRET
+from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.receiver import OK, Delivery, Receiver, Reply, answer_status
 
 BODY = b'{"event_id": "%s", "amount": 150.50, "status": "SUCCESS", "reference": "PAY-1"}'
@@ -26,6 +27,7 @@ def event(attempts: int = 0) -> ClaimedEvent:
     event_id = str(uuid.uuid4())
     return ClaimedEvent(
         id=1,
+        endpoint_id=1,
         event_id=event_id,
         aggregate_id=7,
         body=BODY % event_id.encode(),
@@ -44,7 +46,7 @@ def deliverer(receiver: Receiver) -> DelivererFactory:
         timeout = float(overrides.get("request_timeout", 0.5))  # type: ignore[arg-type]
         client = CallbackClient(url, max_connections=4, timeout=timeout, user_agent="test")
         options: dict[str, object] = {
-            "signing_key": secret_key(SECRET),
+            "signing_keys": [secret_key(SECRET)],
             "request_timeout": timeout,
             "quick_retries": 2,
             "quick_retry_wait": 0.01,
@@ -87,10 +89,28 @@ async def test_without_a_secret_the_callback_is_unsigned(
     receiver: Receiver, deliverer: DelivererFactory
 ) -> None:
     e = event()
-    await deliverer(signing_key=None).deliver(e, lease_deadline=far_deadline())
+    await deliverer(signing_keys=[]).deliver(e, lease_deadline=far_deadline())
     (got,) = receiver.deliveries
     assert "webhook-signature" not in got.headers
     assert got.headers["webhook-id"] == e.event_id
+
+
+async def test_each_signing_key_adds_one_signature_each_verifiable_alone(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    """After a rotation an endpoint signs with two secrets (Standard Webhooks): one `v1,…` each."""
+    other = new_signing_secret()
+    e = event()
+    await deliverer(signing_keys=[secret_key(other), secret_key(SECRET)]).deliver(
+        e, lease_deadline=far_deadline()
+    )
+    (got,) = receiver.deliveries
+    signatures = got.headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and all(s.startswith("v1,") for s in signatures)
+    assert got.verify(SECRET) == json.loads(e.body)
+    assert got.verify(other) == json.loads(e.body)
+    with pytest.raises(WebhookVerificationError):
+        got.verify(new_signing_secret())
 
 
 async def test_quick_retries_recover_from_a_brief_failure(

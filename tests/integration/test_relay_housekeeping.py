@@ -1,4 +1,5 @@
-"""Housekeeping removes only delivered events past retention and expired idempotency keys."""
+"""Housekeeping removes only deliveries delivered past retention, events past retention that no
+delivery needs any more, and expired idempotency keys."""
 
 from __future__ import annotations
 
@@ -11,25 +12,27 @@ from tests.support.database import insert_events
 
 
 async def arrange(conn: asyncpg.Connection) -> dict[str, list[int]]:
-    """Events and keys of every kind, old and new; the ids that must go and must stay."""
+    """Events (each with its delivery to `notification`) and keys of every kind, old and new;
+    the event ids that must go and must stay."""
     events = await insert_events(conn, payments=12)
     ids = [e.id for e in events]
     old_delivered, new_delivered, old_pending, old_dead = ids[:5], ids[5:8], ids[8:10], ids[10:]
     await conn.execute(
-        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() - interval '200 hours'"
-        " WHERE id = ANY($1)",
+        "UPDATE deliveries SET status = 'DELIVERED', delivered_at = now() - interval '200 hours'"
+        " WHERE event_id = ANY($1)",
         old_delivered,
     )
+    # delivered late: the event is past retention, its delivery not yet, so both stay
     await conn.execute(
-        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() - interval '100 hours'"
-        " WHERE id = ANY($1)",
+        "UPDATE deliveries SET status = 'DELIVERED', delivered_at = now() - interval '100 hours'"
+        " WHERE event_id = ANY($1)",
         new_delivered,
     )
     await conn.execute(
         "UPDATE outbox_events SET created_at = now() - interval '400 hours' WHERE id = ANY($1)",
-        old_pending + old_dead,
+        old_delivered + new_delivered + old_pending + old_dead,
     )
-    await conn.execute("UPDATE outbox_events SET status = 'DEAD' WHERE id = ANY($1)", old_dead)
+    await conn.execute("UPDATE deliveries SET status = 'DEAD' WHERE event_id = ANY($1)", old_dead)
     await conn.execute(
         """INSERT INTO idempotency_keys (key_hash, request_path, request_fingerprint,
                    response_status, response_data, created_at, expires_at)
@@ -47,9 +50,12 @@ async def test_only_old_delivered_events_and_expired_keys_are_deleted(
 ) -> None:
     ids = await arrange(conn)
     result = await housekeep(conn, retention_hours=168, batch_size=2)  # batches of 2: 3 rounds
-    assert (result.ran, result.events_deleted, result.keys_deleted) == (True, 5, 7)
+    assert (result.ran, result.deliveries_deleted, result.events_deleted) == (True, 5, 5)
+    assert result.keys_deleted == 7
     left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
     assert left == set(ids["kept"])
+    kept_deliveries = {r[0] for r in await conn.fetch("SELECT event_id FROM deliveries")}
+    assert kept_deliveries == set(ids["kept"])
     keys_left = await conn.fetchval(
         "SELECT count(*) FROM idempotency_keys WHERE expires_at > now()"
     )
@@ -58,13 +64,13 @@ async def test_only_old_delivered_events_and_expired_keys_are_deleted(
     # payments are never touched
     assert await conn.fetchval("SELECT count(*) FROM payments") == 12
     again = await housekeep(conn, retention_hours=168)
-    assert (again.events_deleted, again.keys_deleted) == (0, 0)
+    assert (again.deliveries_deleted, again.events_deleted, again.keys_deleted) == (0, 0, 0)
 
 
 async def test_retention_zero_deletes_every_delivered_event(conn: asyncpg.Connection) -> None:
     ids = await arrange(conn)
     result = await housekeep(conn, retention_hours=0)
-    assert result.events_deleted == 8
+    assert (result.deliveries_deleted, result.events_deleted) == (8, 8)
     left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
     assert left == set(ids["kept"]) - set(ids["kept"][:3])
 

@@ -1,4 +1,5 @@
-"""The relay's SQL against a real PostgreSQL: claims, order per payment, tokens, batched writes."""
+"""The relay's SQL against a real PostgreSQL: claims, order per (endpoint, payment), tokens,
+batched writes, budgets per endpoint."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ import pytest
 from outbox_relay import outbox
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.database import connect
-from tests.support.database import insert_events
+from payment_service.endpoints import insert_endpoint
+from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until
 
 LEASE = 30.0
+URL = "http://127.0.0.1:9/notifications"  # never called: these tests run the SQL only
+
+
+@pytest.fixture(autouse=True)
+async def notification(conn: asyncpg.Connection) -> int:
+    """The endpoint `notification` configured, as the relay's start-up seeding does; its id."""
+    return await set_endpoint_url(conn, URL)
 
 
 def record(event: ClaimedEvent, status: str, **fields: object) -> AttemptRecord:
@@ -34,21 +43,22 @@ def record(event: ClaimedEvent, status: str, **fields: object) -> AttemptRecord:
 
 async def test_claim_leases_due_events_oldest_first(conn: asyncpg.Connection) -> None:
     events = await insert_events(conn, payments=5)
-    first = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
-    assert [e.id for e in first] == [e.id for e in events[:3]]
+    first = await claim(conn, 3, LEASE)
+    assert [e.event_id for e in first] == [e.event_id for e in events[:3]]
     assert len({e.claim_token for e in first}) == 1
     row = await conn.fetchrow(
-        "SELECT payload, locked_until - now() AS lease, claim_token"
-        " FROM outbox_events WHERE id = $1",
+        "SELECT e.payload, d.locked_until - now() AS lease, d.claim_token"
+        " FROM deliveries AS d JOIN outbox_events AS e ON e.id = d.event_id"
+        " WHERE d.delivery_id = $1",
         first[0].id,
     )
     assert first[0].body == row["payload"].encode()  # the stored jsonb text, byte for byte
     assert json.loads(first[0].body)["event_id"] == first[0].event_id
     assert 29 < row["lease"].total_seconds() <= 30
     assert row["claim_token"] == first[0].claim_token
-    second = await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)
-    assert [e.id for e in second] == [e.id for e in events[3:]]
-    assert await outbox.claim_events(conn, limit=10, lease_seconds=LEASE) == []
+    second = await claim(conn, 10, LEASE)
+    assert [e.event_id for e in second] == [e.event_id for e in events[3:]]
+    assert await claim(conn, 10, LEASE) == []
 
 
 async def test_concurrent_claims_never_overlap(conn: asyncpg.Connection, database_url: str) -> None:
@@ -58,7 +68,7 @@ async def test_concurrent_claims_never_overlap(conn: asyncpg.Connection, databas
 
         async def claim_all(c: asyncpg.Connection) -> list[int]:
             got: list[int] = []
-            while batch := await outbox.claim_events(c, limit=7, lease_seconds=LEASE):
+            while batch := await claim(c, 7, LEASE):
                 got.extend(e.id for e in batch)
             return got
 
@@ -80,79 +90,80 @@ async def test_a_claim_skips_rows_another_transaction_has_locked(
     try:
         async with other.transaction():
             await other.execute(
-                "SELECT 1 FROM outbox_events WHERE id = ANY($1) FOR UPDATE",
+                "SELECT 1 FROM deliveries WHERE event_id = ANY($1) FOR UPDATE",
                 [events[0].id, events[1].id],
             )
-            claimed = await asyncio.wait_for(
-                outbox.claim_events(conn, limit=10, lease_seconds=LEASE), timeout=5
-            )
-            assert [e.id for e in claimed] == [events[2].id, events[3].id]
+            claimed = await asyncio.wait_for(claim(conn, 10, LEASE), timeout=5)
+            assert [e.event_id for e in claimed] == [events[2].event_id, events[3].event_id]
     finally:
         await other.close()
 
 
 async def test_only_the_earliest_pending_event_of_a_payment_is_claimable(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, notification: int
 ) -> None:
     events = await insert_events(conn, payments=2, events_per_payment=3)
     a1, a2, a3, b1, b2, _b3 = events
-    heads = await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)
-    assert sorted(e.id for e in heads) == [a1.id, b1.id]
-    by_id = {e.id: e for e in heads}
+    heads = await claim(conn, 10, LEASE)
+    assert sorted(e.event_id for e in heads) == sorted([a1.event_id, b1.event_id])
+    by_id = {e.event_id: e for e in heads}
     # a1 delivered: a2 becomes claimable, and the write says it unblocked someone
-    written = await outbox.record_attempts(conn, [record(by_id[a1.id], "DELIVERED")])
-    assert written == [(a1.id, True)]
-    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [a2.id]
+    a1_claim = by_id[a1.event_id]
+    written = await outbox.record_attempts(conn, [record(a1_claim, "DELIVERED")])
+    assert written == [(a1_claim.id, notification, True)]
+    assert [e.event_id for e in await claim(conn, 10, LEASE)] == [a2.event_id]
     # b1 dead: a dead event does not block b2
-    await outbox.record_attempts(conn, [record(by_id[b1.id], "DEAD", status_code=410)])
-    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [b2.id]
+    await outbox.record_attempts(conn, [record(by_id[b1.event_id], "DEAD", status_code=410)])
+    assert [e.event_id for e in await claim(conn, 10, LEASE)] == [b2.event_id]
     # b1 rescheduled instead would have blocked b2: a pending (not due) head still blocks
     await conn.execute(
-        "UPDATE outbox_events SET status = 'PENDING', locked_until = NULL, claim_token = NULL,"
-        " next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+        "UPDATE deliveries SET status = 'PENDING', locked_until = NULL, claim_token = NULL,"
+        " next_attempt_at = now() + interval '1 hour' WHERE event_id = $1",
         a2.id,
     )
-    assert await outbox.claim_events(conn, limit=10, lease_seconds=LEASE) == []
+    assert await claim(conn, 10, LEASE) == []
     assert a3.id not in {
-        r["id"]
-        for r in await conn.fetch("SELECT id FROM outbox_events WHERE claim_token IS NOT NULL")
+        r["event_id"]
+        for r in await conn.fetch("SELECT event_id FROM deliveries WHERE claim_token IS NOT NULL")
     }
 
 
 async def test_events_not_due_yet_are_not_claimed(conn: asyncpg.Connection) -> None:
     events = await insert_events(conn, payments=2)
     await conn.execute(
-        "UPDATE outbox_events SET next_attempt_at = now() + interval '1 minute' WHERE id = $1",
+        "UPDATE deliveries SET next_attempt_at = now() + interval '1 minute' WHERE event_id = $1",
         events[0].id,
     )
-    assert [e.id for e in await outbox.claim_events(conn, limit=10, lease_seconds=LEASE)] == [
-        events[1].id
-    ]
+    assert [e.event_id for e in await claim(conn, 10, LEASE)] == [events[1].event_id]
 
 
 async def test_an_expired_lease_is_claimed_again_and_the_old_token_writes_nothing(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, notification: int
 ) -> None:
     await insert_events(conn, payments=1)
-    (old,) = await outbox.claim_events(conn, limit=1, lease_seconds=0.3)
-    assert await outbox.claim_events(conn, limit=1, lease_seconds=LEASE) == []
+    (old,) = await claim(conn, 1, 0.3)
+    assert await claim(conn, 1, LEASE) == []
 
     async def reclaimed() -> list[ClaimedEvent]:
-        return await outbox.claim_events(conn, limit=1, lease_seconds=LEASE)
+        return await claim(conn, 1, LEASE)
 
     (new,) = await wait_until(reclaimed, timeout=5)
     assert new.id == old.id and new.claim_token != old.claim_token
     # the relay that lost its lease cannot write its result, nor release the new claim
     assert await outbox.record_attempts(conn, [record(old, "DELIVERED")]) == []
     assert await outbox.release_claims(conn, [(old.id, old.claim_token)]) == 0
-    assert await outbox.record_attempts(conn, [record(new, "DELIVERED")]) == [(new.id, False)]
-    status = await conn.fetchval("SELECT status FROM outbox_events WHERE id = $1", new.id)
+    assert await outbox.record_attempts(conn, [record(new, "DELIVERED")]) == [
+        (new.id, notification, False)
+    ]
+    status = await conn.fetchval("SELECT status FROM deliveries WHERE delivery_id = $1", new.id)
     assert status == "DELIVERED"
 
 
-async def test_one_batched_write_records_every_outcome(conn: asyncpg.Connection) -> None:
+async def test_one_batched_write_records_every_outcome(
+    conn: asyncpg.Connection, notification: int
+) -> None:
     await insert_events(conn, payments=3)
-    delivered, rescheduled, dead = await outbox.claim_events(conn, limit=3, lease_seconds=LEASE)
+    delivered, rescheduled, dead = await claim(conn, 3, LEASE)
     at = time.time() - 1
     written = await outbox.record_attempts(
         conn,
@@ -172,16 +183,20 @@ async def test_one_batched_write_records_every_outcome(conn: asyncpg.Connection)
         ],
     )
     assert sorted(written) == sorted(
-        [(delivered.id, False), (rescheduled.id, False), (dead.id, False)]
+        [
+            (delivered.id, notification, False),
+            (rescheduled.id, notification, False),
+            (dead.id, notification, False),
+        ]
     )
     rows = {
         r["id"]: r
         for r in await conn.fetch(
-            """SELECT id, status, attempts, delivered_at,
+            """SELECT delivery_id AS id, status, attempts, delivered_at,
                       extract(epoch FROM next_attempt_at - now()) AS due_in,
                       locked_until, claim_token, last_error, last_status_code,
                       extract(epoch FROM last_attempt_at) AS last_at, attempt_log
-                 FROM outbox_events"""
+                 FROM deliveries"""
         )
     }
     d, r, x = rows[delivered.id], rows[rescheduled.id], rows[dead.id]
@@ -202,24 +217,24 @@ async def test_one_batched_write_records_every_outcome(conn: asyncpg.Connection)
     assert entry["tries"] == 3 and entry["duration_ms"] == 250
     # a second attempt appends to the log
     await conn.execute(
-        "UPDATE outbox_events SET next_attempt_at = now() WHERE id = $1", rescheduled.id
+        "UPDATE deliveries SET next_attempt_at = now() WHERE delivery_id = $1", rescheduled.id
     )
-    (again,) = await outbox.claim_events(conn, limit=1, lease_seconds=LEASE)
+    (again,) = await claim(conn, 1, LEASE)
     assert again.id == rescheduled.id and again.attempts == 1
     await outbox.record_attempts(conn, [record(again, "DELIVERED")])
     log = json.loads(
-        await conn.fetchval("SELECT attempt_log FROM outbox_events WHERE id = $1", again.id)
+        await conn.fetchval("SELECT attempt_log FROM deliveries WHERE delivery_id = $1", again.id)
     )
     assert [(e["attempt"], e["outcome"]) for e in log] == [(1, "PENDING"), (2, "DELIVERED")]
 
 
 async def test_released_claims_are_due_again_without_an_attempt(conn: asyncpg.Connection) -> None:
     await insert_events(conn, payments=2)
-    claimed = await outbox.claim_events(conn, limit=2, lease_seconds=LEASE)
+    claimed = await claim(conn, 2, LEASE)
     wrong = [(claimed[0].id, uuid.uuid4())]
     assert await outbox.release_claims(conn, wrong) == 0
     assert await outbox.release_claims(conn, [(e.id, e.claim_token) for e in claimed]) == 2
-    again = await outbox.claim_events(conn, limit=5, lease_seconds=LEASE)
+    again = await claim(conn, 5, LEASE)
     assert [e.id for e in again] == [e.id for e in claimed]
     assert all(e.attempts == 0 for e in again)
 
@@ -238,12 +253,13 @@ async def _plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
 
 
 async def test_the_relays_statements_use_indexes_on_a_large_outbox(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection, notification: int
 ) -> None:
-    """EXPLAIN every statement the relay runs against 30,000 delivered and 300 pending events."""
+    """EXPLAIN every statement the relay runs against 30,000 delivered and 300 pending
+    deliveries."""
     await insert_events(conn, payments=10_000, events_per_payment=3)
     await conn.execute(
-        "UPDATE outbox_events SET status = 'DELIVERED', delivered_at = now() - interval '1 day'"
+        "UPDATE deliveries SET status = 'DELIVERED', delivered_at = now() - interval '1 day'"
     )
     pending = await insert_events(conn, payments=100, events_per_payment=3)
     await conn.execute(
@@ -253,14 +269,19 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
                   repeat('f', 64), 200, '{}', now() + interval '1 day'
              FROM generate_series(1, 20000) AS g"""
     )
-    await conn.execute("ANALYZE outbox_events; ANALYZE idempotency_keys")
+    await conn.execute(
+        "ANALYZE outbox_events; ANALYZE deliveries; ANALYZE endpoints; ANALYZE idempotency_keys"
+    )
     token = uuid.uuid4()
+    delivery_id = await conn.fetchval(
+        "SELECT delivery_id FROM deliveries WHERE event_id = $1", pending[0].id
+    )
     plans = {
-        "claim": await _plan(conn, outbox.CLAIM_SQL, 100, 30.0, token),
+        "claim": await _plan(conn, outbox.CLAIM_SQL, [notification], [100], 30.0, token),
         "record": await _plan(
             conn,
             outbox.RECORD_SQL,
-            [pending[0].id],
+            [delivery_id],
             [token],
             ["DELIVERED"],
             [0.0],
@@ -269,23 +290,63 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
             [None],
             [1],
             [2],
+            [True],
         ),
-        "release": await _plan(conn, outbox.RELEASE_SQL, [pending[0].id], [token]),
-        "backlog": await _plan(conn, outbox.BACKLOG_SQL),
+        "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
+        "gauges": await _plan(conn, outbox.ENDPOINT_BACKLOG_SQL),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
+        "delete events": await _plan(conn, outbox.DELETE_EVENTS_SQL, 3600.0, 1000),
         # the body of the function housekeeping calls (its `batch` is $1 there)
         "delete keys": await _plan(conn, await purge_function_body(conn), 1000),
     }
     for name, plan in plans.items():
-        assert "Seq Scan on outbox_events" not in plan, f"{name}:\n{plan}"
+        assert "Seq Scan on deliveries" not in plan, f"{name}:\n{plan}"
         assert "Seq Scan on idempotency_keys" not in plan, f"{name}:\n{plan}"
-    assert "outbox_events_due_idx" in plans["claim"], plans["claim"]
-    assert "outbox_events_pending_aggregate_idx" in plans["claim"], plans["claim"]
-    assert "outbox_events_pending_aggregate_idx" in plans["record"], plans["record"]
-    assert "outbox_events_delivered_at_idx" in plans["delete delivered"]
+        if name != "delete events":  # it reads the events past retention, by created_at
+            assert "Seq Scan on outbox_events" not in plan, f"{name}:\n{plan}"
+    assert "deliveries_due_idx" in plans["claim"], plans["claim"]
+    assert "deliveries_pending_aggregate_idx" in plans["claim"], plans["claim"]
+    assert "deliveries_pending_aggregate_idx" in plans["record"], plans["record"]
+    assert "deliveries_delivered_at_idx" in plans["delete delivered"]
     assert "idempotency_keys_expires_at_idx" in plans["delete keys"]
     # and the claim is quick there: one claim of 100 takes well under the poll interval
     started = time.perf_counter()
-    claimed = await outbox.claim_events(conn, limit=100, lease_seconds=30)
+    claimed = await claim(conn, 100, 30)
     assert len(claimed) == 100  # the heads of the 100 payments
     assert time.perf_counter() - started < 0.5
+
+
+async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
+    conn: asyncpg.Connection, notification: int
+) -> None:
+    """One endpoint's backlog never fills another's claim; order holds per (endpoint, payment)
+    only: a delivery waiting at one endpoint does not hold back the same event at another."""
+    trip = (await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")).endpoint_id
+    events = await insert_events(conn, payments=50, events_per_payment=2)
+    got = await outbox.claim_deliveries(
+        conn, budgets={notification: 40, trip: 5}, lease_seconds=LEASE
+    )
+    per_endpoint = {
+        endpoint: [e.event_id for e in got if e.endpoint_id == endpoint]
+        for endpoint in (notification, trip)
+    }
+    firsts = [e.event_id for e in events if e.seq == 1]
+    assert per_endpoint[notification] == firsts[:40]  # oldest first, one per payment
+    assert per_endpoint[trip] == firsts[:5]  # its own budget, the same events
+    # payment 1's first event delivered to trip only: its second may go to trip, not notification
+    (trip_head,) = [e for e in got if e.endpoint_id == trip and e.event_id == firsts[0]]
+    written = await outbox.record_attempts(conn, [record(trip_head, "DELIVERED")])
+    assert written == [(trip_head.id, trip, True)]
+    second = next(e.event_id for e in events if e.payment_id == events[0].payment_id and e.seq == 2)
+    again = await outbox.claim_deliveries(
+        conn, budgets={notification: 100, trip: 100}, lease_seconds=LEASE
+    )
+    assert second in {e.event_id for e in again if e.endpoint_id == trip}
+    assert second not in {e.event_id for e in again if e.endpoint_id == notification}
+    # a paused endpoint gets nothing, whatever budget the relay's older copy of it asks for
+    await conn.execute("UPDATE endpoints SET state = 'PAUSED' WHERE endpoint_id = $1", trip)
+    await conn.execute("UPDATE deliveries SET locked_until = NULL, claim_token = NULL")
+    paused = await outbox.claim_deliveries(
+        conn, budgets={notification: 0, trip: 100}, lease_seconds=LEASE
+    )
+    assert paused == []

@@ -15,7 +15,13 @@ from outbox_relay.main import Relay
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.config import Settings
 from payment_service.database import create_pool
-from tests.support.database import insert_events
+from tests.support.database import claim, insert_events, set_endpoint_url
+
+
+@pytest.fixture(autouse=True)
+async def notification(conn: asyncpg.Connection) -> int:
+    """The endpoint `notification` configured, as the relay's start-up seeding does."""
+    return await set_endpoint_url(conn, "http://127.0.0.1:9/notifications")
 
 
 @pytest.fixture
@@ -46,7 +52,7 @@ async def test_odd_receiver_answers_are_stored_safely_in_one_batch(
     conn: asyncpg.Connection,
 ) -> None:
     await insert_events(conn, payments=3)
-    a, b, c = await outbox.claim_events(conn, limit=3, lease_seconds=30)
+    a, b, c = await claim(conn, 3)
     written = await outbox.record_attempts(
         conn,
         [
@@ -57,7 +63,8 @@ async def test_odd_receiver_answers_are_stored_safely_in_one_batch(
     )
     assert len(written) == 3
     rows = await conn.fetch(
-        "SELECT status, last_status_code, last_error, attempt_log FROM outbox_events ORDER BY id"
+        "SELECT status, last_status_code, last_error, attempt_log FROM deliveries"
+        " ORDER BY delivery_id"
     )
     assert [(r["status"], r["last_status_code"]) for r in rows] == [
         ("PENDING", None),
@@ -75,7 +82,7 @@ async def test_a_result_the_database_refuses_never_holds_back_the_others(
     conn: asyncpg.Connection, relay: Relay
 ) -> None:
     await insert_events(conn, payments=5)
-    first, refused, middle, bogus, last = await outbox.claim_events(conn, limit=5, lease_seconds=30)
+    first, refused, middle, bogus, last = await claim(conn, 5)
     relay._records = [
         result(first),
         result(refused, attempted_at=1e300),  # far beyond any timestamp: refused (22008)
@@ -88,8 +95,8 @@ async def test_a_result_the_database_refuses_never_holds_back_the_others(
     rows = {
         r["id"]: r
         for r in await conn.fetch(
-            "SELECT id, status, attempts, last_status_code, last_error, claim_token"
-            " FROM outbox_events"
+            "SELECT delivery_id AS id, status, attempts, last_status_code, last_error,"
+            " claim_token FROM deliveries"
         )
     }
     assert [rows[e.id]["status"] for e in (first, middle, last)] == [

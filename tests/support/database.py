@@ -8,8 +8,11 @@ The session's server comes from, in this order:
 3. the embedded PostgreSQL of the `pgserver` package otherwise.
 Set `TEST_DATABASE_PROVIDER` to `url`, `docker` or `embedded` to insist on one.
 
-`insert_events` writes payments and their outbox events straight into the database, the way the
-API's transactions do (payload = `payment_event_json`, then NOTIFY).
+`insert_events` writes payments, their outbox events and the events' deliveries straight into the
+database, the way the API's transactions do (payload = `payment_event_json`, one delivery per
+ACTIVE or PAUSED endpoint that wants the event's type, then NOTIFY). On a fresh test database the
+one endpoint is `notification`, without a URL until a relay's start-up seeding gives it the test
+receiver's (or `set_endpoint_url` does, for tests that run the relay's SQL without a relay).
 """
 
 from __future__ import annotations
@@ -315,7 +318,15 @@ async def insert_events(
                    || jsonb_build_object('seq', e.seq)
               FROM e
              ORDER BY (e.payment).payment_id, e.seq
-         RETURNING id, event_id, aggregate_id, (payload ->> 'seq')::int AS seq
+         RETURNING id, event_id, event_type, aggregate_id, (payload ->> 'seq')::int AS seq
+        ), fanned_out AS (
+            INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
+            SELECT i.id, ep.endpoint_id, i.aggregate_id
+              FROM inserted AS i
+              JOIN endpoints AS ep
+                ON ep.state IN ('ACTIVE', 'PAUSED')
+               AND endpoint_wants(ep.event_types, i.event_type)
+             ORDER BY i.id, ep.endpoint_id
         )
         SELECT id, event_id::text, aggregate_id, seq FROM inserted ORDER BY id
         """,
@@ -326,16 +337,41 @@ async def insert_events(
     return [EventRow(r["id"], r["event_id"], r["aggregate_id"], r["seq"]) for r in rows]
 
 
-async def status_counts(conn: asyncpg.Connection) -> dict[str, int]:
-    rows = await conn.fetch("SELECT status, count(*) AS n FROM outbox_events GROUP BY status")
+async def status_counts(conn: asyncpg.Connection, endpoint: str | None = None) -> dict[str, int]:
+    """Deliveries by status: to every endpoint, or to the one named."""
+    rows = await conn.fetch(
+        "SELECT d.status, count(*) AS n FROM deliveries AS d"
+        " JOIN endpoints AS ep USING (endpoint_id)"
+        " WHERE $1::text IS NULL OR ep.name = $1 GROUP BY d.status",
+        endpoint,
+    )
     return {r["status"]: r["n"] for r in rows}
 
 
 async def claims_outstanding(conn: asyncpg.Connection) -> int:
+    """Deliveries leased right now (or whose lease was never ended)."""
     return await conn.fetchval(
-        "SELECT count(*) FROM outbox_events WHERE claim_token IS NOT NULL"
-        " OR locked_until IS NOT NULL"
+        "SELECT count(*) FROM deliveries WHERE claim_token IS NOT NULL OR locked_until IS NOT NULL"
     )
+
+
+async def claim(conn: asyncpg.Connection, limit: int, lease_seconds: float = 30.0) -> list[Any]:
+    """The relay's claim with a budget of `limit` for every endpoint: its ClaimedEvents."""
+    from outbox_relay import outbox
+
+    endpoint_ids = [r[0] for r in await conn.fetch("SELECT endpoint_id FROM endpoints")]
+    return await outbox.claim_deliveries(
+        conn, budgets=dict.fromkeys(endpoint_ids, limit), lease_seconds=lease_seconds
+    )
+
+
+async def set_endpoint_url(conn: asyncpg.Connection, url: str, name: str = "notification") -> int:
+    """Give an endpoint its URL (as seeding does for `notification`); its id."""
+    endpoint_id = await conn.fetchval(
+        "UPDATE endpoints SET url = $2 WHERE name = $1 RETURNING endpoint_id", name, url
+    )
+    assert endpoint_id is not None, f"no endpoint {name!r}"
+    return int(endpoint_id)
 
 
 @pytest.fixture(name="conn")
@@ -351,12 +387,32 @@ async def conn_fixture(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def outbox_rows(db: Any, payment_id: int) -> list[dict[str, Any]]:
-    """The outbox events of one payment, oldest first, with the payload decoded exactly."""
+    """The outbox events of one payment, oldest first, with the payload decoded exactly, and
+    `status`: their delivery's to `notification` (None when it has none)."""
     rows = await db.fetch(
-        "SELECT id, event_id, event_type, aggregate_id, payload::text AS payload "
-        "FROM outbox_events WHERE aggregate_id = $1 ORDER BY id",
+        "SELECT e.id, e.event_id, e.event_type, e.aggregate_id, e.payload::text AS payload,"
+        "       d.status"
+        "  FROM outbox_events AS e"
+        "  LEFT JOIN deliveries AS d"
+        "    ON d.event_id = e.id"
+        "   AND d.endpoint_id = (SELECT endpoint_id FROM endpoints WHERE name = 'notification')"
+        " WHERE e.aggregate_id = $1 ORDER BY e.id",
         payment_id,
     )
     return [
         {**dict(row), "payload": json.loads(row["payload"], parse_float=Decimal)} for row in rows
     ]
+
+
+# Every delivery with its event's columns, for the tests' reads (`SELECT … FROM {DELIVERY_ROWS}`):
+# `id`, `event_id` (the uuid), `event_type`, `aggregate_id`, `payload` are the event's; `endpoint`
+# is the endpoint's name; the rest is the delivery's state.
+DELIVERY_ROWS = """(
+    SELECT e.id, e.event_id, e.event_type, e.aggregate_id, e.payload, e.created_at,
+           ep.name AS endpoint, d.delivery_id, d.status, d.attempts, d.counted_attempts,
+           d.next_attempt_at, d.locked_until, d.claim_token, d.last_error, d.last_status_code,
+           d.last_attempt_at, d.attempt_log, d.delivered_at
+      FROM deliveries AS d
+      JOIN outbox_events AS e ON e.id = d.event_id
+      JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
+) AS delivery_rows"""

@@ -1,0 +1,175 @@
+"""Subscriptions end to end: real relay processes, two real receivers on 127.0.0.1, a real
+PostgreSQL. Each endpoint gets every event it subscribes to, signed with its own secret, in order
+per (endpoint, payment); one endpoint that is down, answers 500 or hangs never delays another,
+and loses nothing once it is back; a rotated secret signs with both secrets."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from payment_service.endpoints import insert_endpoint, rotate_secret
+from tests.support.database import EventRow, insert_events, status_counts
+from tests.support.environment import SECRET, new_signing_secret
+from tests.support.processes import RelayLauncher, dump_logs
+from tests.support.receiver import (
+    Receiver,
+    answer_ok,
+    answer_status,
+    assert_ordered_per_payment,
+)
+from tests.support.waiting import wait_for
+
+TRIP_SECRET = new_signing_secret()
+
+
+@pytest.fixture
+async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
+    """A second receiver, subscribed as endpoint `trip` with a secret of its own."""
+    receiver = await Receiver(path="/trip").start()
+    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET)
+    try:
+        yield receiver
+    finally:
+        await receiver.close()
+
+
+def assert_sequence_grows(receiver: Receiver, events: list[EventRow]) -> None:
+    """Each payment's accepted events arrived with a growing position (`insert_events` writes
+    it as `seq`, beside the `sequence` the API's state changes would have counted)."""
+    payments = {e.event_id: e.payment_id for e in events}
+    last: dict[int, int] = {}
+    for delivery in receiver.accepted():
+        payment = payments[delivery.webhook_id]
+        sequence = int(delivery.event["seq"])
+        assert sequence > last.get(payment, 0), (payment, sequence, last.get(payment))
+        last[payment] = sequence
+
+
+async def test_two_endpoints_each_get_every_event_in_order_signed_with_their_own_secret(
+    conn: asyncpg.Connection, receiver: Receiver, trip: Receiver, relays: RelayLauncher
+) -> None:
+    started = [relays.start(relay_batch_size=20) for _ in range(2)]
+    await wait_for(
+        lambda: all(r.logged("delivering to endpoint") == 2 for r in started),
+        timeout=60,
+        what="both relays to deliver to both endpoints",
+    )
+    events = await insert_events(conn, payments=150, events_per_payment=3)
+    ids = {e.event_id for e in events}
+    await wait_for(
+        lambda: ids <= receiver.accepted_ids() and ids <= trip.accepted_ids(),
+        timeout=90,
+        what="every event at both endpoints",
+    )
+    for r, own, other in ((receiver, SECRET, TRIP_SECRET), (trip, TRIP_SECRET, SECRET)):
+        # two relays, never one delivery acknowledged twice
+        assert len(r.deliveries) == len(ids)
+        assert set(r.accepted_counts().values()) == {1}
+        assert_ordered_per_payment(r, events)
+        assert_sequence_grows(r, events)
+        for delivery in r.deliveries:
+            assert delivery.verify(own)["event_id"] == delivery.webhook_id
+            with pytest.raises(WebhookVerificationError):
+                delivery.verify(other)
+    # the same webhook-id and body at both endpoints
+    bodies = {d.webhook_id: d.body for d in receiver.deliveries}
+    assert all(bodies[d.webhook_id] == d.body for d in trip.deliveries)
+    for relay in started:
+        relay.send(signal.SIGTERM)
+    assert [await r.wait_exit(timeout=20) for r in started] == [0, 0], dump_logs(started)
+    assert await status_counts(conn, "trip") == {"DELIVERED": len(ids)}
+    assert await status_counts(conn, "notification") == {"DELIVERED": len(ids)}
+
+
+@pytest.mark.parametrize("mode", ["refused", "500", "hang"])
+async def test_an_endpoint_that_is_down_never_delays_another_and_loses_nothing(
+    conn: asyncpg.Connection,
+    receiver: Receiver,
+    trip: Receiver,
+    relays: RelayLauncher,
+    mode: str,
+) -> None:
+    if mode == "refused":
+        await trip.stop_listening()
+    elif mode == "500":
+        trip.policy = answer_status(500)
+    else:
+        trip.hold()  # every request unanswered until the relay's timeout (2 s)
+    relay = relays.start(relay_retry_schedule="0.5,1", relay_concurrency=8)
+    await wait_for(
+        lambda: relay.logged("delivering to endpoint") == 2,
+        timeout=60,
+        what="the relay to deliver to both endpoints",
+    )
+    # Rounds of events while trip fails: the healthy endpoint gets each round within a generous
+    # bound, whatever trip's deliveries are doing (queued, hanging, retrying).
+    events: list[EventRow] = []
+    for _ in range(3):
+        batch = await insert_events(conn, payments=40, events_per_payment=2)
+        events += batch
+        ids = {e.event_id for e in batch}
+
+        def arrived(ids: set[str] = ids) -> bool:
+            return ids <= receiver.accepted_ids()
+
+        await wait_for(
+            arrived,
+            timeout=10,
+            what="the healthy endpoint's events while the other is down",
+        )
+    assert not trip.accepted_ids()
+    assert trip.deliveries or mode == "refused"
+    # trip comes back: it gets everything, in order, nothing lost
+    if mode == "refused":
+        await trip.listen_again()
+    elif mode == "500":
+        trip.policy = answer_ok
+    else:
+        trip.release()
+    everything = {e.event_id for e in events}
+    await wait_for(lambda: everything <= trip.accepted_ids(), timeout=90, what="trip to catch up")
+    assert_ordered_per_payment(trip, events)
+    assert_ordered_per_payment(receiver, events)
+    assert receiver.accepted_counts() == {event_id: 1 for event_id in everything}
+    assert relay.process is not None and relay.process.poll() is None, dump_logs([relay])
+
+
+async def test_after_a_rotation_callbacks_carry_both_signatures(
+    conn: asyncpg.Connection, receiver: Receiver, trip: Receiver, relays: RelayLauncher
+) -> None:
+    relay = relays.start()
+    await wait_for(
+        lambda: relay.logged("delivering to endpoint") == 2, timeout=60, what="both endpoints"
+    )
+    before = await insert_events(conn, payments=3)
+    await wait_for(
+        lambda: {e.event_id for e in before} <= trip.accepted_ids(), timeout=30, what="before"
+    )
+    new = new_signing_secret()
+    await rotate_secret(conn, "trip", secret=new)  # NOTIFYs: the relay reloads at once
+
+    async def both_signatures() -> bool:
+        await insert_events(conn, payments=1)  # one more event per check, until one is signed so
+        return any(
+            len(d.headers.get("webhook-signature", "").split()) == 2 for d in trip.accepted()
+        )
+
+    await wait_for(both_signatures, timeout=30, what="callbacks signed with both secrets")
+    for delivery in trip.accepted():
+        signatures = delivery.headers["webhook-signature"].split()
+        if delivery.webhook_id in {e.event_id for e in before}:
+            assert len(signatures) == 1
+            delivery.verify(TRIP_SECRET)
+            with pytest.raises(WebhookVerificationError):
+                delivery.verify(new)
+        elif len(signatures) == 2:
+            # each secret verifies on its own: a receiver may switch whenever it likes
+            assert delivery.verify(new)["event_id"] == delivery.webhook_id
+            assert delivery.verify(TRIP_SECRET)["event_id"] == delivery.webhook_id
+    # the other endpoint's signing is untouched
+    assert all(len(d.headers["webhook-signature"].split()) == 1 for d in receiver.accepted())
