@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .endpoints import add_endpoints
 from .load import HttpResult
 from .paths import BIN, LOADTESTS, ROOT
 from .processes import Proc, fmt_cpu, free_port, wait_http
@@ -85,7 +86,10 @@ def measure_http(
     url: str,
     groups: dict[str, Callable[[], set[int]]],
     dsn_db: str,
+    fan_out: bool = False,
 ) -> HttpResult:
+    """wrk against `url`; afterwards payments, outbox events and idempotency rows must match one
+    for one, and with `fan_out` (the API's statement) every event has one delivery per endpoint."""
     args = bench.args
     bench.wrk(url, args.warmup, f"warm{bench.run_counter}")
     bench.pg.psql("CHECKPOINT")
@@ -96,10 +100,17 @@ def measure_http(
         stats[k]
         for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
     )
+    checked = "payments/outbox/idempotency" + ("/deliveries" if fan_out else "")
     consistent = bench.scalar(
         dsn_db,
         "SELECT (SELECT count(*) FROM payments) = (SELECT count(*) FROM outbox_events)"
-        " AND (SELECT count(*) FROM payments) = (SELECT count(*) FROM idempotency_keys)",
+        " AND (SELECT count(*) FROM payments) = (SELECT count(*) FROM idempotency_keys)"
+        + (
+            " AND (SELECT count(*) FROM deliveries)"
+            " = (SELECT count(*) FROM outbox_events) * (SELECT count(*) FROM endpoints)"
+            if fan_out
+            else ""
+        ),
     )
     result = HttpResult(
         fsync=bench.fsync,
@@ -112,7 +123,7 @@ def measure_http(
         requests=stats["requests"],
         errors=errors,
         cpu=cores,
-        note="" if consistent == "t" else "row counts differ: payments/outbox/idempotency",
+        note="" if consistent == "t" else f"row counts differ: {checked}",
     )
     print(
         f"  {name} [{config}] {result.rps:8.0f} req/s  p50 {result.p50_ms:6.1f} ms  "
@@ -131,26 +142,45 @@ def bench_server(
     label: str,
     db: str,
     start: Callable[[str], tuple[Proc, str]],
+    endpoints: int | None = None,
 ) -> HttpResult:
-    """Start a server on a fresh database, load it with wrk, stop it."""
+    """Start a server on a fresh database, load it with wrk, stop it.
+
+    `endpoints`: the server runs the API's statement, with this many endpoints subscribed to every
+    event type (no relay runs: their deliveries stay pending, as the events did before).
+    """
     dsn = bench.fresh_db(db)
+    if endpoints is not None:
+        add_endpoints(bench, db, endpoints)
     proc, base = start(dsn)
     try:
-        return measure_http(bench, name, kind, label, base + "/payments", {"server": proc.pids}, db)
+        return measure_http(
+            bench,
+            name,
+            kind,
+            label,
+            base + "/payments",
+            {"server": proc.pids},
+            db,
+            fan_out=endpoints is not None,
+        )
     finally:
         proc.stop(signal.SIGTERM)
         bench.drop_db(db)
 
 
-def bench_service(bench: Bench, workers: int, server: str | None) -> HttpResult:
+def bench_service(bench: Bench, workers: int, server: str | None, endpoints: int = 1) -> HttpResult:
+    """This service; with `endpoints` > 1 a `fanout` row: every payment's event goes to them all."""
     label = f"serve --workers {workers}" + (f" --server {server}" if server else "")
+    subscribed = f", {endpoints} endpoints" if endpoints > 1 else ""
     return bench_server(
         bench,
-        f"this service ({server or 'hypercorn'})",
-        "service",
+        f"this service ({server or 'hypercorn'}){subscribed}",
+        "fanout" if endpoints > 1 else "service",
         label,
-        f"svc_{server or 'hypercorn'}_{workers}",
+        f"svc_{server or 'hypercorn'}_{workers}_{endpoints}",
         lambda dsn: start_service(bench, dsn, workers=workers, server=server),
+        endpoints=endpoints,
     )
 
 

@@ -1,4 +1,5 @@
-"""Relay runs: draining pending events, commit-to-callback latency, oldest pending under load."""
+"""Relay runs: draining pending deliveries to one or several endpoints, commit-to-callback latency
+(alone, and beside an endpoint that is down), the oldest pending delivery under load."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .contenders import start_service
+from .endpoints import add_endpoints, endpoint_settings
 from .harness import TEMPLATE_DB, Bench
 from .load import event_loop_runner, percentile, steady_load
 from .paths import BIN, LOADTESTS
@@ -41,13 +43,21 @@ def start_receiver(bench: Bench, name: str) -> tuple[Proc, int, Path]:
     return proc, port, dump
 
 
-def start_relay(bench: Bench, dsn: str, receiver_port: int, index: int) -> Proc:
+def start_receivers(bench: Bench, name: str, count: int) -> list[tuple[Proc, int, Path]]:
+    return [start_receiver(bench, f"{name}-{i}" if count > 1 else name) for i in range(count)]
+
+
+def stop_all(procs: list[Proc]) -> list[int | None]:
+    return [proc.stop(signal.SIGTERM) for proc in procs]
+
+
+def start_relay(bench: Bench, dsn: str, urls: list[str], index: int) -> Proc:
+    """A relay whose seeding points endpoint i (endpoints.ENDPOINT_NAMES) at urls[i]."""
     env = bench.env(
         DATABASE_URL=dsn,
-        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{receiver_port}",
-        NOTIFICATION_CALLBACK_PATH="/notifications",
         CALLBACK_SIGNING_SECRET=bench.secret,
         RELAY_METRICS_PORT=str(free_port()),
+        **endpoint_settings(urls),
         **{
             k: v
             for k, v in os.environ.items()
@@ -57,11 +67,34 @@ def start_relay(bench: Bench, dsn: str, receiver_port: int, index: int) -> Proc:
     return Proc(f"relay-{index}", [str(BIN / "payment-service"), "relay"], env=env, logs=bench.logs)
 
 
+def local(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def pending_deliveries(bench: Bench, db: str, endpoint: str | None = None) -> int:
+    where = f" AND endpoint_id = (SELECT endpoint_id FROM endpoints WHERE name = '{endpoint}')"
+    return int(
+        bench.scalar(
+            db,
+            "SELECT count(*) FROM deliveries WHERE status = 'PENDING'"
+            + (where if endpoint else ""),
+        )
+    )
+
+
 # -- relay throughput -----------------------------------------------------------------------------
-def build_relay_template(bench: Bench) -> None:
-    events = bench.args.relay_events
-    bench.pg.psql(f'DROP DATABASE IF EXISTS "{RELAY_TEMPLATE_DB}"')
-    bench.pg.psql(f'CREATE DATABASE "{RELAY_TEMPLATE_DB}" TEMPLATE "{TEMPLATE_DB}"')
+def relay_template(endpoints: int) -> str:
+    return f"{RELAY_TEMPLATE_DB}_{endpoints}"
+
+
+def build_relay_template(bench: Bench, endpoints: int) -> None:
+    """A database with --relay-events pending deliveries in all, spread over `endpoints`
+    endpoints: the same work for the relay whatever the number of endpoints."""
+    events = bench.args.relay_events // endpoints
+    template = relay_template(endpoints)
+    bench.pg.psql(f'DROP DATABASE IF EXISTS "{template}"')
+    bench.pg.psql(f'CREATE DATABASE "{template}" TEMPLATE "{TEMPLATE_DB}"')
+    add_endpoints(bench, template, endpoints)
     bench.pg.psql(
         f"""
         INSERT INTO payments (trip_id, amount, currency, method, status, reference,
@@ -73,69 +106,83 @@ def build_relay_template(bench: Bench) -> None:
         SELECT x.event_id, 'payment.succeeded', (x.p).payment_id,
                payment_event_json(x.p, x.event_id, 'payment.succeeded')
           FROM (SELECT p, gen_random_uuid() AS event_id FROM payments AS p) AS x;
+        -- The API's fan-out, as its statement does it: one delivery per subscribed endpoint.
+        INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
+        SELECT e.id, ep.endpoint_id, e.aggregate_id
+          FROM outbox_events AS e
+         CROSS JOIN endpoints AS ep
+         ORDER BY e.id, ep.endpoint_id;
         """,
-        database=RELAY_TEMPLATE_DB,
+        database=template,
     )
-    bench.pg.psql("VACUUM ANALYZE", database=RELAY_TEMPLATE_DB)
+    bench.pg.psql("VACUUM ANALYZE", database=template)
 
 
-def bench_relay(bench: Bench, processes: int) -> dict[str, Any]:
-    events = bench.args.relay_events
-    db = f"relay_{processes}"
-    dsn = bench.fresh_db(db, template=RELAY_TEMPLATE_DB)
-    receiver, port, _dump = start_receiver(bench, f"receiver-relay-{processes}")
+def bench_relay(bench: Bench, processes: int, endpoints: int = 1) -> dict[str, Any]:
+    events = bench.args.relay_events // endpoints
+    deliveries = events * endpoints
+    db = f"relay_{processes}_{endpoints}"
+    dsn = bench.fresh_db(db, template=relay_template(endpoints))
+    receivers = start_receivers(bench, f"receiver-relay-{processes}x{endpoints}", endpoints)
     relays: list[Proc] = []
     deadline = time.monotonic() + bench.args.relay_timeout
-    pending = events
+    pending = deliveries
     try:
         started = time.time()
-        relays = [start_relay(bench, dsn, port, i) for i in range(processes)]
+        relays = [
+            start_relay(bench, dsn, [local(port) for _, port, _ in receivers], i)
+            for i in range(processes)
+        ]
         groups: dict[str, Callable[[], set[int]]] = {
             "relay": lambda: set().union(*(r.pids() for r in relays)),
             "postgres": bench.postgres_pids,
-            "receiver": receiver.pids,
+            "receiver": lambda: set().union(*(proc.pids() for proc, _, _ in receivers)),
         }
         with CpuMeter(groups) as meter:
             while time.monotonic() < deadline:
-                pending = int(
-                    bench.scalar(db, "SELECT count(*) FROM outbox_events WHERE status = 'PENDING'")
-                )
+                pending = pending_deliveries(bench, db)
                 if pending == 0 or not all(r.alive() for r in relays):
                     break
-                time.sleep(0.25)
+                time.sleep(0.25)  # sampling the backlog, not synchronisation
         finished = time.time()
-        stats = http_json(f"http://127.0.0.1:{port}/__stats")
+        stats = [http_json(local(port) + "/__stats") for _, port, _ in receivers]
     finally:
-        codes = [r.stop(signal.SIGTERM) for r in relays]
-        receiver.stop(signal.SIGTERM)
-    delivered = int(
-        bench.scalar(db, "SELECT count(*) FROM outbox_events WHERE status = 'DELIVERED'")
-    )
+        codes = stop_all(relays)
+        stop_all([proc for proc, _, _ in receivers])
+    delivered = int(bench.scalar(db, "SELECT count(*) FROM deliveries WHERE status = 'DELIVERED'"))
     bench.drop_db(db)
-    window = (stats["last"] - stats["first"]) if stats["count"] > 1 else float("nan")
+    received = sum(s["count"] for s in stats)
+    firsts = [s["first"] for s in stats if s["first"]]
+    lasts = [s["last"] for s in stats if s["last"]]
+    window = max(lasts) - min(firsts) if received > 1 else float("nan")
     result = {
         "processes": processes,
-        "events": events,
+        "endpoints": endpoints,
+        "events": deliveries,  # deliveries to make, in all endpoints
         "delivered": delivered,
         "pending_left": pending,
-        "received": stats["count"],
-        "unique": stats["unique"],
+        "received": received,
+        "unique": sum(s["unique"] for s in stats),
+        # Every endpoint got every one of its events: the fewest unique callbacks of one.
+        "unique_per_endpoint_min": min(s["unique"] for s in stats),
+        "events_per_endpoint": events,
         "wall_s": finished - started,
         "rate_wall": delivered / (finished - started),
-        "rate_window": stats["count"] / window if window == window and window > 0 else 0.0,
-        "first_after_s": (stats["first"] - started) if stats["first"] else None,
+        "rate_window": received / window if window == window and window > 0 else 0.0,
+        "first_after_s": (min(firsts) - started) if firsts else None,
         "exit_codes": codes,
         "cpu": meter.cores,
         "logs": [str(r.log_path) for r in relays],
     }
     print(
-        f"  relay x{processes}: {delivered}/{events} delivered in {result['wall_s']:.1f} s "
-        f"-> {result['rate_wall']:.0f}/s wall, {result['rate_window']:.0f}/s first-to-last "
-        f"callback; received {stats['count']} ({stats['unique']} unique); "
-        f"exit codes {codes}; cpu {fmt_cpu(meter.cores)}",
+        f"  relay x{processes}, {endpoints} endpoint(s): {delivered}/{deliveries} delivered in "
+        f"{result['wall_s']:.1f} s -> {result['rate_wall']:.0f}/s wall, "
+        f"{result['rate_window']:.0f}/s first-to-last callback; received {received} "
+        f"({result['unique']} unique, at least {result['unique_per_endpoint_min']} of "
+        f"{events} per endpoint); exit codes {codes}; cpu {fmt_cpu(meter.cores)}",
         flush=True,
     )
-    if delivered < events and relays:
+    if delivered < deliveries and relays:
         print("    relay log tail:\n" + relays[0].tail(), flush=True)
     return result
 
@@ -150,13 +197,18 @@ def enable_commit_timestamps(bench: Bench) -> None:
         bench.pg.start()
 
 
-def bench_latency(bench: Bench, workers: int) -> dict[str, Any]:
+def bench_latency(bench: Bench, workers: int, *, down: bool = False) -> dict[str, Any]:
+    """Commit-to-callback latency of endpoint `notification`; with `down`, a second endpoint
+    (`trip`, every event type) refuses connections all along, and its deliveries must wait."""
     enable_commit_timestamps(bench)
-    db = "latency"
+    db = "latency_down" if down else "latency"
     dsn = bench.fresh_db(db)
-    receiver, port, dump = start_receiver(bench, "receiver-latency")
-    service, base = start_service(bench, dsn, workers=workers, name="service-latency")
-    relay = start_relay(bench, dsn, port, 0)
+    add_endpoints(bench, db, 2 if down else 1)
+    receiver, port, dump = start_receiver(bench, f"receiver-{db}")
+    service, base = start_service(bench, dsn, workers=workers, name=f"service-{db}")
+    # Nothing listens on a fresh free port: connection refused.
+    urls = [local(port), local(free_port())] if down else [local(port)]
+    relay = start_relay(bench, dsn, urls, 0)
     try:
         time.sleep(1.0)  # let the relay connect and LISTEN; nothing is pending yet
         runner = event_loop_runner()
@@ -182,6 +234,7 @@ def bench_latency(bench: Bench, workers: int) -> dict[str, Any]:
         relay.stop(signal.SIGTERM)
         service.stop(signal.SIGTERM)
         receiver.stop(signal.SIGTERM)
+    down_pending = pending_deliveries(bench, db, "trip") if down else None
     committed = {
         int(payment_id): float(epoch)
         for payment_id, epoch in (
@@ -225,15 +278,20 @@ def bench_latency(bench: Bench, workers: int) -> dict[str, Any]:
         "api_p50": percentile(api_latency, 50),
         "api_p99": percentile(api_latency, 99),
         "workers": workers,
+        "down": down,
+        # The down endpoint's deliveries still waiting when the run ended (none lost).
+        "down_pending": down_pending,
     }
     print(
-        f"  latency @ {bench.args.rate}/s: {len(ok)}/{len(sent)} ok, "
+        f"  latency @ {bench.args.rate}/s{', another endpoint down' if down else ''}: "
+        f"{len(ok)}/{len(sent)} ok, "
         f"{len(after_response)} callbacks; commit->callback p50 "
         f"{result['after_commit_p50']:.1f} ms p99 {result['after_commit_p99']:.1f} ms; "
         "response->callback p50 "
         f"{result['after_response_p50']:.1f} ms p99 {result['after_response_p99']:.1f} ms; "
         f"request->callback p50 {result['after_request_p50']:.1f} ms p99 "
-        f"{result['after_request_p99']:.1f} ms; API p50 {result['api_p50']:.1f} ms",
+        f"{result['after_request_p99']:.1f} ms; API p50 {result['api_p50']:.1f} ms"
+        + (f"; down endpoint: {down_pending} deliveries pending" if down else ""),
         flush=True,
     )
     return result
@@ -245,7 +303,7 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
     dsn = bench.fresh_db(db)
     receiver, port, _dump = start_receiver(bench, "receiver-pending")
     service, base = start_service(bench, dsn, workers=workers, name="service-pending")
-    relay_procs = [start_relay(bench, dsn, port, i) for i in range(relays)]
+    relay_procs = [start_relay(bench, dsn, [local(port)], i) for i in range(relays)]
     samples: list[tuple[float, int, float]] = []
     stop = threading.Event()
 
@@ -258,7 +316,7 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
             while not stop.is_set():
                 cur.execute(
                     "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() -"
-                    " min(created_at)), 0) FROM outbox_events WHERE status = 'PENDING'"
+                    " min(created_at)), 0) FROM deliveries WHERE status = 'PENDING'"
                 )
                 count, age = cur.fetchone()
                 samples.append((time.monotonic(), int(count), float(age)))

@@ -7,9 +7,13 @@ contender its own freshly migrated database, and measures:
   per request): this service (`payment-service serve --workers N`), the seed guide's own stack
   (Flask + psycopg2 on gunicorn, loadtests/baselines/seed_stack.py) and pgbench running the same
   transaction (the database's ceiling);
-- the relay draining 50,000 pending events into a fast local receiver with 1, 2 and 4 processes;
-- commit-to-callback latency at a steady 200 payments/s;
-- the oldest pending event's age while the API runs flat out beside a relay.
+- POST /payments again with four subscribed endpoints (the API's statement fans every event out to
+  each), beside the same server with today's one endpoint;
+- the relay draining 50,000 pending deliveries into fast local receivers with 1, 2 and 4
+  processes, to one endpoint and spread over four endpoints (one receiver each);
+- commit-to-callback latency at a steady 200 payments/s, alone and while another subscribed
+  endpoint refuses connections;
+- the oldest pending delivery's age while the API runs flat out beside a relay.
 
 Every process it starts listens on 127.0.0.1, is stopped by PID, and every run is bounded in time.
 It prints a table and rewrites the generated part of docs/benchmarks.md. See --help.
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .contenders import auto_servers, bench_floor, bench_seed, bench_service
+from .endpoints import ENDPOINT_NAMES, parse_counts
 from .harness import Bench
 from .load import HttpResult
 from .paths import BIN, DOC, REPORTS
@@ -88,7 +93,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="skip the floor row (the API's statement from a bare ASGI function, no framework)",
     )
-    parser.add_argument("--relay-events", type=int, default=50_000)
+    parser.add_argument(
+        "--endpoints",
+        default="1,4",
+        help="subscribed endpoint counts (1 to "
+        f"{len(ENDPOINT_NAMES)}; 1, the baseline, always runs): POST /payments and the relay "
+        "are measured with each",
+    )
+    parser.add_argument(
+        "--relay-events",
+        type=int,
+        default=50_000,
+        help="deliveries per relay run, spread over the endpoints",
+    )
     parser.add_argument("--relays", default="1,2,4")
     parser.add_argument("--relay-timeout", type=float, default=180)
     parser.add_argument("--rate", type=float, default=200, help="payments/s for the latency run")
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "http": [],
         "relay": [],
         "latency": None,
+        "latency_down": None,
         "pending": None,
         "skipped": [],
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -200,6 +218,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
     app_ready = importlib.util.find_spec("app.server") is not None
     relay_ready = importlib.util.find_spec("outbox_relay.main") is not None
     best_workers = workers[-1] if workers else 1
+    endpoint_counts = parse_counts(args.endpoints)
 
     def measure(label: str, run: Callable[[], HttpResult]) -> None:
         attempt(results, label, results["http"].append, run)
@@ -228,6 +247,11 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
             ]
             if hypercorn:
                 best_workers = int(max(hypercorn, key=lambda r: r.rps).config.split()[2])
+            for count in endpoint_counts[1:]:  # beside today's configuration, best workers
+                measure(
+                    f"serve --workers {best_workers}, {count} endpoints",
+                    functools.partial(bench_service, bench, best_workers, None, count),
+                )
     if "seed" in wanted:
         for spec in (s for s in args.seed.split(",") if s):
             measure(f"seed {spec}", functools.partial(bench_seed, bench, spec))
@@ -240,21 +264,23 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
         results["skipped"].append(f"{missing} (outbox_relay.main is missing)")
     elif needs_relay:
         if "relay" in wanted:
-            build_relay_template(bench)
-            for n in (int(r) for r in args.relays.split(",") if r):
+            for count in endpoint_counts:
+                build_relay_template(bench, count)
+                for n in (int(r) for r in args.relays.split(",") if r):
+                    attempt(
+                        results,
+                        f"relay x{n}, {count} endpoint(s)",
+                        results["relay"].append,
+                        functools.partial(bench_relay, bench, n, count),
+                    )
+        if "latency" in wanted and app_ready:
+            for key, down in (("latency", False), ("latency_down", True)):
                 attempt(
                     results,
-                    f"relay x{n}",
-                    results["relay"].append,
-                    functools.partial(bench_relay, bench, n),
+                    key,
+                    functools.partial(results.__setitem__, key),
+                    functools.partial(bench_latency, bench, best_workers, down=down),
                 )
-        if "latency" in wanted and app_ready:
-            attempt(
-                results,
-                "latency",
-                lambda r: results.__setitem__("latency", r),
-                lambda: bench_latency(bench, best_workers),
-            )
         if "pending" in wanted and app_ready:
             attempt(
                 results,
