@@ -305,9 +305,16 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
     service, base = start_service(bench, dsn, workers=workers, name="service-pending")
     relay_procs = [start_relay(bench, dsn, [local(port)], i) for i in range(relays)]
     samples: list[tuple[float, int, float]] = []
+    failures: list[Exception] = []
     stop = threading.Event()
 
     def sample() -> None:
+        try:
+            sample_backlog()
+        except Exception as error:  # reported below: no samples must not read as "no backlog"
+            failures.append(error)
+
+    def sample_backlog() -> None:
         import psycopg2
 
         conn = psycopg2.connect(dsn)
@@ -354,6 +361,8 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
         service.stop(signal.SIGTERM)
         receiver.stop(signal.SIGTERM)
     bench.drop_db(db)
+    if failures:
+        raise RuntimeError(f"the backlog sampler failed: {failures[0]!r}")
     during = [s for s in samples if s[0] <= load_end]
     ages = [s[2] for s in during]
     result = {
