@@ -297,7 +297,7 @@ def render_fanout(http: list[HttpResult]) -> list[str]:
 
 
 def render_latency(runs: list[dict[str, Any]]) -> list[str]:
-    """Commit-to-callback latency: one column pair per run (alone; another endpoint down)."""
+    """Commit-to-callback latency: one row per run (alone; while another endpoint is down)."""
     first = runs[0]
     heads = [
         "endpoint `notification` alone"
@@ -305,38 +305,30 @@ def render_latency(runs: list[dict[str, Any]]) -> list[str]:
         else "`notification` while `trip` refuses connections"
         for r in runs
     ]
-    rows = [
-        ("**commit**", "after_commit", True),
-        ("API response received", "after_response", True),
-        ("request sent", "after_request", False),
-    ]
     out = [
         f"### Commit-to-callback latency at a steady {first['rate']} payments/s "
         f"({first['seconds']} s, API `serve --workers {first['workers']}`, one relay)",
         "",
         "Commit time is PostgreSQL's own commit timestamp of the payment's transaction "
         "(`track_commit_timestamp=on`, `pg_xact_commit_timestamp(xmin)`); arrival is the "
-        "receiver's clock on the same machine. The other rows are for context. With an endpoint "
-        "down, every event also has a delivery to `trip`, whose URL is a port nothing listens "
-        "on: the relay keeps retrying it in its own lane while `notification` is measured.",
+        "receiver's clock on the same machine. The columns after the commit column are for "
+        "context. With an endpoint down, every event also has a delivery to `trip`, whose URL "
+        "is a port nothing listens on: the relay keeps retrying it in its own lane while "
+        "`notification` is measured.",
         "",
-        "| measured from → callback arrived | "
-        + " | ".join(f"{h}: p50 ms | p99 ms | max ms" for h in heads)
-        + " |",
-        "|---|" + "---:|---:|---:|" * len(runs),
+        "| callbacks to | commit → callback p50 / p99 / max ms | API response → callback "
+        "p50 / p99 / max ms | request sent → callback p50 / p99 ms | API response time p50 / "
+        "p99 ms |",
+        "|---|---|---|---|---|",
     ]
-    for label, key, with_max in rows:
-        cells = [
-            f"{r[key + '_p50']:.1f} | {r[key + '_p99']:.1f} | "
-            + (f"{r[key + '_max']:.1f}" if with_max else "")
-            for r in runs
-        ]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out.append(
-        "| (API response time itself) | "
-        + " | ".join(f"{r['api_p50']:.1f} | {r['api_p99']:.1f} | " for r in runs)
-        + " |"
-    )
+    for head, r in zip(heads, runs, strict=True):
+        out.append(
+            f"| {head} | **{r['after_commit_p50']:.1f}** / **{r['after_commit_p99']:.1f}** / "
+            f"{r['after_commit_max']:.1f} | {r['after_response_p50']:.1f} / "
+            f"{r['after_response_p99']:.1f} / {r['after_response_max']:.1f} | "
+            f"{r['after_request_p50']:.1f} / {r['after_request_p99']:.1f} | "
+            f"{r['api_p50']:.1f} / {r['api_p99']:.1f} |"
+        )
     out.append("")
     for head, r in zip(heads, runs, strict=True):
         line = (
