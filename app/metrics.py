@@ -74,6 +74,8 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        # At 0 from the start: an alert's increase() cannot see a series' first sample.
+        self.errors.labels("DATABASE_UNAVAILABLE")
         # What /metrics renders: this process's registry, or every worker's files.
         self._exposed = self.registry
         if multiprocess_values():
