@@ -69,8 +69,11 @@ def install_request_hooks(app: PaymentApp) -> None:
         elapsed = time.perf_counter() - getattr(g, "started", time.perf_counter())
         app.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         app.metrics.latency.labels(route, request.method).observe(elapsed)
+        error_code = getattr(g, "error_code", None)
         if response.status_code == 409:
-            app.metrics.conflicts.labels(getattr(g, "error_code", "CONFLICT")).inc()
+            app.metrics.conflicts.labels(error_code or "CONFLICT").inc()
+        if error_code is not None and response.status_code >= 400:
+            app.metrics.errors.labels(error_code).inc()
         if access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
                 "request",

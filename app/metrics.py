@@ -1,9 +1,30 @@
-"""Prometheus metrics of one API process (a registry per app, nothing at module level)."""
+"""Prometheus metrics of the API (a registry per app, nothing at module level).
+
+`serve --workers N` runs N processes behind one socket, and a scrape reaches one of them. So that
+every scrape covers all of them, `serve` puts prometheus_client in multiprocess mode
+(`multiprocess_directory`): each worker writes its values to files in PROMETHEUS_MULTIPROC_DIR and
+/metrics renders the sum of every worker's files. The mode is chosen when prometheus_client is
+first imported, so a process that imported it before the directory was set (`serve --workers 1`,
+serving in place, or the in-process tests) keeps its values in memory and renders them itself.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+logger = logging.getLogger(__name__)
+
+MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -47,6 +68,51 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.errors = Counter(
+            "payment_api_errors_total",
+            "Problem answers (4xx and 5xx), by code: DATABASE_UNAVAILABLE, VALIDATION_ERROR, ...",
+            ["code"],
+            registry=self.registry,
+        )
+        # At 0 from the start: an alert's increase() cannot see a series' first sample.
+        self.errors.labels("DATABASE_UNAVAILABLE")
+        # What /metrics renders: this process's registry, or every worker's files.
+        self._exposed = self.registry
+        if multiprocess_values():
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
+
+
+def multiprocess_values() -> bool:
+    """Whether this process's metric values live in PROMETHEUS_MULTIPROC_DIR's files."""
+    return values.ValueClass is not values.MutexValue
+
+
+@contextlib.contextmanager
+def multiprocess_directory() -> Iterator[Path]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers `serve` starts, set in this process's environment
+    (which they inherit) before any of them imports prometheus_client.
+
+    A configured directory is kept, but its metric files are removed first: counters from an
+    earlier run must not add up with this one's. Otherwise a fresh temporary directory is made,
+    and removed on the way out.
+    """
+    configured = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # only prometheus_client's files
+            stale.unlink()
+        logger.info("metrics directory wiped", extra={"path": str(path)})
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="payment-service-metrics-"))
+    os.environ[MULTIPROCESS_DIRECTORY_VARIABLE] = str(path)
+    try:
+        yield path
+    finally:
+        del os.environ[MULTIPROCESS_DIRECTORY_VARIABLE]
+        shutil.rmtree(path, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 from hypercorn.config import Config
 from hypercorn.run import run
 
+from app.metrics import multiprocess_directory
 from payment_service.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,9 +49,12 @@ def serve(
     # Workers are separate processes that read their settings from the environment again.
     os.environ.setdefault("SERVICE_PORT", str(port))
     logger.info("serving", extra={"host": host, "port": port, "workers": workers, "server": server})
-    if server == "uvicorn":
-        return _serve_uvicorn(host=host, port=port, workers=workers)
-    return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+    # Every worker's counters in each scrape (app/metrics.py); the directory is set before a
+    # worker starts, and a worker imports prometheus_client only when it loads the app.
+    with multiprocess_directory():
+        if server == "uvicorn":
+            return _serve_uvicorn(host=host, port=port, workers=workers)
+        return run(hypercorn_config(settings, host=host, port=port, workers=workers))
 
 
 def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 logger = logging.getLogger(__name__)
 
+# How a gauge of the database's backlog combines across processes: every relay sees the same.
+_BACKLOG: Final = "livemax"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
 class RelayMetrics:
-    """The relay's collectors, in a registry of their own."""
+    """The relay's collectors, in a registry of their own.
+
+    A relay is one process with its own /metrics (one scrape target per relay), so it does not use
+    prometheus_client's multiprocess mode. Its gauges still say how they would combine across
+    processes: the in-flight count adds up, the database's backlog is the same seen from any
+    relay (the largest live one).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -58,16 +66,28 @@ class RelayMetrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "relay_in_flight_deliveries", "Deliveries this relay has in flight.", registry=r
+            "relay_in_flight_deliveries",
+            "Deliveries this relay has in flight.",
+            multiprocess_mode="livesum",
+            registry=r,
         )
-        self.pending = Gauge("outbox_pending_events", "Events not yet delivered.", registry=r)
+        self.pending = Gauge(
+            "outbox_pending_events",
+            "Events not yet delivered.",
+            multiprocess_mode=_BACKLOG,
+            registry=r,
+        )
         self.oldest_pending_age = Gauge(
             "outbox_oldest_pending_age_seconds",
             "Age of the oldest undelivered event (0 when none).",
+            multiprocess_mode=_BACKLOG,
             registry=r,
         )
         self.dead_events = Gauge(
-            "outbox_dead_events", "Deliveries given up on (DEAD), every endpoint.", registry=r
+            "outbox_dead_events",
+            "Deliveries given up on (DEAD), every endpoint.",
+            multiprocess_mode=_BACKLOG,
+            registry=r,
         )
         # Per endpoint (label `endpoint`: its name). The totals above stay for dashboards and
         # alerts written before subscriptions.
@@ -81,18 +101,21 @@ class RelayMetrics:
             "outbox_endpoint_pending_deliveries",
             "Deliveries not yet delivered, by endpoint.",
             ["endpoint"],
+            multiprocess_mode=_BACKLOG,
             registry=r,
         )
         self.endpoint_oldest_pending_age = Gauge(
             "outbox_endpoint_oldest_pending_age_seconds",
             "Age of the endpoint's oldest undelivered delivery (0 when none).",
             ["endpoint"],
+            multiprocess_mode=_BACKLOG,
             registry=r,
         )
         self.endpoint_dead = Gauge(
             "outbox_endpoint_dead_deliveries",
             "Deliveries given up on (DEAD), by endpoint.",
             ["endpoint"],
+            multiprocess_mode=_BACKLOG,
             registry=r,
         )
         self._endpoints_shown: set[str] = set()

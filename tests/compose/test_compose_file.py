@@ -50,7 +50,9 @@ def test_ports_are_published_on_127_0_0_1_unless_told_otherwise(compose: dict[st
         for name, service in compose["services"].items()
         if "ports" in service
     }
-    assert set(published) == {"db", "api", "notification-sink", "trip-sink"}
+    assert set(published) == {
+        "db", "api", "notification-sink", "trip-sink", "prometheus", "grafana"
+    }  # fmt: skip
     for ports in published.values():
         assert all(port.startswith("${PUBLISH_HOST:-127.0.0.1}:") for port in ports), ports
 
@@ -85,3 +87,43 @@ def test_everything_the_dockerfile_copies_is_in_the_build_context() -> None:
     assert [source for source in copied if source not in allowed] == []
     # And every package the wheel is built from is copied.
     assert {"app", "outbox_relay", "payment_service", "payment_cli"} <= set(copied)
+
+
+def test_the_observability_profile_runs_prometheus_and_grafana_provisioned(
+    compose: dict[str, Any],
+) -> None:
+    """Validated here only: no image registry is reachable, so CI never starts this profile."""
+    services = compose["services"]
+    observability = {
+        name for name, s in services.items() if "observability" in s.get("profiles", [])
+    }
+    assert observability == {"prometheus", "grafana"}
+    assert all("profiles" not in services[name] for name in (*APP_SERVICES, "db"))
+    assert services["prometheus"]["image"].startswith("${PROMETHEUS_IMAGE:-prom/prometheus:")
+    assert services["grafana"]["image"].startswith("${GRAFANA_IMAGE:-grafana/grafana:")
+    # Every mounted file or folder exists, and is what the container reads.
+    mounts = {
+        target.removesuffix(":ro"): REPO_ROOT / source
+        for name in observability
+        for source, target in (volume.split(":", 1) for volume in services[name]["volumes"])
+    }
+    assert all(path.exists() for path in mounts.values()), mounts
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"] == REPO_ROOT / "deploy/prometheus/alerts.yml"
+    # Prometheus scrapes the API on its port and the relay on its metrics port, by service name.
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    }
+    api_port = Settings.model_fields["service_port"].default
+    relay_port = Settings.model_fields["relay_metrics_port"].default
+    assert targets == {"payment-api": [f"api:{api_port}"], "payment-relay": [f"relay:{relay_port}"]}
+    # Grafana: provisioning folders, and the dashboards folder the provider reads.
+    provisioning = mounts["/etc/grafana/provisioning"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "payment-service.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert (mounts["/var/lib/grafana/dashboards"] / "payment-service.json").is_file()
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    environment = services["grafana"]["environment"]
+    assert environment["GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION"] == "true", "no admin password"

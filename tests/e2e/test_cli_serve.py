@@ -10,6 +10,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from payment_service.embedded import free_port
 from tests.support.commands import run_to_end
 from tests.support.environment import clean_env
+from tests.support.metrics import sample_value
 from tests.support.processes import service
 from tests.support.waiting import port_closed, wait_until
 
@@ -113,23 +115,76 @@ async def test_serve_answers_and_stops_cleanly(
         assert any("/v1/payments" in json.dumps(record) for record in records)
 
 
+async def fresh_connection(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One request on a connection of its own, so that any worker may accept it."""
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        return await client.request(method, url, **kwargs)
+
+
+async def create_payments(base: str, count: int, prefix: str, *, first_trip: int = 100) -> None:
+    for n in range(count):
+        response = await fresh_connection(
+            "POST",
+            base + "/payments",
+            json={"idempotency_key": f"{prefix}-{n}", "trip_id": first_trip + n,
+                  "method": "CARD", "amount": "1.00"},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+
+
+async def assert_every_scrape_counts(base: str, payments: int, *, scrapes: int = 6) -> None:
+    """Each scrape (whichever worker answers it) counts every worker's payments and requests."""
+    for _ in range(scrapes):
+        text = (await fresh_connection("GET", base + "/metrics")).text
+        assert sample_value(text, "payment_payments_created_total") == payments, text
+        posts = sample_value(
+            text, "payment_api_requests_total", route="/payments", method="POST", status="200"
+        )
+        assert posts == payments, text
+        latencies = sample_value(
+            text, "payment_api_request_duration_seconds_count", route="/payments", method="POST"
+        )
+        assert latencies == payments, text
+
+
 @pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
 async def test_serve_with_workers(tmp_path: Path, database_url: str, server: str) -> None:
+    """Two workers serve, every scrape of /metrics adds both up, and the metrics directory that
+    `serve` made for them is gone after it stops."""
     port = free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
             "--server", server]  # fmt: skip
-    with service(args, clean_env(DATABASE_URL=database_url), tmp_path, "serve") as api:
-        await api.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for n in range(10):
-                response = await client.post(
-                    "/payments",
-                    json={"idempotency_key": f"w-{n}", "trip_id": 100 + n, "method": "CARD",
-                          "amount": "1.00"},
-                )  # fmt: skip
-                assert response.status_code == 200, response.text
+    env = clean_env(DATABASE_URL=database_url, TMPDIR=scratch)
+    with service(args, env, tmp_path, "serve") as api:
+        base = f"http://127.0.0.1:{port}"
+        await api.wait_http(base + "/health", timeout=60)
+        await create_payments(base, 10, "w")
+        await assert_every_scrape_counts(base, 10)
+        assert list(scratch.glob("payment-service-metrics-*")), "serve made its directory"
         assert await api.stop(signal.SIGTERM, timeout=30) == 0
         await wait_until(lambda: port_closed(port), timeout=10)
+    assert not list(scratch.glob("payment-service-metrics-*")), "and removed it"
+
+
+async def test_a_configured_metrics_directory_is_wiped_at_start(
+    tmp_path: Path, database_url: str
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR is honoured, but a second `serve` does not count the first's."""
+    directory = tmp_path / "metrics"
+    env = clean_env(DATABASE_URL=database_url, PROMETHEUS_MULTIPROC_DIR=directory)
+    for run, payments in enumerate((3, 2)):
+        port = free_port()
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+        with service(args, env, tmp_path, f"serve-{run}") as api:
+            base = f"http://127.0.0.1:{port}"
+            await api.wait_http(base + "/health", timeout=60)
+            await create_payments(base, payments, f"run-{run}", first_trip=100 * (run + 1))
+            await assert_every_scrape_counts(base, payments, scrapes=3)
+            assert list(directory.glob("*.db")), "the workers' files are in the directory"
+            assert await api.stop(signal.SIGTERM, timeout=30) == 0
+    assert directory.is_dir(), "a configured directory is kept"
 
 
 async def test_serve_refuses_a_database_without_the_schema(

@@ -26,6 +26,7 @@ from tests.support.api import (
     post_json,
     running_api,
 )
+from tests.support.metrics import sample_value
 from tests.support.waiting import wait_until
 
 # An unavailable database must be reported fast: a client's own timeout is often a few seconds.
@@ -95,6 +96,9 @@ async def test_database_outage_and_recovery(
         read, took = await timed(client.get("/payments/1"))
         assert_problem(read, 503, "DATABASE_UNAVAILABLE")
         assert took < ANSWER_WITHIN_SECONDS
+        # What the DatabaseUnavailableAnswers alert (deploy/prometheus/alerts.yml) counts.
+        metrics = (await client.get("/metrics")).text
+        assert sample_value(metrics, "payment_api_errors_total", code="DATABASE_UNAVAILABLE") == 4
 
         await asyncio.to_thread(own_postgres.start)
 
