@@ -128,22 +128,6 @@ async def test_a_receiver_that_fails_for_a_while_gets_everything_afterwards(
     assert relay.process is not None and relay.process.poll() is None, dump_logs([relay])
 
 
-async def test_410_gone_makes_an_event_dead_at_once(
-    conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher
-) -> None:
-    receiver.policy = answer_status(410)
-    relays.start()
-    events = await insert_events(conn, payments=5)
-
-    async def dead() -> bool:
-        return (await status_counts(conn)).get("DEAD", 0) == 5
-
-    await wait_until(dead, timeout=30)
-    assert [len(receiver.requests_for(e.event_id)) for e in events] == [1] * 5
-    rows = await conn.fetch(f"SELECT attempts, last_status_code, last_error FROM {DELIVERY_ROWS}")
-    assert {(r["attempts"], r["last_status_code"]) for r in rows} == {(1, 410)}
-
-
 async def test_max_attempts_makes_an_event_dead_and_replay_delivers_it(
     conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher, database_url: str
 ) -> None:
