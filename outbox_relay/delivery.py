@@ -31,7 +31,7 @@ from outbox_relay.outbox import (
     safe_status_code,
     safe_text,
 )
-from outbox_relay.schedule import Outcome, Verdict, classify, decide, parse_retry_after
+from outbox_relay.schedule import Outcome, Verdict, classify, counts, decide, parse_retry_after
 from payment_service.signing import sign
 
 logger = logging.getLogger(__name__)
@@ -88,13 +88,15 @@ class Deliverer:
         tries = 1
         if result.verdict is Verdict.RETRYABLE and self._quick_retries:
             result, tries = await self._retry_quickly(event, result, lease_deadline)
-        attempts = event.attempts + 1
+        counted = counts(result.verdict, counted=event.counted)
+        attempts = event.attempts + int(counted)
         outcome, delay = decide(
             result.verdict,
             attempts=attempts,
             max_attempts=self._max_attempts,
             schedule=self._schedule,
             retry_after=result.retry_after,
+            counted=counted,
         )
         record = AttemptRecord(
             id=event.id,
@@ -106,6 +108,7 @@ class Deliverer:
             error=result.error,
             tries=tries,
             duration_ms=round((time.monotonic() - started) * 1000),
+            counted=counted,
         )
         if outcome is not Outcome.DELIVERED:
             log = logger.error if outcome is Outcome.DEAD else logger.warning

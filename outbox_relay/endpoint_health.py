@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from outbox_relay.health import Change, Health, HealthPolicy, Step, apply, start_probe
 from outbox_relay.schedule import Verdict
 from payment_service import ENDPOINTS_CHANNEL
+from payment_service.endpoints import HASTEN_SQL
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +59,6 @@ UPDATE endpoints
    AND breaker_open_until IS NULL
    AND probe_until IS NULL
    AND failing_since IS NULL
-"""
-
-# The breaker closed: the endpoint's deliveries that were waiting out a backoff go now, in order,
-# rather than hours later (their schedule grew while the endpoint was down).
-HASTEN_SQL = """
-UPDATE deliveries
-   SET next_attempt_at = now()
- WHERE endpoint_id = $1
-   AND status = 'PENDING'
-   AND next_attempt_at > now()
 """
 
 # A probe lease taken but not used (nothing was due): over now, so another probe may go at once.

@@ -28,8 +28,17 @@ never delay another's deliveries. Three things see to it:
    claimer from serving the others;
 3. order per (endpoint, payment) only: a delivery waits for an earlier PENDING delivery of the
    same payment to the same endpoint, never for another endpoint's.
-The endpoint's health (breaker, probes) plugs in at `_claim_budget` (what a lane may claim) and
-`_attempts_recorded` (each written attempt's outcome, per endpoint).
+Endpoint health (DESIGN §7a; outbox_relay.health, outbox_relay.endpoint_health) is wired in two
+places:
+- claiming (`_claim_budget`, `_probe`): a lane whose endpoint's breaker is closed claims its
+  budget; an open breaker claims nothing (its deliveries wait, keeping their attempts); a
+  half-open one sends one probe across all relays (`lease_probe`), the earliest pending delivery
+  due or not, whose attempt does not count toward RELAY_MAX_ATTEMPTS;
+- recording (`_attempts_recorded`): each batch's written attempts go, per endpoint, to
+  `record_health`, which opens, reopens or closes the breaker, and disables the endpoint on 410
+  Gone (that delivery stays PENDING until `endpoints enable`) or after ENDPOINT_DISABLE_AFTER_HOURS
+  of failure. Every change is logged and counted there, and NOTIFYed, so every relay reloads the
+  endpoint at once; a relay also logs each change it sees in the endpoints it reloads.
 
 A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claimer, let
 in-flight deliveries finish within RELAY_SHUTDOWN_GRACE_SECONDS, release the rest, and exit 0.
@@ -51,10 +60,12 @@ import asyncpg
 
 from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
+from outbox_relay.endpoint_health import end_probe, lease_probe, record_health, recorded_verdict
+from outbox_relay.health import HealthPolicy
 from outbox_relay.housekeeping import housekeep
 from outbox_relay.http import CallbackClient
 from outbox_relay.lanes import Lane, claimable, signing_keys
-from outbox_relay.metrics import RelayMetrics
+from outbox_relay.metrics import EndpointGauges, RelayMetrics
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent, Written
 from outbox_relay.schedule import MAX_RETRY_AFTER_SECONDS, Outcome, Verdict, decide
 from payment_service import ENDPOINTS_CHANNEL, OUTBOX_CHANNEL, __version__
@@ -89,6 +100,9 @@ class Relay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = RelayMetrics()
+        self._health_policy = HealthPolicy.from_settings(settings)
+        # (state, breaker) of every endpoint as last read, to log the changes the relay sees
+        self._endpoint_states: dict[int, tuple[str, str]] = {}
         # A delivery still queued this close to the end of its lease is released, not sent:
         # another relay may be about to take it over.
         self._lease_margin = min(settings.relay_request_timeout, settings.relay_lease_seconds / 2)
@@ -250,6 +264,7 @@ class Relay:
         """Open a lane for each endpoint now delivered to, retire the lanes of those that went
         (removed, paused, disabled, or given a new URL), refresh the others."""
         wanted = {e.endpoint_id: e for e in found if claimable(e)}
+        breaker_changed = self._note_states(found)
         changed = False
         for endpoint_id, lane in list(self._lanes.items()):
             endpoint = wanted.get(endpoint_id)
@@ -269,9 +284,34 @@ class Relay:
                     batch_size=self.settings.relay_batch_size,
                     lanes=len(self._lanes),
                 )
-        if changed or not self._endpoints_loaded:
+        if changed or breaker_changed or not self._endpoints_loaded:
             self._endpoints_loaded = True
             self._wake.set()
+
+    def _note_states(self, found: list[Endpoint]) -> bool:
+        """Log every change of an endpoint's state or breaker since the last read (whoever made
+        it: this relay, another, or an operator); True when a breaker changed (the claimer must
+        look again: a half-open breaker may probe, a closed one claim)."""
+        seen = {e.endpoint_id: (e.state, e.breaker) for e in found}
+        breaker_changed = False
+        for endpoint in found:
+            before = self._endpoint_states.get(endpoint.endpoint_id)
+            now = seen[endpoint.endpoint_id]
+            if before is None or before == now:
+                continue
+            breaker_changed |= before[1] != now[1]
+            logger.info(
+                "endpoint health seen",
+                extra={
+                    "endpoint": endpoint.name,
+                    "state": now[0],
+                    "breaker": now[1],
+                    "was": {"state": before[0], "breaker": before[1]},
+                    "reason": endpoint.state_reason,
+                },
+            )
+        self._endpoint_states = seen
+        return breaker_changed
 
     def _open_lane(self, endpoint: Endpoint) -> Lane:
         settings = self.settings
@@ -349,14 +389,39 @@ class Relay:
         self._retiring.discard(lane)
 
     def _claim_budget(self, lane: Lane) -> int:
-        """How many deliveries to claim for the lane now.
-
-        Endpoint health hooks in here: an endpoint whose breaker is open gets nothing (its
-        deliveries wait, keeping their attempts); a half-open one would get a single probe.
-        """
+        """How many deliveries to claim for the lane now: its budget while its endpoint's breaker
+        is closed, nothing while it is open; a half-open breaker's one probe goes through
+        `_probe` instead. (The claim statement checks the breaker too: a relay whose copy of the
+        endpoint is a moment old never claims a batch for an open breaker.)"""
         if lane.endpoint.breaker != "closed":
             return 0
         return lane.budget(self.settings.relay_batch_size)
+
+    async def _probe(self, conn: asyncpg.Connection, lane: Lane) -> ClaimedEvent | None:
+        """A half-open breaker's probe: take the one probe lease every relay competes for, then
+        the earliest pending delivery of the endpoint, due or not. None: no probe now (another
+        relay's is in flight, the cooldown is not over, or nothing waits)."""
+        settings = self.settings
+        if lane.endpoint.breaker != "half_open" or lane.held or lane.retired:
+            return None
+        if not await lease_probe(
+            conn,
+            lane.endpoint_id,
+            lease_seconds=settings.relay_lease_seconds,
+            state_changes=self.metrics.endpoint_state_changes,
+        ):
+            return None
+        event = await outbox.claim_probe(
+            conn, lane.endpoint_id, lease_seconds=settings.relay_lease_seconds
+        )
+        if event is None:
+            await end_probe(conn, lane.endpoint_id)
+        else:
+            logger.info(
+                "probing endpoint",
+                extra={"endpoint": lane.name, "event_id": event.event_id},
+            )
+        return event
 
     # -- claiming -----------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -369,14 +434,22 @@ class Relay:
                 for lane in self._lanes.values()
                 if (budget := self._claim_budget(lane)) > 0
             }
-            if not budgets:  # no endpoint, or every lane full: wait for room or news
+            probing = [
+                lane for lane in self._lanes.values() if lane.endpoint.breaker == "half_open"
+            ]
+            if not budgets and not probing:  # no endpoint, or every lane full: wait
                 await _wait_for(self._wake, settings.relay_poll_interval)
                 continue
             lease_deadline = time.monotonic() + settings.relay_lease_seconds
+            events: list[ClaimedEvent] = []
             async with self._pool.acquire() as conn:
-                events = await outbox.claim_deliveries(
-                    conn, budgets=budgets, lease_seconds=settings.relay_lease_seconds
-                )
+                for half_open in probing:
+                    if (probe := await self._probe(conn, half_open)) is not None:
+                        events.append(probe)
+                if budgets:
+                    events += await outbox.claim_deliveries(
+                        conn, budgets=budgets, lease_seconds=settings.relay_lease_seconds
+                    )
             claimed: Counter[int] = Counter()
             for event in events:
                 claimed[event.endpoint_id] += 1
@@ -465,9 +538,10 @@ class Relay:
         settings = self.settings
         outcome, delay = decide(
             Verdict.FAILED,
-            attempts=event.attempts + 1,
+            attempts=event.attempts + int(event.counted),
             max_attempts=settings.relay_max_attempts,
             schedule=settings.relay_retry_schedule,
+            counted=event.counted,
         )
         return AttemptRecord(
             id=event.id,
@@ -479,6 +553,7 @@ class Relay:
             error=error,
             tries=1,
             duration_ms=0,
+            counted=event.counted,
         )
 
     def _record(self, lane: Lane, record: AttemptRecord, event: ClaimedEvent) -> None:
@@ -568,12 +643,27 @@ class Relay:
     async def _attempts_recorded(
         self, conn: asyncpg.Connection, attempts: dict[int, list[AttemptRecord]]
     ) -> None:
-        """Called with the attempts just written, by endpoint id, in the order they finished.
-
-        Endpoint health hooks in here: each record says whether its endpoint answered
-        (`status` DELIVERED) or failed (`status_code`, `error`), which feeds the breaker.
-        Nothing to do without it.
-        """
+        """Called with the attempts just written, by endpoint id, in the order they finished:
+        each endpoint's verdicts (one per attempt, quick retries counted once) feed its breaker
+        and state (`record_health`). The attempts are written already, so a failure here is
+        logged and the verdicts are lost, never the deliveries' results."""
+        for endpoint_id, records in attempts.items():
+            try:
+                await record_health(
+                    conn,
+                    endpoint_id,
+                    [recorded_verdict(r.status, r.status_code) for r in records],
+                    policy=self._health_policy,
+                    state_changes=self.metrics.endpoint_state_changes,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning(
+                    "could not record the endpoint's health",
+                    extra={"endpoint_id": endpoint_id, "error": _error_text(error)},
+                    exc_info=not isinstance(error, UNAVAILABLE_ERRORS),
+                )
 
     async def _record_attempts(
         self, conn: asyncpg.Connection, batch: list[AttemptRecord]
@@ -644,9 +734,7 @@ class Relay:
         while True:
             async with self._pool.acquire() as conn:
                 rows = await outbox.select_endpoint_backlog(conn)
-            self.metrics.set_backlog(
-                [(r["name"], r["pending"], r["oldest_age_seconds"], r["dead"]) for r in rows]
-            )
+            self.metrics.set_backlog([EndpointGauges(**row) for row in rows])
             await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -12,6 +12,22 @@ logger = logging.getLogger(__name__)
 
 # How a gauge of the database's backlog combines across processes: every relay sees the same.
 _BACKLOG: Final = "livemax"
+
+ENDPOINT_STATES = ("ACTIVE", "PAUSED", "DISABLED")
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class EndpointGauges(NamedTuple):
+    """One endpoint's row of the relay's gauges (outbox_relay.outbox.ENDPOINT_BACKLOG_SQL)."""
+
+    name: str
+    pending: int
+    oldest_age_seconds: float | None
+    dead: int
+    state: str
+    breaker: str  # closed, half_open, open
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
@@ -118,27 +134,47 @@ class RelayMetrics:
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
+        self.endpoint_breaker = Gauge(
+            "outbox_endpoint_breaker_state",
+            "The endpoint's breaker: 0 closed, 1 half_open (one probe may go), 2 open.",
+            ["endpoint"],
+            multiprocess_mode=_BACKLOG,
+            registry=r,
+        )
+        self.endpoint_state = Gauge(
+            "outbox_endpoint_state",
+            "1 for the endpoint's state (ACTIVE, PAUSED, DISABLED), 0 for the others.",
+            ["endpoint", "state"],
+            multiprocess_mode=_BACKLOG,
+            registry=r,
+        )
         self._endpoints_shown: set[str] = set()
 
-    def set_backlog(self, rows: list[tuple[str, int, float | None, int]]) -> None:
-        """The gauges from (endpoint, pending, oldest pending age or None, dead) rows; an endpoint
-        no longer listed (removed) loses its series."""
-        names = {row[0] for row in rows}
+    def set_backlog(self, rows: list[EndpointGauges]) -> None:
+        """The per-endpoint gauges, and the totals, from one row per endpoint; an endpoint no
+        longer listed (removed) loses its series."""
+        names = {row.name for row in rows}
         for gone in self._endpoints_shown - names:
             for gauge in (
                 self.endpoint_pending,
                 self.endpoint_oldest_pending_age,
                 self.endpoint_dead,
+                self.endpoint_breaker,
             ):
                 gauge.remove(gone)
+            for state in ENDPOINT_STATES:
+                self.endpoint_state.remove(gone, state)
         self._endpoints_shown = names
-        for name, pending, oldest, dead in rows:
-            self.endpoint_pending.labels(name).set(pending)
-            self.endpoint_oldest_pending_age.labels(name).set(oldest or 0)
-            self.endpoint_dead.labels(name).set(dead)
-        self.pending.set(sum(row[1] for row in rows))
-        self.oldest_pending_age.set(max((row[2] or 0 for row in rows), default=0))
-        self.dead_events.set(sum(row[3] for row in rows))
+        for row in rows:
+            self.endpoint_pending.labels(row.name).set(row.pending)
+            self.endpoint_oldest_pending_age.labels(row.name).set(row.oldest_age_seconds or 0)
+            self.endpoint_dead.labels(row.name).set(row.dead)
+            self.endpoint_breaker.labels(row.name).set(BREAKER_VALUES[row.breaker])
+            for state in ENDPOINT_STATES:
+                self.endpoint_state.labels(row.name, state).set(int(row.state == state))
+        self.pending.set(sum(row.pending for row in rows))
+        self.oldest_pending_age.set(max((row.oldest_age_seconds or 0 for row in rows), default=0))
+        self.dead_events.set(sum(row.dead for row in rows))
 
     def serve(self, host: str, port: int) -> Any | None:
         """Serve /metrics in a daemon thread; None (and a warning) when the port is taken."""

@@ -31,9 +31,12 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 # The claim takes a budget per endpoint: `$1` endpoint ids, `$2` how many deliveries each may
 # lease now (the relay gives each endpoint room of its own, so one endpoint's backlog never fills a
-# batch: see outbox_relay.main). An endpoint that is not ACTIVE or has no URL gets nothing, even
-# when the relay's copy of it is a moment old. Each endpoint's deliveries are read through
+# batch: see outbox_relay.main). An endpoint that is not ACTIVE, has no URL or whose breaker is not
+# closed gets nothing, even when the relay's copy of it is a moment old (a half-open breaker's one
+# probe goes through PROBE_CLAIM_SQL). Each endpoint's deliveries are read through
 # deliveries_due_idx; order per (endpoint, payment) through deliveries_pending_aggregate_idx.
+# Order follows the EVENT's id (deliveries.event_id = outbox_events.id), not delivery_id: `outbox
+# replay --since` may add a delivery for an older event after a newer event's is already pending.
 CLAIM_SQL = """
 WITH budget AS (
     SELECT b.endpoint_id, b.n
@@ -41,6 +44,7 @@ WITH budget AS (
       JOIN endpoints AS ep ON ep.endpoint_id = b.endpoint_id
      WHERE ep.state = 'ACTIVE'
        AND ep.url IS NOT NULL
+       AND ep.breaker_open_until IS NULL
        AND b.n > 0
 ), due AS (
     SELECT d.delivery_id
@@ -57,12 +61,12 @@ WITH budget AS (
            -- this endpoint may go; a DEAD one no longer blocks the ones after it. (A scalar
            -- subquery, one index probe per candidate: as NOT EXISTS the planner may choose an
            -- anti join that scans every pending delivery of the endpoint per candidate.)
-           AND d.delivery_id = (SELECT min(earliest.delivery_id)
-                                  FROM deliveries AS earliest
-                                 WHERE earliest.endpoint_id = d.endpoint_id
-                                   AND earliest.aggregate_id = d.aggregate_id
-                                   AND earliest.status = 'PENDING')
-         ORDER BY d.next_attempt_at, d.delivery_id
+           AND d.event_id = (SELECT min(earliest.event_id)
+                               FROM deliveries AS earliest
+                              WHERE earliest.endpoint_id = d.endpoint_id
+                                AND earliest.aggregate_id = d.aggregate_id
+                                AND earliest.status = 'PENDING')
+         ORDER BY d.next_attempt_at, d.event_id
          LIMIT b.n
            FOR UPDATE OF d SKIP LOCKED
      ) AS d
@@ -72,6 +76,39 @@ UPDATE deliveries AS o
        claim_token = $4
   FROM due, outbox_events AS e
  WHERE o.delivery_id = due.delivery_id
+   AND e.id = o.event_id
+RETURNING o.delivery_id, o.endpoint_id, e.event_id::text, o.aggregate_id, e.payload,
+          o.counted_attempts, extract(epoch FROM e.created_at)::float8 AS created_at
+"""
+
+# The one probe of a half-open breaker (the relay holds the probe's lease, see
+# outbox_relay.endpoint_health.lease_probe): `$1` the endpoint. The earliest pending delivery in
+# (endpoint, payment) order, due or not: while the breaker is not closed its cooldown is the
+# schedule, so recovery never waits for one delivery's own backoff.
+PROBE_CLAIM_SQL = """
+WITH probe AS (
+    SELECT d.delivery_id
+      FROM deliveries AS d
+      JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
+     WHERE d.endpoint_id = $1
+       AND ep.state = 'ACTIVE'
+       AND ep.url IS NOT NULL
+       AND d.status = 'PENDING'
+       AND (d.locked_until IS NULL OR d.locked_until < now())
+       AND d.event_id = (SELECT min(earliest.event_id)
+                           FROM deliveries AS earliest
+                          WHERE earliest.endpoint_id = d.endpoint_id
+                            AND earliest.aggregate_id = d.aggregate_id
+                            AND earliest.status = 'PENDING')
+     ORDER BY d.next_attempt_at, d.event_id
+     LIMIT 1
+       FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE deliveries AS o
+   SET locked_until = now() + make_interval(secs => $2),
+       claim_token = $3
+  FROM probe, outbox_events AS e
+ WHERE o.delivery_id = probe.delivery_id
    AND e.id = o.event_id
 RETURNING o.delivery_id, o.endpoint_id, e.event_id::text, o.aggregate_id, e.payload,
           o.counted_attempts, extract(epoch FROM e.created_at)::float8 AS created_at
@@ -109,9 +146,10 @@ WITH attempt AS (
       FROM attempt AS a
      WHERE o.delivery_id = a.id
        AND o.claim_token = a.claim_token
- RETURNING o.delivery_id, o.endpoint_id, o.aggregate_id
+ RETURNING o.delivery_id, o.endpoint_id, o.aggregate_id, o.event_id
 )
--- `unblocks`: a later delivery of the same payment to the same endpoint was waiting for this one
+-- `unblocks`: a delivery of a later event of the same payment to the same endpoint was waiting
+-- for this one
 SELECT w.delivery_id,
        w.endpoint_id,
        EXISTS (SELECT 1
@@ -119,7 +157,7 @@ SELECT w.delivery_id,
                 WHERE later.endpoint_id = w.endpoint_id
                   AND later.aggregate_id = w.aggregate_id
                   AND later.status = 'PENDING'
-                  AND later.delivery_id > w.delivery_id) AS unblocks
+                  AND later.event_id > w.event_id) AS unblocks
   FROM written AS w
 """
 
@@ -133,13 +171,17 @@ UPDATE deliveries AS o
 """
 
 # The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
-# dead ones. Read through the partial indexes on PENDING and DEAD rows, so the cost follows the
-# backlog, not the retained history.
+# dead ones, the endpoint's state and its breaker. Read through the partial indexes on PENDING and
+# DEAD rows, so the cost follows the backlog, not the retained history.
 ENDPOINT_BACKLOG_SQL = """
 SELECT ep.name,
        pending.n AS pending,
        pending.oldest_age_seconds,
-       dead.n AS dead
+       dead.n AS dead,
+       ep.state,
+       CASE WHEN ep.breaker_open_until IS NULL THEN 'closed'
+            WHEN ep.breaker_open_until > now() THEN 'open'
+            ELSE 'half_open' END AS breaker
   FROM endpoints AS ep
  CROSS JOIN LATERAL (
         SELECT count(*) AS n,
@@ -195,6 +237,9 @@ class ClaimedEvent:
     attempts: int  # attempts made before this claim that count toward RELAY_MAX_ATTEMPTS
     created_at: float  # epoch seconds
     claim_token: uuid.UUID
+    # False: this attempt does not count toward RELAY_MAX_ATTEMPTS (a probe of a half-open
+    # breaker: endpoint health), so it cannot make the delivery DEAD.
+    counted: bool = True
 
 
 @dataclass(slots=True)
@@ -240,10 +285,26 @@ async def claim_deliveries(
     conn: asyncpg.Connection, *, budgets: dict[int, int], lease_seconds: float
 ) -> list[ClaimedEvent]:
     """Lease due deliveries, oldest first per endpoint: up to `budgets[endpoint_id]` for each
-    endpoint, at most one per (endpoint, payment)."""
+    endpoint whose breaker is closed, at most one per (endpoint, payment)."""
     token = uuid.uuid4()
     rows = await conn.fetch(CLAIM_SQL, list(budgets), list(budgets.values()), lease_seconds, token)
-    return [ClaimedEvent(r[0], r[1], r[2], r[3], r[4].encode(), r[5], r[6], token) for r in rows]
+    return [_claimed(row, token) for row in rows]
+
+
+async def claim_probe(
+    conn: asyncpg.Connection, endpoint_id: int, *, lease_seconds: float
+) -> ClaimedEvent | None:
+    """Lease the delivery that probes a half-open breaker (PROBE_CLAIM_SQL); None when the
+    endpoint has nothing to send. Its attempt does not count toward RELAY_MAX_ATTEMPTS."""
+    token = uuid.uuid4()
+    row = await conn.fetchrow(PROBE_CLAIM_SQL, endpoint_id, lease_seconds, token)
+    return None if row is None else _claimed(row, token, counted=False)
+
+
+def _claimed(row: asyncpg.Record, token: uuid.UUID, *, counted: bool = True) -> ClaimedEvent:
+    return ClaimedEvent(
+        row[0], row[1], row[2], row[3], row[4].encode(), row[5], row[6], token, counted
+    )
 
 
 async def record_attempts(
@@ -281,7 +342,7 @@ async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, u
 
 async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     """Per endpoint (by name): pending deliveries, the oldest one's age in seconds (None if
-    none), dead deliveries. See ENDPOINT_BACKLOG_SQL."""
+    none), dead deliveries, state, breaker. See ENDPOINT_BACKLOG_SQL."""
     return await conn.fetch(ENDPOINT_BACKLOG_SQL)  # type: ignore[no-any-return]
 
 

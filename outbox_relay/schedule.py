@@ -20,7 +20,7 @@ class Verdict(enum.Enum):
     DELIVERED = "delivered"  # 2xx
     RETRYABLE = "retryable"  # connection error, timeout, 408, 429, 5xx: worth a quick retry
     FAILED = "failed"  # any other answer (3xx, 4xx): a failed attempt, no quick retry
-    GONE = "gone"  # 410: the receiver will never take it
+    GONE = "gone"  # 410: the receiver takes nothing more: its endpoint is DISABLED
 
 
 class Outcome(enum.Enum):
@@ -80,13 +80,22 @@ def decide(
     max_attempts: int,
     schedule: Sequence[float],
     retry_after: float | None = None,
+    counted: bool = True,
 ) -> tuple[Outcome, float]:
     """The row's fate after attempt number `attempts` (counting this one) ended with `verdict`.
 
-    Returns the outcome and, for a reschedule, the delay in seconds (0 otherwise).
+    Returns the outcome and, for a reschedule, the delay in seconds (0 otherwise). Only a counted
+    failure (`counts`) can make a delivery DEAD: 410 Gone disables its endpoint instead (endpoint
+    health), and the delivery waits, PENDING, for `endpoints enable`.
     """
     if verdict is Verdict.DELIVERED:
         return Outcome.DELIVERED, 0.0
-    if verdict is Verdict.GONE or attempts >= max_attempts:
+    if counts(verdict, counted=counted) and attempts >= max_attempts:
         return Outcome.DEAD, 0.0
     return Outcome.RESCHEDULED, retry_delay(attempts, schedule, retry_after=retry_after)
+
+
+def counts(verdict: Verdict, *, counted: bool) -> bool:
+    """Whether an attempt counts toward RELAY_MAX_ATTEMPTS: made while its endpoint's breaker was
+    closed (`counted`), and not answered 410 Gone (that disables the endpoint, DESIGN §7a)."""
+    return counted and verdict is not Verdict.GONE

@@ -310,13 +310,36 @@ async def update_endpoint(
     )
 
 
+# The endpoint's deliveries waiting out a backoff go now, in order, rather than hours later (their
+# schedule grew while the endpoint was down, paused or disabled): `$1` the endpoint. Run when
+# `set_state` makes an endpoint ACTIVE, and by the relay when a breaker closes.
+HASTEN_SQL = """
+UPDATE deliveries
+   SET next_attempt_at = now()
+ WHERE endpoint_id = $1
+   AND status = 'PENDING'
+   AND next_attempt_at > now()
+"""
+
+
 async def set_state(
     conn: asyncpg.Connection, name: str, state: str, *, reason: str | None = None
 ) -> Endpoint:
-    """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker and starts the
-    failure count afresh: the operator says the receiver is back."""
+    """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
+    failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN_SQL):
+    the operator says the receiver is back, so everything goes out at once, in order."""
     if state not in STATES:
         raise EndpointError(f"unknown state {state!r}")
+    async with conn.transaction():
+        changed = await _set_state(conn, name, state, reason)
+        if state == "ACTIVE":
+            await conn.execute(HASTEN_SQL, changed.endpoint_id)
+    return changed
+
+
+async def _set_state(
+    conn: asyncpg.Connection, name: str, state: str, reason: str | None
+) -> Endpoint:
     return await _change(
         conn,
         name,

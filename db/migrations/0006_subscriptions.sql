@@ -86,9 +86,10 @@ CREATE TABLE deliveries (
 -- The relay's claim, per endpoint: pending deliveries due now, oldest first.
 CREATE INDEX deliveries_due_idx ON deliveries (endpoint_id, next_attempt_at, delivery_id)
     WHERE status = 'PENDING';
--- Order per (endpoint, payment): "is an earlier delivery of this payment to this endpoint still
--- pending?"
-CREATE INDEX deliveries_pending_aggregate_idx ON deliveries (endpoint_id, aggregate_id, delivery_id)
+-- Order per (endpoint, payment): "is a delivery of an earlier event of this payment to this
+-- endpoint still pending?" By the event's id, not delivery_id: `outbox replay --since` may add a
+-- delivery for an older event after a newer one's.
+CREATE INDEX deliveries_pending_aggregate_idx ON deliveries (endpoint_id, aggregate_id, event_id)
     WHERE status = 'PENDING';
 -- Housekeeping: delivered deliveries past retention.
 CREATE INDEX deliveries_delivered_at_idx ON deliveries (delivered_at) WHERE status = 'DELIVERED';

@@ -18,6 +18,7 @@ import pytest
 
 from outbox_relay.http import CallbackClient
 from payment_service.embedded import free_port
+from payment_service.endpoints import select_endpoint, update_endpoint
 from payment_service.signing import secret_key, sign
 from tests.support.commands import service_command
 from tests.support.database import insert_events, status_counts
@@ -158,19 +159,20 @@ async def test_the_sink_answers_errors_on_request_and_the_relay_retries(
 
     first.send(signal.SIGTERM)
     assert await first.wait_exit(timeout=15) == 0
+    # A sink answering 410 Gone: its endpoint is DISABLED, the deliveries wait (DESIGN §7a).
     gone = start_sink(sinks, tmp_path, "--status", "410", secret=None)
     await sink_ready(gone)
-    relays.start(notification_service_url=gone.base_url, callback_signing_secret="")
+    await update_endpoint(conn, "notification", url=gone.base_url + CALLBACK_PATH)
+    relays.start(callback_signing_secret="")
     more = await insert_events(conn, payments=2)
 
-    async def dead() -> bool:
-        rows = await conn.fetch(
-            "SELECT status FROM outbox_events WHERE event_id = ANY($1::uuid[])",
-            [e.event_id for e in more],
-        )
-        return all(r["status"] == "DEAD" for r in rows)
+    async def disabled() -> bool:
+        return (await select_endpoint(conn, "notification")).state == "DISABLED"
 
-    await wait_until(dead, timeout=30)
+    await wait_until(disabled, timeout=30)
+    assert {x["answered"] for x in gone.callbacks()} == {410}
+    assert {x["webhook_id"] for x in gone.callbacks()} <= {e.event_id for e in more}
+    assert await status_counts(conn) == {"DELIVERED": 3, "PENDING": 2}
 
 
 async def test_relay_metrics_and_housekeeping(
@@ -185,9 +187,12 @@ async def test_relay_metrics_and_housekeeping(
                   (repeat('b', 64), '/payments', repeat('f', 64), 200, '{}',
                    now() + interval '1 h')"""
     )
-    receiver.policy = answer_status(410)
+    receiver.policy = answer_status(400)
     relay = relays.start(
-        relay_metrics_port=port, outbox_retention_hours=0, relay_housekeeping_interval=0.2
+        relay_metrics_port=port,
+        outbox_retention_hours=0,
+        relay_housekeeping_interval=0.2,
+        relay_max_attempts=1,
     )
     dead_events = await insert_events(conn, payments=2)
 

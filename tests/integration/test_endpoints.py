@@ -9,6 +9,7 @@ import pytest
 from payment_service import endpoints
 from payment_service.config import load_settings
 from payment_service.endpoints import EndpointError, EndpointNotFound
+from tests.support.database import insert_events
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, for the tests only
 
@@ -99,3 +100,23 @@ async def test_sql_and_python_agree_on_what_an_endpoint_wants(
 def test_unknown_event_types_are_refused(types: tuple[str, ...]) -> None:
     with pytest.raises(EndpointError):
         endpoints.check_event_types(types)
+
+
+@pytest.mark.parametrize("held_by", ["PAUSED", "DISABLED"])
+async def test_resume_or_enable_makes_the_endpoints_waiting_deliveries_due_now(
+    db: asyncpg.Connection, held_by: str
+) -> None:
+    trip = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/trips")
+    await insert_events(db, payments=3)
+    await db.execute("UPDATE deliveries SET next_attempt_at = now() + interval '2 hours'")
+    await endpoints.set_state(db, "trip", held_by, reason="test")
+    waiting = "SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND next_attempt_at > now()"
+    assert await db.fetchval(waiting, trip.endpoint_id) == 3  # pausing changes no schedule
+    await endpoints.set_state(db, "trip", "ACTIVE")
+    assert await db.fetchval(waiting, trip.endpoint_id) == 0
+    # another endpoint's schedule is its own
+    others = await db.fetchval(
+        "SELECT count(*) FROM deliveries WHERE endpoint_id <> $1 AND next_attempt_at > now()",
+        trip.endpoint_id,
+    )
+    assert others == 3

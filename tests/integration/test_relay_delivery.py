@@ -168,10 +168,28 @@ async def test_other_answers_are_failed_attempts_without_quick_retries(
     assert result.error == f'HTTP {status}: {{"error": "test"}}'
 
 
-async def test_410_gone_is_dead_at_once(receiver: Receiver, deliverer: DelivererFactory) -> None:
+async def test_410_gone_keeps_the_delivery_pending_and_uncounted(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    # the endpoint is DISABLED instead (endpoint health); the delivery waits for `enable`,
+    # even on what would have been its last attempt
     receiver.policy = answer_status(410)
-    result = await deliverer().deliver(event(attempts=0), lease_deadline=far_deadline())
-    assert (result.status, result.status_code, result.tries) == ("DEAD", 410, 1)
+    result = await deliverer(max_attempts=5).deliver(
+        event(attempts=4), lease_deadline=far_deadline()
+    )
+    assert (result.status, result.status_code, result.tries) == ("PENDING", 410, 1)
+    assert not result.counted
+
+
+async def test_an_uncounted_attempt_never_makes_a_delivery_dead(
+    receiver: Receiver, deliverer: DelivererFactory
+) -> None:
+    # a half-open breaker's probe: recorded, not counted toward RELAY_MAX_ATTEMPTS
+    receiver.policy = answer_status(500)
+    probe = event(attempts=4)
+    probe.counted = False
+    result = await deliverer(max_attempts=5).deliver(probe, lease_deadline=far_deadline())
+    assert (result.status, result.counted) == ("PENDING", False)
 
 
 async def test_the_last_attempt_failing_is_dead(

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from outbox_relay import outbox
+from outbox_relay.admin import replay_range
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.database import connect
 from payment_service.endpoints import insert_endpoint
@@ -292,6 +293,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
             [2],
             [True],
         ),
+        "probe": await _plan(conn, outbox.PROBE_CLAIM_SQL, notification, 30.0, token),
         "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
         "gauges": await _plan(conn, outbox.ENDPOINT_BACKLOG_SQL),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
@@ -307,6 +309,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
     assert "deliveries_due_idx" in plans["claim"], plans["claim"]
     assert "deliveries_pending_aggregate_idx" in plans["claim"], plans["claim"]
     assert "deliveries_pending_aggregate_idx" in plans["record"], plans["record"]
+    assert "deliveries_pending_aggregate_idx" in plans["probe"], plans["probe"]
     assert "deliveries_delivered_at_idx" in plans["delete delivered"]
     assert "idempotency_keys_expires_at_idx" in plans["delete keys"]
     # and the claim is quick there: one claim of 100 takes well under the poll interval
@@ -350,3 +353,46 @@ async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
         conn, budgets={notification: 0, trip: 100}, lease_seconds=LEASE
     )
     assert paused == []
+
+
+async def test_order_per_payment_follows_the_events_even_when_a_replay_adds_an_older_one_later(
+    conn: asyncpg.Connection,
+) -> None:
+    """`outbox replay --since` gives an endpoint a delivery for an older event after a newer
+    event's delivery of the same payment is already pending: the older event still goes first."""
+    started = await conn.fetchval("SELECT now()")
+    first, second = await insert_events(conn, payments=1, events_per_payment=2)
+    # the endpoint never had the first event (as if it was DISABLED when it was written)
+    await conn.execute("DELETE FROM deliveries WHERE event_id = $1", first.id)
+    done = await replay_range(conn, endpoint="notification", since=started, until=None)
+    assert (done.added, done.again) == (1, 1)
+    ids = dict(await conn.fetch("SELECT event_id, delivery_id FROM deliveries"))
+    assert ids[first.id] > ids[second.id]  # the older event's delivery is the newer row
+    claimed = await claim(conn, 10, LEASE)
+    assert [e.event_id for e in claimed] == [first.event_id]
+    [written] = await outbox.record_attempts(conn, [record(claimed[0], "DELIVERED")])
+    assert written.unblocks  # the later event was waiting for it
+    assert [e.event_id for e in await claim(conn, 10, LEASE)] == [second.event_id]
+
+
+async def test_an_open_breaker_is_never_claimed_and_a_probe_takes_the_head_due_or_not(
+    conn: asyncpg.Connection, notification: int
+) -> None:
+    events = await insert_events(conn, payments=2, events_per_payment=2)
+    await conn.execute(
+        "UPDATE endpoints SET breaker_open_until = now() + interval '1 minute'"
+        " WHERE endpoint_id = $1",
+        notification,
+    )
+    # due now, but the breaker is open: a relay whose copy of the endpoint still says closed
+    # claims nothing
+    assert await claim(conn, 10, LEASE) == []
+    # every delivery waits out a backoff: the probe goes anyway
+    await conn.execute("UPDATE deliveries SET next_attempt_at = now() + interval '1 hour'")
+    probe = await outbox.claim_probe(conn, notification, lease_seconds=LEASE)
+    assert probe is not None and probe.event_id == events[0].event_id
+    assert not probe.counted
+    # one delivery per payment at most: the next head is the other payment's first event
+    other = await outbox.claim_probe(conn, notification, lease_seconds=LEASE)
+    assert other is not None and other.event_id == events[2].event_id
+    assert await outbox.claim_probe(conn, notification, lease_seconds=LEASE) is None

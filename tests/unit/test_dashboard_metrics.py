@@ -18,10 +18,6 @@ from tests.support.prometheus import ALERTS, DEPLOY
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "payment-service.json"
 # Prometheus's own series about each scrape.
 SCRAPE_SERIES = {"up"}
-# Exported by the relay once the breaker-state branch (issue 11) is merged; until then they are
-# allowed here and nowhere else. Empty this set after that merge.
-AWAITED_FROM_THE_BREAKER_BRANCH = {"outbox_endpoint_breaker_state", "outbox_endpoint_state"}
-
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
              "unless", "offset", "bool", "inf", "nan"}  # fmt: skip
@@ -77,7 +73,7 @@ def test_every_queried_metric_is_exported(source: str, queries: Any) -> None:
     assert expressions, f"no queries in the {source}?"
     used = set().union(*(metric_names(expression) for expression in expressions))
     exported = exported_names()
-    assert used - exported - AWAITED_FROM_THE_BREAKER_BRANCH == set(), f"{source}: {used}"
+    assert used - exported == set(), f"{source}: {used}"
 
 
 def test_the_dashboard_shows_what_an_operator_needs() -> None:

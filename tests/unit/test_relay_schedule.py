@@ -15,6 +15,7 @@ from outbox_relay.schedule import (
     Outcome,
     Verdict,
     classify,
+    counts,
     decide,
     parse_retry_after,
     retry_delay,
@@ -102,8 +103,13 @@ def test_decide() -> None:
     kwargs: dict[str, Any] = {"max_attempts": 3, "schedule": schedule}
     assert decide(Verdict.DELIVERED, attempts=1, **kwargs) == (Outcome.DELIVERED, 0.0)
     assert decide(Verdict.DELIVERED, attempts=3, **kwargs) == (Outcome.DELIVERED, 0.0)
-    # 410 is dead at once, whatever the attempt count
-    assert decide(Verdict.GONE, attempts=1, **kwargs) == (Outcome.DEAD, 0.0)
+    # 410 disables the endpoint instead: the delivery waits, PENDING, whatever the attempt count
+    for attempts in (1, 3, 4):
+        outcome, delay = decide(Verdict.GONE, attempts=attempts, **kwargs)
+        assert outcome is Outcome.RESCHEDULED and delay > 0
+    # an attempt that does not count (a probe of a half-open breaker) never makes it DEAD
+    outcome, _ = decide(Verdict.RETRYABLE, attempts=3, counted=False, **kwargs)
+    assert outcome is Outcome.RESCHEDULED
     outcome, delay = decide(Verdict.RETRYABLE, attempts=1, **kwargs)
     assert outcome is Outcome.RESCHEDULED and 9 <= delay <= 11
     outcome, delay = decide(Verdict.FAILED, attempts=2, **kwargs)
@@ -119,3 +125,10 @@ def test_decide() -> None:
 def test_schedule_setting_parses_comma_separated_seconds() -> None:
     settings = Settings(_env_file=None, relay_retry_schedule=" 0.5, 2 ,10")  # type: ignore[call-arg,arg-type]
     assert settings.relay_retry_schedule == (0.5, 2.0, 10.0)
+
+
+def test_only_counted_attempts_other_than_410_count() -> None:
+    assert counts(Verdict.RETRYABLE, counted=True)
+    assert counts(Verdict.FAILED, counted=True)
+    assert not counts(Verdict.GONE, counted=True)
+    assert not counts(Verdict.RETRYABLE, counted=False)
