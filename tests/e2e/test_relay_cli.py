@@ -18,9 +18,10 @@ import pytest
 
 from outbox_relay.http import CallbackClient
 from payment_service.embedded import free_port
+from payment_service.endpoints import update_endpoint
 from payment_service.signing import secret_key, sign
 from tests.support.commands import service_command
-from tests.support.database import insert_events, status_counts
+from tests.support.database import DELIVERY_ROWS, insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
 from tests.support.processes import RelayLauncher
 from tests.support.receiver import Receiver, answer_status
@@ -160,15 +161,17 @@ async def test_the_sink_answers_errors_on_request_and_the_relay_retries(
     assert await first.wait_exit(timeout=15) == 0
     gone = start_sink(sinks, tmp_path, "--status", "410", secret=None)
     await sink_ready(gone)
+    # Seeding never moves an endpoint that has a URL: the operator points it at the new sink.
+    await update_endpoint(conn, "notification", url=gone.base_url + CALLBACK_PATH)
     relays.start(notification_service_url=gone.base_url, callback_signing_secret="")
     more = await insert_events(conn, payments=2)
 
     async def dead() -> bool:
         rows = await conn.fetch(
-            "SELECT status FROM outbox_events WHERE event_id = ANY($1::uuid[])",
+            f"SELECT status FROM {DELIVERY_ROWS} WHERE event_id = ANY($1::uuid[])",
             [e.event_id for e in more],
         )
-        return all(r["status"] == "DEAD" for r in rows)
+        return len(rows) == len(more) and all(r["status"] == "DEAD" for r in rows)
 
     await wait_until(dead, timeout=30)
 

@@ -172,6 +172,9 @@ async def test_max_attempts_makes_an_event_dead_and_replay_delivers_it(
     )
     receiver.policy = answer_status(200)
     replay = outbox_command(database_url, "replay", "--dead")
-    assert (replay.returncode, replay.stdout.strip()) == (0, "replayed 4 event(s)"), replay.stderr
+    assert (replay.returncode, replay.stdout.strip()) == (
+        0,
+        "replayed 4 delivery(ies) to notification",
+    ), replay.stderr
     await all_accepted(receiver, {e.event_id for e in events}, timeout=30)
     await wait_until(lambda: _all_delivered(conn, 4), timeout=10)
