@@ -4,8 +4,10 @@
   migrated; the test may stop and start it. It is not the session's shared server.
 - `receiver` (tests/support/receiver.py): the test receiver the relay posts to; `stack` gives it
   the signing secret, so every callback's signature is verified.
-- `stack`: starts `payment-service serve` / `relay` processes against both; at the end every
-  process is stopped and the tail of each log is printed (pytest shows it when the test failed).
+- `trip`: a second receiver, subscribed by `stack` as endpoint `trip` with a secret of its own;
+- `stack`: starts `payment-service serve` / `relay` processes against the database and both
+  receivers; at the end every process is stopped and the tail of each log is printed (pytest shows
+  it when the test failed).
 """
 
 from __future__ import annotations
@@ -33,10 +35,20 @@ async def fault_db() -> AsyncIterator[FaultDatabase]:
 
 
 @pytest.fixture
+async def trip() -> AsyncIterator[Receiver]:
+    receiver = await Receiver(path="/trip").start()
+    try:
+        yield receiver
+    finally:
+        await receiver.close()
+
+
+@pytest.fixture
 async def stack(
-    fault_db: FaultDatabase, receiver: Receiver, tmp_path: Path
+    fault_db: FaultDatabase, receiver: Receiver, trip: Receiver, tmp_path: Path
 ) -> AsyncIterator[ServiceStack]:
     services = ServiceStack(fault_db, receiver, tmp_path)
+    await services.subscribe("trip", trip)
     try:
         yield services
     finally:

@@ -2,6 +2,11 @@
 generator of retrying clients, and the assertions every fault test ends with. The PostgreSQL a
 test can stop, the processes and the receiver are in tests/support.
 
+Every fault test runs with two endpoints (DESIGN §7a): `notification`, seeded by the relay from
+the settings, and `trip`, added before any process starts, each with its own receiver and secret.
+Both subscribe to every event type, so every event must reach both, in order per (endpoint,
+payment), signed with that endpoint's secret.
+
 Everything waits on conditions with deadlines; nothing sleeps to let something happen. The only
 sleeps are a client's pause between retries (what a real client does) and the receiver's stall.
 """
@@ -14,7 +19,7 @@ import itertools
 import json
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -24,9 +29,10 @@ from typing import Any
 import asyncpg
 import httpx
 
+from payment_service.endpoints import insert_endpoint
 from tests.support.api import key_hash
 from tests.support.commands import run_check
-from tests.support.database import OWN_DATABASE_NAME, FaultDatabase
+from tests.support.database import DELIVERY_ROWS, OWN_DATABASE_NAME, FaultDatabase
 from tests.support.environment import clean_env, new_signing_secret
 from tests.support.processes import ApiProcess, ServiceProcess
 from tests.support.receiver import Receiver
@@ -55,6 +61,8 @@ BASE_ENVIRONMENT: dict[str, object] = {
     # A failed delivery is retried after 1 s, then 2 s, … instead of 5 s, 30 s, …: the faults are
     # short, and a test should not wait half a minute for the second try.
     "RELAY_RETRY_SCHEDULE": "1,2,4",
+    # Likewise an endpoint's breaker, once open, probes after 2 s rather than 30 s.
+    "ENDPOINT_BREAKER_COOLDOWN_SECONDS": 2,
 }
 
 
@@ -67,7 +75,22 @@ class ServiceStack:
         self.workdir = workdir
         self.secret = new_signing_secret()
         receiver.secret = self.secret
+        # Endpoint name -> the receiver it delivers to; `notification` is seeded from the settings.
+        self.endpoints: dict[str, Receiver] = {"notification": receiver}
         self.processes: list[ServiceProcess] = []
+
+    async def subscribe(self, name: str, receiver: Receiver) -> None:
+        """Add endpoint `name` for every event type, delivering to `receiver` and signed with a
+        secret of its own (the receiver checks each callback's signature with it)."""
+        receiver.secret = new_signing_secret()
+        conn = await self.db.connect()
+        try:
+            await insert_endpoint(
+                conn, name=name, url=receiver.base_url + receiver.path, secret=receiver.secret
+            )
+        finally:
+            await conn.close()
+        self.endpoints[name] = receiver
 
     def env(self, **overrides: object) -> dict[str, str]:
         variables: dict[str, Any] = {
@@ -449,48 +472,82 @@ async def _stored_as_answered(
 
 
 async def assert_every_event_delivered(
-    db: FaultDatabase, receiver: Receiver, *, timeout: float, exactly_once: bool
+    stack: ServiceStack, *, timeout: float, exactly_once: bool
 ) -> list[asyncpg.Record]:
-    """Wait until every outbox event is DELIVERED and the receiver acknowledged each one.
+    """Wait until every delivery is DELIVERED and each endpoint's receiver acknowledged each of
+    its events; every event has a delivery to every endpoint of the stack.
 
-    `exactly_once`: no event reached the receiver twice as a real (non-stalled) delivery — only
-    crashes may cause duplicates. Every delivery must carry webhook-id = Idempotency-Key = the
-    body's event_id and a valid signature.
+    `exactly_once`: no event reached a receiver twice as a real (non-stalled) delivery — only
+    crashes may cause duplicates. Every callback must carry webhook-id = Idempotency-Key = the
+    body's event_id and a signature valid with its endpoint's secret; per (endpoint, payment),
+    events are first acknowledged in the order they were written.
     """
+    db = stack.db
 
     async def all_delivered() -> bool:
-        undelivered = await db.fetchval(
-            "SELECT count(*) FROM outbox_events WHERE status <> 'DELIVERED'"
-        )
-        if undelivered:
+        if await db.fetchval("SELECT count(*) FROM deliveries WHERE status <> 'DELIVERED'"):
             return False
-        events = await db.fetch("SELECT event_id::text AS event_id FROM outbox_events")
-        return {row["event_id"] for row in events} <= set(receiver.accepted_counts())
+        rows = await db.fetch(f"SELECT endpoint, event_id::text AS event_id FROM {DELIVERY_ROWS}")
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            wanted[row["endpoint"]].add(row["event_id"])
+        return all(
+            wanted[name] <= set(receiver.accepted_counts())
+            for name, receiver in stack.endpoints.items()
+        )
 
     try:
         await wait_for(
-            all_delivered, timeout=timeout, what="every outbox event to be delivered", interval=0.2
+            all_delivered, timeout=timeout, what="every delivery to be delivered", interval=0.2
         )
     except AssertionError:
         stuck = await db.fetch(
-            "SELECT id, event_type, status, attempts, last_error, next_attempt_at, locked_until "
-            "FROM outbox_events WHERE status <> 'DELIVERED' ORDER BY id LIMIT 5"
+            "SELECT endpoint, id, event_type, status, attempts, last_error, next_attempt_at, "
+            f"locked_until FROM {DELIVERY_ROWS} WHERE status <> 'DELIVERED' ORDER BY id LIMIT 5"
         )
-        raise AssertionError(f"undelivered events, e.g. {[dict(r) for r in stuck]}") from None
+        states = await db.fetch(
+            "SELECT name, state, consecutive_failures, breaker_open_until FROM endpoints"
+        )
+        raise AssertionError(
+            f"undelivered deliveries, e.g. {[dict(r) for r in stuck]}; "
+            f"endpoints {[dict(r) for r in states]}"
+        ) from None
+    names = {row["name"] for row in await db.fetch("SELECT name FROM endpoints")}
+    assert names == set(stack.endpoints), names
+    missing = await db.fetch(
+        """
+        SELECT e.id, ep.name
+          FROM outbox_events AS e CROSS JOIN endpoints AS ep
+         WHERE NOT EXISTS (SELECT 1 FROM deliveries AS d
+                            WHERE d.event_id = e.id AND d.endpoint_id = ep.endpoint_id)
+         LIMIT 5
+        """
+    )
+    assert not missing, f"events without a delivery to an endpoint: {[dict(r) for r in missing]}"
     events = await db.fetch(
         "SELECT event_id::text AS event_id, event_type, aggregate_id, payload::text AS payload "
         "FROM outbox_events ORDER BY id"
     )
+    for name, receiver in stack.endpoints.items():
+        _assert_received_as_written(name, receiver, events, exactly_once=exactly_once)
+    return events
+
+
+def _assert_received_as_written(
+    name: str, receiver: Receiver, events: list[asyncpg.Record], *, exactly_once: bool
+) -> None:
+    """What one endpoint's receiver got: the events as stored, signed with its secret, first
+    acknowledged in order per payment, and (`exactly_once`) none acknowledged twice."""
     expected = {row["event_id"]: row for row in events}
+    assert set(receiver.accepted_counts()) == set(expected), f"{name}: not every event acknowledged"
     for delivery in receiver.deliveries:
-        assert delivery.event_id in expected, f"a callback for an unknown event: {delivery.body!r}"
+        assert delivery.event_id in expected, f"{name}: a callback for an unknown event: {delivery}"
         assert delivery.webhook_id == delivery.event_id == delivery.idempotency_key, delivery
-        assert delivery.signature_ok is not False, f"bad signature on {delivery.event_id}"
+        assert delivery.signature_ok is True, f"{name}: bad signature on {delivery.event_id}"
         assert delivery.event == json.loads(expected[delivery.event_id]["payload"]), delivery
     if exactly_once:
         twice = {event: n for event, n in receiver.accepted_counts().items() if n > 1}
-        assert not twice, f"{len(twice)} event(s) delivered more than once without a crash"
-    # Per payment, events are first acknowledged in the order they were written.
+        assert not twice, f"{name}: {len(twice)} event(s) delivered more than once without a crash"
     first_ack: dict[str, int] = {}
     for position, delivery in enumerate(receiver.deliveries):
         if delivery.event_id and delivery.accepted:
@@ -500,5 +557,4 @@ async def assert_every_event_delivered(
         by_payment.setdefault(row["aggregate_id"], []).append(row["event_id"])
     for payment_id, written in by_payment.items():
         acknowledged = sorted(written, key=first_ack.__getitem__)
-        assert acknowledged == written, f"payment {payment_id}'s events overtook each other"
-    return events
+        assert acknowledged == written, f"{name}: payment {payment_id}'s events overtook each other"

@@ -1,11 +1,12 @@
-"""The Notification Service misbehaves while the relay delivers under load.
+"""The Notification Service misbehaves while the relay delivers under load; the Trip Service, the
+second endpoint, stays healthy throughout.
 
-- It disappears (stops listening, drops idle connections), comes back, then answers 500 for a
-  while: every event is still delivered, and none twice — no process crashed, so a duplicate
-  would be the relay's fault.
-- It answers the first request of every event more slowly than RELAY_REQUEST_TIMEOUT: the relay
-  gives up on it (the receiver sees the connection close), retries, and every event is delivered;
-  only the abandoned requests are repeats.
+- Notification disappears (stops listening, drops idle connections), comes back, then answers 500
+  for a while: trip keeps getting new events while notification is down, every event is still
+  delivered to both, and none twice — no process crashed, so a duplicate would be the relay's fault.
+- Notification answers the first request of every event more slowly than RELAY_REQUEST_TIMEOUT:
+  the relay gives up on it (the receiver sees the connection close), retries, and every event is
+  delivered; only the abandoned requests are repeats, and trip never saw one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tests.faults.harness import (
     assert_clients_got_what_the_database_holds,
     assert_every_event_delivered,
 )
-from tests.support.database import FaultDatabase
+from tests.support.database import DELIVERY_ROWS, FaultDatabase
 from tests.support.receiver import (
     Receiver,
     answer_ok,
@@ -35,17 +36,17 @@ SLOW_TIMEOUT_SECONDS = 3
 
 
 async def _failed_attempts(db: FaultDatabase) -> int:
-    """Events whose last delivery attempt failed and that wait for another."""
+    """Deliveries to notification whose last attempt failed and that wait for another."""
     return int(
         await db.fetchval(
-            "SELECT count(*) FROM outbox_events "
-            "WHERE status = 'PENDING' AND attempts > 0 AND last_error IS NOT NULL"
+            f"SELECT count(*) FROM {DELIVERY_ROWS} WHERE endpoint = 'notification'"
+            " AND status = 'PENDING' AND attempts > 0 AND last_error IS NOT NULL"
         )
     )
 
 
 async def test_receiver_down_then_failing_then_back(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver, trip: Receiver
 ) -> None:
     api = await stack.api(workers=1)
     stack.relay()
@@ -58,6 +59,13 @@ async def test_receiver_down_then_failing_then_back(
         # Down until the relay has recorded a failed attempt and rescheduled the event.
         await wait_for(
             lambda: _failed_attempts(fault_db), timeout=60, what="a failed delivery recorded"
+        )
+        # Notification's failures hold nothing up at the other endpoint.
+        target = len(trip.accepted_ids()) + 10
+        await wait_for(
+            lambda: len(trip.accepted_ids()) >= target,
+            timeout=60,
+            what="trip to get new events while notification is down",
         )
         receiver.policy = answer_status(500)
         await receiver.listen_again()
@@ -73,12 +81,12 @@ async def test_receiver_down_then_failing_then_back(
         await load.finish()
 
     await assert_clients_got_what_the_database_holds(load, fault_db)
-    await assert_every_event_delivered(fault_db, receiver, timeout=120, exactly_once=True)
+    await assert_every_event_delivered(stack, timeout=120, exactly_once=True)
     await stack.check()
 
 
 async def test_receiver_slower_than_the_request_timeout(
-    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
+    stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver, trip: Receiver
 ) -> None:
     receiver.policy = hang_first_request_of_each_event()  # until the relay hangs up
     api = await stack.api(workers=1)
@@ -91,8 +99,9 @@ async def test_receiver_slower_than_the_request_timeout(
         await load.finish()
 
     await assert_clients_got_what_the_database_holds(load, fault_db)
-    events = await assert_every_event_delivered(fault_db, receiver, timeout=120, exactly_once=True)
+    events = await assert_every_event_delivered(stack, timeout=120, exactly_once=True)
     stalled = [d for d in receiver.deliveries if d.stalled]
     assert {d.event_id for d in stalled} == {row["event_id"] for row in events}
     assert all(d.relay_hung_up for d in stalled), "the relay waited past its request timeout"
+    assert len(trip.deliveries) == len(events), "trip was sent an event twice"
     await stack.check()

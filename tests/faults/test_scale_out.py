@@ -1,10 +1,11 @@
 """Scale-out on one PostgreSQL: 2 API processes and 3 relays, all stateless.
 
 The clients send each attempt of a request to the next API process, so a retry may land on the
-other one. Midway, the receiver holds every callback unanswered until all three relays have one
-in flight at the same moment — proof that the three deliver side by side rather than one doing
-everything — then lets them go. Every event is acknowledged exactly once, nothing is sent twice
-except the held requests the relays saw fail, and `payment-service check` passes.
+other one. Midway, notification's receiver holds every callback unanswered until all three relays
+have one in flight at the same moment — proof that the three deliver side by side rather than one
+doing everything — then lets them go. Every event is acknowledged exactly once at each of the two
+endpoints (two relays never acknowledge one delivery twice), nothing is sent twice except the held
+requests the relays saw fail, and `payment-service check` passes.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ async def test_two_apis_and_three_relays_deliver_every_event_exactly_once(
     stack: ServiceStack, fault_db: FaultDatabase, receiver: Receiver
 ) -> None:
     apis = [await stack.api(f"api-{n}", workers=1) for n in (1, 2)]
-    # Each relay holds at most concurrency + batch events, so held deliveries cannot all go to
-    # one relay: the rest stay claimable by the others.
+    # Each relay holds at most concurrency + batch deliveries per endpoint, so held deliveries
+    # cannot all go to one relay: the rest stay claimable by the others.
     relays = {
         f"relay-{n}": stack.relay(f"relay-{n}", relay_batch_size=4, relay_concurrency=4)
         for n in range(1, RELAYS + 1)
     }
-    receiver.owner_of = functools.partial(
-        socket_owner,
-        server_port=receiver.port,
-        processes={name: relay.pid for name, relay in relays.items()},
-    )
+    for each in stack.endpoints.values():
+        each.owner_of = functools.partial(
+            socket_owner,
+            server_port=each.port,
+            processes={name: relay.pid for name, relay in relays.items()},
+        )
     load = LoadGenerator([api.base_url for api in apis], clients=6, seed=5)
     load.start()
     try:
@@ -72,12 +74,13 @@ async def test_two_apis_and_three_relays_deliver_every_event_exactly_once(
         await load.finish()
 
     await assert_clients_got_what_the_database_holds(load, fault_db)
-    events = await assert_every_event_delivered(fault_db, receiver, timeout=120, exactly_once=True)
-    unheld = [d for d in receiver.deliveries if not d.stalled]
-    assert len(unheld) == len(events), f"{len(unheld)} callbacks for {len(events)} events"
-    assert {d.origin for d in receiver.deliveries} <= set(relays)
-    share = Counter(d.origin for d in unheld)
-    print(f"{len(events)} events acknowledged once each; by relay: {dict(sorted(share.items()))}")
+    events = await assert_every_event_delivered(stack, timeout=120, exactly_once=True)
+    for name, each in stack.endpoints.items():
+        unheld = [d for d in each.deliveries if not d.stalled]
+        assert len(unheld) == len(events), f"{name}: {len(unheld)} callbacks, {len(events)} events"
+        assert {d.origin for d in each.deliveries} <= set(relays), name
+        share = Counter(d.origin for d in unheld)
+        print(f"{name}: {len(events)} events acknowledged once each; by relay: {dict(share)}")
     await stack.check()
     for process in [*apis, *relays.values()]:
         assert process.running() and process.starts == 1, process.log_tail()
