@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> PaymentApp:
     app.url_map.converters["endpoint_name"] = admin.EndpointNameConverter
     install_openapi(app, settings)
     app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
-    if settings.admin_api_keys:  # else every /admin path is 404, as if absent (DESIGN §3)
+    if settings.admin_api_keys:  # else every /admin path is 404, as if absent
         app.register_blueprint(admin.blueprint, url_prefix=settings.api_prefix + "/admin")
     install_lifecycle(app)
     install_request_hooks(app)

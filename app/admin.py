@@ -1,4 +1,4 @@
-"""The admin API (DESIGN §7a): subscribed endpoints over HTTP, and one event's deliveries.
+"""The admin API: subscribed endpoints over HTTP, and one event's deliveries.
 
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin

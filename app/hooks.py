@@ -54,7 +54,7 @@ def install_request_hooks(app: PaymentApp) -> None:
         g.started = time.perf_counter()
         sent = request.headers.get("X-Request-ID", "")
         g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
-        # The caller (idempotency scope, DESIGN §5): with auth off, one shared scope.
+        # The caller (idempotency scope): with auth off, one shared scope.
         g.caller = None if keys else DEFAULT_CALLER
         if keys and request.path.encode().startswith(protected):
             g.caller = bearer_name(request.headers.get("Authorization", ""), keys)

@@ -2,7 +2,7 @@
 
 Bodies are parsed with every JSON number with a fraction as a Decimal, so an amount never passes
 through a binary float: `0.29` is `Decimal("0.29")` from the first byte to the numeric(12,2) column,
-and a metadata number is stored as the literal it was sent as. Input is strict (DESIGN §4):
+and a metadata number is stored as the literal it was sent as. Input is strict:
 duplicate members, numbers Python cannot hold, exponents in amounts and non-ASCII digits are 400.
 """
 

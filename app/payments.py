@@ -47,7 +47,7 @@ def new_reference_suffix() -> str:
 # placeholder `:event_type`. The payload's `sequence` is the row's `event_sequence`: 1 for a new
 # payment, and every statement that changes a payment's state increments it in the same UPDATE
 # that this event reads back.
-# `fan_out` writes one delivery per endpoint subscribed to the event's type (DESIGN §7a), in the
+# `fan_out` writes one delivery per endpoint subscribed to the event's type, in the
 # same statement, so the event and its deliveries commit together. It reads `endpoints` each time
 # (no cache): an endpoint added a moment ago gets this event. PAUSED endpoints get theirs and hold
 # them until resumed; DISABLED ones get none (`outbox replay --endpoint N --since T` backfills).

@@ -1,7 +1,7 @@
 """`payment-service outbox stats | dead | replay`: look at and operate the deliveries, per endpoint.
 
 An event is what happened (`outbox_events`); a delivery is sending it to one endpoint
-(`deliveries`, DESIGN §7a). These commands read and change deliveries only, each with one whole
+(`deliveries`). These commands read and change deliveries only, each with one whole
 statement below (`$n` numbered in place, so the tests can EXPLAIN what runs); the relay's claim
 and record statements live in outbox_relay/outbox.py. A command that puts deliveries back in line
 NOTIFYs the relays in the same statement, so they pick them up at once.

@@ -1,4 +1,4 @@
-"""Endpoint health (DESIGN §7a): the breaker and automatic DISABLED, as a pure state machine.
+"""Endpoint health: the breaker and automatic DISABLED, as a pure state machine.
 
 `apply(health, verdict, now=…, policy=…)` takes one endpoint's health and the verdict of one
 *attempt* (quick retries inside it count once) and returns the new health, the state changes it

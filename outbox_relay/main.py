@@ -1,4 +1,4 @@
-"""The relay process: lease due deliveries, send them, write the results back (DESIGN §7, §7a).
+"""The relay process: lease due deliveries, send them, write the results back.
 
 A delivery is one event on its way to one subscribed endpoint. One relay runs these tasks on one
 event loop:
@@ -28,7 +28,7 @@ never delay another's deliveries. Three things see to it:
    claimer from serving the others;
 3. order per (endpoint, payment) only: a delivery waits for an earlier PENDING delivery of the
    same payment to the same endpoint, never for another endpoint's.
-Endpoint health (DESIGN §7a; outbox_relay.health, outbox_relay.endpoint_health) is wired in two
+Endpoint health (outbox_relay.health, outbox_relay.endpoint_health) is wired in two
 places:
 - claiming (`_claim_budget`, `_probe`): a lane whose endpoint's breaker is closed claims its
   budget; an open breaker claims nothing (its deliveries wait, keeping their attempts); a

@@ -97,5 +97,5 @@ def decide(
 
 def counts(verdict: Verdict, *, counted: bool) -> bool:
     """Whether an attempt counts toward RELAY_MAX_ATTEMPTS: made while its endpoint's breaker was
-    closed (`counted`), and not answered 410 Gone (that disables the endpoint, DESIGN §7a)."""
+    closed (`counted`), and not answered 410 Gone (that disables the endpoint)."""
     return counted and verdict is not Verdict.GONE

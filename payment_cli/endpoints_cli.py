@@ -1,4 +1,4 @@
-"""`payment-service endpoints …`: manage the subscribed endpoints (DESIGN §7a) from a terminal.
+"""`payment-service endpoints …`: manage the subscribed endpoints from a terminal.
 
 Thin commands over payment_service.endpoints, which holds the SQL and the validation: each command
 parses its arguments, runs one function on one connection and prints the outcome. A secret is

@@ -70,7 +70,7 @@ def _port_free(host: str, port: int) -> bool:
 
 @dataclass
 class Prepared:
-    """What `prepare_database` did: migrations applied, endpoints seeded (DESIGN §3)."""
+    """What `prepare_database` did: migrations applied, endpoints seeded."""
 
     applied: list[int]
     created: list[str]  # endpoints that did not exist

@@ -132,9 +132,9 @@ class Settings(BaseSettings):
     # its network (not the host) can scrape the relay container.
     relay_metrics_host: str = "127.0.0.1"
     outbox_retention_hours: float = Field(default=168, ge=0)
-    # Relay tuning beyond DESIGN §3 (tests and demos shorten these). RELAY_RETRY_SCHEDULE: seconds
-    # before attempt 2, 3, … (comma-separated; the last repeats). RELAY_QUICK_RETRIES: extra tries
-    # inside one attempt, RELAY_QUICK_RETRY_WAIT seconds apart at first (exponential, jittered).
+    # Relay tuning (tests and demos shorten these). RELAY_RETRY_SCHEDULE: seconds before attempt
+    # 2, 3, … (comma-separated; the last repeats). RELAY_QUICK_RETRIES: extra tries inside one
+    # attempt, RELAY_QUICK_RETRY_WAIT seconds apart at first (exponential, jittered).
     relay_retry_schedule: Annotated[tuple[Annotated[float, Field(gt=0)], ...], NoDecode] = Field(
         default=(5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400), min_length=1
     )
@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     relay_shutdown_grace_seconds: float = Field(default=10, ge=0)  # drain time on SIGTERM
     relay_housekeeping_interval: float = Field(default=300, gt=0)  # seconds between passes
 
-    # Endpoint health (DESIGN §7a): the breaker opens after this many consecutive failed
+    # Endpoint health: the breaker opens after this many consecutive failed
     # attempts, probes after the cooldown (doubling up to 10 minutes); an endpoint failing
     # without a success for ENDPOINT_DISABLE_AFTER_HOURS is DISABLED.
     endpoint_breaker_failures: int = Field(default=10, ge=1, le=10000)

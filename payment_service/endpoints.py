@@ -180,7 +180,7 @@ class EndpointSeed:
 
 
 def seeds_from_settings(settings: Settings) -> list[EndpointSeed]:
-    """The endpoints the integration guide's settings describe (DESIGN §3)."""
+    """The endpoints the integration guide's settings describe."""
     seeds = [EndpointSeed("notification", settings.notification_url, ("*",))]
     for name, base, path, types in (
         ("trip", settings.trip_service_url, settings.trip_callback_path, settings.trip_event_types),

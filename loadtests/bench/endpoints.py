@@ -1,4 +1,4 @@
-"""Subscribed endpoints for the benchmark (DESIGN §7a), configured the way an operator would.
+"""Subscribed endpoints for the benchmark, configured the way an operator would.
 
 The first endpoint is `notification` (migration 0006 creates it without a URL); the others are
 `trip`, `driver` and `rider`, added here without a URL as seeded endpoints. Every relay seeds

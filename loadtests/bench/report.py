@@ -243,7 +243,7 @@ def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str
             )
         )
     if targets:
-        out += ["### Targets (DESIGN §9)", "", "| target | measured | met |", "|---|---|---|"]
+        out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
         out += [
             f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets
         ]

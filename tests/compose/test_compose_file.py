@@ -34,7 +34,7 @@ def test_every_setting_reaches_the_service_containers(
     assert set(environment) & UNUSED_SETTINGS == set()
     assert environment["DB_HOST"] == "db"
     assert environment["NOTIFICATION_SERVICE_URL"] == "http://notification-sink:8085"
-    # The second stand-in receiver is seeded as endpoint `trip` (DESIGN §7a).
+    # The second stand-in receiver is seeded as endpoint `trip`.
     assert environment["TRIP_SERVICE_URL"] == "http://trip-sink:8081"
     assert environment["TRIP_CALLBACK_PATH"] == "${TRIP_CALLBACK_PATH:-/trips/payment-events}"
     assert environment["TRIP_EVENT_TYPES"] == (

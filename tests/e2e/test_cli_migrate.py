@@ -1,4 +1,4 @@
-"""`payment-service migrate` as real processes (DESIGN §2): applies the schema, reruns as a no-op,
+"""`payment-service migrate` as real processes: applies the schema, reruns as a no-op,
 is safe from many replicas at once, and refuses a database that is ahead of the code."""
 
 from __future__ import annotations

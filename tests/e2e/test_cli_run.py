@@ -1,4 +1,4 @@
-"""`payment-service run` as a real process (DESIGN §2): with no database configured it starts an
+"""`payment-service run` as a real process: with no database configured it starts an
 embedded PostgreSQL under PAYMENT_SERVICE_DATA_DIR, migrates, serves on SERVICE_PORT with the relay
 beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a restart."""
 

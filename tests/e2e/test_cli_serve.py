@@ -1,4 +1,4 @@
-"""`payment-service serve` as a real process (DESIGN §2, §3): bad configuration refuses to start
+"""`payment-service serve` as a real process: bad configuration refuses to start
 with one line naming the variable; a good one serves on the given port and stops cleanly on a
 signal."""
 

@@ -159,7 +159,7 @@ async def test_the_sink_answers_errors_on_request_and_the_relay_retries(
 
     first.send(signal.SIGTERM)
     assert await first.wait_exit(timeout=15) == 0
-    # A sink answering 410 Gone: its endpoint is DISABLED, the deliveries wait (DESIGN §7a).
+    # A sink answering 410 Gone: its endpoint is DISABLED, the deliveries wait.
     gone = start_sink(sinks, tmp_path, "--status", "410", secret=None)
     await sink_ready(gone)
     await update_endpoint(conn, "notification", url=gone.base_url + CALLBACK_PATH)

@@ -1,4 +1,4 @@
-"""Relay processes crashing, stopping and running side by side (DESIGN §8).
+"""Relay processes crashing, stopping and running side by side.
 
 - kill -9 in the middle of a large batch, then a new relay: everything delivered; duplicates only
   of events the dead relay had claimed, with the same webhook-id and body;

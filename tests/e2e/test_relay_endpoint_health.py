@@ -1,4 +1,4 @@
-"""Endpoint health end to end (DESIGN §7a): real relay processes, real receivers on 127.0.0.1, a
+"""Endpoint health end to end: real relay processes, real receivers on 127.0.0.1, a
 real PostgreSQL. The breaker opens after N failed attempts, probes after its cooldown and closes on
 success, and nothing becomes DEAD meanwhile; 410 Gone disables the endpoint and `enable` sends
 everything, in order; a PAUSED endpoint gets nothing until resumed; the relay logs every change

@@ -1,4 +1,4 @@
-"""A receiver's answer, however odd, costs only that delivery an attempt (DESIGN §8).
+"""A receiver's answer, however odd, costs only that delivery an attempt.
 
 A real relay process delivers to a misbehaving receiver on 127.0.0.1: the first request of each
 event gets one kind of odd answer (NUL bytes in the body, status 999 or 099, broken or endless

@@ -2,7 +2,7 @@
 generator of retrying clients, and the assertions every fault test ends with. The PostgreSQL a
 test can stop, the processes and the receiver are in tests/support.
 
-Every fault test runs with two endpoints (DESIGN §7a): `notification`, seeded by the relay from
+Every fault test runs with two endpoints: `notification`, seeded by the relay from
 the settings, and `trip`, added before any process starts, each with its own receiver and secret.
 Both subscribe to every event type, so every event must reach both, in order per (endpoint,
 payment), signed with that endpoint's secret.

@@ -1,4 +1,4 @@
-"""The admin API (DESIGN §7a, issue 11): `/admin/endpoints…` and `GET /admin/events/{event_id}/
+"""The admin API (issue 11): `/admin/endpoints…` and `GET /admin/events/{event_id}/
 deliveries` behind ADMIN_API_KEYS (404 when unset, 401 without an admin key), problem+json errors,
 secrets shown only when added or rotated, changes that the API's next write sees at once, and the
 OpenAPI document that says all that. The real app over HTTP against a real PostgreSQL."""

@@ -1,4 +1,4 @@
-"""The database goes away and comes back (DESIGN §4, §8): /health says 503 "unhealthy", writes
+"""The database goes away and comes back: /health says 503 "unhealthy", writes
 answer 503 DATABASE_UNAVAILABLE with Retry-After at once (never hang, never 500), nothing
 half-written is left, and the same running server recovers without a restart."""
 

@@ -1,4 +1,4 @@
-"""Errors are classified honestly (DESIGN §4): only a lost or refused database connection is a 503
+"""Errors are classified honestly: only a lost or refused database connection is a 503
 DATABASE_UNAVAILABLE; a query that is wrong for the schema it meets is a 500 INTERNAL_ERROR whose
 traceback is logged (and never sent)."""
 

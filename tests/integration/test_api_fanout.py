@@ -1,4 +1,4 @@
-"""Fan-out in the write (DESIGN §7a, issue 11): the API's statement that writes an outbox event
+"""Fan-out in the write (issue 11): the API's statement that writes an outbox event
 writes, in the same statement, one delivery per ACTIVE or PAUSED endpoint whose event types match;
 a DISABLED endpoint gets none; an endpoint added later gets events from then on. Through the real
 app over HTTP, against a real PostgreSQL."""

@@ -1,4 +1,4 @@
-"""The HTTP surface (DESIGN §4): bearer auth, body limits and media types, X-Request-ID,
+"""The HTTP surface: bearer auth, body limits and media types, X-Request-ID,
 problem+json everywhere, API_PREFIX, /health, /metrics, /openapi.json and /docs."""
 
 from __future__ import annotations

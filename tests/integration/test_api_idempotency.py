@@ -1,4 +1,4 @@
-"""Idempotency (DESIGN §5): one payment per key under concurrency, byte-identical replays, 422 on
+"""Idempotency: one payment per key under concurrency, byte-identical replays, 422 on
 reuse, 409 while in flight, expiry, the seed's key hash, what is (not) stored, and keys scoped
 per caller."""
 
@@ -425,7 +425,7 @@ async def test_keys_are_per_operation_not_per_client_bytes(
     assert await db.fetchval("SELECT count(*) FROM payments") == 2
 
 
-# -- keys are scoped per caller (DESIGN §3 API_KEYS, §5) -----------------------------------------
+# -- keys are scoped per caller -----------------------------------------
 TWO_CALLERS = ("svc-a:tok-a", "svc-b:tok-b")
 AS_A = {"Authorization": "Bearer tok-a"}
 AS_B = {"Authorization": "Bearer tok-b"}

@@ -1,4 +1,4 @@
-"""No input, however malformed, gets a 5xx (DESIGN §8): broken JSON, NaN/Infinity, deep nesting,
+"""No input, however malformed, gets a 5xx: broken JSON, NaN/Infinity, deep nesting,
 odd unicode, wrong types, int64 overflow. Each is a 4xx problem document, and nothing is stored."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ MALFORMED: dict[str, bytes] = {
 }
 
 GIANT_EXPONENT = b"1e99999999999999999999999999"
-# Strict input (DESIGN §4): each of these was once accepted or a 500; each must be a 400.
+# Strict input: each of these was once accepted or a 500; each must be a 400.
 STRICT: dict[str, bytes] = {
     "giant-exponent-amount": raw(amount=GIANT_EXPONENT),
     "giant-exponent-trip": raw(trip=GIANT_EXPONENT),

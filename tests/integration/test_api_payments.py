@@ -1,5 +1,5 @@
-"""POST /payments (DESIGN §4): the payment object, exact money, validation, one live charge per
-trip, and the outbox event written with every state change (DESIGN §7)."""
+"""POST /payments: the payment object, exact money, validation, one live charge per
+trip, and the outbox event written with every state change."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET /payments/{id}, GET /payments/{id}/refunds and GET /payments (DESIGN §4): newest first,
+"""GET /payments/{id}, GET /payments/{id}/refunds and GET /payments: newest first,
 keyset pagination with has_more, filters, and limit bounds."""
 
 from __future__ import annotations

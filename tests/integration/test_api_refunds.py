@@ -1,4 +1,4 @@
-"""POST /payments/{id}/refunds (DESIGN §4): partial and full refunds, never more than the payment
+"""POST /payments/{id}/refunds: partial and full refunds, never more than the payment
 (also under concurrency), the refund events, and the refund errors."""
 
 from __future__ import annotations

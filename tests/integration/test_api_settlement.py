@@ -1,4 +1,4 @@
-"""Asynchronous payments (DESIGN §4): 202 PENDING for ASYNC_METHODS, then the gateway's settlement
+"""Asynchronous payments: 202 PENDING for ASYNC_METHODS, then the gateway's settlement
 SUCCESS or FAILED; only a PENDING payment settles; one outbox event per state change."""
 
 from __future__ import annotations

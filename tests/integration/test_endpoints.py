@@ -1,4 +1,4 @@
-"""Subscribed endpoints (DESIGN §7a): the core's SQL against a real PostgreSQL: add, change,
+"""Subscribed endpoints: the core's SQL against a real PostgreSQL: add, change,
 pause/enable, rotate a secret, remove, and seeding that never overwrites a changed endpoint."""
 
 from __future__ import annotations

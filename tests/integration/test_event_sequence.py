@@ -1,4 +1,4 @@
-"""`sequence` in every event (DESIGN §7): the payment's state-change count, 1 for the charge and one
+"""`sequence` in every event: the payment's state-change count, 1 for the charge and one
 more for each settlement or refund, distinct and gap-free even when refunds race."""
 
 from __future__ import annotations

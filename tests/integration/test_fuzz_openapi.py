@@ -1,6 +1,6 @@
-"""Fuzz the API from its own /openapi.json with schemathesis (DESIGN §8): whatever is sent, valid or
+"""Fuzz the API from its own /openapi.json with schemathesis: whatever is sent, valid or
 not, no answer is a 5xx, and every answer matches the document (status code, content type, body
-schema). Data the document calls valid is never refused as invalid (DESIGN §4: the document says
+schema). Data the document calls valid is never refused as invalid (the document says
 what is enforced), and data it calls invalid is refused. The live server runs in this test's event
 loop; the fuzzing (blocking requests) runs in a worker thread, so the loop keeps serving while
 hypothesis generates cases.

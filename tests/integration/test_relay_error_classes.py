@@ -1,4 +1,4 @@
-"""The relay tells a database outage from a bug (DESIGN §7): a loop whose database cannot be
+"""The relay tells a database outage from a bug: a loop whose database cannot be
 reached logs a warning and waits; a loop whose query is wrong logs "relay loop crashed" with the
 traceback. Both restart; only the words and the traceback differ, and they are what an operator
 acts on."""

@@ -1,4 +1,4 @@
-"""The migration runner (DESIGN §2, §6): empty database → latest, rerun is a no-op, concurrent runs
+"""The migration runner: empty database → latest, rerun is a no-op, concurrent runs
 are safe, a database ahead of the code or with an edited applied migration is refused, and a failed
 migration leaves nothing of itself behind."""
 

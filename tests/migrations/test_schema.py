@@ -1,4 +1,4 @@
-"""The schema enforces the invariants itself (DESIGN §5, §6), whatever the code does: one live
+"""The schema enforces the invariants itself, whatever the code does: one live
 charge per trip, one payment per idempotency claim, 0 ≤ refunded ≤ amount, exact numeric money,
 and the seed's `encode(digest(key,'sha256'),'hex')`."""
 

@@ -49,7 +49,7 @@ _keys = itertools.count(1)
 _trips = itertools.count(1001)
 
 
-# The payment object every endpoint answers (DESIGN §4) and the callback body (DESIGN §7).
+# The payment object every endpoint answers and the callback body.
 PAYMENT_FIELDS = frozenset({
     "payment_id", "trip_id", "amount", "currency", "method", "status", "reference",
     "refunded_amount", "metadata", "created_at", "updated_at",

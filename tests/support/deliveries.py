@@ -1,4 +1,4 @@
-"""Deliveries written the way the API's fan-out writes them (DESIGN §7a), for tests that arrange
+"""Deliveries written the way the API's fan-out writes them, for tests that arrange
 rows by SQL: one per (event, endpoint) for every ACTIVE or PAUSED endpoint whose types match."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`make bench` subscribes its endpoints through the integration guide's settings (DESIGN §3)."""
+"""`make bench` subscribes its endpoints through the integration guide's settings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration (DESIGN §3): defaults, environment variables and `.env`, DATABASE_URL over DB_*,
+"""Configuration: defaults, environment variables and `.env`, DATABASE_URL over DB_*,
 and bad configuration refused with one line naming the variable."""
 
 from __future__ import annotations
