@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 
 from hypercorn.config import Config
 from hypercorn.run import run
@@ -66,19 +69,39 @@ def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:
         raise SystemExit(
             "serve --server uvicorn needs uvicorn: pip install 'payment-service[uvicorn]'"
         ) from None
-    uvicorn.run(
-        "app.asgi:build",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop" if _has_uvloop() else "asyncio",
-        http="httptools",
-        log_config=None,  # keep our JSON logging
-        access_log=False,  # the app writes its own JSON access log
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        timeout_graceful_shutdown=GRACEFUL_TIMEOUT_SECONDS,
-        backlog=2048,
-        lifespan="on",
-    )
+    with _stopped_by_signal_is_success():
+        uvicorn.run(
+            "app.asgi:build",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop" if _has_uvloop() else "asyncio",
+            http="httptools",
+            log_config=None,  # keep our JSON logging
+            access_log=False,  # the app writes its own JSON access log
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=GRACEFUL_TIMEOUT_SECONDS,
+            backlog=2048,
+            lifespan="on",
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_by_signal_is_success() -> Iterator[None]:
+    """A graceful stop on SIGTERM/SIGINT is a clean exit (0), as under Hypercorn.
+
+    After its graceful shutdown Uvicorn raises the signal it caught again, to the handler that was
+    in place before it ran: here one that does nothing, instead of dying by the signal.
+    """
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Uvicorn's re-raised signal, after it has stopped gracefully."""
