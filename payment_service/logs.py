@@ -1,18 +1,17 @@
 """JSON-lines logging on stdout: one object per record, structured fields from `extra=`.
 
-The API processes log through a queue (`configure_logging(level, queued=True)`): the request path
-only builds a record and appends it; a listener thread formats the records and writes whatever
-has accumulated in one write. The queue is drained when the server stops (`flush_logs`) and at
-exit, so no line is lost when `serve` is stopped by a signal.
+The API processes log through a buffer (`configure_logging(level, queued=True)`): the request path
+only builds a record and appends it; a writer thread formats what has accumulated every
+WRITE_INTERVAL_SECONDS and writes it in one write. The buffer is written out when the server
+stops (`flush_logs`) and at exit, so no line is lost when `serve` is stopped by a signal.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
 import threading
 from datetime import UTC, datetime
@@ -21,8 +20,8 @@ from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-# How many queued records the listener writes at most in one write.
-BATCH_RECORDS = 256
+# How often the writer thread formats and writes what the request path buffered.
+WRITE_INTERVAL_SECONDS = 0.05
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,88 +42,83 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-class _EnqueueHandler(logging.handlers.QueueHandler):
-    """Queues the record itself: the formatting is the listener's, off the request path.
+class _BufferHandler(logging.Handler):
+    """Appends the record itself to a deque: no lock, no formatting, no wake-up on the request
+    path (the stdlib's QueueHandler formats and copies the record in the caller's thread, and its
+    queue wakes the listener for every record). A traceback is rendered here, while its frames
+    are still what they were."""
 
-    (The stdlib's QueueHandler formats the message and copies the record in the caller's thread.)
-    A traceback is rendered here, while its frames are still what they were.
-    """
+    def __init__(self, buffer: collections.deque[logging.LogRecord]) -> None:
+        super().__init__()
+        self.buffer = buffer
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+    def handle(self, record: logging.LogRecord) -> bool:  # no handler lock: deque.append is atomic
+        if not self.filter(record):
+            return False
         if record.exc_info:
             record.exc_text = _FORMATTER.formatException(record.exc_info)
             record.exc_info = None
         if record.args:
             record.msg, record.args = record.getMessage(), None
-        return record
-
-
-class _BatchWriter(logging.Handler):
-    """Writes each record as a JSON line; the listener hands it everything that is queued."""
-
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__()
-        self.stream = stream
+        self.buffer.append(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.write([record])
-
-    def write(self, records: list[logging.LogRecord]) -> None:
-        lines = []
-        for record in records:
-            try:
-                lines.append(_FORMATTER.format(record) + "\n")
-            except Exception:  # one unformattable record must not lose the others
-                self.handleError(record)
-        if not lines:
-            return
-        try:
-            self.stream.write("".join(lines))
-            self.stream.flush()
-        except Exception:
-            self.handleError(records[-1])
+        self.handle(record)
 
 
-class _BatchListener(logging.handlers.QueueListener):
-    """A QueueListener that takes every record already queued (up to BATCH_RECORDS) per write."""
+class _Writer(threading.Thread):
+    """Every WRITE_INTERVAL_SECONDS, formats what is buffered and writes it in one write."""
 
-    def __init__(self, records: queue.Queue[Any], writer: _BatchWriter) -> None:
-        super().__init__(records, writer)
-        self.records = records
-        self.writer = writer
+    def __init__(self, buffer: collections.deque[logging.LogRecord], stream: TextIO) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.buffer = buffer
+        self.stream = stream
+        self.stopping = threading.Event()
+        self.written = threading.Condition()
 
-    def _monitor(self) -> None:
-        records = self.records
-        while True:
-            first = records.get()
-            batch = [first]
-            while len(batch) < BATCH_RECORDS:
+    def run(self) -> None:
+        while not self.stopping.wait(WRITE_INTERVAL_SECONDS):
+            self.write_buffered()
+        self.write_buffered()
+
+    def write_buffered(self) -> None:
+        with self.written:
+            records = []
+            while self.buffer:
+                records.append(self.buffer.popleft())
+            lines = []
+            for record in records:
                 try:
-                    batch.append(records.get_nowait())
-                except queue.Empty:
-                    break
-            done = None in batch  # QueueListener.stop() queues None
-            self.writer.write([r for r in batch if r is not None])
-            for _ in batch:
-                records.task_done()
-            if done:
-                return
+                    lines.append(_FORMATTER.format(record) + "\n")
+                except Exception:  # one unformattable record must not lose the others
+                    _FALLBACK.handleError(record)
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except Exception:
+                    _FALLBACK.handleError(records[-1])
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
 
 
 _FORMATTER = JsonFormatter()
+_FALLBACK = logging.StreamHandler(sys.stderr)  # reports a record that could not be written
 _lock = threading.Lock()
-_listener: _BatchListener | None = None
+_writer: _Writer | None = None
 
 
 def configure_logging(level: str = "INFO", *, queued: bool = False) -> None:
-    """JSON lines on stdout at `level`; with `queued`, written by a listener thread."""
-    stop_listener()
+    """JSON lines on stdout at `level`; with `queued`, written by a writer thread."""
+    stop_writer()
     root = logging.getLogger()
     if queued:
-        records: queue.Queue[Any] = queue.Queue()
-        listener = _BatchListener(records, _BatchWriter(sys.stdout))
-        handler: logging.Handler = _EnqueueHandler(records)
-        _start(listener)
+        buffer: collections.deque[logging.LogRecord] = collections.deque()
+        handler: logging.Handler = _BufferHandler(buffer)
+        _start(_Writer(buffer, sys.stdout))
     else:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(_FORMATTER)
@@ -135,34 +129,34 @@ def configure_logging(level: str = "INFO", *, queued: bool = False) -> None:
         logging.getLogger(name).disabled = True
 
 
-def _start(listener: _BatchListener) -> None:
-    global _listener
+def _start(writer: _Writer) -> None:
+    global _writer
     with _lock:
-        _listener = listener
-    listener.start()
-    atexit.register(stop_listener)
+        _writer = writer
+    writer.start()
+    atexit.register(stop_writer)
     # A worker process of `serve` ends through multiprocessing, which runs no atexit handlers:
     # its finalizers do run.
-    util.Finalize(None, stop_listener, exitpriority=100)
+    util.Finalize(None, stop_writer, exitpriority=100)
 
 
 def flush_logs() -> None:
-    """Wait until every record queued so far is written (the listener keeps running)."""
-    listener = _listener
-    if listener is not None:
-        listener.records.join()
+    """Write every record buffered so far, now (the writer thread keeps running)."""
+    writer = _writer
+    if writer is not None:
+        writer.write_buffered()
 
 
-def stop_listener() -> None:
-    """Write what is queued and stop the listener thread; records after it go to stdout."""
-    global _listener
+def stop_writer() -> None:
+    """Write what is buffered and stop the writer thread; records after it go to stdout."""
+    global _writer
     with _lock:
-        listener, _listener = _listener, None
-    if listener is None:
+        writer, _writer = _writer, None
+    if writer is None:
         return
-    listener.stop()
+    writer.stop()
     root = logging.getLogger()
-    if any(isinstance(h, _EnqueueHandler) for h in root.handlers):
+    if any(isinstance(h, _BufferHandler) for h in root.handlers):
         fallback = logging.StreamHandler(sys.stdout)
         fallback.setFormatter(_FORMATTER)
         root.handlers[:] = [fallback]
