@@ -1,4 +1,5 @@
-"""`payment-service serve`: the API under Hypercorn, in one or more worker processes."""
+"""`payment-service serve`: the API under Uvicorn (the default) or Hypercorn, in one or more worker
+processes. Uvicorn is the default because it measured faster (README, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _has_uvloop() -> bool:
 
 
 def serve(
-    settings: Settings, *, host: str, port: int | None, workers: int, server: str = "hypercorn"
+    settings: Settings, *, host: str, port: int | None, workers: int, server: str = "uvicorn"
 ) -> int:
     port = port or settings.service_port
     if workers < 1:
@@ -55,19 +56,20 @@ def serve(
     # Every worker's counters in each scrape (app/metrics.py); the directory is set before a
     # worker starts, and a worker imports prometheus_client only when it loads the app.
     with multiprocess_directory():
-        if server == "uvicorn":
-            return _serve_uvicorn(host=host, port=port, workers=workers)
-        return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+        if server == "hypercorn":
+            return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+        return _serve_uvicorn(host=host, port=port, workers=workers)
 
 
 def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:
-    """The same app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
-    pure-Python h11 on the hot path (docs/benchmarks.md). An option; Hypercorn is the default."""
+    """The app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
+    pure-Python h11 on the hot path (docs/benchmarks.md), so it is the default."""
     try:
         import uvicorn
     except ImportError:
         raise SystemExit(
-            "serve --server uvicorn needs uvicorn: pip install 'payment-service[uvicorn]'"
+            "serve needs uvicorn (the default server): pip install 'payment-service[uvicorn]',"
+            " or run serve --server hypercorn"
         ) from None
     with _stopped_by_signal_is_success():
         uvicorn.run(

@@ -183,7 +183,7 @@ class Shipped:
     tests/unit/test_bench_shipped.py holds it to the CLI, the settings and docker-compose.yml."""
 
     server: str = "uvicorn"
-    workers: int = 1
+    workers: int = 2
     log_level: str = "INFO"
     endpoints: int = 4
 

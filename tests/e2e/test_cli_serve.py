@@ -85,13 +85,15 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         assert run_to_end([name, "--help"], clean_env(), tmp_path, timeout=30).returncode == 0
 
 
+@pytest.mark.parametrize("server", [None, "hypercorn"], ids=["default", "hypercorn"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_serve_answers_and_stops_cleanly(
-    tmp_path: Path, database_url: str, sig: signal.Signals
+    tmp_path: Path, database_url: str, sig: signal.Signals, server: str | None
 ) -> None:
     port = free_port()
     env = clean_env(DATABASE_URL=database_url, API_PREFIX="/v1", LOG_LEVEL="INFO")
     args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--server", server] if server else []
     with service(args, env, tmp_path, "serve") as api:
         base = f"http://127.0.0.1:{port}"
         health = await api.wait_http(base + "/health", timeout=60)
