@@ -44,4 +44,5 @@ def test_the_shipped_log_level_is_the_settings_default() -> None:
 def test_the_image_installs_the_shipped_server() -> None:
     dockerfile = _dockerfile()
     if SHIPPED.server != "hypercorn":  # hypercorn is a runtime dependency
-        assert f"[{SHIPPED.server}]" in dockerfile, "the image installs the server's extra"
+        extra = f"['optional-dependencies']['{SHIPPED.server}']"
+        assert extra in dockerfile, "the image installs the server's extra"
