@@ -19,5 +19,5 @@ def build() -> PaymentApp:
     if spawner is not None and spawner.pid is not None:  # a worker of `serve --workers N`
         die_with_parent(spawner.pid)
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, queued=True)
     return create_app(settings)

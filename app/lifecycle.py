@@ -9,6 +9,7 @@ import logging
 from app.context import PaymentApp
 from app.notifier import OutboxNotifier
 from payment_service.database import UNAVAILABLE_ERRORS, create_pool, keep_session
+from payment_service.logs import flush_logs
 from payment_service.migrations import pending_check
 
 logger = logging.getLogger(__name__)
@@ -53,3 +54,6 @@ def install_lifecycle(app: PaymentApp) -> None:
         if app._pool is not None:
             await app._pool.close()
             app._pool = None
+        # The access log is written by a thread (payment_service/logs.py): every request's line
+        # is out before the server reports that it has stopped.
+        flush_logs()

@@ -1,9 +1,13 @@
-"""`payment-service serve`: the API under Hypercorn, in one or more worker processes."""
+"""`payment-service serve`: the API under Uvicorn (the default) or Hypercorn, in one or more worker
+processes. Uvicorn is the default because it measured faster (README, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 
 from hypercorn.config import Config
 from hypercorn.run import run
@@ -41,7 +45,7 @@ def _has_uvloop() -> bool:
 
 
 def serve(
-    settings: Settings, *, host: str, port: int | None, workers: int, server: str = "hypercorn"
+    settings: Settings, *, host: str, port: int | None, workers: int, server: str = "uvicorn"
 ) -> int:
     port = port or settings.service_port
     if workers < 1:
@@ -52,33 +56,54 @@ def serve(
     # Every worker's counters in each scrape (app/metrics.py); the directory is set before a
     # worker starts, and a worker imports prometheus_client only when it loads the app.
     with multiprocess_directory():
-        if server == "uvicorn":
-            return _serve_uvicorn(host=host, port=port, workers=workers)
-        return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+        if server == "hypercorn":
+            return run(hypercorn_config(settings, host=host, port=port, workers=workers))
+        return _serve_uvicorn(host=host, port=port, workers=workers)
 
 
 def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:
-    """The same app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
-    pure-Python h11 on the hot path (docs/benchmarks.md). An option; Hypercorn is the default."""
+    """The app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
+    pure-Python h11 on the hot path (docs/benchmarks.md), so it is the default."""
     try:
         import uvicorn
     except ImportError:
         raise SystemExit(
-            "serve --server uvicorn needs uvicorn: pip install 'payment-service[uvicorn]'"
+            "serve needs uvicorn (the default server): pip install 'payment-service[uvicorn]',"
+            " or run serve --server hypercorn"
         ) from None
-    uvicorn.run(
-        "app.asgi:build",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop" if _has_uvloop() else "asyncio",
-        http="httptools",
-        log_config=None,  # keep our JSON logging
-        access_log=False,  # the app writes its own JSON access log
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        timeout_graceful_shutdown=GRACEFUL_TIMEOUT_SECONDS,
-        backlog=2048,
-        lifespan="on",
-    )
+    with _stopped_by_signal_is_success():
+        uvicorn.run(
+            "app.asgi:build",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop" if _has_uvloop() else "asyncio",
+            http="httptools",
+            log_config=None,  # keep our JSON logging
+            access_log=False,  # the app writes its own JSON access log
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            timeout_graceful_shutdown=GRACEFUL_TIMEOUT_SECONDS,
+            backlog=2048,
+            lifespan="on",
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_by_signal_is_success() -> Iterator[None]:
+    """A graceful stop on SIGTERM/SIGINT is a clean exit (0), as under Hypercorn.
+
+    After its graceful shutdown Uvicorn raises the signal it caught again, to the handler that was
+    in place before it ran: here one that does nothing, instead of dying by the signal.
+    """
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Uvicorn's re-raised signal, after it has stopped gracefully."""

@@ -129,15 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-relay", action="store_true", help="start the API only")
 
-    serve = add("serve", cmd_serve, "Serve the HTTP API with Hypercorn.")
+    serve = add("serve", cmd_serve, "Serve the HTTP API (Uvicorn by default, or Hypercorn).")
     serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")  # noqa: S104
     serve.add_argument("--port", type=int, help="port (default SERVICE_PORT, 8082)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument(
         "--server",
         choices=("hypercorn", "uvicorn"),
-        default="hypercorn",
-        help="ASGI server (default hypercorn; uvicorn needs the 'uvicorn' extra)",
+        default="uvicorn",
+        help="ASGI server (default uvicorn, from the 'uvicorn' extra that the image installs; "
+        "hypercorn is always installed)",
     )
 
     add("relay", cmd_relay, RELAY_DESCRIPTION)

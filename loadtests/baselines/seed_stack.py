@@ -113,7 +113,8 @@ def create_payment(conn: Any, req: dict[str, Any]) -> tuple[int, Any]:
             raise ApiError(409, "IDEMPOTENCY_KEY_IN_PROGRESS", "request with this key in progress")
         cur.execute(
             "SELECT request_fingerprint, response_status, response_data::text"
-            "  FROM idempotency_keys WHERE key_hash = %s AND expires_at > now()",
+            "  FROM idempotency_keys WHERE key_hash = %s AND caller = 'default'"
+            " AND expires_at > now()",
             (key_hash,),
         )
         stored = cur.fetchone()
@@ -176,7 +177,7 @@ def create_payment(conn: Any, req: dict[str, Any]) -> tuple[int, Any]:
             "INSERT INTO idempotency_keys (key_hash, request_path, request_fingerprint,"
             "                              response_status, response_data, expires_at)"
             " VALUES (%s, 'POST:/payments', %s, 200, %s, now() + make_interval(secs => %s))"
-            " ON CONFLICT (key_hash) DO UPDATE"
+            " ON CONFLICT (key_hash, caller) DO UPDATE"
             " SET request_fingerprint = EXCLUDED.request_fingerprint,"
             "     response_status = 200, response_data = EXCLUDED.response_data,"
             "   created_at = now(), updated_at = now(), expires_at = EXCLUDED.expires_at",

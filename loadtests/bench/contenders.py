@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .endpoints import add_endpoints
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
 
 
 def start_service(
-    bench: Bench, dsn: str, *, workers: int, server: str | None = None, name: str = "service"
+    bench: Bench,
+    dsn: str,
+    *,
+    workers: int,
+    server: str | None = None,
+    log_level: str = "INFO",
+    name: str = "service",
 ) -> tuple[Proc, str]:
     port = free_port()
     cmd = [
@@ -40,7 +47,7 @@ def start_service(
     proc = Proc(
         name,
         cmd,
-        env=bench.env(DATABASE_URL=dsn, CALLBACK_SIGNING_SECRET=bench.secret),
+        env=bench.env(DATABASE_URL=dsn, CALLBACK_SIGNING_SECRET=bench.secret, LOG_LEVEL=log_level),
         logs=bench.logs,
     )
     base = f"http://127.0.0.1:{port}"
@@ -169,19 +176,44 @@ def bench_server(
         bench.drop_db(db)
 
 
-def bench_service(bench: Bench, workers: int, server: str | None, endpoints: int = 1) -> HttpResult:
-    """This service; with `endpoints` > 1 a `fanout` row: every payment's event goes to them all."""
-    label = f"serve --workers {workers}" + (f" --server {server}" if server else "")
-    subscribed = f", {endpoints} endpoints" if endpoints > 1 else ""
-    return bench_server(
+@dataclass(frozen=True)
+class Shipped:
+    """What compose and the Dockerfile run: `payment-service serve` with its defaults, the
+    settings' LOG_LEVEL (the access log on) and four subscribed endpoints (DESIGN §9).
+    tests/unit/test_bench_shipped.py holds it to the CLI, the settings and docker-compose.yml."""
+
+    server: str = "uvicorn"
+    workers: int = 2
+    log_level: str = "INFO"
+    endpoints: int = 4
+
+
+SHIPPED = Shipped()
+
+
+def bench_service(
+    bench: Bench,
+    workers: int,
+    server: str,
+    endpoints: int = 1,
+    log_level: str = "INFO",
+    kind: str = "service",
+) -> HttpResult:
+    """This service under `server` with `workers`, `endpoints` subscribed to every event type and
+    LOG_LEVEL; `kind` "shipped" marks the configuration compose runs."""
+    label = f"serve --workers {workers} --server {server}, LOG_LEVEL={log_level}"
+    shipped = "shipped: " if kind == "shipped" else ""
+    result = bench_server(
         bench,
-        f"this service ({server or 'hypercorn'}){subscribed}",
-        "fanout" if endpoints > 1 else "service",
+        f"{shipped}this service ({server}), {endpoints} endpoint(s)",
+        kind,
         label,
-        f"svc_{server or 'hypercorn'}_{workers}_{endpoints}",
-        lambda dsn: start_service(bench, dsn, workers=workers, server=server),
+        f"svc_{server}_{workers}_{endpoints}_{log_level.lower()}",
+        lambda dsn: start_service(bench, dsn, workers=workers, server=server, log_level=log_level),
         endpoints=endpoints,
     )
+    result.endpoints = endpoints
+    return result
 
 
 def bench_floor(bench: Bench) -> HttpResult:
@@ -246,7 +278,7 @@ def parse_seed_spec(spec: str) -> tuple[str, int, int]:
 
 @functools.cache
 def serve_servers() -> list[str]:
-    """The --server choices `payment-service serve` offers, if any (hypercorn is the default)."""
+    """The --server choices `payment-service serve` offers, if any."""
     out = subprocess.run(
         [str(BIN / "payment-service"), "serve", "--help"],
         capture_output=True,
@@ -254,12 +286,13 @@ def serve_servers() -> list[str]:
         check=False,
     ).stdout
     match = re.search(r"--server \{([^}]*)\}", out)
-    return [s for s in match.group(1).split(",") if s != "hypercorn"] if match else []
+    return match.group(1).split(",") if match else []
 
 
 def auto_servers() -> list[str]:
-    """What `serve --server` offers, plus the other ASGI servers installed (launched directly)."""
-    offered = serve_servers()
+    """What `serve --server` offers besides Hypercorn, plus the other ASGI servers installed
+    (launched directly)."""
+    offered = [name for name in serve_servers() if name != "hypercorn"]
     others = [name for name in ("uvicorn", "granian") if name not in offered]
     return offered + [name for name in others if (BIN / name).exists()]
 

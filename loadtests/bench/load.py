@@ -18,7 +18,7 @@ from .processes import CpuMeter, children_cpu_seconds
 @dataclass
 class HttpResult:
     name: str
-    kind: str  # service | seed | pgbench
+    kind: str  # shipped | service | logs-off | seed | floor | pgbench
     config: str
     rps: float
     p50_ms: float
@@ -28,6 +28,7 @@ class HttpResult:
     cpu: dict[str, float] = field(default_factory=dict)
     note: str = ""
     fsync: str = "on"
+    endpoints: int = 1  # subscribed endpoints (this service's rows)
 
 
 def run_wrk(

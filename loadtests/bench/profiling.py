@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .contenders import start_service
+from .contenders import Shipped, start_service
+from .endpoints import add_endpoints
 from .paths import BIN, REPORTS
 
 if TYPE_CHECKING:
@@ -18,7 +19,10 @@ if TYPE_CHECKING:
 
 CATEGORIES = [
     ("asyncpg (driver)", ("asyncpg",)),
-    ("hypercorn (HTTP server)", ("hypercorn", "h11", "h2/")),
+    (
+        "HTTP server (hypercorn/h11, uvicorn/httptools)",
+        ("hypercorn", "h11", "h2/", "uvicorn", "httptools"),
+    ),
     ("quart/werkzeug (framework)", ("quart/", "werkzeug", "quart_schema", "flask/")),
     ("pydantic (validation)", ("pydantic",)),
     ("logging", ("logging/", "payment_service/logs.py")),
@@ -77,13 +81,22 @@ def format_profile(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def profile_service(bench: Bench, workers: int) -> dict[str, Any]:
+def profile_service(bench: Bench, shipped: Shipped) -> dict[str, Any]:
+    """py-spy of the shipped configuration (server, workers, LOG_LEVEL, endpoints) under wrk."""
     py_spy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not Path(py_spy).exists():
         raise RuntimeError("py-spy is not installed: pip install py-spy")
     db = "profile"
     dsn = bench.fresh_db(db)
-    service, base = start_service(bench, dsn, workers=workers, name="service-profile")
+    add_endpoints(bench, db, shipped.endpoints)
+    service, base = start_service(
+        bench,
+        dsn,
+        workers=shipped.workers,
+        server=shipped.server,
+        log_level=shipped.log_level,
+        name="service-profile",
+    )
     REPORTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = REPORTS / f"profile-{stamp}.txt"

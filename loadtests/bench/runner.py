@@ -36,7 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .contenders import auto_servers, bench_floor, bench_seed, bench_service
+from .chart import draw_chart
+from .contenders import SHIPPED, auto_servers, bench_floor, bench_seed, bench_service
 from .endpoints import ENDPOINT_NAMES, parse_counts
 from .harness import Bench
 from .load import HttpResult
@@ -196,8 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nraw results: {json_path}")
     if not args.no_doc:
+        chart = draw_chart(
+            results["http"],
+            args.output.with_suffix(".png"),
+            title=f"POST /payments at {args.connections} connections, {results['started']}, "
+            f"this machine ({facts.get('cpu', '?')})",
+        )
+        results["chart"] = chart.name if chart else None
         write_doc(render_markdown(results, facts, command), args.output)
-        print(f"updated {args.output}")
+        print(f"updated {args.output}" + (f" and {chart}" if chart else ""))
     return 0
 
 
@@ -217,7 +225,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
     workers = [int(w) for w in args.workers.split(",") if w]
     app_ready = importlib.util.find_spec("app.server") is not None
     relay_ready = importlib.util.find_spec("outbox_relay.main") is not None
-    best_workers = workers[-1] if workers else 1
+    best_workers = SHIPPED.workers  # the latency and pending runs use the shipped count
     endpoint_counts = parse_counts(args.endpoints)
 
     def measure(label: str, run: Callable[[], HttpResult]) -> None:
@@ -227,31 +235,9 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
         if not app_ready:
             results["skipped"].append("service (app.server is missing)")
         else:
-            servers: list[str | None] = [None]
-            extra = (
-                auto_servers()
-                if args.servers == "auto"
-                else ([] if args.servers == "none" else args.servers.split(","))
-            )
-            servers += extra
-            for server in servers:
-                for n in workers:
-                    measure(
-                        f"serve --workers {n} {server or ''}",
-                        functools.partial(bench_service, bench, n, server),
-                    )
+            run_service_rows(bench, args, workers, endpoint_counts, measure)
             if args.floor and (BIN / "uvicorn").exists():
                 measure("floor", functools.partial(bench_floor, bench))
-            hypercorn = [
-                r for r in results["http"] if r.kind == "service" and "--server" not in r.config
-            ]
-            if hypercorn:
-                best_workers = int(max(hypercorn, key=lambda r: r.rps).config.split()[2])
-            for count in endpoint_counts[1:]:  # beside today's configuration, best workers
-                measure(
-                    f"serve --workers {best_workers}, {count} endpoints",
-                    functools.partial(bench_service, bench, best_workers, None, count),
-                )
     if "seed" in wanted:
         for spec in (s for s in args.seed.split(",") if s):
             measure(f"seed {spec}", functools.partial(bench_seed, bench, spec))
@@ -289,7 +275,64 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                 lambda: bench_pending(bench, best_workers, args.pending_relays),
             )
     if "profile" in wanted and app_ready:
-        results["profile"] = profile_service(bench, best_workers)
+        results["profile"] = profile_service(bench, SHIPPED)
+
+
+def run_service_rows(
+    bench: Bench,
+    args: argparse.Namespace,
+    workers: list[int],
+    endpoint_counts: list[int],
+    measure: Callable[[str, Callable[[], HttpResult]], None],
+) -> None:
+    """Each server at each worker count with the most endpoints and the access log on (the row
+    that is the shipped configuration says so); then the shipped configuration with LOG_LEVEL=
+    WARNING (the access log off) and with one endpoint, to show what each costs."""
+    extra = (
+        auto_servers()
+        if args.servers == "auto"
+        else ([] if args.servers == "none" else args.servers.split(","))
+    )
+    servers = list(dict.fromkeys(["hypercorn", SHIPPED.server, *extra]))
+    fan_out = max(endpoint_counts)
+    for server in servers:
+        for n in workers:
+            shipped = (server, n, fan_out) == (SHIPPED.server, SHIPPED.workers, SHIPPED.endpoints)
+            measure(
+                f"serve --workers {n} --server {server}",
+                functools.partial(
+                    bench_service,
+                    bench,
+                    n,
+                    server,
+                    fan_out,
+                    SHIPPED.log_level,
+                    "shipped" if shipped else "service",
+                ),
+            )
+    if not any(r.kind == "shipped" for r in bench.results["http"] if r.fsync == bench.fsync):
+        measure(
+            "shipped configuration",
+            functools.partial(
+                bench_service,
+                bench,
+                SHIPPED.workers,
+                SHIPPED.server,
+                SHIPPED.endpoints,
+                SHIPPED.log_level,
+                "shipped",
+            ),
+        )
+    variants = [("logs-off", SHIPPED.endpoints, "WARNING")]
+    if fan_out > 1:
+        variants.append(("service", 1, SHIPPED.log_level))
+    for kind, endpoints, level in variants:
+        measure(
+            f"shipped configuration, {endpoints} endpoint(s), LOG_LEVEL={level}",
+            functools.partial(
+                bench_service, bench, SHIPPED.workers, SHIPPED.server, endpoints, level, kind
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -85,13 +85,15 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         assert run_to_end([name, "--help"], clean_env(), tmp_path, timeout=30).returncode == 0
 
 
+@pytest.mark.parametrize("server", [None, "hypercorn"], ids=["default", "hypercorn"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_serve_answers_and_stops_cleanly(
-    tmp_path: Path, database_url: str, sig: signal.Signals
+    tmp_path: Path, database_url: str, sig: signal.Signals, server: str | None
 ) -> None:
     port = free_port()
     env = clean_env(DATABASE_URL=database_url, API_PREFIX="/v1", LOG_LEVEL="INFO")
     args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--server", server] if server else []
     with service(args, env, tmp_path, "serve") as api:
         base = f"http://127.0.0.1:{port}"
         health = await api.wait_http(base + "/health", timeout=60)
@@ -220,3 +222,33 @@ async def test_workers_do_not_outlive_a_killed_serve(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(api.pid, signal.SIGKILL)  # the session's leftovers, if the test failed
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+async def test_the_last_access_log_line_is_written_when_serve_stops(
+    tmp_path: Path, database_url: str, server: str
+) -> None:
+    """The access log is written by a thread (payment_service/logs.py): SIGTERM right after the
+    last answer still leaves every request's JSON line on stdout, the last one included."""
+    port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--server", server]
+    env = clean_env(DATABASE_URL=database_url, LOG_LEVEL="INFO")
+    with service(args, env, tmp_path, "serve") as api:
+        base = f"http://127.0.0.1:{port}"
+        await api.wait_http(base + "/health", timeout=60)
+        sent = [f"last-line-{n}" for n in range(200)]
+        async with httpx.AsyncClient(base_url=base, timeout=10, trust_env=False) as client:
+            for request_id in sent:
+                response = await client.get("/payments/1", headers={"X-Request-ID": request_id})
+                assert response.status_code == 404, response.text
+
+        assert await api.stop(signal.SIGTERM, timeout=30) == 0, api.output()[-3000:]
+
+    records = [
+        json.loads(line)
+        for line in api.stdout_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    logged = [r["request_id"] for r in records if r.get("logger") == "payment_service.access"]
+    assert logged[-len(sent) :] == sent, "every line, in order, the last one included"
+    assert logged[-1] == sent[-1]
