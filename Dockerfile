@@ -20,9 +20,8 @@ WORKDIR /src
 # Dependencies first, from pyproject alone, so a code change does not reinstall them. Only the
 # runtime's: the embedded PostgreSQL of `payment-service run` is an extra (`embedded`) that a
 # container never needs, since its database is always a real server (DATABASE_URL or DB_*).
-# With the `uvicorn` extra: Uvicorn is `serve`'s default server (README: why).
 COPY pyproject.toml ./
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['uvicorn']))" > requirements.txt \
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && /opt/venv/bin/pip install --requirement requirements.txt
 
 # The package itself, as a wheel (not editable): db/migrations goes in as

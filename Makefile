@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load]'
 	@touch $(STAMP)
 
 run: install
@@ -38,7 +38,7 @@ format: install
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,uvicorn,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

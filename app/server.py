@@ -64,13 +64,8 @@ def serve(
 def _serve_uvicorn(*, host: str, port: int, workers: int) -> int:
     """The app under Uvicorn (httptools parser, uvloop): less CPU per request than Hypercorn's
     pure-Python h11 on the hot path (docs/benchmarks.md), so it is the default."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise SystemExit(
-            "serve needs uvicorn (the default server): pip install 'payment-service[uvicorn]',"
-            " or run serve --server hypercorn"
-        ) from None
+    import uvicorn
+
     with _stopped_by_signal_is_success():
         uvicorn.run(
             "app.asgi:build",
