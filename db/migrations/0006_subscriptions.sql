@@ -84,7 +84,7 @@ CREATE TABLE deliveries (
 );
 
 -- The relay's claim, per endpoint: pending deliveries due now, oldest first.
-CREATE INDEX deliveries_due_idx ON deliveries (endpoint_id, next_attempt_at, delivery_id)
+CREATE INDEX deliveries_due_idx ON deliveries (endpoint_id, next_attempt_at, event_id)
     WHERE status = 'PENDING';
 -- Order per (endpoint, payment): "is a delivery of an earlier event of this payment to this
 -- endpoint still pending?" By the event's id, not delivery_id: `outbox replay --since` may add a

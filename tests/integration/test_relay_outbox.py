@@ -307,16 +307,16 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
         if name != "delete events":  # it reads the events past retention, by created_at
             assert "Seq Scan on outbox_events" not in plan, f"{name}:\n{plan}"
     assert "deliveries_due_idx" in plans["claim"], plans["claim"]
+    # Read in the index's order, not sorted: a sort reads every due delivery of the endpoint on
+    # every claim (with 50,000 pending it cost 270 ms a claim and held the relay to 1,700/s).
+    assert "Sort" not in plans["claim"], plans["claim"]
     assert "deliveries_pending_aggregate_idx" in plans["claim"], plans["claim"]
     assert "deliveries_pending_aggregate_idx" in plans["record"], plans["record"]
     assert "deliveries_pending_aggregate_idx" in plans["probe"], plans["probe"]
     assert "deliveries_delivered_at_idx" in plans["delete delivered"]
     assert "idempotency_keys_expires_at_idx" in plans["delete keys"]
-    # and the claim is quick there: one claim of 100 takes well under the poll interval
-    started = time.perf_counter()
     claimed = await claim(conn, 100, 30)
     assert len(claimed) == 100  # the heads of the 100 payments
-    assert time.perf_counter() - started < 0.5
 
 
 async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
