@@ -56,6 +56,38 @@ class Check:
     sql: str
 
 
+def _key_record_check(subject: str, *, table: str, alias: str, id_column: str) -> Check:
+    """`<subject>_idempotency`: each young row has the claim of its key made in its transaction,
+    answering 2xx with this row. One query for payments and refunds alike (names from constants)."""
+    a = alias
+    return Check(
+        f"{subject}_idempotency",
+        subject,
+        f"each {subject} younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim "
+        f"of its key made in the same transaction, answering 2xx with this {subject}",
+        # Young rows only; one primary-key probe each.
+        f"""
+        SELECT {a}.{id_column} AS id,
+               CASE WHEN k.key_hash IS NULL THEN 'no idempotency record for its key'
+                    WHEN k.created_at <> {a}.created_at
+                        THEN 'its key was claimed again at ' || k.created_at
+                             || ' before expiring'
+                    ELSE 'its idempotency record answers ' || k.response_status
+                         || ' with {subject} '
+                         || coalesce(k.response_data ->> '{id_column}', 'none')
+               END AS detail
+        FROM {table} AS {a}
+        LEFT JOIN idempotency_keys AS k
+               ON k.key_hash = {a}.idempotency_hash AND k.caller = {a}.caller
+        WHERE {a}.created_at > :keys_since
+          AND (k.key_hash IS NULL
+               OR k.created_at <> {a}.created_at
+               OR k.response_status NOT BETWEEN 200 AND 299
+               OR (k.response_data ->> '{id_column}') IS DISTINCT FROM {a}.{id_column}::text)
+        """,
+    )
+
+
 CHECKS: tuple[Check, ...] = (
     Check(
         "payment_events",
@@ -264,55 +296,8 @@ CHECKS: tuple[Check, ...] = (
            OR (status IN ('PENDING', 'SUCCESS', 'FAILED') AND refunded_amount <> 0)
         """,
     ),
-    Check(
-        "payment_idempotency",
-        "payment",
-        "each payment younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim of "
-        "its key made in the same transaction, answering 2xx with this payment",
-        # Young payments only; one primary-key probe each.
-        """
-        SELECT p.payment_id AS id,
-               CASE WHEN k.key_hash IS NULL THEN 'no idempotency record for its key'
-                    WHEN k.created_at <> p.created_at
-                        THEN 'its key was claimed again at ' || k.created_at
-                             || ' before expiring'
-                    ELSE 'its idempotency record answers ' || k.response_status
-                         || ' with payment ' || coalesce(k.response_data ->> 'payment_id', 'none')
-               END AS detail
-        FROM payments AS p
-        LEFT JOIN idempotency_keys AS k
-               ON k.key_hash = p.idempotency_hash AND k.caller = p.caller
-        WHERE p.created_at > :keys_since
-          AND (k.key_hash IS NULL
-               OR k.created_at <> p.created_at
-               OR k.response_status NOT BETWEEN 200 AND 299
-               OR (k.response_data ->> 'payment_id') IS DISTINCT FROM p.payment_id::text)
-        """,
-    ),
-    Check(
-        "refund_idempotency",
-        "refund",
-        "each refund younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim of its "
-        "key made in the same transaction, answering 2xx with this refund",
-        """
-        SELECT r.refund_id AS id,
-               CASE WHEN k.key_hash IS NULL THEN 'no idempotency record for its key'
-                    WHEN k.created_at <> r.created_at
-                        THEN 'its key was claimed again at ' || k.created_at
-                             || ' before expiring'
-                    ELSE 'its idempotency record answers ' || k.response_status
-                         || ' with refund ' || coalesce(k.response_data ->> 'refund_id', 'none')
-               END AS detail
-        FROM payment_refunds AS r
-        LEFT JOIN idempotency_keys AS k
-               ON k.key_hash = r.idempotency_hash AND k.caller = r.caller
-        WHERE r.created_at > :keys_since
-          AND (k.key_hash IS NULL
-               OR k.created_at <> r.created_at
-               OR k.response_status NOT BETWEEN 200 AND 299
-               OR (k.response_data ->> 'refund_id') IS DISTINCT FROM r.refund_id::text)
-        """,
-    ),
+    _key_record_check("payment", table="payments", alias="p", id_column="payment_id"),
+    _key_record_check("refund", table="payment_refunds", alias="r", id_column="refund_id"),
     Check(
         "orphan_idempotency",
         "idempotency key",
