@@ -13,8 +13,7 @@ import pytest
 from payment_service import OUTBOX_CHANNEL, endpoints
 from payment_service.database import connect
 from tests.support.commands import outbox_command
-from tests.support.database import EventRow, insert_events
-from tests.support.deliveries import fan_out
+from tests.support.database import EventRow, fan_out, insert_events
 from tests.support.waiting import wait_until
 
 TRIP_TYPES = ("payment.succeeded",)

@@ -26,8 +26,7 @@ from payment_service import endpoints
 from payment_service.embedded import free_port
 from tests.support.api import new_key, new_trip, post_json, running_api
 from tests.support.commands import service_command
-from tests.support.database import insert_events
-from tests.support.deliveries import FAN_OUT_SQL
+from tests.support.database import FAN_OUT_SQL, insert_events
 from tests.support.environment import clean_env
 
 TTL_SECONDS = 86400

@@ -291,10 +291,12 @@ async def insert_events(
 ) -> list[EventRow]:
     """Insert `payments` payments with `events_per_payment` outbox events each, then NOTIFY.
 
-    A payment's events get increasing ids in the order they are to be delivered.
+    A payment's events get increasing ids in the order they are to be delivered, and their
+    deliveries are written as the API's fan-out writes them, in the same transaction.
     """
-    rows = await conn.fetch(
-        """
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
         WITH base AS (
             SELECT coalesce(max(trip_id), 0) AS trip FROM payments
         ), p AS (
@@ -318,21 +320,14 @@ async def insert_events(
                    || jsonb_build_object('seq', e.seq)
               FROM e
              ORDER BY (e.payment).payment_id, e.seq
-         RETURNING id, event_id, event_type, aggregate_id, (payload ->> 'seq')::int AS seq
-        ), fanned_out AS (
-            INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
-            SELECT i.id, ep.endpoint_id, i.aggregate_id
-              FROM inserted AS i
-              JOIN endpoints AS ep
-                ON ep.state IN ('ACTIVE', 'PAUSED')
-               AND endpoint_wants(ep.event_types, i.event_type)
-             ORDER BY i.id, ep.endpoint_id
+         RETURNING id, event_id, aggregate_id, (payload ->> 'seq')::int AS seq
         )
         SELECT id, event_id::text, aggregate_id, seq FROM inserted ORDER BY id
         """,
-        payments,
-        events_per_payment,
-    )
+            payments,
+            events_per_payment,
+        )
+        await fan_out(conn, sorted({r["aggregate_id"] for r in rows}))
     await conn.execute("SELECT pg_notify('outbox_events', '')")
     return [EventRow(r["id"], r["event_id"], r["aggregate_id"], r["seq"]) for r in rows]
 
@@ -416,3 +411,25 @@ DELIVERY_ROWS = """(
       JOIN outbox_events AS e ON e.id = d.event_id
       JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
 ) AS delivery_rows"""
+
+
+# Deliveries written the way the API's fan-out writes them, for tests that arrange rows by SQL:
+# one per (event, endpoint) for every ACTIVE or PAUSED endpoint whose types match.
+# $1: the payments whose events get their deliveries (NULL: every event). Existing ones stay.
+FAN_OUT_SQL = """
+INSERT INTO deliveries (event_id, endpoint_id, aggregate_id, created_at)
+SELECT e.id, n.endpoint_id, e.aggregate_id, e.created_at
+  FROM outbox_events AS e
+  JOIN endpoints AS n
+    ON endpoint_wants(n.event_types, e.event_type)
+   AND n.state IN ('ACTIVE', 'PAUSED')
+ WHERE $1::bigint[] IS NULL OR e.aggregate_id = ANY ($1)
+ ORDER BY e.id, n.endpoint_id
+    ON CONFLICT (event_id, endpoint_id) DO NOTHING
+"""
+
+
+async def fan_out(conn: asyncpg.Connection, payment_ids: list[int] | None = None) -> int:
+    """Write the missing deliveries of these payments' events (all events when None)."""
+    result = await conn.execute(FAN_OUT_SQL, payment_ids)
+    return int(result.split()[-1])

@@ -13,10 +13,3 @@ def sample_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
-
-
-def sample_names(text: str) -> set[str]:
-    """Every sample name in `text` (`_total`, `_bucket`, `_count`, `_sum` included)."""
-    return {
-        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
-    }
