@@ -15,7 +15,7 @@ from app.context import PaymentApp
 from app.errors import PROBLEM_CONTENT_TYPE, APIError, database_unavailable, problem_body
 from app.models import MAX_BODY_BYTES
 from app.routes import BodyTooLarge
-from payment_service.database import UNAVAILABLE_ERRORS
+from payment_service.database import UNAVAILABLE_ERRORS, note_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def install_error_handlers(app: PaymentApp) -> None:
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
         if isinstance(error, UNAVAILABLE_ERRORS):
-            logger.warning("database unavailable", extra={"error": type(error).__name__})
+            note_unavailable(error)  # one warning when it goes, not one per request
             return _problem_response(database_unavailable())
         logger.exception("unhandled error", extra={"request_id": getattr(g, "request_id", None)})
         return _problem_response(

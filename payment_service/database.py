@@ -40,11 +40,32 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
     asyncpg.TargetServerAttributeNotMatched,  # failover: no read-write server among the hosts yet
+    # 25006: the node this connection reached takes no writes (a standby, or a demoted primary);
+    # the pool is expired when it is seen, so the next connections look for the primary again.
+    asyncpg.ReadOnlySQLTransactionError,
+)
+# Errors raised on a connection that say its server is gone or no longer the primary: every other
+# connection of its pool points at the same node, so the whole pool is expired when one is seen.
+_SERVER_GONE_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 CONNECT_TIMEOUT_SECONDS = 5
 COMMAND_TIMEOUT_SECONDS = 15
 # A request waits at most this long for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_SECONDS = 5
+# After an asyncpg InternalClientError, how long to wait for the connection's socket to close
+# before calling the error a bug (see `PooledConnection`). A server that exits sends its FATAL
+# and closes at once, so the close follows within a few event-loop turns.
+LOST_CONNECTION_GRACE_SECONDS = 1.0
+
+
+class ConnectionLost(ConnectionError):
+    """The connection broke under a query because its server went away (it is "unavailable")."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -58,7 +79,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class PooledConnection:
     """`async with acquire(pool) as conn`: a pooled connection, or TimeoutError after
     ACQUIRE_TIMEOUT_SECONDS. Unlike `pool.acquire(timeout=…)`, which wraps every acquire in
-    `asyncio.wait_for` and so creates a task per request, this uses `asyncio.timeout`."""
+    `asyncio.wait_for` and so creates a task per request, this uses `asyncio.timeout`.
+
+    When the database goes away, a pooled connection may have received the dying server's FATAL
+    while idle and be handed out before its socket's end is read: asyncpg then raises
+    InternalClientError ("cannot switch to state …; another operation is in progress") on the
+    next query. That error is also what a bug (one connection used by two tasks at once) raises,
+    so it is not unavailable in itself: it becomes `ConnectionLost` only when the connection
+    turns out closed within LOST_CONNECTION_GRACE_SECONDS. Whenever a connection finds its server
+    gone, the whole pool is expired: its siblings all point at the node that went away.
+    """
 
     __slots__ = ("_conn", "_pool")
 
@@ -71,10 +101,91 @@ class PooledConnection:
             self._conn = await self._pool.acquire()
         return self._conn
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._conn is not None:
-            await self._pool.release(self._conn)
-            self._conn = None
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: object,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        lost = error is not None and await _server_gone(conn, error)
+        await self._pool.release(conn)
+        if lost:
+            await self._pool.expire_connections()
+            note_unavailable(error)
+            if isinstance(error, asyncpg.InternalClientError):
+                raise ConnectionLost(f"the database connection was lost: {error}") from error
+
+
+async def _server_gone(conn: asyncpg.Connection, error: BaseException) -> bool:
+    """Whether `error`, raised while using `conn`, means that its server is gone (or read-only)."""
+    if isinstance(error, _SERVER_GONE_ERRORS):
+        return True
+    if not isinstance(error, asyncpg.InternalClientError):
+        return False
+    if conn.is_closed():
+        return True
+    closed = asyncio.Event()
+
+    def on_close(_conn: object) -> None:
+        closed.set()
+
+    conn.add_termination_listener(on_close)
+    try:
+        async with asyncio.timeout(LOST_CONNECTION_GRACE_SECONDS):
+            await closed.wait()
+    except TimeoutError:
+        conn.remove_termination_listener(on_close)
+        return conn.is_closed()
+    return True
+
+
+# -- the switch, logged once each way ------------------------------------------------------------
+class _Link:
+    """What this process last knew of its database, so that losing it logs one warning and
+    reaching it again one info line naming the node, however many requests and loops notice."""
+
+    reached = False  # a connection has succeeded in this process
+    lost = False  # and the database has been unavailable since
+    node: str | None = None  # host:port of the node last reached after a loss
+
+
+_link = _Link()
+NODE_SQL = "SELECT host(inet_server_addr()), inet_server_port(), pg_is_in_recovery()"
+
+
+def note_unavailable(error: BaseException) -> None:
+    """The database could not be used: one warning when it was reachable until now (before
+    the first connection, the caller's own start-up message says it)."""
+    if _link.lost or not _link.reached:
+        logger.debug("database unavailable", extra={"error": _error_name(error)})
+        return
+    _link.lost = True
+    logger.warning(
+        "database lost; retrying until a primary answers",
+        extra={"node": _link.node, "error": _error_name(error)},
+    )
+
+
+async def _note_reached(conn: asyncpg.Connection) -> None:
+    """A new connection: the first after a loss names the node it reached (one round trip, only
+    then)."""
+    _link.reached = True
+    if not _link.lost:
+        return
+    address, port, standby = await conn.fetchrow(NODE_SQL)
+    _link.node = f"{address}:{port}"
+    _link.lost = False
+    logger.info(
+        "database reached",
+        extra={"node": _link.node, "role": "standby" if standby else "primary"},
+    )
+
+
+def _error_name(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:200]
 
 
 def acquire(pool: asyncpg.Pool) -> PooledConnection:
@@ -112,11 +223,22 @@ async def _connect_or_unreachable(*args: Any, **kwargs: Any) -> asyncpg.Connecti
     """asyncpg.connect, with every OSError of connecting (refused, no route, unknown host, no
     such socket) raised as DatabaseUnreachable: nothing else is doing I/O at that moment."""
     try:
-        return await asyncpg.connect(*args, **kwargs)
-    except TimeoutError:  # already an "unavailable" error, with its own name
+        conn = await asyncpg.connect(*args, **kwargs)
+    except TimeoutError as error:  # already an "unavailable" error, with its own name
+        note_unavailable(error)
         raise
     except OSError as error:
+        note_unavailable(error)
         raise DatabaseUnreachable(f"cannot connect to the database: {error}") from error
+    except asyncpg.TargetServerAttributeNotMatched as error:
+        note_unavailable(error)
+        raise
+    try:
+        await _note_reached(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
