@@ -439,11 +439,21 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = None
 
 
+class DatabaseNode(BaseModel):
+    """The database node this worker's pool reached (no credentials): after a failover, the
+    promoted standby's address."""
+
+    address: str | None  # None over a Unix socket
+    port: int | None
+    role: Literal["primary", "standby"]
+
+
 class Health(BaseModel):
     status: Literal["healthy", "unhealthy"]
     service: str
     version: str
     checks: dict[str, str]
+    database: DatabaseNode | None = None  # None when the database did not answer
 
 
 class Liveness(BaseModel):

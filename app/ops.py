@@ -9,8 +9,9 @@ from quart import Response
 from quart_schema import document_response, hide
 
 from app.context import PaymentApp
-from app.models import Health, Liveness
+from app.models import DatabaseNode, Health, Liveness
 from payment_service import SERVICE_NAME, __version__
+from payment_service.database import NODE_SQL
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,15 @@ def install_operational_routes(app: PaymentApp) -> None:
     @document_response(Health, 503)
     async def health() -> tuple[dict[str, Any], int]:
         database = "ok"
+        node = None
         try:
             async with app.connection() as conn:
-                await conn.fetchval("SELECT 1", timeout=HEALTH_TIMEOUT_SECONDS)
+                address, port, standby = await conn.fetchrow(
+                    NODE_SQL, timeout=HEALTH_TIMEOUT_SECONDS
+                )
+            node = DatabaseNode(
+                address=address, port=port, role="standby" if standby else "primary"
+            )
         except Exception as error:  # any failure to answer is "unhealthy"
             logger.warning("health check failed", extra={"error": type(error).__name__})
             database = "unavailable"
@@ -34,6 +41,7 @@ def install_operational_routes(app: PaymentApp) -> None:
             service=SERVICE_NAME,
             version=__version__,
             checks={"database": database},
+            database=node,
         )
         return document.model_dump(), 200 if database == "ok" else 503
 
