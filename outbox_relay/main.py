@@ -113,6 +113,8 @@ class Relay:
         self._seeded = False
         self._records: list[AttemptRecord] = []
         self._releases: list[tuple[int, uuid.UUID]] = []
+        # Tokens of claims whose answer was lost: their leases are ended once the database answers.
+        self._lost_claims: list[uuid.UUID] = []
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()  # something may be claimable, or a lane has room again
         self._endpoints_changed = asyncio.Event()
@@ -411,9 +413,15 @@ class Relay:
             state_changes=self.metrics.endpoint_state_changes,
         ):
             return None
-        event = await outbox.claim_probe(
-            conn, lane.endpoint_id, lease_seconds=settings.relay_lease_seconds
-        )
+        token = uuid.uuid4()
+        try:
+            event = await outbox.claim_probe(
+                conn, lane.endpoint_id, lease_seconds=settings.relay_lease_seconds, token=token
+            )
+        except BaseException:
+            self._lost_claims.append(token)  # as for a claim (`_claim_loop`)
+            self._results_ready.set()
+            raise
         if event is None:
             await end_probe(conn, lane.endpoint_id)
         else:
@@ -447,9 +455,20 @@ class Relay:
                     if (probe := await self._probe(conn, half_open)) is not None:
                         events.append(probe)
                 if budgets:
-                    events += await outbox.claim_deliveries(
-                        conn, budgets=budgets, lease_seconds=settings.relay_lease_seconds
-                    )
+                    token = uuid.uuid4()
+                    try:
+                        events += await outbox.claim_deliveries(
+                            conn,
+                            budgets=budgets,
+                            lease_seconds=settings.relay_lease_seconds,
+                            token=token,
+                        )
+                    except BaseException:
+                        # The claim may have committed (on failover: reached the standby) with
+                        # its answer lost: release its leases rather than let them run out.
+                        self._lost_claims.append(token)
+                        self._results_ready.set()
+                        raise
             claimed: Counter[int] = Counter()
             for event in events:
                 claimed[event.endpoint_id] += 1
@@ -594,7 +613,7 @@ class Relay:
         while True:
             await self._results_ready.wait()
             self._results_ready.clear()
-            if not self._records and not self._releases:
+            if not self._records and not self._releases and not self._lost_claims:
                 if self._recorder_closing:
                     return
                 continue
@@ -618,10 +637,30 @@ class Relay:
     async def _write_results(self) -> None:
         assert self._pool is not None
         async with self._pool.acquire() as conn:
+            if self._lost_claims:
+                tokens = list(self._lost_claims)
+                released = await outbox.release_claim_tokens(conn, tokens)
+                del self._lost_claims[: len(tokens)]
+                if released:
+                    logger.info(
+                        "released the leases of a claim whose answer was lost",
+                        extra={"deliveries": released},
+                    )
+                self._wake.set()
             if self._records:
                 batch, self._records = self._records, []
                 written, dropped = await self._record_attempts(conn, batch)
                 lost = len(batch) - len(written) - dropped
+                if lost:
+                    # An earlier try of this batch may have been written with its answer lost
+                    # (the connection broke after the commit): those rows are ours, not lost.
+                    done = {row.id for row in written}
+                    mine = await outbox.recorded_already(
+                        conn, [r for r in batch if r.id not in done]
+                    )
+                    lost -= len(mine)
+                    if mine:
+                        self._wake.set()  # a later delivery of the payment may be due now
                 if lost:
                     self.metrics.lost_leases.inc(lost)
                     logger.warning(

@@ -170,6 +170,27 @@ UPDATE deliveries AS o
    AND o.claim_token = c.claim_token
 """
 
+# The leases of claims whose answer never came (the connection broke while the claim ran): the
+# relay chose each claim's token before sending it, so once the database answers again it ends
+# exactly the leases that claim may have taken, instead of leaving them to run out.
+RELEASE_TOKENS_SQL = """
+UPDATE deliveries
+   SET locked_until = NULL,
+       claim_token = NULL
+ WHERE claim_token = ANY ($1::uuid[])
+   AND status = 'PENDING'
+"""
+
+# Which of these attempts are on their rows already: a write whose commit reached the database
+# (and, on failover, the standby) but whose answer was lost, and that is now written again. Each
+# attempt's log entry carries its `at` (the attempt's own time, to the microsecond).
+RECORDED_ALREADY_SQL = """
+SELECT d.delivery_id
+  FROM unnest($1::bigint[], $2::float8[]) AS a(id, attempted_at)
+  JOIN deliveries AS d ON d.delivery_id = a.id
+ WHERE d.attempt_log @> jsonb_build_array(jsonb_build_object('at', to_timestamp(a.attempted_at)))
+"""
+
 # The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
 # dead ones, the endpoint's state and its breaker. Read through the partial indexes on PENDING and
 # DEAD rows, so the cost follows the backlog, not the retained history.
@@ -282,21 +303,30 @@ def safe_status_code(code: int | None) -> int | None:
 
 
 async def claim_deliveries(
-    conn: asyncpg.Connection, *, budgets: dict[int, int], lease_seconds: float
+    conn: asyncpg.Connection,
+    *,
+    budgets: dict[int, int],
+    lease_seconds: float,
+    token: uuid.UUID | None = None,
 ) -> list[ClaimedEvent]:
     """Lease due deliveries, oldest first per endpoint: up to `budgets[endpoint_id]` for each
-    endpoint whose breaker is closed, at most one per (endpoint, payment)."""
-    token = uuid.uuid4()
+    endpoint whose breaker is closed, at most one per (endpoint, payment). `token`: the claim's
+    token, chosen by the caller so that it can release the claim if the answer is lost."""
+    token = token or uuid.uuid4()
     rows = await conn.fetch(CLAIM_SQL, list(budgets), list(budgets.values()), lease_seconds, token)
     return [_claimed(row, token) for row in rows]
 
 
 async def claim_probe(
-    conn: asyncpg.Connection, endpoint_id: int, *, lease_seconds: float
+    conn: asyncpg.Connection,
+    endpoint_id: int,
+    *,
+    lease_seconds: float,
+    token: uuid.UUID | None = None,
 ) -> ClaimedEvent | None:
     """Lease the delivery that probes a half-open breaker (PROBE_CLAIM_SQL); None when the
     endpoint has nothing to send. Its attempt does not count toward RELAY_MAX_ATTEMPTS."""
-    token = uuid.uuid4()
+    token = token or uuid.uuid4()
     row = await conn.fetchrow(PROBE_CLAIM_SQL, endpoint_id, lease_seconds, token)
     return None if row is None else _claimed(row, token, counted=False)
 
@@ -338,6 +368,20 @@ async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, u
         RELEASE_SQL, [claim[0] for claim in claims], [claim[1] for claim in claims]
     )
     return int(result.split()[-1])
+
+
+async def release_claim_tokens(conn: asyncpg.Connection, tokens: Sequence[uuid.UUID]) -> int:
+    """End every lease taken by these claims (whose answers were lost): due again at once."""
+    result = await conn.execute(RELEASE_TOKENS_SQL, list(tokens))
+    return int(result.split()[-1])
+
+
+async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRecord]) -> set[int]:
+    """The ids of the deliveries on which these very attempts are written already."""
+    rows = await conn.fetch(
+        RECORDED_ALREADY_SQL, [r.id for r in records], [r.attempted_at for r in records]
+    )
+    return {row[0] for row in rows}
 
 
 async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:

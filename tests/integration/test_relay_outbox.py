@@ -396,3 +396,49 @@ async def test_an_open_breaker_is_never_claimed_and_a_probe_takes_the_head_due_o
     other = await outbox.claim_probe(conn, notification, lease_seconds=LEASE)
     assert other is not None and other.event_id == events[2].event_id
     assert await outbox.claim_probe(conn, notification, lease_seconds=LEASE) is None
+
+
+async def test_a_claim_whose_answer_was_lost_is_released_by_its_token(
+    conn: asyncpg.Connection, notification: int
+) -> None:
+    # Two claims; the answer of the first never reaches the relay (the connection broke after
+    # the commit). Releasing its token frees exactly its leases, not the other claim's.
+    await insert_events(conn, payments=3)
+    lost, kept = uuid.uuid4(), uuid.uuid4()
+    taken = await outbox.claim_deliveries(
+        conn, budgets={notification: 2}, lease_seconds=LEASE, token=lost
+    )
+    assert {e.claim_token for e in taken} == {lost} and len(taken) == 2
+    other = await outbox.claim_deliveries(
+        conn, budgets={notification: 5}, lease_seconds=LEASE, token=kept
+    )
+    assert len(other) == 1
+
+    assert await outbox.release_claim_tokens(conn, [lost]) == 2
+
+    again = await claim(conn, 5, LEASE)
+    assert sorted(e.id for e in again) == sorted(e.id for e in taken)
+    assert await conn.fetchval(
+        "SELECT claim_token FROM deliveries WHERE delivery_id = $1", other[0].id
+    ) == kept
+
+
+async def test_an_attempt_written_before_its_answer_was_lost_is_recognised(
+    conn: asyncpg.Connection,
+) -> None:
+    # The recorder's write committed but its answer was lost; written again, the claim token no
+    # longer matches. The attempt is found on its row: the relay's own, not another relay's.
+    await insert_events(conn, payments=2)
+    first, second = await claim(conn, 5, LEASE)
+    written_before = record(first, "DELIVERED")
+    assert [w.id for w in await outbox.record_attempts(conn, [written_before])] == [first.id]
+
+    retried = await outbox.record_attempts(conn, [written_before, record(second, "DELIVERED")])
+
+    assert [w.id for w in retried] == [second.id]
+    assert await outbox.recorded_already(conn, [written_before]) == {first.id}
+    someone_elses = record(first, "DELIVERED", attempted_at=written_before.attempted_at - 1)
+    assert await outbox.recorded_already(conn, [someone_elses]) == set()
+    assert await conn.fetchval(
+        "SELECT attempts FROM deliveries WHERE delivery_id = $1", first.id
+    ) == 1
