@@ -115,18 +115,31 @@ class PooledConnection:
         if lost:
             await self._pool.expire_connections()
             note_unavailable(error)
-            if isinstance(error, asyncpg.InternalClientError):
+            if not isinstance(error, UNAVAILABLE_ERRORS):
                 raise ConnectionLost(f"the database connection was lost: {error}") from error
 
 
 async def _server_gone(conn: asyncpg.Connection, error: BaseException) -> bool:
-    """Whether `error`, raised while using `conn`, means that its server is gone (or read-only)."""
-    if isinstance(error, _SERVER_GONE_ERRORS):
+    """Whether `error`, raised while using `conn`, means that its server is gone (or read-only).
+
+    A client-side error counts when it follows one of those (asyncpg's "cannot call
+    Transaction.__aexit__(): the underlying connection is closed", raised while the connection's
+    loss propagates) or when the connection is closed; an InternalClientError also when the
+    connection closes within LOST_CONNECTION_GRACE_SECONDS (see `PooledConnection`).
+    """
+    cause: BaseException | None = error
+    for _ in range(10):  # the chain of causes, not endlessly
+        if cause is None:
+            break
+        if isinstance(cause, _SERVER_GONE_ERRORS):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(error, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return False
+    if _closed(conn):
         return True
     if not isinstance(error, asyncpg.InternalClientError):
         return False
-    if conn.is_closed():
-        return True
     closed = asyncio.Event()
 
     def on_close(_conn: object) -> None:
@@ -137,9 +150,19 @@ async def _server_gone(conn: asyncpg.Connection, error: BaseException) -> bool:
         async with asyncio.timeout(LOST_CONNECTION_GRACE_SECONDS):
             await closed.wait()
     except TimeoutError:
+        if _closed(conn):
+            return True
         conn.remove_termination_listener(on_close)
-        return conn.is_closed()
+        return False
     return True
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    """Closed, or (a pool's proxy) already handed back to its pool because it closed."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # "connection has been released back to the pool"
+        return True
 
 
 # -- the switch, logged once each way ------------------------------------------------------------
