@@ -112,7 +112,7 @@ class PooledConnection:
             return
         lost = error is not None and await _server_gone(conn, error)
         await self._pool.release(conn)
-        if lost:
+        if lost and error is not None:
             await self._pool.expire_connections()
             note_unavailable(error)
             if not isinstance(error, UNAVAILABLE_ERRORS):
@@ -160,7 +160,7 @@ async def _server_gone(conn: asyncpg.Connection, error: BaseException) -> bool:
 def _closed(conn: asyncpg.Connection) -> bool:
     """Closed, or (a pool's proxy) already handed back to its pool because it closed."""
     try:
-        return conn.is_closed()
+        return bool(conn.is_closed())
     except asyncpg.InterfaceError:  # "connection has been released back to the pool"
         return True
 

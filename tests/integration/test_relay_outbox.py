@@ -418,9 +418,12 @@ async def test_a_claim_whose_answer_was_lost_is_released_by_its_token(
 
     again = await claim(conn, 5, LEASE)
     assert sorted(e.id for e in again) == sorted(e.id for e in taken)
-    assert await conn.fetchval(
-        "SELECT claim_token FROM deliveries WHERE delivery_id = $1", other[0].id
-    ) == kept
+    assert (
+        await conn.fetchval(
+            "SELECT claim_token FROM deliveries WHERE delivery_id = $1", other[0].id
+        )
+        == kept
+    )
 
 
 async def test_an_attempt_written_before_its_answer_was_lost_is_recognised(
@@ -439,6 +442,6 @@ async def test_an_attempt_written_before_its_answer_was_lost_is_recognised(
     assert await outbox.recorded_already(conn, [written_before]) == {first.id}
     someone_elses = record(first, "DELIVERED", attempted_at=written_before.attempted_at - 1)
     assert await outbox.recorded_already(conn, [someone_elses]) == set()
-    assert await conn.fetchval(
-        "SELECT attempts FROM deliveries WHERE delivery_id = $1", first.id
-    ) == 1
+    assert (
+        await conn.fetchval("SELECT attempts FROM deliveries WHERE delivery_id = $1", first.id) == 1
+    )

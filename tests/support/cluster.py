@@ -5,13 +5,15 @@ PostgreSQL's binaries (`initdb`, `pg_basebackup -R`, `pg_ctl promote`), for the 
 fault tests' `ServiceStack` and assertions run against it unchanged; `dsn` lists both nodes with
 `target_session_attrs=read-write`, so whatever connects through it reaches whichever node is the
 primary now. The standby is the primary's only synchronous standby (`synchronous_commit=on`,
-`synchronous_standby_names` naming it): a commit is acknowledged only once the standby has it, so
-promoting the standby after the primary dies loses nothing a client was told is committed.
+`synchronous_standby_names` naming it, set once the standby streams): a commit is acknowledged
+only once the standby has it, so promoting the standby after the primary dies loses nothing a
+client was told is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -34,7 +36,7 @@ _COMMON = ["fsync=off", "max_connections=200", "wal_level=replica", "max_wal_sen
 
 class FailoverCluster:
     """`create()` builds and starts both nodes and migrates the database through `dsn`;
-    `kill_primary()` SIGKILLs the primary's postmaster; `promote()` makes the standby the primary."""
+    `kill_primary()` SIGKILLs the primary's postmaster; `promote()` makes the standby primary."""
 
     def __init__(self, base: Path, *, primary_only_dsn: bool = False) -> None:
         self.primary = EmbeddedPostgres(
@@ -84,8 +86,7 @@ class FailoverCluster:
         else:
             standby.data_dir.mkdir(mode=0o700)
         conninfo = (
-            f"host=127.0.0.1 port={self.primary.port} user=postgres "
-            f"application_name={STANDBY_NAME}"
+            f"host=127.0.0.1 port={self.primary.port} user=postgres application_name={STANDBY_NAME}"
         )
         # -R writes primary_conninfo (with the application_name) and standby.signal.
         standby._run(
@@ -142,10 +143,8 @@ class FailoverCluster:
 
     async def stop(self) -> None:
         for node in (self.standby, self.primary):
-            try:
+            with contextlib.suppress(RuntimeError):  # a node already dead
                 await asyncio.to_thread(node.stop, "immediate")
-            except RuntimeError:  # a node already dead
-                pass
 
     # -- reading (always the node that is primary now) ------------------------------------------
     async def connect(self) -> asyncpg.Connection:
