@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import ServiceStack
-from tests.support.database import FaultDatabase, scratch_dir
+from tests.support.database import FaultDatabase, OneShotReads, scratch_dir
 from tests.support.receiver import Receiver
 
 
@@ -43,14 +44,24 @@ async def trip() -> AsyncIterator[Receiver]:
         await receiver.close()
 
 
-@pytest.fixture
-async def stack(
-    fault_db: FaultDatabase, receiver: Receiver, trip: Receiver, tmp_path: Path
+@contextlib.asynccontextmanager
+async def service_stack(
+    db: OneShotReads, receiver: Receiver, trip: Receiver, workdir: Path
 ) -> AsyncIterator[ServiceStack]:
-    services = ServiceStack(fault_db, receiver, tmp_path)
+    """The stack on `db` (a FaultDatabase, or the failover test's cluster), `trip` subscribed;
+    every process stopped and its log's tail printed at the end."""
+    services = ServiceStack(db, receiver, workdir)  # type: ignore[arg-type]
     await services.subscribe("trip", trip)
     try:
         yield services
     finally:
         await services.close()
         services.print_logs()
+
+
+@pytest.fixture
+async def stack(
+    fault_db: FaultDatabase, receiver: Receiver, trip: Receiver, tmp_path: Path
+) -> AsyncIterator[ServiceStack]:
+    async with service_stack(fault_db, receiver, trip, tmp_path) as services:
+        yield services

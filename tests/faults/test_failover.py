@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.faults.conftest import service_stack
 from tests.faults.harness import (
     LoadGenerator,
     ServiceStack,
@@ -60,13 +61,8 @@ async def cluster() -> AsyncIterator[FailoverCluster]:
 async def failover_stack(
     cluster: FailoverCluster, receiver: Receiver, trip: Receiver, tmp_path: Path
 ) -> AsyncIterator[ServiceStack]:
-    services = ServiceStack(cluster, receiver, tmp_path)  # type: ignore[arg-type]
-    await services.subscribe("trip", trip)
-    try:
+    async with service_stack(cluster, receiver, trip, tmp_path) as services:
         yield services
-    finally:
-        await services.close()
-        services.print_logs()
 
 
 async def test_failover_to_the_synchronous_standby_under_load(

@@ -17,13 +17,12 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
 from payment_service.embedded import EmbeddedPostgres, free_port
 from payment_service.migrations import migrate
-from tests.support.database import OWN_DATABASE_NAME
+from tests.support.database import OWN_DATABASE_NAME, OneShotReads
 from tests.support.waiting import wait_for
 
 STANDBY_NAME = "standby"  # its application_name, named in the primary's synchronous_standby_names
@@ -34,7 +33,7 @@ REPLICATION_TIMEOUT_SECONDS = 60
 _COMMON = ["fsync=off", "max_connections=200", "wal_level=replica", "max_wal_senders=5"]
 
 
-class FailoverCluster:
+class FailoverCluster(OneShotReads):
     """`create()` builds and starts both nodes and migrates the database through `dsn`;
     `kill_primary()` SIGKILLs the primary's postmaster; `promote()` makes the standby primary."""
 
@@ -149,17 +148,3 @@ class FailoverCluster:
     # -- reading (always the node that is primary now) ------------------------------------------
     async def connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.multi_host_dsn, timeout=10)
-
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self.connect()
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        conn = await self.connect()
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()

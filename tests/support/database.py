@@ -225,7 +225,28 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 OWN_DATABASE_NAME = "payments"
 
 
-class FaultDatabase:
+class OneShotReads:
+    """`fetch` and `fetchval` on a connection of their own, from the class's `connect()`."""
+
+    async def connect(self) -> asyncpg.Connection:
+        raise NotImplementedError
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.connect()
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(sql, *args)
+        finally:
+            await conn.close()
+
+
+class FaultDatabase(OneShotReads):
     """An embedded PostgreSQL that belongs to one test, so the test may stop and start it.
 
     fsync is off (a test survives process crashes, not power loss) but every commit still reaches
@@ -261,20 +282,6 @@ class FaultDatabase:
 
     async def connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.dsn, timeout=10)
-
-    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self.connect()
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    async def fetchval(self, sql: str, *args: Any) -> Any:
-        conn = await self.connect()
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
 
 
 # -- rows -----------------------------------------------------------------------------------------
