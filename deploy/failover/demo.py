@@ -185,6 +185,14 @@ class Stack:
         )
         return [line for line in result.stdout.splitlines() if line]
 
+    def run_check(self, *, show: bool = False) -> subprocess.CompletedProcess[str]:
+        """`payment-service check` in a new container of the service's image: through
+        DB_HOST=db,db-standby it finds whichever is the primary."""
+        return self.compose(
+            "run", "--rm", "--no-deps", "-T", "migrate", "payment-service", "check",
+            timeout=CHECK_TIMEOUT_SECONDS, show=show, check=False,
+        )  # fmt: skip
+
     def container_state(self, service: str) -> dict[str, Any]:
         container = self.compose("ps", "-q", service).stdout.strip()
         if not container:
@@ -537,18 +545,7 @@ def verify(
         pending = stack.sql(primary, "SELECT status, count(*) FROM deliveries GROUP BY status")
         problems.append(f"{error} ({pending})")
 
-    check = stack.compose(
-        "run",
-        "--rm",
-        "--no-deps",
-        "-T",
-        "migrate",
-        "payment-service",
-        "check",
-        timeout=CHECK_TIMEOUT_SECONDS,
-        show=True,
-        check=False,
-    )
+    check = stack.run_check(show=True)
     report["check_exit"] = check.returncode
     report["check_output"] = (check.stdout + check.stderr)[-3000:]
     log(f"payment-service check exited {check.returncode}: {check.stdout.strip()[-300:]}")
