@@ -470,6 +470,11 @@ def demonstrate(stack: Stack, args: argparse.Namespace, report: dict[str, Any]) 
     problems = verify(stack, load, report, before)
     if errors_500:
         problems.append(f"{len(errors_500)} answers were 5xx other than 503")
+        # What the API logged for them, before the stack (and its logs) go.
+        api_log = stack.compose("logs", "--no-color", "api").stdout.splitlines()
+        report["api_unhandled_errors"] = [line for line in api_log if '"unhandled error"' in line]
+        for line in report["api_unhandled_errors"]:
+            log("the API logged: " + line.rsplit("\\n", 1)[-1][:300])
     if back is None:
         problems.append(f"the API did not answer 2xx within {args.max_seconds} s of the kill")
     if load.refused:
