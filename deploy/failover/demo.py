@@ -382,7 +382,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.keep:
             tear_down(stack)
         else:
-            log(f"kept; remove it with: python3 deploy/failover/demo.py down -p {stack.project}")
+            again = ["python3", "deploy/failover/demo.py", "down"]
+            if args.project != DEFAULT_PROJECT:
+                again += ["-p", args.project]
+            if args.env_file != DEFAULT_ENV_FILE:
+                again += ["--env-file", str(args.env_file)]
+            log(f"kept; remove it with: {shlex.join(again)}")
 
 
 def demonstrate(stack: Stack, args: argparse.Namespace, report: dict[str, Any]) -> int:
