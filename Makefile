@@ -27,7 +27,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app outbox_relay payment_service payment_cli tests loadtests
+	$(BIN)/mypy app outbox_relay payment_service payment_cli tests loadtests deploy/failover/demo.py
 	$(BIN)/lint-imports
 
 format: install

@@ -152,6 +152,17 @@ class Settings(BaseSettings):
 
     payment_service_data_dir: Path = Path(".data")
 
+    @field_validator("db_host")
+    @classmethod
+    def _hosts(cls, value: str | None) -> str | None:
+        if value is not None and "," in value:
+            hosts = [host.strip() for host in value.split(",")]
+            if not all(hosts):
+                raise ValueError("an empty host name in the list (use host1,host2)")
+            if any(":" in host or "/" in host for host in hosts):
+                raise ValueError("host names only (every host uses DB_PORT)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -270,7 +281,12 @@ class Settings(BaseSettings):
         auth = quote(self.db_user, safe="")
         if self.db_pass:
             auth += ":" + quote(self.db_pass, safe="")
-        return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
+        # `DB_HOST=pg1,pg2` (a primary and its standbys, in any order): every host on DB_PORT, and
+        # libpq's rule for choosing among them, so each connection finds whichever is the primary.
+        hosts = [host.strip() for host in self.db_host.split(",")]
+        where = ",".join(f"{host}:{self.db_port}" for host in hosts)
+        options = "?target_session_attrs=read-write" if len(hosts) > 1 else ""
+        return f"postgresql://{auth}@{where}/{quote(self.db_name, safe='')}{options}"
 
     @property
     def notification_url(self) -> str:

@@ -114,6 +114,31 @@ def test_dsn_from_parts_quotes_credentials(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.dsn() == "postgresql://postgres:Superb%23915@db:5433/postgres"
 
 
+def test_db_host_lists_a_primary_and_its_standbys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DB_HOST=db,db-standby` (compose's failover demo): both hosts on DB_PORT, and only the
+    one accepting writes is used."""
+    monkeypatch.setenv("DB_HOST", " db , db-standby")
+    monkeypatch.setenv("DB_PORT", "5432")
+    monkeypatch.setenv("DB_PASS", "Superb#915")
+    settings = load_settings()
+    assert settings.dsn() == (
+        "postgresql://postgres:Superb%23915@db:5432,db-standby:5432/postgres"
+        "?target_session_attrs=read-write"
+    )
+    assert "Superb" not in repr(settings)
+
+
+@pytest.mark.parametrize("hosts", ["db,", "db,,db-standby", "db,db-standby:5433"])
+def test_db_host_list_refuses_empty_names_and_ports(
+    monkeypatch: pytest.MonkeyPatch, hosts: str
+) -> None:
+    monkeypatch.setenv("DB_HOST", hosts)
+    monkeypatch.setenv("DB_PASS", "Superb#915")
+    message = refused()
+    assert message.startswith("invalid configuration: DB_HOST: "), message
+    assert "Superb" not in message
+
+
 @pytest.mark.parametrize(
     ("environment", "variable"),
     [
