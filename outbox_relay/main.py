@@ -70,7 +70,7 @@ from outbox_relay.outbox import AttemptRecord, ClaimedEvent, Written
 from outbox_relay.schedule import MAX_RETRY_AFTER_SECONDS, Outcome, Verdict, decide
 from payment_service import ENDPOINTS_CHANNEL, OUTBOX_CHANNEL, __version__
 from payment_service.config import Settings
-from payment_service.database import UNAVAILABLE_ERRORS, connect, create_pool
+from payment_service.database import UNAVAILABLE_ERRORS, acquire, connect, create_pool
 from payment_service.endpoints import Endpoint, seed_from_settings, select_endpoints
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class Relay:
         assert self._pool is not None
         while True:
             self._endpoints_changed.clear()
-            async with self._pool.acquire() as conn:
+            async with acquire(self._pool, timeout=None) as conn:
                 if not self._seeded:
                     seeded = await seed_from_settings(conn, self.settings)
                     self._seeded = True
@@ -450,7 +450,7 @@ class Relay:
                 continue
             lease_deadline = time.monotonic() + settings.relay_lease_seconds
             events: list[ClaimedEvent] = []
-            async with self._pool.acquire() as conn:
+            async with acquire(self._pool, timeout=None) as conn:
                 for half_open in probing:
                     if (probe := await self._probe(conn, half_open)) is not None:
                         events.append(probe)
@@ -636,7 +636,7 @@ class Relay:
 
     async def _write_results(self) -> None:
         assert self._pool is not None
-        async with self._pool.acquire() as conn:
+        async with acquire(self._pool, timeout=None) as conn:
             if self._lost_claims:
                 tokens = list(self._lost_claims)
                 released = await outbox.release_claim_tokens(conn, tokens)
@@ -764,14 +764,14 @@ class Relay:
     async def _housekeeping_loop(self) -> None:
         assert self._pool is not None
         while True:
-            async with self._pool.acquire() as conn:
+            async with acquire(self._pool, timeout=None) as conn:
                 await housekeep(conn, retention_hours=self.settings.outbox_retention_hours)
             await asyncio.sleep(self.settings.relay_housekeeping_interval)
 
     async def _gauge_loop(self) -> None:
         assert self._pool is not None
         while True:
-            async with self._pool.acquire() as conn:
+            async with acquire(self._pool, timeout=None) as conn:
                 rows = await outbox.select_endpoint_backlog(conn)
             self.metrics.set_backlog([EndpointGauges(**row) for row in rows])
             await asyncio.sleep(GAUGE_INTERVAL_SECONDS)

@@ -90,14 +90,15 @@ class PooledConnection:
     gone, the whole pool is expired: its siblings all point at the node that went away.
     """
 
-    __slots__ = ("_conn", "_pool")
+    __slots__ = ("_conn", "_pool", "_timeout")
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout: float | None) -> None:
         self._pool = pool
+        self._timeout = timeout
         self._conn: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> asyncpg.Connection:
-        async with asyncio.timeout(ACQUIRE_TIMEOUT_SECONDS):
+        async with asyncio.timeout(self._timeout):
             self._conn = await self._pool.acquire()
         return self._conn
 
@@ -207,12 +208,30 @@ async def _note_reached(conn: asyncpg.Connection) -> None:
     )
 
 
+def _pool_floor_noise(record: logging.LogRecord) -> bool:
+    """Drop asyncpg's "Failed to restore the pool connection floor" warning, with its traceback,
+    when the cause is the database being unavailable: the pool retries every second in every
+    process while the database is away, and `note_unavailable` has already said so once. Any
+    other cause (a bug in `init`, say) is kept."""
+    if record.exc_info and record.exc_info[1] is not None:
+        return not isinstance(record.exc_info[1], UNAVAILABLE_ERRORS)
+    return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_pool_floor_noise)
+
+
 def _error_name(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:200]
 
 
-def acquire(pool: asyncpg.Pool) -> PooledConnection:
-    return PooledConnection(pool)
+def acquire(
+    pool: asyncpg.Pool, *, timeout: float | None = ACQUIRE_TIMEOUT_SECONDS
+) -> PooledConnection:
+    """A pooled connection (see `PooledConnection`); `timeout=None` waits for one as long as it
+    takes (the relay's loops, whose pool is sized for them, and which must not give up on a
+    long housekeeping statement holding a connection)."""
+    return PooledConnection(pool, timeout)
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:

@@ -178,3 +178,15 @@ def test_api_and_relay_never_restarted_and_the_old_primary_stayed_down(failed_ov
         assert state["running"] and state["restart_count"] == 0, (service, state)
         assert (state["id"], state["started_at"]) == (before["id"], before["started_at"]), service
     assert stack.container_state("db")["running"] is False
+
+
+def test_the_relay_waited_the_switch_out_without_a_crash(failed_over: Any) -> None:
+    _, _, _, stack = failed_over
+    relay_log = stack.compose("logs", "--no-color", "relay").stdout
+    assert '"database reached"' in relay_log, relay_log[-3000:]
+    # Losing the database is waited out ("database unavailable"), never a loop crash with a
+    # traceback: asyncpg's InternalClientError on a pooled connection that got the dying server's
+    # FATAL is a lost connection, as in the API.
+    crashes = [line for line in relay_log.splitlines() if "relay loop crashed" in line]
+    assert not crashes, "\n".join(crashes)[-6000:]
+    assert "another relay owns it" not in relay_log

@@ -143,3 +143,8 @@ async def test_failover_to_the_synchronous_standby_under_load(
     assert relay.running() and relay.starts == 1, relay.log_tail()
     relay_log = relay.log_path.read_text(errors="replace")
     assert "another relay owns it" not in relay_log, "the relay disowned its own writes"
+    # The loss of the database is waited out, never taken for a crash of a relay loop (asyncpg's
+    # InternalClientError on a pooled connection that got the dying server's FATAL, for one).
+    assert "relay loop crashed" not in relay_log, relay.log_tail()
+    api_log = api.log_path.read_text(errors="replace")
+    assert "unhandled error" not in api_log, api.log_tail()
