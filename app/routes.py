@@ -203,7 +203,7 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
     )
     if outcome.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-        app.metrics.replays.labels(route).inc()
+        app.metrics.replays_of(route).inc()
     elif outcome.status < 300:
         app.notifier.poke()  # every successful write committed an outbox event
     return response
@@ -232,7 +232,7 @@ async def post_payment() -> Response:
         asynchronous=model.method in settings.async_methods,
     )
     if not outcome.replayed and outcome.status < 300:
-        app.metrics.payments_created.labels("PENDING" if outcome.status == 202 else "SUCCESS").inc()
+        app.metrics.payments_created_of("PENDING" if outcome.status == 202 else "SUCCESS").inc()
     return _answer(outcome, "/payments")
 
 
