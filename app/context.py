@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any, cast
 
 import asyncpg
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart import Quart, current_app
+from quart.asgi import ASGIHTTPConnection
 from quart.sessions import NullSession, SecureCookieSessionInterface
 
 from app.metrics import Metrics
@@ -29,10 +32,53 @@ class NoSessions(SecureCookieSessionInterface):
         """Never called: Quart saves no null session."""
 
 
+class HandledInPlace(ASGIHTTPConnection):
+    """Quart's HTTP connection, with the request handled in the server's own task.
+
+    Quart starts two tasks per request (the handler, and a reader of the body and of the client's
+    disconnect), waits for the first to finish and cancels the other. Here only the reader is a
+    task and the handler runs where the server called the app. As in Quart, the client's
+    disconnect cancels the handler and the call then returns quietly, an error of the reader is
+    raised, and the reader is cancelled once the answer is sent.
+    """
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        request = self._create_request_from_scope(send)
+        handler = asyncio.current_task()
+        assert handler is not None
+        answered = False
+        ended: BaseException | None = None  # the reader's end before the answer: why it ended
+
+        async def read() -> None:
+            nonlocal ended
+            try:
+                await self.handle_messages(request, receive)  # returns on the disconnect
+            except Exception as error:
+                ended = error
+            else:
+                ended = asyncio.CancelledError()
+            if not answered:
+                handler.cancel()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            await self.handle_request(request, send)
+        except asyncio.CancelledError:
+            if ended is None:
+                raise  # not the reader's doing: the server is cancelling the request
+            handler.uncancel()
+            if not isinstance(ended, asyncio.CancelledError):
+                raise ended from None
+        finally:
+            answered = True
+            reader.cancel()
+
+
 class PaymentApp(Quart):
     settings: Settings
     metrics: Metrics
     session_interface = NoSessions()
+    asgi_http_class = HandledInPlace
     _pool: asyncpg.Pool | None = None
     _notifier: OutboxNotifier | None = None
 
