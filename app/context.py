@@ -11,6 +11,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart import Quart, current_app
 from quart.asgi import ASGIHTTPConnection
 from quart.sessions import NullSession, SecureCookieSessionInterface
+from quart.wrappers import Request
 
 from app.metrics import Metrics
 from app.notifier import OutboxNotifier
@@ -30,6 +31,20 @@ class NoSessions(SecureCookieSessionInterface):
 
     async def save_session(self, app: Quart, session: Any, response: Any) -> None:
         """Never called: Quart saves no null session."""
+
+
+class PaymentRequest(Request):
+    """Quart's request, with its blueprints worked out once per matched rule: Quart asks for them
+    before the request, after it and at teardown, and derives them from the endpoint each time."""
+
+    _blueprints: tuple[object, list[str]] | None = None
+
+    @property
+    def blueprints(self) -> list[str]:
+        rule = self.url_rule
+        if self._blueprints is None or self._blueprints[0] is not rule:
+            self._blueprints = (rule, super().blueprints)
+        return list(self._blueprints[1])
 
 
 class HandledInPlace(ASGIHTTPConnection):
@@ -79,6 +94,7 @@ class PaymentApp(Quart):
     metrics: Metrics
     session_interface = NoSessions()
     asgi_http_class = HandledInPlace
+    request_class = PaymentRequest
     _pool: asyncpg.Pool | None = None
     _notifier: OutboxNotifier | None = None
 
