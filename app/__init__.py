@@ -12,7 +12,7 @@ from __future__ import annotations
 from app import admin
 from app.context import PaymentApp
 from app.handlers import install_error_handlers
-from app.hooks import install_request_hooks, install_strict_paths
+from app.hooks import install_request_hooks
 from app.lifecycle import install_lifecycle
 from app.metrics import Metrics
 from app.models import DRAIN_BODY_BYTES
@@ -41,7 +41,6 @@ def create_app(settings: Settings) -> PaymentApp:
         app.register_blueprint(admin.blueprint, url_prefix=settings.api_prefix + "/admin")
     install_lifecycle(app)
     install_request_hooks(app)
-    install_strict_paths(app)
     install_error_handlers(app)
     install_operational_routes(app)
     return app

@@ -9,8 +9,9 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
-from quart import Response, g, request
+from quart import Request, Response, g, request
 from werkzeug.exceptions import NotFound
 
 from app.context import PaymentApp
@@ -49,32 +50,39 @@ def unauthorized(realm: str) -> APIError:
 def install_request_hooks(app: PaymentApp) -> None:
     protected = (app.settings.api_prefix + "/payments").encode()
     keys = app.settings.api_keys
+    metrics = app.metrics
 
     @app.before_request
     async def start() -> None:
-        g.started = time.perf_counter()
-        sent = request.headers.get("X-Request-ID", "")
-        g.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
+        context, current = _context_and_request()
+        context.started = time.perf_counter()
+        sent = current.headers.get("X-Request-ID", "")
+        context.request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
         # The caller (idempotency scope): with auth off, one shared scope.
-        g.caller = None if keys else DEFAULT_CALLER
-        if keys and request.path.encode().startswith(protected):
-            g.caller = bearer_name(request.headers.get("Authorization", ""), keys)
-            if g.caller is None:
+        context.caller = None if keys else DEFAULT_CALLER
+        if keys and current.path.encode().startswith(protected):
+            context.caller = bearer_name(current.headers.get("Authorization", ""), keys)
+            if context.caller is None:
                 raise unauthorized("payment-service")
+        refuse_empty_segments(current.scope["path"])
 
     @app.after_request
     async def finish(response: Response) -> Response:
-        request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+        context, current = _context_and_request()
+        request_id = getattr(context, "request_id", None) or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        elapsed = time.perf_counter() - getattr(g, "started", time.perf_counter())
-        app.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        app.metrics.latency.labels(route, request.method).observe(elapsed)
-        error_code = getattr(g, "error_code", None)
-        if response.status_code == 409:
-            app.metrics.conflicts.labels(error_code or "CONFLICT").inc()
-        if error_code is not None and response.status_code >= 400:
-            app.metrics.errors.labels(error_code).inc()
+        rule = current.url_rule
+        route = rule.rule if rule is not None else "unmatched"
+        method = current.method
+        status = response.status_code
+        elapsed = time.perf_counter() - getattr(context, "started", time.perf_counter())
+        metrics.requests_of(route, method, str(status)).inc()
+        metrics.latency_of(route, method).observe(elapsed)
+        error_code = getattr(context, "error_code", None)
+        if status == 409:
+            metrics.conflicts_of(error_code or "CONFLICT").inc()
+        if error_code is not None and status >= 400:
+            metrics.errors_of(error_code).inc()
         if access_logger.isEnabledFor(logging.INFO):
             # makeRecord + handle: the same record as access_logger.info(..., extra=...), without
             # the caller lookup (findCaller walks the stack) that the JSON line never shows.
@@ -83,22 +91,28 @@ def install_request_hooks(app: PaymentApp) -> None:
             )
             record.__dict__.update(
                 request_id=request_id,
-                caller=getattr(g, "caller", None),  # the API_KEYS name, never the token
-                method=request.method,
-                path=request.path,
+                caller=getattr(context, "caller", None),  # the API_KEYS name, never the token
+                method=method,
+                path=current.path,
                 route=route,
-                status=response.status_code,
+                status=status,
                 duration_ms=round(elapsed * 1000, 2),
             )
             access_logger.handle(record)
         return response
 
 
-def install_strict_paths(app: PaymentApp) -> None:
-    # A path with an empty segment names no resource. Werkzeug would redirect `/payments//1` to a
-    # Location built from the Host header (merge_slashes, off in create_app), and its
-    # request.path has a leading `//` already stripped: the path as sent is the ASGI scope's.
-    @app.before_request
-    async def refuse_empty_segments() -> None:
-        if "//" in request.scope["path"]:
-            raise NotFound()
+def _context_and_request() -> tuple[Any, Request]:
+    """`g` and `request` themselves: every attribute of the proxies is a context-variable lookup."""
+    return g._get_current_object(), request._get_current_object()  # type: ignore[attr-defined]
+
+
+def refuse_empty_segments(path: str) -> None:
+    """A path with an empty segment names no resource: 404.
+
+    Werkzeug would redirect `/payments//1` to a Location built from the Host header
+    (merge_slashes, off in create_app), and its request.path has a leading `//` already stripped:
+    the path as sent is the ASGI scope's.
+    """
+    if "//" in path:
+        raise NotFound()

@@ -11,6 +11,7 @@ serving in place, or the in-process tests) keeps its values in memory and render
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -76,6 +77,16 @@ class Metrics:
         )
         # At 0 from the start: an alert's increase() cannot see a series' first sample.
         self.errors.labels("DATABASE_UNAVAILABLE")
+        # The series of each metric by their label values, for the request path: `labels()`
+        # checks the values and looks the series up under a lock on every call, and the series
+        # it answers is the same object for the life of the metric (which keeps every series it
+        # has made, so remembering them here keeps nothing more).
+        self.requests_of = functools.cache(self.requests.labels)
+        self.latency_of = functools.cache(self.latency.labels)
+        self.payments_created_of = functools.cache(self.payments_created.labels)
+        self.replays_of = functools.cache(self.replays.labels)
+        self.conflicts_of = functools.cache(self.conflicts.labels)
+        self.errors_of = functools.cache(self.errors.labels)
         # What /metrics renders: this process's registry, or every worker's files.
         self._exposed = self.registry
         if multiprocess_values():

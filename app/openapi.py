@@ -46,6 +46,10 @@ def install_openapi(app: PaymentApp, settings: Settings) -> None:
         scalar_ui_path=None,
         openapi_provider_class=ProblemAwareOpenAPI,
     )
+    # QuartSchema wraps app.make_response so that a route may return a pydantic model; this
+    # API's routes return Response objects or plain dicts, and the wrapper inspected every answer
+    # (a pydantic TypeAdapter built for each dict): Quart's own make_response is put back.
+    vars(app).pop("make_response", None)
 
 
 class ProblemAwareOpenAPI(OpenAPIProvider):

@@ -99,7 +99,9 @@ class BodyTooLarge(APIError):
 
 
 async def json_body() -> dict[str, Any]:
-    mimetype = request.mimetype
+    # The exact header most clients send needs no parsing into type and parameters.
+    sent = request.headers.get("Content-Type")
+    mimetype = JSON if sent == JSON else request.mimetype
     if mimetype != JSON and not (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
@@ -180,9 +182,12 @@ def _idempotency_key(data: dict[str, Any]) -> str:
     return data["idempotency_key"]  # type: ignore[no-any-return]
 
 
-def _guard(key: str, route: str, params: dict[str, Any], model: Any) -> Guard:
+def _guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: Any) -> Guard:
+    """The key's guard; `decided` are body fields the request left to the service (the currency),
+    fingerprinted with the values they took."""
     app = current_payment_app()
     body = model.model_dump(mode="json", exclude={"idempotency_key", "metadata"}, exclude_none=True)
+    body.update(decided)
     metadata = getattr(model, "metadata", None)
     if metadata is not None:  # its numbers stay exact Decimals, not strings
         body["metadata"] = metadata
@@ -203,7 +208,7 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
     )
     if outcome.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-        app.metrics.replays.labels(route).inc()
+        app.metrics.replays_of(route).inc()
     elif outcome.status < 300:
         app.notifier.poke()  # every successful write committed an outbox event
     return response
@@ -223,7 +228,7 @@ async def post_payment() -> Response:
     key = _idempotency_key(data)
     model = validate_model(CreatePayment, data, max_amount=settings.max_payment_amount)
     currency = model.currency or settings.default_currency
-    guard = _guard(key, "/payments", {}, model.model_copy(update={"currency": currency}))
+    guard = _guard(key, "/payments", {}, model, currency=currency)
     outcome = await service.create_payment(
         app.pool,
         model,
@@ -232,7 +237,7 @@ async def post_payment() -> Response:
         asynchronous=model.method in settings.async_methods,
     )
     if not outcome.replayed and outcome.status < 300:
-        app.metrics.payments_created.labels("PENDING" if outcome.status == 202 else "SUCCESS").inc()
+        app.metrics.payments_created_of("PENDING" if outcome.status == 202 else "SUCCESS").inc()
     return _answer(outcome, "/payments")
 
 

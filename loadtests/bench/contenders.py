@@ -28,6 +28,7 @@ def start_service(
     server: str | None = None,
     log_level: str = "INFO",
     name: str = "service",
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[Proc, str]:
     port = free_port()
     cmd = [
@@ -47,7 +48,12 @@ def start_service(
     proc = Proc(
         name,
         cmd,
-        env=bench.env(DATABASE_URL=dsn, CALLBACK_SIGNING_SECRET=bench.secret, LOG_LEVEL=log_level),
+        env=bench.env(
+            DATABASE_URL=dsn,
+            CALLBACK_SIGNING_SECRET=bench.secret,
+            LOG_LEVEL=log_level,
+            **(extra_env or {}),
+        ),
         logs=bench.logs,
     )
     base = f"http://127.0.0.1:{port}"

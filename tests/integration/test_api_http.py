@@ -9,7 +9,7 @@ import re
 import tracemalloc
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -23,6 +23,7 @@ from tests.support.api import (
     payment_body,
     post_json,
 )
+from tests.support.waiting import wait_for
 
 OPEN_PATHS = ["/health", "/health/live", "/metrics", "/openapi.json", "/docs"]
 
@@ -172,6 +173,42 @@ async def test_declared_oversize_body_is_refused_before_it_is_sent(api: RunningA
     finally:
         writer.close()
     assert status_line.startswith(b"HTTP/1.1 413"), status_line
+
+
+def _requests_reading_a_body() -> int:
+    """Tasks of the server (it runs in this process) whose handler is reading a request body."""
+    return sum("json_body" in _awaiting(task) for task in asyncio.all_tasks())
+
+
+def _awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """The names of the coroutines a task is suspended in, outermost first."""
+    names, awaited = [], cast(Any, task.get_coro())
+    while awaited is not None and hasattr(awaited, "cr_code"):
+        names.append(awaited.cr_code.co_name)
+        awaited = awaited.cr_await
+    return names
+
+
+async def test_a_client_gone_mid_body_leaves_no_request_behind(
+    api: RunningApi, client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    # Half a body, then the client goes: the request reading it is cancelled, as Quart does.
+    host, port = api.base_url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /payments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 200\r\n\r\n{"idempotency_key": "gone-'
+    )
+    await writer.drain()
+    await wait_for(_requests_reading_a_body, timeout=10, what="the handler to read the body")
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(
+        lambda: _requests_reading_a_body() == 0, timeout=10, what="the request to be cancelled"
+    )
+    response = await post_json(client, "/payments", payment_body())
+    assert response.status_code == 200, response.text
+    assert await db.fetchval("SELECT count(*) FROM payments") == 1
 
 
 @pytest.mark.parametrize(
