@@ -7,7 +7,8 @@ Each ACTIVE endpoint with a URL has a lane: its own keep-alive `CallbackClient` 
 - `low_water` / `max_held`: the claimer claims for the lane once no more than `low_water`
   deliveries are held (queued or in flight), up to `max_held`, so that claims stay batched while
   a busy lane's queue never runs dry, and one endpoint's backlog never fills another's room.
-The Relay (outbox_relay.main) opens, resizes and retires lanes as endpoints change.
+The endpoint loop (outbox_relay.endpoint_loop) opens, resizes and retires lanes as endpoints
+change; the workers (outbox_relay.workers) drain their queues.
 """
 
 from __future__ import annotations

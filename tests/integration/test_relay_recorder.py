@@ -11,8 +11,10 @@ import asyncpg
 import pytest
 
 from outbox_relay import outbox
-from outbox_relay.main import Relay
+from outbox_relay.metrics import RelayMetrics
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from outbox_relay.recorder import Recorder
+from outbox_relay.state import RelayState
 from payment_service.config import Settings
 from payment_service.database import create_pool
 from tests.support.database import claim, insert_events, set_endpoint_url
@@ -25,14 +27,13 @@ async def notification(conn: asyncpg.Connection) -> int:
 
 
 @pytest.fixture
-async def relay(database_url: str) -> AsyncIterator[Relay]:
+async def recorder(database_url: str) -> AsyncIterator[Recorder]:
     settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
-    relay = Relay(settings)
-    relay._pool = await create_pool(database_url, min_size=0, max_size=2)
+    pool = await create_pool(database_url, min_size=0, max_size=2)
     try:
-        yield relay
+        yield Recorder(RelayState(settings, RelayMetrics(), pool=pool))
     finally:
-        await relay._pool.close()
+        await pool.close()
 
 
 def result(event: ClaimedEvent, status: str = "DELIVERED", **fields: object) -> AttemptRecord:
@@ -79,19 +80,19 @@ async def test_odd_receiver_answers_are_stored_safely_in_one_batch(
 
 
 async def test_a_result_the_database_refuses_never_holds_back_the_others(
-    conn: asyncpg.Connection, relay: Relay
+    conn: asyncpg.Connection, recorder: Recorder
 ) -> None:
     await insert_events(conn, payments=5)
     first, refused, middle, bogus, last = await claim(conn, 5)
-    relay._records = [
+    recorder.records = [
         result(first),
         result(refused, attempted_at=1e300),  # far beyond any timestamp: refused (22008)
         result(middle, "PENDING"),
         result(bogus, "BOGUS"),  # not a status the row can take (a CHECK violation, 23514)
         result(last),
     ]
-    await relay._write_results()
-    assert relay._records == []  # nothing left to retry for ever
+    await recorder.write_results()
+    assert recorder.records == []  # nothing left to retry for ever
     rows = {
         r["id"]: r
         for r in await conn.fetch(

@@ -1,0 +1,29 @@
+"""The relay's loops on timers: housekeeping (outbox_relay.housekeeping, one relay at a time)
+every RELAY_HOUSEKEEPING_INTERVAL, and the metric gauges of the database's backlog per endpoint
+every few seconds (only when the relay serves its metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from outbox_relay import outbox
+from outbox_relay.housekeeping import housekeep
+from outbox_relay.metrics import EndpointGauges
+from outbox_relay.state import RelayState
+
+GAUGE_INTERVAL_SECONDS = 5.0
+
+
+async def housekeeping_loop(state: RelayState) -> None:
+    while True:
+        async with state.connection() as conn:
+            await housekeep(conn, retention_hours=state.settings.outbox_retention_hours)
+        await asyncio.sleep(state.settings.relay_housekeeping_interval)
+
+
+async def gauge_loop(state: RelayState) -> None:
+    while True:
+        async with state.connection() as conn:
+            rows = await outbox.select_endpoint_backlog(conn)
+        state.metrics.set_backlog([EndpointGauges(**row) for row in rows])
+        await asyncio.sleep(GAUGE_INTERVAL_SECONDS)
