@@ -112,7 +112,22 @@ class PooledConnection:
         if conn is None:
             return
         lost = error is not None and await _server_gone(conn, error)
-        await self._pool.release(conn)
+        try:
+            await self._pool.release(conn)
+        except Exception as release_error:
+            # Returning it ran a query (the relay's pool resets sessions) that failed: asyncpg has
+            # closed the connection and the pool makes a new one. What the block did stands — a
+            # claim or a commit already answered — so this never replaces its outcome.
+            if error is None:
+                if await _server_gone(conn, release_error):
+                    await self._pool.expire_connections()
+                    note_unavailable(release_error)
+                else:
+                    logger.warning(
+                        "a connection failed when returned to its pool; it was closed",
+                        exc_info=release_error,
+                    )
+                return
         if lost and error is not None:
             await self._pool.expire_connections()
             note_unavailable(error)
