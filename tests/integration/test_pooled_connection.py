@@ -11,7 +11,7 @@ connection's backend terminated (and waits for it to exit) before it runs its qu
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -21,28 +21,19 @@ from payment_service.database import acquire, create_pool
 Reset = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
-@pytest.fixture
-async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def _pool(database_url: str, reset: Reset) -> asyncpg.Pool:
     return await create_pool(database_url, min_size=0, max_size=2, reset=reset)
 
 
 async def test_the_server_going_away_while_a_connection_is_returned_keeps_the_blocks_result(
-    database_url: str, admin: asyncpg.Connection
+    database_url: str, db: asyncpg.Connection
 ) -> None:
     killed: list[int] = []
 
     async def reset_on_a_dead_server(conn: asyncpg.Connection) -> None:
         if not killed:
             killed.append(conn.get_server_pid())
-            assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", killed[0])
+            assert await db.fetchval("SELECT pg_terminate_backend($1, 10000)", killed[0])
         await conn.execute("SELECT 1")
 
     pool = await _pool(database_url, reset_on_a_dead_server)
