@@ -61,7 +61,11 @@ RETRY_WAIT_CAP_SECONDS = 1.0  # a client waits Retry-After, at most this long, b
 CONNECTION_RETRY_SECONDS = 0.2
 UP_TIMEOUT_SECONDS = 900  # the first build installs every dependency
 READY_TIMEOUT_SECONDS = 180
-DELIVERY_TIMEOUT_SECONDS = 150  # a claim cut short by the kill may wait out its lease (30 s)
+# Every delivery must be DELIVERED within this after the load; the relay's lease in the demo is
+# RELAY_LEASE_SECONDS, far longer, so a claim stranded by the switch fails the demo rather than
+# going out once its lease runs out. A healthy relay drains within a second or two.
+DELIVERY_TIMEOUT_SECONDS = 150
+RELAY_LEASE_SECONDS = 600
 CHECK_TIMEOUT_SECONDS = 180
 REFUND_EVERY = 3  # one payment in three is refunded 1.00 right after it is acknowledged
 
@@ -95,15 +99,18 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def make_env_file(path: Path) -> None:
     """.env.example with a random password and free ports: a throw-away stack's settings."""
-    example = (REPO_ROOT / ".env.example").read_text(encoding="utf-8")
+    example = (REPO_ROOT / ".env.example").read_text(encoding="utf-8").splitlines()
     lines = [
-        example,
+        *(line for line in example if not line.startswith("RELAY_LEASE_SECONDS=")),
         "",
         "# deploy/failover/demo.py: this demo's own stack",
         "PUBLISH_HOST=127.0.0.1",
     ]
     lines += [f"{name}={free_port()}" for name in PUBLISHED_PORTS]
     lines.append(f"DB_PASS={secrets.token_urlsafe(24)}")
+    # A lease far longer than the wait for deliveries: a claim the switch left stranded (its
+    # leases neither used nor released) then fails the demo instead of hiding behind a 30 s lease.
+    lines.append(f"RELAY_LEASE_SECONDS={RELAY_LEASE_SECONDS}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as file:

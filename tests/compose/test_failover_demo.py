@@ -190,3 +190,7 @@ def test_the_relay_waited_the_switch_out_without_a_crash(failed_over: Any) -> No
     crashes = [line for line in relay_log.splitlines() if "relay loop crashed" in line]
     assert not crashes, "\n".join(crashes)[-6000:]
     assert "another relay owns it" not in relay_log
+    # The demo's relay leases for 600 s, so every delivery DELIVERED (the demo waits 150 s) also
+    # proves that no claim was stranded by the switch.
+    lease = stack.compose("exec", "-T", "relay", "printenv", "RELAY_LEASE_SECONDS").stdout
+    assert lease.strip() == "600", lease
