@@ -111,27 +111,27 @@ class PooledConnection:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        lost = error is not None and await _server_gone(conn, error)
+        # The error that showed the server gone, if any: the pool is then expired.
+        gone = error if error is not None and await _server_gone(conn, error) else None
         try:
             await self._pool.release(conn)
         except Exception as release_error:
             # Returning it ran a query (the relay's pool resets sessions) that failed: asyncpg has
             # closed the connection and the pool makes a new one. What the block did stands — a
-            # claim or a commit already answered — so this never replaces its outcome.
+            # claim or a commit already answered, or the block's own error — so this never
+            # replaces its outcome.
             if error is None:
                 if await _server_gone(conn, release_error):
-                    await self._pool.expire_connections()
-                    note_unavailable(release_error)
+                    gone = release_error
                 else:
                     logger.warning(
                         "a connection failed when returned to its pool; it was closed",
                         exc_info=release_error,
                     )
-                return
-        if lost and error is not None:
+        if gone is not None:
             await self._pool.expire_connections()
-            note_unavailable(error)
-            if not isinstance(error, UNAVAILABLE_ERRORS):
+            note_unavailable(gone)
+            if gone is error and not isinstance(error, UNAVAILABLE_ERRORS):
                 raise ConnectionLost(f"the database connection was lost: {error}") from error
 
 
