@@ -174,7 +174,7 @@ class Stack:
             )
         return result
 
-    def sql(self, service: str, query: str) -> list[str]:
+    def sql(self, service: str, query: str, *, show: bool = False) -> list[str]:
         """Rows of `query` run by psql inside `service`'s container (its trusted socket)."""
         result = self.compose(
             "exec",
@@ -189,6 +189,7 @@ class Stack:
             "ON_ERROR_STOP=1",
             "-tAc",
             query,
+            show=show,
         )
         return [line for line in result.stdout.splitlines() if line]
 
@@ -412,19 +413,7 @@ def demonstrate(stack: Stack, args: argparse.Namespace, report: dict[str, Any]) 
     kill_at = time.monotonic()  # the primary is dead once `kill` returns; times count from here
     log(f"primary killed {kill_at - started:.1f} s into the load")
     load.stop.wait(args.promote_after)  # a failover manager's detection time, here a fixed pause
-    stack.compose(
-        "exec",
-        "-T",
-        "db-standby",
-        "psql",
-        "-U",
-        stack.db_user,
-        "-d",
-        "postgres",
-        "-tAc",
-        "SELECT pg_promote()",
-        show=True,
-    )
+    stack.sql("db-standby", "SELECT pg_promote()", show=True)
     promote_at = time.monotonic()
     log(f"db-standby promoted {promote_at - kill_at:.1f} s after the kill")
 

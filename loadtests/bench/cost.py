@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +25,8 @@ from typing import Any
 from .contenders import SHIPPED, measure_http, start_service
 from .endpoints import add_endpoints
 from .harness import Bench
-from .paths import BIN, REPORTS, ROOT
-from .profiling import format_profile, summarize_profile
+from .paths import REPORTS, ROOT
+from .profiling import format_profile, record, summarize_profile
 from .runner import ensure_wrk
 
 
@@ -89,15 +87,7 @@ def measure(
     try:
         if profile:
             REPORTS.mkdir(parents=True, exist_ok=True)
-            py_spy = shutil.which("py-spy") or str(BIN / "py-spy")
-            seconds = int(args.warmup + args.duration + 2)
-            command = [py_spy, "record", "--pid", str(service.pid), "--subprocesses"]
-            command += ["--nonblocking", "--rate", "200", "--duration", str(seconds)]
-            spy = subprocess.Popen(
-                [*command, "--format", "raw", "-o", str(raw)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            spy = record(service.pid, args.warmup + args.duration + 2, "raw", raw)
         result = measure_http(
             bench,
             name,

@@ -81,6 +81,17 @@ def format_profile(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def record(pid: int, seconds: float, fmt: str, path: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` and its children for `seconds`, written as `fmt` to `path`."""
+    py_spy = shutil.which("py-spy") or str(BIN / "py-spy")
+    options = ["--rate", "200", "--duration", str(int(seconds)), "--format", fmt, "-o", str(path)]
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def profile_service(bench: Bench, shipped: Shipped) -> dict[str, Any]:
     """py-spy of the shipped configuration (server, workers, LOG_LEVEL, endpoints) under wrk."""
     py_spy = shutil.which("py-spy") or str(BIN / "py-spy")
@@ -105,26 +116,7 @@ def profile_service(bench: Bench, shipped: Shipped) -> dict[str, Any]:
     try:
         bench.wrk(base + "/payments", bench.args.warmup, "pwarm")
         spies = [
-            subprocess.Popen(
-                [
-                    py_spy,
-                    "record",
-                    "--pid",
-                    str(service.pid),
-                    "--subprocesses",
-                    "--nonblocking",
-                    "--rate",
-                    "200",
-                    "--duration",
-                    str(seconds + 2),
-                    "--format",
-                    fmt,
-                    "-o",
-                    str(path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            record(service.pid, seconds + 2, fmt, path)
             for fmt, path in (("raw", raw), ("flamegraph", svg))
         ]
         time.sleep(1.0)  # py-spy attaches
