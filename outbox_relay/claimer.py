@@ -10,10 +10,12 @@ earliest pending delivery due or not, whose attempt does not count toward RELAY_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 
 import asyncpg
 
@@ -57,19 +59,13 @@ class Claimer:
                     if (probe := await self._probe(conn, half_open)) is not None:
                         events.append(probe)
                 if budgets:
-                    token = uuid.uuid4()
-                    try:
+                    with self._claim_token() as token:
                         events += await outbox.claim_deliveries(
                             conn,
                             budgets=budgets,
                             lease_seconds=settings.relay_lease_seconds,
                             token=token,
                         )
-                    except BaseException:
-                        # The claim may have committed (on failover: reached the standby) with
-                        # its answer lost: release its leases rather than let them run out.
-                        self.recorder.claim_lost(token)
-                        raise
             claimed: Counter[int] = Counter()
             for event in events:
                 claimed[event.endpoint_id] += 1
@@ -83,6 +79,17 @@ class Claimer:
             if all(claimed[endpoint_id] < n for endpoint_id, n in budgets.items()):
                 # every endpoint caught up: wait for news or the next poll
                 await wait_for(state.wake, settings.relay_poll_interval)
+
+    @contextlib.contextmanager
+    def _claim_token(self) -> Iterator[uuid.UUID]:
+        """A new claim's token. If the claim raises, it may have committed (on failover: reached
+        the standby) with its answer lost: its leases are released rather than left to run out."""
+        token = uuid.uuid4()
+        try:
+            yield token
+        except BaseException:
+            self.recorder.claim_lost(token)
+            raise
 
     def _claim_budget(self, lane: Lane) -> int:
         """How many deliveries to claim for the lane now: its budget while its endpoint's breaker
@@ -107,14 +114,10 @@ class Claimer:
             state_changes=self.state.metrics.endpoint_state_changes,
         ):
             return None
-        token = uuid.uuid4()
-        try:
+        with self._claim_token() as token:
             event = await outbox.claim_probe(
                 conn, lane.endpoint_id, lease_seconds=settings.relay_lease_seconds, token=token
             )
-        except BaseException:
-            self.recorder.claim_lost(token)  # as for a claim (`run`)
-            raise
         if event is None:
             await end_probe(conn, lane.endpoint_id)
         else:

@@ -49,7 +49,6 @@ class FailoverCluster(OneShotReads):
         # No synchronous_standby_names: promoted, it is alone, and must not wait for a standby.
         self.standby = EmbeddedPostgres(base / "standby", settings=[*_COMMON, "hot_standby=on"])
         self.primary_only_dsn = primary_only_dsn
-        self.promoted = False
 
     # -- the address the service is given -------------------------------------------------------
     @property
@@ -124,21 +123,16 @@ class FailoverCluster(OneShotReads):
         )
 
     # -- the failover ---------------------------------------------------------------------------
-    def primary_pid(self) -> int:
-        return int((self.primary.data_dir / "postmaster.pid").read_text().splitlines()[0])
-
-    async def kill_primary(self) -> int:
-        """SIGKILL the primary's postmaster (its backends notice and exit); its pid."""
-        pid = self.primary_pid()
+    async def kill_primary(self) -> None:
+        """SIGKILL the primary's postmaster (its backends notice and exit)."""
+        pid = int((self.primary.data_dir / "postmaster.pid").read_text().splitlines()[0])
         os.kill(pid, signal.SIGKILL)
-        return pid
 
     async def promote(self) -> None:
         """`pg_ctl promote -w`: the standby leaves recovery and takes writes."""
         await asyncio.to_thread(
             self.standby._run, "pg_ctl", "promote", "-w", "-D", str(self.standby.data_dir)
         )
-        self.promoted = True
 
     async def stop(self) -> None:
         for node in (self.standby, self.primary):
