@@ -104,12 +104,14 @@ class EmbeddedPostgres:
                 capture_output=True,
             )
             entry = pwd.getpwnam(SYSTEM_USER)
-        # Every ancestor must be traversable by that user.
-        for folder in [self.data_dir.parent, *self.data_dir.parent.parents, self.bin_dir.parent]:
+        # Every ancestor of the data directory and of the binaries must be traversable by that
+        # user (a checkout in a private folder, such as one `mktemp -d` made, holds the binaries).
+        install = self.bin_dir.parent
+        for folder in {*self.data_dir.parent.parents, self.data_dir.parent, *install.parents}:
             mode = folder.stat().st_mode
             if mode & 0o011 != 0o011:
                 folder.chmod(mode | 0o011)
-        for path in self.bin_dir.parent.rglob("*"):
+        for path in [install, *install.rglob("*")]:
             mode = path.stat().st_mode
             wanted = mode | (0o055 if path.is_dir() or os.access(path, os.X_OK) else 0o044)
             if wanted != mode:
