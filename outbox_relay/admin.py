@@ -122,6 +122,10 @@ SELECT n.name                       AS endpoint,
 # never had one for (created before it subscribed, or while it was DISABLED), the existing one put
 # back in line otherwise (delivered ones included; the attempt log is kept). Same event, same
 # event_id, so receivers dedupe on webhook-id as ever. Inserted in event order.
+# The events are locked FOR KEY SHARE as they are read, before any delivery is written: the
+# relay's housekeeping skips a locked event, so it cannot delete one between this read and the
+# insert (a foreign-key error) or just after it (the cascade taking the new delivery with it). An
+# event housekeeping deleted first is simply not in the range.
 REPLAY_RANGE_SQL = """
 WITH wanted AS (
     SELECT e.id, e.aggregate_id
@@ -129,6 +133,7 @@ WITH wanted AS (
      WHERE e.created_at >= $2
        AND ($3::timestamptz IS NULL OR e.created_at < $3)
        AND endpoint_wants($4, e.event_type)
+       FOR KEY SHARE
 ), upserted AS (
     INSERT INTO deliveries AS d (event_id, endpoint_id, aggregate_id)
     SELECT w.id, $1, w.aggregate_id

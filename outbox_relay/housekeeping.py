@@ -1,26 +1,43 @@
 """Housekeeping: delete delivered deliveries past retention, the events no delivery needs any
 more, and expired idempotency keys.
 
-One relay at a time does it (a session advisory lock; the others skip the pass), in small
-batches, each its own short statement, so it never holds long locks or bloats one transaction.
-The keys are the API's table: their batch is the schema's `purge_expired_idempotency_keys`
-(db/migrations/0005), so the relay carries no SQL of that table.
+One relay at a time does it (a session advisory lock; the others skip the pass). A pass goes on
+while it finds work, in rounds; each round is a few short statements of at most `batch_size`
+rows each, never a long lock or one transaction that grows with the backlog:
+- the oldest deliveries delivered past retention are deleted, and their events, if that left
+  them unused (the common case: an event goes with its last delivery);
+- a sweep reads the next window of old events in id order and deletes the unused ones (events
+  no endpoint wanted, or whose deliveries `endpoints remove` dropped); it reads each old event
+  once a pass, never the growing head of events kept for their pending or dead deliveries;
+- expired idempotency keys go, through the schema's `purge_expired_idempotency_keys`
+  (db/migrations/0005), so the relay carries no SQL of the API's table.
+Between rounds the pass rests as long as the round took, so it uses at most half of one
+connection's time and backs off as the database slows down; it stops at the relay's stop (the
+round in progress finishes its statements first). A pass ends once every kind is done: a short
+batch of deliveries and of keys, and a sweep that reached events not yet past retention.
+
+Unused events are locked (`SKIP LOCKED`) and then deleted after a fresh look, in one short
+transaction, so an `outbox replay --since` that is adding a delivery for an old event (it holds
+the event FOR KEY SHARE) keeps it, and never loses its delivery to the cascade.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
 
 from outbox_relay import outbox
+from outbox_relay.state import wait_for
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 1000  # rows per DELETE
-MAX_BATCHES_PER_PASS = 100  # a pass stops after this many batches of each kind; the next continues
+BATCH_SIZE = 1000  # rows per statement: deliveries and keys deleted, events swept
+MIN_REST_SECONDS = 0.005  # the least rest between rounds: other tasks and sessions get a turn
 PURGE_EXPIRED_KEYS_SQL = "SELECT purge_expired_idempotency_keys($1)"
 
 
@@ -30,57 +47,116 @@ class HousekeepingResult:
     deliveries_deleted: int = 0
     events_deleted: int = 0
     keys_deleted: int = 0
+    rounds: int = 0
+    stopped: bool = False  # the pass ended at the stop event, with work left
 
 
 async def housekeep(
-    conn: asyncpg.Connection, *, retention_hours: float, batch_size: int = BATCH_SIZE
+    conn: asyncpg.Connection,
+    *,
+    retention_hours: float,
+    batch_size: int = BATCH_SIZE,
+    stop: asyncio.Event | None = None,
 ) -> HousekeepingResult:
-    """One pass, unless another relay is doing one right now."""
+    """One pass, unless another relay is doing one right now; it ends when nothing is left to
+    delete, or at `stop`."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", outbox.HOUSEKEEPING_LOCK_ID):
         return HousekeepingResult(ran=False)
     try:
-        deliveries = await _in_batches(
-            lambda: outbox.delete_delivered_deliveries(
-                conn, older_than_hours=retention_hours, limit=batch_size
-            ),
-            batch_size,
-        )
-        events = await _in_batches(
-            lambda: outbox.delete_old_events(
-                conn, older_than_hours=retention_hours, limit=batch_size
-            ),
-            batch_size,
-        )
-        keys = await _in_batches(
-            lambda: purge_expired_idempotency_keys(conn, limit=batch_size), batch_size
-        )
+        result = await _Pass(conn, retention_hours, batch_size, stop or asyncio.Event()).run()
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", outbox.HOUSEKEEPING_LOCK_ID)
-    if deliveries or events or keys:
+    if result.deliveries_deleted or result.events_deleted or result.keys_deleted:
         logger.info(
             "housekeeping deleted old rows",
             extra={
-                "delivered_deliveries": deliveries,
-                "events": events,
-                "idempotency_keys": keys,
+                "delivered_deliveries": result.deliveries_deleted,
+                "events": result.events_deleted,
+                "idempotency_keys": result.keys_deleted,
+                "rounds": result.rounds,
+                "stopped": result.stopped,
             },
         )
-    return HousekeepingResult(
-        ran=True, deliveries_deleted=deliveries, events_deleted=events, keys_deleted=keys
-    )
+    return result
+
+
+class _Pass:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        retention_hours: float,
+        batch_size: int,
+        stop: asyncio.Event,
+    ) -> None:
+        self.conn = conn
+        self.retention_hours = retention_hours
+        self.batch_size = batch_size
+        self.stop = stop
+        self.deliveries = self.events = self.keys = self.rounds = 0
+        self.deliveries_left = self.sweep_left = self.keys_left = True
+        self.swept_to = 0  # the sweep's cursor: the last event id it read
+
+    async def run(self) -> HousekeepingResult:
+        while self.deliveries_left or self.sweep_left or self.keys_left:
+            if self.stop.is_set():
+                break
+            started = time.monotonic()
+            await self._round()
+            self.rounds += 1
+            rest = max(time.monotonic() - started, MIN_REST_SECONDS)
+            await wait_for(self.stop, rest)
+        return HousekeepingResult(
+            ran=True,
+            deliveries_deleted=self.deliveries,
+            events_deleted=self.events,
+            keys_deleted=self.keys,
+            rounds=self.rounds,
+            stopped=self.stop.is_set(),
+        )
+
+    async def _round(self) -> None:
+        candidates: list[int] = []
+        if self.deliveries_left:
+            event_ids = await outbox.delete_delivered_deliveries(
+                self.conn, older_than_hours=self.retention_hours, limit=self.batch_size
+            )
+            self.deliveries += len(event_ids)
+            self.deliveries_left = len(event_ids) == self.batch_size
+            candidates += event_ids
+        if self.sweep_left:
+            window = await outbox.select_event_window(
+                self.conn,
+                after=self.swept_to,
+                older_than_hours=self.retention_hours,
+                limit=self.batch_size,
+            )
+            old = [row for row in window if row["past_retention"]]
+            candidates += [row["id"] for row in old if row["unused"]]
+            if window:
+                self.swept_to = window[-1]["id"]
+            # Ids follow creation time (to within a transaction's length): past the first event
+            # still within retention, the rest of the table is newer. An event just short of the
+            # line waits for the next pass.
+            self.sweep_left = len(old) == self.batch_size
+        if candidates:
+            self.events += await self._delete_unused_events(candidates)
+        if self.keys_left:
+            keys = await purge_expired_idempotency_keys(self.conn, limit=self.batch_size)
+            self.keys += keys
+            self.keys_left = keys == self.batch_size
+
+    async def _delete_unused_events(self, event_ids: Iterable[int]) -> int:
+        unique = sorted(set(event_ids))
+        async with self.conn.transaction():
+            locked = await outbox.lock_unused_events(
+                self.conn, event_ids=unique, older_than_hours=self.retention_hours
+            )
+            if not locked:
+                return 0
+            return await outbox.delete_unused_events(self.conn, event_ids=locked)
 
 
 async def purge_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
     """Delete up to `limit` idempotency keys past their expiry; how many were deleted."""
     deleted = await conn.fetchval(PURGE_EXPIRED_KEYS_SQL, limit)
     return int(deleted)
-
-
-async def _in_batches(delete_batch: Callable[[], Awaitable[int]], batch_size: int) -> int:
-    total = 0
-    for _ in range(MAX_BATCHES_PER_PASS):
-        deleted = await delete_batch()
-        total += deleted
-        if deleted < batch_size:
-            break
-    return total

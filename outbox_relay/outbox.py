@@ -218,8 +218,12 @@ SELECT ep.name,
  ORDER BY ep.name
 """
 
-# The conditions are repeated outside the sub-select so that a row changed meanwhile (a key
-# claimed again, say) is re-checked against its new version before it is deleted.
+# Housekeeping (outbox_relay.housekeeping runs these in rounds of short statements).
+#
+# Deliveries delivered past retention, oldest first, through deliveries_delivered_at_idx; each
+# deleted one's event comes back, as it may now be unused. The conditions are repeated outside
+# the sub-select so that a row changed meanwhile (put back in line by `outbox replay`, say) is
+# re-checked against its new version before it is deleted.
 DELETE_DELIVERED_SQL = """
 DELETE FROM deliveries
  WHERE delivery_id = ANY (ARRAY(SELECT delivery_id
@@ -230,18 +234,54 @@ DELETE FROM deliveries
                                  LIMIT $2))
    AND status = 'DELIVERED'
    AND delivered_at < now() - make_interval(secs => $1)
+RETURNING event_id
 """
 
-# Events past retention that no delivery needs any more: their delivered deliveries went first
-# (DELETE_DELIVERED_SQL); one still PENDING or DEAD keeps its event, so it can still go out.
-DELETE_EVENTS_SQL = """
+# The sweep: the next $3 events after id $1, in id order (the primary key), each saying whether it
+# is past retention and whether it is unused (no delivery left). It finds the unused events that
+# no deleted delivery led to: no endpoint wanted them, or `endpoints remove` dropped their
+# deliveries. A window has a fixed size however many of its events are still needed (pending or
+# dead deliveries), so a pass reads each old event once, instead of every batch reading again the
+# growing head of events kept (a search for "the oldest unused events" costs all the old events
+# on every batch: 250 ms a batch with 200,000 of them). Each event's deliveries are looked up
+# through the (event_id, endpoint_id) key, one probe per event: as NOT EXISTS the planner may
+# choose to hash every delivery instead.
+SWEEP_EVENTS_SQL = """
+SELECT w.id,
+       w.created_at < now() - make_interval(secs => $2) AS past_retention,
+       d.event_id IS NULL AS unused
+  FROM (SELECT e.id, e.created_at
+          FROM outbox_events AS e
+         WHERE e.id > $1
+         ORDER BY e.id
+         LIMIT $3) AS w
+  LEFT JOIN LATERAL (SELECT d.event_id
+                       FROM deliveries AS d
+                      WHERE d.event_id = w.id
+                      LIMIT 1) AS d ON true
+ ORDER BY w.id
+"""
+
+# Deleting unused events is two statements in one short transaction. First, lock those of these
+# events that are past retention and unused, skipping any locked elsewhere: `outbox replay
+# --since` holds the events it is adding deliveries for (FOR KEY SHARE), and its deliveries are
+# not visible here until it commits.
+LOCK_UNUSED_EVENTS_SQL = """
+SELECT e.id
+  FROM outbox_events AS e
+ WHERE e.id = ANY ($1::bigint[])
+   AND e.created_at < now() - make_interval(secs => $2)
+   AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id)
+ FOR UPDATE SKIP LOCKED
+"""
+
+# Then delete them, checking again with this statement's own snapshot, taken once the locks are
+# held: a delivery committed after the lock statement's snapshot but before it locked the event
+# (a replay that finished in between) is seen here and keeps its event; the locks keep any new
+# one out until the transaction ends.
+DELETE_UNUSED_EVENTS_SQL = """
 DELETE FROM outbox_events AS e
- WHERE e.id = ANY (ARRAY(SELECT old.id
-                           FROM outbox_events AS old
-                          WHERE old.created_at < now() - make_interval(secs => $1)
-                            AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = old.id)
-                          ORDER BY old.created_at
-                          LIMIT $2))
+ WHERE e.id = ANY ($1::bigint[])
    AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id)
 """
 
@@ -393,15 +433,33 @@ async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Reco
 # -- inspection and operation -------------------------------------------------------------------
 async def delete_delivered_deliveries(
     conn: asyncpg.Connection, *, older_than_hours: float, limit: int
-) -> int:
-    """Delete up to `limit` deliveries delivered more than `older_than_hours` ago."""
-    result = await conn.execute(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
-    return int(result.split()[-1])
+) -> list[int]:
+    """Delete up to `limit` deliveries delivered more than `older_than_hours` ago; the event id
+    of each one deleted."""
+    rows = await conn.fetch(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
+    return [row["event_id"] for row in rows]
 
 
-async def delete_old_events(
-    conn: asyncpg.Connection, *, older_than_hours: float, limit: int
-) -> int:
-    """Delete up to `limit` events older than `older_than_hours` that have no delivery left."""
-    result = await conn.execute(DELETE_EVENTS_SQL, older_than_hours * 3600, limit)
+async def select_event_window(
+    conn: asyncpg.Connection, *, after: int, older_than_hours: float, limit: int
+) -> list[asyncpg.Record]:
+    """The next `limit` events after id `after`: `id`, `past_retention`, `unused`."""
+    return await conn.fetch(  # type: ignore[no-any-return]
+        SWEEP_EVENTS_SQL, after, older_than_hours * 3600, limit
+    )
+
+
+async def lock_unused_events(
+    conn: asyncpg.Connection, *, event_ids: Sequence[int], older_than_hours: float
+) -> list[int]:
+    """In the caller's transaction: lock those of `event_ids` past retention that no delivery
+    needs, skipping any another transaction holds; their ids."""
+    rows = await conn.fetch(LOCK_UNUSED_EVENTS_SQL, list(event_ids), older_than_hours * 3600)
+    return [row["id"] for row in rows]
+
+
+async def delete_unused_events(conn: asyncpg.Connection, *, event_ids: Sequence[int]) -> int:
+    """In the caller's transaction, after `lock_unused_events`: delete those of `event_ids` that
+    still have no delivery; how many."""
+    result = await conn.execute(DELETE_UNUSED_EVENTS_SQL, list(event_ids))
     return int(result.split()[-1])

@@ -9,16 +9,20 @@ import asyncio
 from outbox_relay import outbox
 from outbox_relay.housekeeping import housekeep
 from outbox_relay.metrics import EndpointGauges
-from outbox_relay.state import RelayState
+from outbox_relay.state import RelayState, wait_for
 
 GAUGE_INTERVAL_SECONDS = 5.0
 
 
 async def housekeeping_loop(state: RelayState) -> None:
-    while True:
+    """A pass, then RELAY_HOUSEKEEPING_INTERVAL seconds of rest, until the relay stops: a pass in
+    progress ends after its current round, and the rest ends at once."""
+    while not state.stop.is_set():
         async with state.connection() as conn:
-            await housekeep(conn, retention_hours=state.settings.outbox_retention_hours)
-        await asyncio.sleep(state.settings.relay_housekeeping_interval)
+            await housekeep(
+                conn, retention_hours=state.settings.outbox_retention_hours, stop=state.stop
+            )
+        await wait_for(state.stop, state.settings.relay_housekeeping_interval)
 
 
 async def gauge_loop(state: RelayState) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from payment_service import endpoints
+from payment_service import MULTIPROCESS_DIRECTORY_VARIABLE, endpoints
 from payment_service.config import Settings
 from payment_service.database import wait_for_database
 from payment_service.embedded import EmbeddedPostgres
@@ -43,6 +43,7 @@ def say(message: str) -> None:
 class Child:
     name: str
     argv: list[str]
+    unset: tuple[str, ...] = ()  # variables of `run`'s environment this child must not get
     process: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -50,8 +51,9 @@ class Child:
         # The API and the relay stop (gracefully) if `run` itself is killed without a chance to
         # stop them.
         supervisor = os.getpid()
+        own = {name: value for name, value in env.items() if name not in self.unset}
         self.process = subprocess.Popen(
-            self.argv, env=env, preexec_fn=lambda: die_with_parent(supervisor)
+            self.argv, env=own, preexec_fn=lambda: die_with_parent(supervisor)
         )
 
     def exited(self) -> int | None:
@@ -147,7 +149,11 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         command = [sys.executable, "-m", "payment_cli.cli"]
         children = [Child("api", [*command, "serve", "--host", host, "--port", str(port)])]
         if with_relay:
-            children.append(Child("relay", [*command, "relay"]))
+            # The API's metrics directory is its workers' alone: the relay serves its own
+            # metrics, and in that directory its values would add up into the API's /metrics.
+            children.append(
+                Child("relay", [*command, "relay"], unset=(MULTIPROCESS_DIRECTORY_VARIABLE,))
+            )
         return _supervise(children, env, host, port, settings)
     finally:
         if embedded is not None:

@@ -10,3 +10,6 @@ SERVICE_NAME = "payment-service"
 OUTBOX_CHANNEL = "outbox_events"
 # The channel every change to an endpoint NOTIFYs, so that running relays reload at once.
 ENDPOINTS_CHANNEL = "endpoints"
+# prometheus_client's multiprocess directory: the workers of `serve` write their metric values
+# there (app.metrics); the relay, one process serving its own metrics, must never write into it.
+MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"

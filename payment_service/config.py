@@ -67,6 +67,54 @@ def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+# What production accepts as an admin token (ADMIN_API_KEYS): long, varied and not a short piece
+# repeated, so that a placeholder or a guessable word cannot open the admin API. A generated
+# token passes: `python -c "import secrets; print(secrets.token_urlsafe(32))"`.
+ADMIN_TOKEN_MIN_LENGTH = 32  # characters
+ADMIN_TOKEN_MIN_DISTINCT = 10  # different characters (a random 32-hex token has about 14)
+ADMIN_TOKEN_RULE = (
+    f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, at least {ADMIN_TOKEN_MIN_DISTINCT} of them "
+    "different, and not one shorter piece repeated"
+)
+
+
+def strong_admin_token(token: str) -> bool:
+    """Whether `token` follows ADMIN_TOKEN_RULE."""
+    repeated = token in (token + token)[1:-1]  # s is a piece repeated iff it is found in s+s inside
+    return (
+        len(token) >= ADMIN_TOKEN_MIN_LENGTH
+        and len(set(token)) >= ADMIN_TOKEN_MIN_DISTINCT
+        and not repeated
+    )
+
+
+def admin_key_problem(
+    admin_keys: tuple[ApiKey, ...], api_keys: tuple[ApiKey, ...], *, production: bool
+) -> str | None:
+    """What is wrong with ADMIN_API_KEYS, in one line that names entries by position and never
+    quotes a token; None when nothing is.
+
+    An admin token that is also a caller's token (API_KEYS) is refused in every environment: it
+    would make that caller an admin, whose endpoints changes redirect every callback, and no
+    setting wants it, so a configuration that starts in development starts in production too.
+    Production also refuses weak admin tokens (ADMIN_TOKEN_RULE).
+    """
+    callers = {key.token: number for number, key in enumerate(api_keys, start=1)}
+    for number, key in enumerate(admin_keys, start=1):
+        if key.token in callers:
+            return (
+                f"ADMIN_API_KEYS: entry {number}'s token is also API_KEYS entry "
+                f"{callers[key.token]}'s; give admins tokens of their own"
+            )
+        if production and not strong_admin_token(key.token):
+            return (
+                f"ADMIN_API_KEYS: entry {number}'s token is too weak for ENVIRONMENT=production: "
+                f"use {ADMIN_TOKEN_RULE} (e.g. python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+    return None
+
+
 class ConfigurationError(Exception):
     """The configuration is invalid; the message names the variable."""
 
@@ -258,6 +306,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.db_pool_min > self.db_pool_max:
             raise ValueError("DB_POOL_MIN must not exceed DB_POOL_MAX")
+        problem = admin_key_problem(
+            self.admin_api_keys, self.api_keys, production=self.environment == "production"
+        )
+        if problem:
+            raise ValueError(problem)
         if self.environment == "production":
             if not self.api_keys:
                 raise ValueError("API_KEYS must be set when ENVIRONMENT=production")

@@ -51,7 +51,9 @@ def stop_all(procs: list[Proc]) -> list[int | None]:
     return [proc.stop(signal.SIGTERM) for proc in procs]
 
 
-def start_relay(bench: Bench, dsn: str, urls: list[str], index: int) -> Proc:
+def start_relay(
+    bench: Bench, dsn: str, urls: list[str], index: int, extra_env: dict[str, str] | None = None
+) -> Proc:
     """A relay whose seeding points endpoint i (endpoints.ENDPOINT_NAMES) at urls[i]."""
     env = bench.env(
         DATABASE_URL=dsn,
@@ -64,6 +66,7 @@ def start_relay(bench: Bench, dsn: str, urls: list[str], index: int) -> Proc:
             if k.startswith("RELAY_") and k != "RELAY_METRICS_PORT"
         },
     )
+    env.update(extra_env or {})
     return Proc(f"relay-{index}", [str(BIN / "payment-service"), "relay"], env=env, logs=bench.logs)
 
 
@@ -87,6 +90,26 @@ def relay_template(endpoints: int) -> str:
     return f"{RELAY_TEMPLATE_DB}_{endpoints}"
 
 
+def payments_with_events_sql(count: int, created_at: str = "now()") -> str:
+    """SQL writing `count` successful payments (trips 1 to `count`), each with its
+    `payment.succeeded` event created at `created_at` (an SQL expression; `(x.p).payment_id` is
+    the payment's id)."""
+    return f"""
+        INSERT INTO payments (trip_id, amount, currency, method, status, reference,
+                              idempotency_hash)
+        SELECT g, 150.00, 'INR', 'CARD', 'SUCCESS', 'PAY-20250101-' || lpad(to_hex(g), 8, '0'),
+               lpad(to_hex(g), 64, '0')
+          FROM generate_series(1, {count}) AS g;
+        INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload, created_at)
+        SELECT x.event_id, 'payment.succeeded', (x.p).payment_id,
+               payment_event_json(x.p, x.event_id, 'payment.succeeded'), {created_at}
+          FROM (SELECT p, gen_random_uuid() AS event_id
+                  FROM payments AS p
+                 WHERE p.trip_id <= {count}) AS x
+         ORDER BY (x.p).payment_id;
+    """
+
+
 def build_relay_template(bench: Bench, endpoints: int) -> None:
     """A database with --relay-events pending deliveries in all, spread over `endpoints`
     endpoints: the same work for the relay whatever the number of endpoints."""
@@ -97,15 +120,7 @@ def build_relay_template(bench: Bench, endpoints: int) -> None:
     add_endpoints(bench, template, endpoints)
     bench.pg.psql(
         f"""
-        INSERT INTO payments (trip_id, amount, currency, method, status, reference,
-                              idempotency_hash)
-        SELECT g, 150.00, 'INR', 'CARD', 'SUCCESS', 'PAY-20250101-' || lpad(to_hex(g), 8, '0'),
-               lpad(to_hex(g), 64, '0')
-          FROM generate_series(1, {events}) AS g;
-        INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-        SELECT x.event_id, 'payment.succeeded', (x.p).payment_id,
-               payment_event_json(x.p, x.event_id, 'payment.succeeded')
-          FROM (SELECT p, gen_random_uuid() AS event_id FROM payments AS p) AS x;
+        {payments_with_events_sql(events)}
         -- The API's fan-out, as its statement does it: one delivery per subscribed endpoint.
         INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
         SELECT e.id, ep.endpoint_id, e.aggregate_id

@@ -247,6 +247,10 @@ def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str
                 pending["age_max_s"] < TARGETS["oldest_pending_s"],
             )
         )
+    if results.get("housekeeping"):
+        lines, target = render_housekeeping(results["housekeeping"], results["connections"])
+        out += lines
+        targets.append(target)
     if targets:
         out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
         out += [
@@ -356,6 +360,42 @@ hand and kept when it runs again.
 """
 
 
+def render_housekeeping(
+    h: dict[str, Any], connections: int
+) -> tuple[list[str], tuple[str, str, bool]]:
+    """The housekeeping section's table, and its target: deleting deliveries at least as fast as
+    the API writes them."""
+    ran_out = " (ran out of work inside the window: a lower bound)" if h["ran_out"] else ""
+    lines = [
+        f"### Housekeeping while the API runs flat out ({h['workers']} API worker(s), "
+        f"{h['endpoints']} endpoints, one relay, wrk at {connections} connections)",
+        "",
+        f"{h['filled']:,} deliveries delivered past retention (with their events) filled in, "
+        "then the relay started (a pass starts with it) and wrk run once it was deleting. "
+        "Deleted per second: rows past retention counted at wrk's start and end.",
+        "",
+        "| API req/s alone | API req/s beside housekeeping | API p99 ms alone / beside | "
+        "deliveries written/s | deliveries deleted/s | events deleted/s | "
+        "CPU: server / postgres / relay / receiver / wrk / other |",
+        "|---:|---:|---|---:|---:|---:|---|",
+        f"| {h['rps_alone']:,.0f} | {h['rps_busy']:,.0f} | {h['p99_ms_alone']:.1f} / "
+        f"{h['p99_ms_busy']:.1f} | {h['written_per_s']:,.0f} | "
+        f"{h['deliveries_deleted_per_s']:,.0f}{ran_out} | {h['events_deleted_per_s']:,.0f} | "
+        + " / ".join(
+            f"{h['cpu'].get(k, 0):.2f}"
+            for k in ("server", "postgres", "relay", "receiver", "wrk", "other")
+        )
+        + " |",
+        "",
+    ]
+    target = (
+        "housekeeping deletes deliveries at least as fast as the API writes them, under full load",
+        f"{h['deliveries_deleted_per_s']:,.0f}/s deleted, {h['written_per_s']:,.0f}/s written",
+        h["deliveries_deleted_per_s"] >= h["written_per_s"],
+    )
+    return lines, target
+
+
 def write_doc(section: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = DOC_HEADER + BEGIN_MARK + "\n" + END_MARK + "\n"
@@ -400,6 +440,13 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{', another endpoint down' if lat.get('down') else ''}: "
                 f"p50 {lat['after_commit_p50']:.1f} ms, p99 {lat['after_commit_p99']:.1f} ms"
             )
+    if results.get("housekeeping"):
+        h = results["housekeeping"]
+        print(
+            f"housekeeping under full load: {h['deliveries_deleted_per_s']:,.0f} deliveries/s "
+            f"deleted, {h['written_per_s']:,.0f}/s written; API {h['rps_busy']:.0f} req/s "
+            f"(alone {h['rps_alone']:.0f})"
+        )
     if results["pending"]:
         pend = results["pending"]
         print(

@@ -13,7 +13,9 @@ contender its own freshly migrated database, and measures:
   processes, to one endpoint and spread over four endpoints (one receiver each);
 - commit-to-callback latency at a steady 200 payments/s, alone and while another subscribed
   endpoint refuses connections;
-- the oldest pending delivery's age while the API runs flat out beside a relay.
+- the oldest pending delivery's age while the API runs flat out beside a relay;
+- the delete rate the relay's housekeeping sustains while the API runs flat out, and the API's
+  throughput then against without it.
 
 Every process it starts listens on 127.0.0.1, is stopped by PID, and every run is bounded in time.
 It prints a table and rewrites the generated part of docs/benchmarks.md. See --help.
@@ -40,6 +42,7 @@ from .chart import draw_chart
 from .contenders import SHIPPED, auto_servers, bench_floor, bench_seed, bench_service
 from .endpoints import ENDPOINT_NAMES, parse_counts
 from .harness import Bench
+from .housekeeping import bench_housekeeping
 from .load import HttpResult
 from .paths import BIN, DOC, REPORTS
 from .pgbench import PGBENCH_VARIANTS, bench_pgbench
@@ -47,7 +50,7 @@ from .profiling import profile_service
 from .relay import bench_latency, bench_pending, bench_relay, build_relay_template
 from .report import machine_facts, print_table, render_markdown, write_doc
 
-SECTIONS = ("service", "seed", "pgbench", "relay", "latency", "pending", "profile")
+SECTIONS = ("service", "seed", "pgbench", "relay", "latency", "pending", "housekeeping", "profile")
 
 
 def ensure_wrk() -> None:
@@ -113,6 +116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate-seconds", type=float, default=20)
     parser.add_argument("--pending-relays", type=int, default=1)
     parser.add_argument(
+        "--housekeeping-deliveries",
+        type=int,
+        default=1_500_000,
+        help="delivered deliveries past retention to fill in before the housekeeping run "
+        "(enough that housekeeping still has work when the measured run ends)",
+    )
+    parser.add_argument(
         "--fsync",
         choices=("on", "off", "both"),
         default="both",
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": None,
         "latency_down": None,
         "pending": None,
+        "housekeeping": None,
         "skipped": [],
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "connections": args.connections,
@@ -244,7 +255,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
     if "pgbench" in wanted:
         for script in (s for s in args.pgbench.split(",") if s):
             measure(f"pgbench {script}", functools.partial(bench_pgbench, bench, script))
-    needs_relay = wanted & {"relay", "latency", "pending"}
+    needs_relay = wanted & {"relay", "latency", "pending", "housekeeping"}
     if needs_relay and not relay_ready:
         missing = ", ".join(sorted(needs_relay))
         results["skipped"].append(f"{missing} (outbox_relay.main is missing)")
@@ -273,6 +284,13 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                 "pending",
                 lambda r: results.__setitem__("pending", r),
                 lambda: bench_pending(bench, best_workers, args.pending_relays),
+            )
+        if "housekeeping" in wanted and app_ready:
+            attempt(
+                results,
+                "housekeeping",
+                functools.partial(results.__setitem__, "housekeeping"),
+                functools.partial(bench_housekeeping, bench, best_workers, max(endpoint_counts)),
             )
     if "profile" in wanted and app_ready:
         results["profile"] = profile_service(bench, SHIPPED)

@@ -174,3 +174,39 @@ async def test_ctrl_c_while_a_child_waits_to_be_restarted_restarts_nothing(
     assert started_after_ctrl_c == set(), "a child was restarted after Ctrl-C:\n" + run.output()
     assert run.process.returncode == 0, run.output()[-4000:]
     assert "Traceback" not in run.output()
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().partition("=")[::2] for pair in pairs if pair)
+
+
+async def test_the_relay_does_not_get_the_apis_metrics_directory(
+    tmp_path: Path, database_url: str
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set, `run` hands it to the API (its workers share it) and not
+    to the relay, which serves its own metrics: no relay metric file lands in the directory."""
+    port = free_port()
+    relay_port = free_port()
+    directory = tmp_path / "api-metrics"
+    env = clean_env(
+        DATABASE_URL=database_url,
+        SERVICE_PORT=str(port),
+        RELAY_METRICS_PORT=str(relay_port),
+        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
+        PROMETHEUS_MULTIPROC_DIR=str(directory),
+    )
+    with service(["run"], env, tmp_path, "run-metrics-dir") as run:
+        await run.wait_http(f"http://127.0.0.1:{port}/health", timeout=START_TIMEOUT_SECONDS)
+        relay_metrics = await run.wait_http(f"http://127.0.0.1:{relay_port}/metrics", timeout=60)
+        assert "relay_deliveries_total" in relay_metrics.text
+        relay = await wait_until(lambda: child_running(run.pid, "relay"), timeout=60)
+        api = await wait_until(lambda: child_running(run.pid, "serve"), timeout=60)
+        relay_env = environment_of(relay)
+        api_env = environment_of(api)
+        metric_files = sorted(path.name for path in directory.glob("*.db"))
+        code = await run.stop(signal.SIGINT, timeout=STOP_TIMEOUT_SECONDS)
+        assert code == 0, run.output()[-4000:]
+    assert "PROMETHEUS_MULTIPROC_DIR" not in relay_env
+    assert api_env.get("PROMETHEUS_MULTIPROC_DIR") == str(directory)
+    assert not [name for name in metric_files if name.endswith(f"_{relay}.db")], metric_files

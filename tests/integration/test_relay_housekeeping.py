@@ -1,14 +1,22 @@
 """Housekeeping removes only deliveries delivered past retention, events past retention that no
-delivery needs any more, and expired idempotency keys."""
+delivery needs any more, and expired idempotency keys; a pass goes on while it finds work, and
+stops when the relay stops."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
-from outbox_relay.housekeeping import housekeep
+from outbox_relay.housekeeping import BATCH_SIZE, housekeep
+from outbox_relay.metrics import RelayMetrics
 from outbox_relay.outbox import HOUSEKEEPING_LOCK_ID
-from payment_service.database import connect
-from tests.support.database import insert_events
+from outbox_relay.state import RelayState
+from outbox_relay.timers import housekeeping_loop
+from payment_service.config import Settings
+from payment_service.database import connect, create_pool
+from tests.support.database import insert_events, waiting_for_a_lock
+from tests.support.waiting import wait_for
 
 
 async def arrange(conn: asyncpg.Connection) -> dict[str, list[int]]:
@@ -94,3 +102,88 @@ async def test_one_relay_at_a_time(conn: asyncpg.Connection, database_url: str) 
         )
         == 0
     )
+
+
+async def age(conn: asyncpg.Connection, event_ids: list[int]) -> None:
+    """Make these events and their deliveries delivered past retention, each a millisecond apart
+    (deliveries are deleted oldest first)."""
+    await conn.execute(
+        "UPDATE outbox_events SET created_at = now() - interval '400 hours' - id * interval '1 ms'"
+        " WHERE id = ANY($1)",
+        event_ids,
+    )
+    await conn.execute(
+        "UPDATE deliveries SET status = 'DELIVERED',"
+        "       delivered_at = now() - interval '200 hours' + event_id * interval '1 ms'"
+        " WHERE event_id = ANY($1)",
+        event_ids,
+    )
+
+
+async def test_a_pass_goes_on_while_it_finds_work(conn: asyncpg.Connection) -> None:
+    """More than a pass used to delete (100 batches): with batches of 2, one pass clears 250
+    delivered deliveries, their events and 30 events left without a delivery, and keeps the
+    events a delivery still needs."""
+    events = [e.id for e in await insert_events(conn, payments=300)]
+    delivered, without_delivery, pending = events[:250], events[250:280], events[280:]
+    await age(conn, delivered + without_delivery + pending)
+    # No delivery: an endpoint that was removed took its undelivered deliveries with it.
+    await conn.execute("DELETE FROM deliveries WHERE event_id = ANY($1)", without_delivery)
+    await conn.execute(
+        "UPDATE deliveries SET status = 'PENDING', delivered_at = NULL WHERE event_id = ANY($1)",
+        pending,
+    )
+
+    result = await housekeep(conn, retention_hours=168, batch_size=2)
+
+    assert (result.deliveries_deleted, result.events_deleted) == (250, 280)
+    assert result.deliveries_deleted > 100 * 2, "more than the old cap of 100 batches a pass"
+    left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
+    assert left == set(pending)
+    assert await conn.fetchval("SELECT count(*) FROM deliveries") == len(pending)
+    assert not result.stopped
+    again = await housekeep(conn, retention_hours=168, batch_size=2)
+    assert (again.deliveries_deleted, again.events_deleted) == (0, 0)
+
+
+async def test_a_pass_stops_when_the_relay_stops(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """Held in its second batch (a row lock elsewhere), the relay's housekeeping is told to
+    stop: it finishes that round and the loop returns, with the third batch still there."""
+    events = [e.id for e in await insert_events(conn, payments=3 * BATCH_SIZE)]
+    await age(conn, events)
+    await conn.execute("ANALYZE deliveries")
+    settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
+    pool = await create_pool(database_url, min_size=0, max_size=2)
+    holder = await connect(database_url)
+    try:
+        state = RelayState(settings, RelayMetrics(), pool=pool)
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        # The second batch's oldest delivery, locked: that batch's DELETE waits for it.
+        await holder.execute(
+            "SELECT 1 FROM deliveries WHERE event_id = $1 FOR UPDATE", events[BATCH_SIZE]
+        )
+        loop = asyncio.create_task(housekeeping_loop(state))
+        await wait_for(
+            lambda: waiting_for_a_lock(conn, "DELETE FROM deliveries"),
+            timeout=30,
+            what="housekeeping to reach its second batch",
+        )
+        state.stop.set()
+        await holder_tx.rollback()
+        await wait_for(loop.done, timeout=30, what="the housekeeping loop to return")
+        loop.result()  # returned, not cancelled nor failed
+    finally:
+        await holder.close()
+        await pool.close()
+    assert await conn.fetchval("SELECT count(*) FROM deliveries") == BATCH_SIZE
+    assert await conn.fetchval("SELECT count(*) FROM outbox_events") == BATCH_SIZE
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::bigint",
+            HOUSEKEEPING_LOCK_ID & 0xFFFFFFFF,
+        )
+        == 0
+    ), "the pass let go of its lock"

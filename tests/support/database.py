@@ -440,3 +440,14 @@ async def fan_out(conn: asyncpg.Connection, payment_ids: list[int] | None = None
     """Write the missing deliveries of these payments' events (all events when None)."""
     result = await conn.execute(FAN_OUT_SQL, payment_ids)
     return int(result.split()[-1])
+
+
+async def waiting_for_a_lock(conn: asyncpg.Connection, statement: str) -> bool:
+    """Another session of this database waits for a lock in a statement starting so."""
+    waiting = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        "   AND wait_event_type = 'Lock' AND ltrim(query, E' \\n') LIKE $1 || '%'",
+        statement,
+    )
+    return bool(waiting)

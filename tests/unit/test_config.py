@@ -293,3 +293,71 @@ def test_run_without_the_embedded_extra_says_how_to_get_it(
     monkeypatch.setitem(sys.modules, "pgserver._commands", None)  # import raises ImportError
     with pytest.raises(ConfigurationError, match=r"'embedded' extra.*DATABASE_URL"):
         embedded._bin_dir()
+
+
+STRONG_ADMIN_TOKEN = "Zq3vR8xK1mWb7tYc0pLf5nHd2sGj9uAe"  # 32 characters, all different
+
+
+def production(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("API_KEYS", "svc-a:caller-token-0123456789abcdefghijkl")
+    monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "changeme",  # short
+        "admin-admin-admin-admin-admin-admin",  # long, but one piece repeated
+        "password1234password1234password1234",  # repeated, 11 different characters
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",  # repeated, one character
+        "abcabcabcabcabcabcabcabcabcabcabcabcXYZ",  # not a repetition, 6 different characters
+        STRONG_ADMIN_TOKEN[:31],  # one character short
+    ],
+)
+def test_production_refuses_a_weak_admin_token_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    production(monkeypatch, ADMIN_API_KEYS=f"ops:{STRONG_ADMIN_TOKEN},backup:{token}")
+    message = refused()
+    assert message.startswith("invalid configuration: ADMIN_API_KEYS: entry 2's token"), message
+    assert "at least 32 characters" in message, message
+    assert token not in message and STRONG_ADMIN_TOKEN not in message
+
+
+@pytest.mark.parametrize(
+    "token",
+    [STRONG_ADMIN_TOKEN, "0123456789abcdef0123456789abcdeF", "9f86d081884c7d659a2feaa0c55ad015"],
+)
+def test_production_accepts_a_strong_admin_token(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    production(monkeypatch, ADMIN_API_KEYS=f"ops:{token}")
+    assert [key.name for key in load_settings().admin_api_keys] == ["ops"]
+
+
+def test_outside_production_a_short_admin_token_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "staging")
+    monkeypatch.setenv("ADMIN_API_KEYS", "ops:dev")
+    assert load_settings().admin_api_keys == (ApiKey("ops", "dev"),)
+
+
+@pytest.mark.parametrize("environment", ["development", "test", "staging", "production"])
+def test_a_token_in_both_key_lists_is_refused_in_every_environment(
+    monkeypatch: pytest.MonkeyPatch, environment: str
+) -> None:
+    production(
+        monkeypatch,
+        ENVIRONMENT=environment,
+        API_KEYS=f"svc-a:caller-token-0123456789abcdefghijkl,svc-b:{STRONG_ADMIN_TOKEN}",
+        ADMIN_API_KEYS=f"ops:{STRONG_ADMIN_TOKEN}",
+    )
+    message = refused()
+    assert message == (
+        "invalid configuration: ADMIN_API_KEYS: entry 1's token is also API_KEYS entry 2's; "
+        "give admins tokens of their own"
+    ), message
