@@ -16,6 +16,7 @@ unconfigured; it never changes an endpoint that exists in any other way (`endpoi
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -32,7 +33,10 @@ EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "paymen
 STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SECRET_BYTES = 32
-PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: the old secret stays valid this long
+PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: a retired secret signs this long
+# The current secret and those retired in the last PREVIOUS_SECRET_SECONDS, newest first, at most
+# this many in all: the SQL function `retire_secret` (migration 0008) keeps them so.
+MAX_SIGNING_SECRETS = 3
 MAX_BREAKER_COOLDOWN_SECONDS = 600.0
 
 
@@ -49,14 +53,21 @@ class EndpointExists(EndpointError):
 
 
 @dataclass(frozen=True)
+class PreviousSecret:
+    """A secret that `rotate-secret` retired: it signs too until `expires_at`."""
+
+    secret: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class Endpoint:
     endpoint_id: int
     name: str
     url: str | None  # None: not configured yet (seeding fills it in)
     event_types: tuple[str, ...]
     secret: str | None
-    previous_secret: str | None
-    previous_secret_expires_at: datetime | None
+    previous_secrets: tuple[PreviousSecret, ...]  # newest first, expired ones included
     state: str
     state_reason: str | None
     state_changed_at: datetime
@@ -77,16 +88,15 @@ class Endpoint:
             return "closed"
         return "open" if self.breaker_open_until > self.now else "half_open"
 
+    def still_signing(self) -> list[PreviousSecret]:
+        """The retired secrets that have not expired, newest first."""
+        return [p for p in self.previous_secrets if p.expires_at > self.now]
+
     def signing_secrets(self) -> list[str]:
-        """The secrets signing a callback now: the current one, then a previous one still valid."""
-        valid = [self.secret] if self.secret else []
-        if (
-            self.previous_secret
-            and self.previous_secret_expires_at is not None
-            and self.previous_secret_expires_at > self.now
-        ):
-            valid.append(self.previous_secret)
-        return valid
+        """The secrets signing a callback now: the current one, then every retired one that has
+        not expired, newest first (at most MAX_SIGNING_SECRETS in all)."""
+        current = [self.secret] if self.secret else []
+        return current + [p.secret for p in self.still_signing()]
 
     def public(self) -> dict[str, Any]:
         """What `endpoints list --json` and the admin API show: everything but the secrets."""
@@ -99,9 +109,8 @@ class Endpoint:
             "breaker": self.breaker,
             "consecutive_failures": self.consecutive_failures,
             "signed": self.secret is not None,
-            "previous_secret_expires_at": _iso(self.previous_secret_expires_at)
-            if self.signing_secrets()[1:]
-            else None,
+            # When each retired secret that still signs stops, newest first: never the secrets.
+            "previous_secrets_expire_at": [_iso(p.expires_at) for p in self.still_signing()],
             "failing_since": _iso(self.failing_since),
             "last_success_at": _iso(self.last_success_at),
             "seeded": self.seeded,
@@ -203,8 +212,8 @@ def seeds_from_settings(settings: Settings) -> list[EndpointSeed]:
 
 
 # -- SQL ------------------------------------------------------------------------------------------
-_COLUMNS = """endpoint_id, name, url, event_types, secret, previous_secret,
-              previous_secret_expires_at, state, state_reason, state_changed_at,
+_COLUMNS = """endpoint_id, name, url, event_types, secret, previous_secrets, state,
+              state_reason, state_changed_at,
               consecutive_failures, breaker_open_until, breaker_cooldown_seconds, failing_since,
               last_success_at, seeded, created_at, updated_at, now() AS now"""
 
@@ -213,6 +222,10 @@ def _endpoint(row: asyncpg.Record) -> Endpoint:
     values = dict(row)
     values.pop("notified", None)  # the statements that NOTIFY read their CTE this way
     values["event_types"] = tuple(values["event_types"])
+    values["previous_secrets"] = tuple(
+        PreviousSecret(entry["secret"], datetime.fromisoformat(entry["expires_at"]))
+        for entry in json.loads(values["previous_secrets"])
+    )
     return Endpoint(**values)
 
 
@@ -364,13 +377,13 @@ async def rotate_secret(
     secret: str | None = None,
     keep_previous_seconds: float = PREVIOUS_SECRET_SECONDS,
 ) -> Endpoint:
-    """A new signing secret; the current one stays valid (both signatures sent) for a while."""
+    """A new signing secret. The current one keeps signing for `keep_previous_seconds`, and so do
+    those retired before it that have not expired, up to MAX_SIGNING_SECRETS in all (the oldest
+    goes first): rotating twice in a day never drops the secret receivers still verify with."""
     return await _change(
         conn,
         name,
-        """previous_secret = secret,
-           previous_secret_expires_at = CASE WHEN secret IS NULL THEN NULL
-                                             ELSE now() + make_interval(secs => $4) END,
+        """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
            secret = $3""",
         check_secret(secret) if secret is not None else new_secret(),
         float(keep_previous_seconds),

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from payment_service.embedded import free_port
+from payment_service.endpoints import select_endpoint
 from tests.support.commands import Finished, run_to_end, service_command
 from tests.support.database import insert_events
 from tests.support.environment import SECRET, minimal_environment, new_signing_secret
@@ -91,9 +92,10 @@ async def test_add_list_update_pause_resume_disable_enable_rotate_remove(
 
     rotated = endpoints_cli("rotate-secret", "trip")
     assert rotated.returncode == 0, rotated.stderr
-    row = await db.fetchrow("SELECT secret, previous_secret FROM endpoints WHERE name = 'trip'")
-    assert row["previous_secret"] == secret and row["secret"] != secret
-    assert row["secret"] in rotated.stdout and secret not in rotated.stdout
+    now = await select_endpoint(db, "trip")
+    assert now.secret is not None and now.signing_secrets() == [now.secret, secret]
+    assert now.secret in rotated.stdout and secret not in rotated.stdout
+    assert "a previous secret signs callbacks too until " in rotated.stdout
     chosen = new_signing_secret()
     assert endpoints_cli("rotate-secret", "trip", "--secret", chosen).returncode == 0
     assert await db.fetchval("SELECT secret FROM endpoints WHERE name = 'trip'") == chosen

@@ -1,5 +1,6 @@
 """Subscribed endpoints: the core's SQL against a real PostgreSQL: add, change,
-pause/enable, rotate a secret, remove, and seeding that never overwrites a changed endpoint."""
+pause/enable, rotate a secret (every secret replaced in the last day still signs, three at most),
+remove, and seeding that never overwrites a changed endpoint."""
 
 from __future__ import annotations
 
@@ -74,6 +75,64 @@ async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
     assert await endpoints.delete_endpoint(db, "driver") == 0
     with pytest.raises(EndpointNotFound):
         await endpoints.select_endpoint(db, "driver")
+
+
+async def test_rotating_twice_in_a_day_keeps_both_replaced_secrets_signing(
+    db: asyncpg.Connection,
+) -> None:
+    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    second = await endpoints.rotate_secret(db, "trip")
+    third = await endpoints.rotate_secret(db, "trip")  # a retry, an hour later, say
+    assert third.signing_secrets() == [third.secret, second.secret, first.secret]
+    assert len({first.secret, second.secret, third.secret}) == 3
+
+    # what the admin API and `list --json` show: when each replaced secret stops, never a secret
+    shown = third.public()
+    expiries = shown["previous_secrets_expire_at"]
+    assert len(expiries) == 2 and expiries == sorted(expiries, reverse=True), expiries
+    text = repr(shown)
+    assert all(secret not in text for secret in third.signing_secrets())
+
+    # a fourth secret: three in all at most, the oldest goes
+    fourth = await endpoints.rotate_secret(db, "trip")
+    assert fourth.signing_secrets() == [fourth.secret, third.secret, second.secret]
+
+
+async def test_a_replaced_secret_signs_until_it_expires(db: asyncpg.Connection) -> None:
+    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    middle = await endpoints.rotate_secret(db, "trip", keep_previous_seconds=3600)
+    second = await endpoints.rotate_secret(db, "trip", keep_previous_seconds=7200)
+    assert second.signing_secrets() == [second.secret, middle.secret, first.secret]
+    # a day later for the oldest: its expiry has passed (moved back, rather than waited for)
+    await db.execute(
+        """UPDATE endpoints
+              SET previous_secrets = jsonb_set(previous_secrets, '{1,expires_at}',
+                                               to_jsonb(now() - interval '1 second'))
+            WHERE name = 'trip'"""
+    )
+    later = await endpoints.select_endpoint(db, "trip")
+    assert later.signing_secrets() == [second.secret, middle.secret]
+    assert len(later.public()["previous_secrets_expire_at"]) == 1
+    # the next rotation drops the expired secret from the row
+    third = await endpoints.rotate_secret(db, "trip")
+    assert [p.secret for p in third.previous_secrets] == [second.secret, middle.secret]
+
+
+async def test_an_unsigned_endpoint_rotated_gets_a_secret_and_nothing_to_keep(
+    db: asyncpg.Connection,
+) -> None:
+    await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    await db.execute("UPDATE endpoints SET secret = NULL WHERE name = 'trip'")
+    rotated = await endpoints.rotate_secret(db, "trip")
+    assert rotated.signing_secrets() == [rotated.secret] and rotated.previous_secrets == ()
+
+
+async def test_rotating_to_a_secret_still_signing_keeps_it_once(db: asyncpg.Connection) -> None:
+    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    second = await endpoints.rotate_secret(db, "trip")
+    assert first.secret is not None
+    back = await endpoints.rotate_secret(db, "trip", secret=first.secret)  # undo the rotation
+    assert back.signing_secrets() == [first.secret, second.secret]
 
 
 @pytest.mark.parametrize(
