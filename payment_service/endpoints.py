@@ -8,9 +8,11 @@ relay reads it to deliver. Every change NOTIFYs ENDPOINTS_CHANNEL, so running re
 once (they also reload every second).
 
 Seeding: the integration guide's settings (`NOTIFICATION_SERVICE_URL`, `TRIP_SERVICE_URL` with
-`TRIP_CALLBACK_PATH`, …) describe endpoints `notification`, `trip`, `driver`, `rider`.
-`seed_endpoints` creates those that are missing and fills in one that migration 0006 left
-unconfigured; it never changes an endpoint that exists in any other way (`endpoints update` does).
+`TRIP_CALLBACK_PATH`, …, `CALLBACK_SIGNING_SECRET`) describe endpoints `notification`, `trip`,
+`driver`, `rider`. `seed_from_settings` (at `migrate`, `run` and a relay's start) creates those
+that are missing and makes those still as seeding made them follow the settings; once an operator
+changes an endpoint (any change here but seeding sets `seeded` false) the settings no longer
+apply to it, and seeding reports each difference instead.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -183,32 +186,129 @@ def wants(event_types: tuple[str, ...], event_type: str) -> bool:
 
 @dataclass(frozen=True)
 class EndpointSeed:
+    """An endpoint as the settings describe it, and the variables each part comes from."""
+
     name: str
     url: str
     event_types: tuple[str, ...]
+    url_from: str  # e.g. "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH"
+    types_from: str  # e.g. "TRIP_EVENT_TYPES"
+
+
+# The services seeded only when their *_CALLBACK_PATH is set (`notification` always is).
+OPTIONAL_SEEDS = ("trip", "driver", "rider")
 
 
 def seeds_from_settings(settings: Settings) -> list[EndpointSeed]:
     """The endpoints the integration guide's settings describe."""
-    seeds = [EndpointSeed("notification", settings.notification_url, ("*",))]
-    for name, base, path, types in (
-        ("trip", settings.trip_service_url, settings.trip_callback_path, settings.trip_event_types),
-        (
-            "driver",
-            settings.driver_service_url,
-            settings.driver_callback_path,
-            settings.driver_event_types,
-        ),
-        (
-            "rider",
-            settings.rider_service_url,
-            settings.rider_callback_path,
-            settings.rider_event_types,
-        ),
-    ):
+    seeds = [
+        EndpointSeed(
+            "notification",
+            settings.notification_url,
+            ("*",),
+            url_from="NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
+            types_from="the settings (every event type)",
+        )
+    ]
+    for name in OPTIONAL_SEEDS:
+        path: str | None = getattr(settings, f"{name}_callback_path")
         if path is not None:
-            seeds.append(EndpointSeed(name, str(base).rstrip("/") + path, types))
+            base = str(getattr(settings, f"{name}_service_url")).rstrip("/")
+            upper = name.upper()
+            seeds.append(
+                EndpointSeed(
+                    name,
+                    base + path,
+                    getattr(settings, f"{name}_event_types"),
+                    url_from=f"{upper}_SERVICE_URL + {upper}_CALLBACK_PATH",
+                    types_from=f"{upper}_EVENT_TYPES",
+                )
+            )
     return seeds
+
+
+@dataclass(frozen=True)
+class SeedNote:
+    """One line about what seeding did to an endpoint, or found different from the settings, for
+    the log and the person starting the service. It never holds a secret."""
+
+    endpoint: str
+    action: Literal["created", "configured", "followed", "differs", "left"]
+    text: str
+
+    @property
+    def warning(self) -> bool:
+        """An endpoint an operator changed (or seeding left behind) that the settings disagree
+        with: the settings do not apply to it, and whoever starts the service should know."""
+        return self.action in ("differs", "left")
+
+
+@dataclass(frozen=True)
+class _Difference:
+    """How an endpoint and its seed differ in one part, in words that never show a secret."""
+
+    source: str  # the settings it comes from
+    now: str  # "url http://a → http://b": what following the settings changes
+    apart: str  # "url http://a, the settings say http://b": what differs, when not followed
+    change: str  # the `payment-service endpoints …` command that changes the endpoint
+
+    def followed(self, name: str) -> SeedNote:
+        return SeedNote(name, "followed", f"endpoint {name} follows {self.source}: {self.now}")
+
+    def differs(self, name: str) -> SeedNote:
+        return SeedNote(
+            name,
+            "differs",
+            f"endpoint {name} differs from {self.source}: {self.apart} (set by an operator; "
+            f"`payment-service endpoints {self.change}` to change it)",
+        )
+
+
+def _differences(endpoint: Endpoint, seed: EndpointSeed, secret: str | None) -> list[_Difference]:
+    found: list[_Difference] = []
+    name = endpoint.name
+    if endpoint.url != seed.url:
+        old, new = shown_url(endpoint.url), shown_url(seed.url)
+        found.append(
+            _Difference(
+                seed.url_from,
+                f"url {old} → {new}",
+                f"url {old}, the settings say {new}",
+                f"update {name} --url …",
+            )
+        )
+    if set(endpoint.event_types) != set(seed.event_types):
+        old, new = ",".join(endpoint.event_types), ",".join(seed.event_types)
+        found.append(
+            _Difference(
+                seed.types_from,
+                f"event types {old} → {new}",
+                f"event types {old}, the settings say {new}",
+                f"update {name} --events …",
+            )
+        )
+    if endpoint.secret != secret:
+        if secret is None:
+            now, apart = "secret removed: callbacks are unsigned", "its callbacks are signed"
+        elif endpoint.secret is None:
+            now, apart = "secret set: callbacks are signed", "its callbacks are unsigned"
+        else:
+            now = "secret replaced (the one replaced signs for 24 h more)"
+            apart = "it signs with another secret"
+        found.append(
+            _Difference("CALLBACK_SIGNING_SECRET", now, apart, f"rotate-secret {name} --secret …")
+        )
+    return found
+
+
+def shown_url(url: str | None) -> str:
+    """A URL as logs show it: without a user name or password."""
+    if url is None:
+        return "(none)"
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 # -- SQL ------------------------------------------------------------------------------------------
@@ -414,36 +514,98 @@ async def delete_endpoint(conn: asyncpg.Connection, name: str) -> int:
     return int(row["undelivered"])  # the statement's snapshot still sees the cascaded rows
 
 
-async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[str]:
-    """Create the missing seeded endpoints; configure the one migration 0006 left without a URL.
+async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:
+    """Make the endpoints the settings describe (seeds_from_settings) follow them.
 
-    An endpoint that has a URL is never changed, whatever the settings say now. Seeded endpoints
-    are signed with CALLBACK_SIGNING_SECRET (unsigned when it is unset). Returns the names
-    created or configured.
+    A missing endpoint is created; one without a URL (migration 0006 leaves `notification` so) is
+    configured; one still as seeding made it (`seeded`) follows the settings: its URL, event types
+    and secret (CALLBACK_SIGNING_SECRET; a replaced secret signs 24 h more, as after
+    `rotate-secret`). An endpoint an operator changed is left alone, and each part in which it
+    differs from the settings is a warning; so is a seeded endpoint whose *_CALLBACK_PATH is no
+    longer set (it stays). Runs in one transaction, which takes the rows' locks, so that
+    processes starting together make each change once. Returns what it did and found, in order.
     """
-    done: list[str] = []
-    for seed in seeds_from_settings(settings):
-        name = await conn.fetchval(
-            """
-            WITH seeded AS (
-                INSERT INTO endpoints (name, url, event_types, secret, seeded)
-                VALUES ($1, $2, $3, $4, true)
-                ON CONFLICT (name) DO UPDATE
-                   SET url = EXCLUDED.url,
-                       event_types = EXCLUDED.event_types,
-                       secret = EXCLUDED.secret,
-                       updated_at = now()
-                 WHERE endpoints.url IS NULL
-             RETURNING name
-            )
-            SELECT name FROM seeded, pg_notify($5, name) AS n
-            """,
-            seed.name,
-            seed.url,
-            list(seed.event_types),
-            settings.callback_signing_secret,
-            ENDPOINTS_CHANNEL,
+    secret = settings.callback_signing_secret
+    notes: list[SeedNote] = []
+    async with conn.transaction():
+        seeds = seeds_from_settings(settings)
+        for seed in seeds:
+            notes += await _seed(conn, seed, secret)
+        left = await conn.fetch(
+            "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY ($1)",
+            [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}],
         )
-        if name is not None:
-            done.append(name)
-    return done
+        for row in left:
+            name = row["name"]
+            notes.append(
+                SeedNote(
+                    name,
+                    "left",
+                    f"endpoint {name} was seeded from {name.upper()}_CALLBACK_PATH, which is not "
+                    f"set now: it stays as it is (`payment-service endpoints remove {name} --yes` "
+                    "removes it)",
+                )
+            )
+    return notes
+
+
+async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None) -> list[SeedNote]:
+    created = await conn.fetchval(
+        """
+        WITH seeded AS (
+            INSERT INTO endpoints (name, url, event_types, secret, seeded)
+            VALUES ($1, $2, $3, $4, true)
+            ON CONFLICT (name) DO NOTHING
+         RETURNING name
+        )
+        SELECT name FROM seeded, pg_notify($5, name) AS n
+        """,
+        seed.name,
+        seed.url,
+        list(seed.event_types),
+        secret,
+        ENDPOINTS_CHANNEL,
+    )
+    if created is not None:
+        text = f"seeded endpoint {seed.name} from the settings: {shown_url(seed.url)}"
+        return [SeedNote(seed.name, "created", text)]
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", seed.name
+    )
+    if row is None:  # removed by an operator since the insert found it: nothing to follow
+        return []
+    endpoint = _endpoint(row)
+    differences = _differences(endpoint, seed, secret)
+    if not differences:
+        return []
+    if endpoint.url is not None and not endpoint.seeded:
+        return [difference.differs(seed.name) for difference in differences]
+    await conn.execute(
+        """
+        WITH followed AS (
+            UPDATE endpoints
+               SET url = $2,
+                   event_types = $3,
+                   -- unsigned now: no signature at all; else the replaced secret signs a day more
+                   previous_secrets = CASE WHEN $4::text IS NULL THEN '[]'::jsonb
+                                           WHEN secret IS DISTINCT FROM $4
+                                           THEN retire_secret(previous_secrets, secret, $4, $5)
+                                           ELSE previous_secrets END,
+                   secret = $4,
+                   updated_at = now()
+             WHERE endpoint_id = $1
+         RETURNING name
+        )
+        SELECT pg_notify($6, name) FROM followed
+        """,
+        endpoint.endpoint_id,
+        seed.url,
+        list(seed.event_types),
+        secret,
+        float(PREVIOUS_SECRET_SECONDS),
+        ENDPOINTS_CHANNEL,
+    )
+    if endpoint.url is None:
+        text = f"configured endpoint {seed.name} from the settings: {shown_url(seed.url)}"
+        return [SeedNote(seed.name, "configured", text)]
+    return [difference.followed(seed.name) for difference in differences]

@@ -12,9 +12,14 @@ import asyncpg
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from payment_service.endpoints import insert_endpoint, rotate_secret
+from payment_service.endpoints import (
+    insert_endpoint,
+    rotate_secret,
+    select_endpoint,
+    update_endpoint,
+)
 from tests.support.database import EventRow, insert_events, status_counts
-from tests.support.environment import SECRET, new_signing_secret
+from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import (
     Receiver,
@@ -182,3 +187,38 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
                 delivery.verify(newest)
     # the other endpoint's signing is untouched
     assert all(len(d.headers["webhook-signature"].split()) == 1 for d in receiver.accepted())
+
+
+async def test_a_relay_start_follows_a_changed_notification_url_until_an_operator_changes_it(
+    conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher
+) -> None:
+    # `notification` as an earlier NOTIFICATION_SERVICE_URL seeded it: a receiver since moved
+    gone = "http://127.0.0.1:9/gone"
+    await conn.execute("UPDATE endpoints SET url = $1 WHERE name = 'notification'", gone)
+    relay = relays.start()
+    events = await insert_events(conn, payments=3)
+    await wait_for(
+        lambda: {e.event_id for e in events} <= receiver.accepted_ids(),
+        timeout=30,
+        what="the events at the URL the settings name now",
+    )
+    now = receiver.base_url + CALLBACK_PATH
+    followed = (
+        "endpoint notification follows NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        f"url {gone} → {now}"
+    )
+    assert relay.logged(followed) == 1, dump_logs([relay])
+    relay.send(signal.SIGTERM)
+    assert await relay.wait_exit(timeout=20) == 0
+
+    # Changed by an operator since: the next start leaves it, and warns naming the difference.
+    await update_endpoint(conn, "notification", url=gone)
+    again = relays.start()
+    differs = (
+        "endpoint notification differs from NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        f"url {gone}, the settings say {now} (set by an operator; "
+        "`payment-service endpoints update notification --url …` to change it)"
+    )
+    await wait_for(lambda: again.logged(differs) == 1, timeout=30, what="the warning")
+    assert [r["level"] for r in again.log_records() if r.get("msg") == differs] == ["WARNING"]
+    assert (await select_endpoint(conn, "notification")).url == gone
