@@ -91,7 +91,8 @@ class UpdateEndpoint(BaseModel):
 
 
 class RotateSecret(BaseModel):
-    """`secret` absent: a new one is generated. The previous one stays valid for 24 hours."""
+    """`secret` absent: a new one is generated. Every secret it replaced in the last 24 hours
+    still signs (three in all at most)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -108,7 +109,8 @@ class EndpointDocument(BaseModel):
     breaker: Literal["closed", "open", "half_open"]
     consecutive_failures: int
     signed: bool
-    previous_secret_expires_at: datetime | None
+    # When each replaced secret that still signs stops signing, newest first (never the secrets).
+    previous_secrets_expire_at: list[datetime]
     failing_since: datetime | None
     last_success_at: datetime | None
     seeded: bool
@@ -328,7 +330,8 @@ for _change in STATE_CHANGES:
 @document_errors(400, 401, 404, 413, 415, 503)
 async def post_rotate_secret(name: str) -> Response:
     """A new signing secret (sent without a body: generated); callbacks carry a signature with
-    the previous one too for 24 hours. The answer shows the new secret."""
+    each secret it replaced in the last 24 hours too (three at most in all). The answer shows the
+    new secret."""
     model = RotateSecret() if _without_body() else await _body(RotateSecret)
     async with _endpoints() as conn:
         rotated = await endpoints.rotate_secret(conn, name, secret=model.secret)

@@ -1,5 +1,9 @@
-"""What runs around every request: the request id, the caller (API_KEYS), metrics, the access log,
-and the refusal of paths with empty segments.
+"""What runs around every request: the request id, the caller (API_KEYS) and what its key may do
+(its scopes), metrics, the access log, and the refusal of paths with empty segments.
+
+Each payment route declares the scope a key needs (`requires` in app.routes; `scope_of` reads it
+here); a key with scopes answers 403 INSUFFICIENT_SCOPE on a route outside them, before the body
+is read. A key without scopes may do everything.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from quart import Request, Response, g, request
@@ -24,18 +29,53 @@ access_logger = logging.getLogger(ACCESS_LOGGER)
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def bearer_name(authorization: str, keys: tuple[ApiKey, ...]) -> str | None:
-    """The key's name for an `Authorization: Bearer <token>` header, else None.
+_SCOPE_ATTRIBUTE = "payment_service_scope"
+
+
+def bearer_key(authorization: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The key of an `Authorization: Bearer <token>` header, else None.
 
     Every configured token is compared, in constant time each, whichever one matches.
     """
     scheme, _, token = authorization.partition(" ")
     sent = token.strip().encode()
-    caller = None
+    found = None
     for key in keys:
         if hmac.compare_digest(sent, key.token.encode()):
-            caller = key.name
-    return caller if scheme.lower() == "bearer" else None
+            found = key
+    return found if scheme.lower() == "bearer" else None
+
+
+def bearer_name(authorization: str, keys: tuple[ApiKey, ...]) -> str | None:
+    """The key's name for an `Authorization: Bearer <token>` header, else None."""
+    key = bearer_key(authorization, keys)
+    return None if key is None else key.name
+
+
+def declare_scope(view: Callable[..., Any], scope: str) -> None:
+    """Mark `view` as needing `scope` (app.routes' `requires` does, route by route)."""
+    setattr(view, _SCOPE_ATTRIBUTE, scope)
+
+
+def scope_of(view: Callable[..., Any]) -> str | None:
+    """The scope a route's view needs, or None when it declares none."""
+    scope: str | None = getattr(view, _SCOPE_ATTRIBUTE, None)
+    return scope
+
+
+def insufficient_scope(scope: str | None) -> APIError:
+    """403 for a key whose scopes do not cover the route (RFC 6750's insufficient_scope); it
+    names the scope needed, never the key."""
+    if scope is None:  # a route that declares no scope is for keys without scopes only
+        detail = "This API key may not do this: only a key without scopes may."
+        challenge = 'Bearer realm="payment-service", error="insufficient_scope"'
+    else:
+        detail = f"This API key may not do this: it needs the scope '{scope}'."
+        challenge = f'Bearer realm="payment-service", error="insufficient_scope", scope="{scope}"'
+    needed: dict[str, Any] = {} if scope is None else {"required_scope": scope}
+    return APIError(
+        403, "INSUFFICIENT_SCOPE", detail, headers={"WWW-Authenticate": challenge}, **needed
+    )
 
 
 def unauthorized(realm: str) -> APIError:
@@ -51,6 +91,7 @@ def install_request_hooks(app: PaymentApp) -> None:
     protected = (app.settings.api_prefix + "/payments").encode()
     keys = app.settings.api_keys
     metrics = app.metrics
+    views = app.view_functions
 
     @app.before_request
     async def start() -> None:
@@ -61,9 +102,15 @@ def install_request_hooks(app: PaymentApp) -> None:
         # The caller (idempotency scope): with auth off, one shared scope.
         context.caller = None if keys else DEFAULT_CALLER
         if keys and current.path.encode().startswith(protected):
-            context.caller = bearer_name(current.headers.get("Authorization", ""), keys)
-            if context.caller is None:
+            key = bearer_key(current.headers.get("Authorization", ""), keys)
+            if key is None:
                 raise unauthorized("payment-service")
+            context.caller = key.name
+            # No rule matched: the 404 or 405 follows, whatever the key may do.
+            if key.scopes is not None and (rule := current.url_rule) is not None:
+                scope = scope_of(views[rule.endpoint])
+                if scope is None or scope not in key.scopes:
+                    raise insufficient_scope(scope)
         refuse_empty_segments(current.scope["path"])
 
     @app.after_request

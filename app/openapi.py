@@ -2,8 +2,9 @@
 
 A request that the document calls valid is never refused for a reason it hides: bodies are
 required, the Idempotency-Key header is declared, the configured MAX_PAYMENT_AMOUNT and the payment
-id limits are in the schemas, and the open routes need no key. Error responses are documented as
-application/problem+json, as they are sent.
+id limits are in the schemas, the open routes need no key, and each payment route names the API
+key scope it needs (its description, its bearer requirement, and its 403). Error responses are
+documented as application/problem+json, as they are sent.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 
 from quart_schema import QuartSchema
 from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
-from werkzeug.routing import BaseConverter
+from werkzeug.routing import BaseConverter, Rule
 
 from app.admin import EndpointNameConverter
 from app.context import PaymentApp
 from app.errors import PROBLEM_CONTENT_TYPE
+from app.hooks import scope_of
 from app.models import INT64_MAX, amount_schema
 from app.routes import IDEMPOTENCY_KEY_HEADER, PaymentIdConverter
 from payment_service import __version__
@@ -32,6 +34,7 @@ def install_openapi(app: PaymentApp, settings: Settings) -> None:
     admin routes' own bearer scheme (`admin`) when ADMIN_API_KEYS is."""
     app.config["API_PREFIX"] = settings.api_prefix
     app.config["MAX_AMOUNT"] = settings.max_payment_amount
+    app.config["BEARER"] = bool(settings.api_keys)
     schemes: dict[str, Any] = {
         name: HttpSecurityScheme(scheme="bearer")
         for name, keys in (("bearer", settings.api_keys), (ADMIN_SCHEME, settings.admin_api_keys))
@@ -65,6 +68,15 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
             parameter["schema"] = {"type": "string", "pattern": NAME_PATTERN.pattern}
         return parameter
 
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        scope = scope_of(self._app.view_functions[rule.endpoint])
+        if scope is not None:
+            for operations in paths.values():
+                for operation in operations.values():
+                    _scoped(operation, scope, bearer=self._app.config["BEARER"])
+        return paths, components
+
     def schema(self) -> dict[str, Any]:
         if self._cached is None:
             document = super().schema()
@@ -91,6 +103,18 @@ def _enforced(operation: dict[str, Any], method: str, *, open_route: bool) -> No
     if method == "post":
         operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
     _problems(operation)
+
+
+def _scoped(operation: dict[str, Any], scope: str, *, bearer: bool) -> None:
+    """A route that a key with scopes may call only with `scope` (OpenAPI 3.1 lets a bearer
+    requirement list it, as a role)."""
+    note = (
+        f"API key scope: `{scope}`. A key given scopes in API_KEYS needs it (else 403 "
+        "INSUFFICIENT_SCOPE); a key without scopes may do everything."
+    )
+    operation["description"] = "\n\n".join(filter(None, [operation.get("description"), note]))
+    if bearer:
+        operation["security"] = [{"bearer": [scope]}]
 
 
 def _admin(operation: dict[str, Any], *, body_optional: bool) -> None:

@@ -17,6 +17,7 @@ from werkzeug.routing import BaseConverter
 from app import payments, refunds, service
 from app.context import current_payment_app
 from app.errors import PROBLEM_CONTENT_TYPE, APIError
+from app.hooks import declare_scope
 from app.idempotency import Guard, IdempotencyKey, fingerprint, request_path
 from app.models import (
     DRAIN_BODY_BYTES,
@@ -37,6 +38,7 @@ from app.models import (
     validate_model,
 )
 from app.models import Payment as PaymentDocument
+from payment_service.config import SCOPES
 
 JSON = "application/json"
 ERRORS_POST = (400, 401, 409, 413, 415, 422, 503)
@@ -53,6 +55,19 @@ def document_errors(*statuses: int) -> Callable[[F], F]:
         for status in statuses:
             func = document_response(Problem, status)(func)
         return func
+
+    return decorator
+
+
+def requires(scope: str) -> Callable[[F], F]:
+    """The scope an API key needs for the route (one of SCOPES; a key without scopes may do
+    everything): checked by the request hook before the body is read, 403 documented."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def decorator(func: F) -> F:
+        declare_scope(func, scope)
+        return document_errors(403)(func)
 
     return decorator
 
@@ -216,6 +231,7 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
 
 # -- write endpoints -----------------------------------------------------------------------------
 @blueprint.post("/payments")
+@requires("payments:write")
 @document_request(CreatePayment)
 @document_response(PaymentDocument, 200)
 @document_response(PendingPayment, 202)
@@ -242,6 +258,7 @@ async def post_payment() -> Response:
 
 
 @blueprint.post("/payments/<payment_id:payment_id>/refunds")
+@requires("refunds:write")
 @document_request(CreateRefund)
 @document_response(RefundResult, 200)
 @document_errors(404, *ERRORS_POST)
@@ -257,6 +274,7 @@ async def post_refund(payment_id: int) -> Response:
 
 
 @blueprint.post("/payments/<payment_id:payment_id>/settlement")
+@requires("payments:settle")  # the gateway's verdict on money, not the charging service's
 @document_request(Settle)
 @document_response(PaymentDocument, 200)
 @document_errors(404, *ERRORS_POST)
@@ -286,6 +304,7 @@ async def _payment_write(
 
 # -- read endpoints ------------------------------------------------------------------------------
 @blueprint.get("/payments/<payment_id:payment_id>")
+@requires("payments:read")
 @document_response(PaymentWithRefunds, 200)
 @document_errors(401, 404, 503)
 async def get_payment(payment_id: int) -> Response:
@@ -298,6 +317,7 @@ async def get_payment(payment_id: int) -> Response:
 
 
 @blueprint.get("/payments/<payment_id:payment_id>/refunds")
+@requires("payments:read")
 @document_response(RefundList, 200)
 @document_errors(401, 404, 503)
 async def get_refunds(payment_id: int) -> Response:
@@ -310,6 +330,7 @@ async def get_refunds(payment_id: int) -> Response:
 
 
 @blueprint.get("/payments")
+@requires("payments:read")
 @document_querystring(ListQuery)
 @document_response(PaymentList, 200)
 @document_errors(400, 401, 503)

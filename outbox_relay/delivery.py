@@ -5,7 +5,8 @@ only a retryable failure enters tenacity's loop, whose waits honour `Retry-After
 early rather than outlive the event's lease or a shutdown. Each endpoint has its own `Deliverer`:
 its `CallbackClient` (keep-alive connections to its URL, see `outbox_relay.http`) and its signing
 keys, one `v1,…` signature per key in `webhook-signature` (Standard Webhooks: after a secret's
-rotation both the new and the previous secret sign, so a receiver verifies with either).
+rotation the new secret and those it replaced in the last 24 hours sign, so a receiver verifies
+with any of them).
 """
 
 from __future__ import annotations

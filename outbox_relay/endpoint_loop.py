@@ -47,10 +47,10 @@ class EndpointLoop:
             state.endpoints_changed.clear()
             async with state.connection() as conn:
                 if not self._seeded:
-                    seeded = await seed_from_settings(conn, state.settings)
+                    for note in await seed_from_settings(conn, state.settings):
+                        log = logger.warning if note.warning else logger.info
+                        log(note.text, extra={"endpoint": note.endpoint, "seeding": note.action})
                     self._seeded = True
-                    if seeded:
-                        logger.info("endpoints seeded from the settings", extra={"names": seeded})
                 found = await select_endpoints(conn)
             self.apply(found)
             await wait_for(state.endpoints_changed, ENDPOINT_RELOAD_SECONDS)

@@ -28,7 +28,8 @@ QueueItem = tuple[ClaimedEvent, float] | None
 
 
 def signing_keys(endpoint: Endpoint) -> tuple[bytes, ...]:
-    """The HMAC keys that sign the endpoint's callbacks now (current, then a previous one)."""
+    """The HMAC keys that sign the endpoint's callbacks now (current, then those it replaced
+    that still sign, newest first)."""
     return tuple(secret_key(secret) for secret in endpoint.signing_secrets())
 
 

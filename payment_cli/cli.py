@@ -42,8 +42,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from payment_cli.supervisor import prepare_database
 
     settings = _database_settings()
-    for line in prepare_database(settings.dsn(), settings, wait=args.wait).describe():
+    prepared = prepare_database(settings.dsn(), settings, wait=args.wait)
+    for line in prepared.describe():
         print(line)
+    for line in prepared.warnings():
+        print(f"payment-service: {line}", file=sys.stderr)
     return 0
 
 
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = add(
         "migrate",
         cmd_migrate,
-        "Apply pending migrations under an advisory lock (safe from many replicas at once).",
+        "Apply pending migrations under an advisory lock (safe from many replicas at once), then "
+        "seed the endpoints from the settings (warnings on stderr).",
     )
     migrate.add_argument(
         "--wait", type=float, default=60, help="seconds to wait for the database (default 60)"

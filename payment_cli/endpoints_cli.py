@@ -131,11 +131,8 @@ def cmd_rotate_secret(args: argparse.Namespace) -> int:
 
     endpoint: endpoints.Endpoint = _run(_database_settings(), rotate)
     print(f"new signing secret of {endpoint.name} (shown only now): {endpoint.secret}")
-    if endpoint.previous_secret_expires_at is not None:
-        print(
-            "callbacks carry a signature with the previous secret too until "
-            f"{endpoint.previous_secret_expires_at.isoformat()}"
-        )
+    for retired in endpoint.still_signing():
+        print(f"a previous secret signs callbacks too until {retired.expires_at.isoformat()}")
     return 0
 
 
@@ -239,7 +236,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action(
             "rotate-secret",
             cmd_rotate_secret,
-            "Give an endpoint a new signing secret (printed); the old one signs too for 24 h.",
+            "Give an endpoint a new signing secret (printed); the secrets it replaced in the last "
+            "24 h sign too (three at most).",
         )
     )
     rotate.add_argument("--secret", help="the new secret, whsec_… (default: a new one)")

@@ -72,40 +72,35 @@ def _port_free(host: str, port: int) -> bool:
 
 @dataclass
 class Prepared:
-    """What `prepare_database` did: migrations applied, endpoints seeded."""
+    """What `prepare_database` did: migrations applied, endpoints seeded (and what seeding found
+    different on endpoints that an operator changed)."""
 
     applied: list[int]
-    created: list[str]  # endpoints that did not exist
-    configured: list[str]  # endpoints that existed without a URL (migration 0006's notification)
+    seeding: list[endpoints.SeedNote]
 
     def describe(self) -> list[str]:
+        """What was done, a line each."""
         lines = [
             f"applied migration(s): {', '.join(f'{v:04d}' for v in self.applied)}"
             if self.applied
             else "database is up to date"
         ]
-        if self.created:
-            lines.append(f"seeded endpoint(s) from the settings: {', '.join(self.created)}")
-        if self.configured:
-            lines.append(f"configured endpoint(s) from the settings: {', '.join(self.configured)}")
-        return lines
+        return lines + [note.text for note in self.seeding if not note.warning]
+
+    def warnings(self) -> list[str]:
+        """Where the settings and an endpoint an operator changed disagree, a line each."""
+        return [f"warning: {note.text}" for note in self.seeding if note.warning]
 
 
 def prepare_database(dsn: str, settings: Settings, *, wait: float = 60) -> Prepared:
-    """Apply pending migrations, then seed endpoints from the settings (never changing one that
-    has a URL): what `migrate` and `run` do before anything else."""
+    """Apply pending migrations, then seed endpoints from the settings (those not changed by an
+    operator follow them): what `migrate` and `run` do before anything else."""
 
     async def go() -> Prepared:
         conn = await wait_for_database(dsn, timeout=wait)
         try:
             applied = await migrate(conn)
-            before = {e.name: e.url for e in await endpoints.select_endpoints(conn)}
-            seeded = await endpoints.seed_from_settings(conn, settings)
-            return Prepared(
-                applied,
-                created=[name for name in seeded if name not in before],
-                configured=[name for name in seeded if name in before],
-            )
+            return Prepared(applied, await endpoints.seed_from_settings(conn, settings))
         finally:
             await conn.close()
 
@@ -143,7 +138,8 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
 
     try:
-        for line in prepare_database(dsn, settings).describe():
+        prepared = prepare_database(dsn, settings)
+        for line in prepared.describe() + prepared.warnings():
             say(line)
 
         command = [sys.executable, "-m", "payment_cli.cli"]

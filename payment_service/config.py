@@ -14,6 +14,7 @@ from pydantic import (
     AnyHttpUrl,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,18 +26,45 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # keys and written to the access log, so they are short and plain.
 DEFAULT_CALLER = "default"
 _CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What a key may do, when API_KEYS gives it scopes: `name[scope+scope]:token`. A key without
+# scopes may do everything (as every key could before scopes). payments:settle is apart from
+# payments:write: settling declares what the gateway did with the money, which a service that
+# charges trips must not decide about its own payments.
+SCOPES = ("payments:read", "payments:write", "refunds:write", "payments:settle")
+# A name cannot hold '[' or ':', so the first '[' before any ':' opens the scopes; the token is
+# everything after "]:" (it may hold ':', '[' and ']' itself).
+_SCOPED_ENTRY = re.compile(r"(?P<name>[^:\[]*)\[(?P<scopes>[^\]]*)\]:(?P<token>.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One `API_KEYS` entry: the caller's name (its idempotency scope) and its bearer token."""
+    """One `API_KEYS` entry: the caller's name (its idempotency scope), its bearer token, and
+    what it may do (`scopes`; None: everything)."""
 
     name: str
     token: str = field(repr=False)
+    scopes: frozenset[str] | None = None
 
 
-def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
-    """`name:token` entries (a bare token is named `default`), refused when ambiguous.
+def _scopes(number: int, listed: str) -> frozenset[str]:
+    scopes = [part.strip() for part in listed.split("+")]
+    if not any(scopes):
+        raise ValueError(
+            f"entry {number} lists no scope (leave out the brackets for a key that may do "
+            "everything)"
+        )
+    for position, scope in enumerate(scopes, start=1):
+        if scope not in SCOPES:
+            raise ValueError(
+                f"entry {number}: scope {position} is not one of {', '.join(SCOPES)} "
+                "(name[scope+scope]:token)"
+            )
+    return frozenset(scopes)
+
+
+def parse_api_keys(entries: tuple[str, ...], *, scoped: bool = True) -> tuple[ApiKey, ...]:
+    """`name:token` or (when `scoped`) `name[scope+scope]:token` entries (a bare token is named
+    `default`), refused when ambiguous.
 
     Several bare tokens share `default`: that is what they meant before names existed (one shared
     scope). Otherwise a name is given once and a token once. Messages name entries by position and
@@ -46,10 +74,20 @@ def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
     names: dict[str, tuple[int, bool]] = {}  # name -> (its first entry, given as a bare token)
     tokens: dict[str, int] = {}
     for number, entry in enumerate(entries, start=1):
-        name, colon, token = (part.strip() for part in entry.partition(":"))
-        bare = not colon
-        if bare:
-            name, token = DEFAULT_CALLER, name
+        scopes: frozenset[str] | None = None
+        if with_scopes := _SCOPED_ENTRY.fullmatch(entry):
+            if not scoped:
+                raise ValueError(f"entry {number}: these keys take no scopes (use name:token)")
+            name, token = with_scopes["name"].strip(), with_scopes["token"].strip()
+            bare = False
+            scopes = _scopes(number, with_scopes["scopes"])
+        else:
+            name, colon, token = (part.strip() for part in entry.partition(":"))
+            bare = not colon
+            if bare:
+                name, token = DEFAULT_CALLER, name
+            elif "[" in name:
+                raise ValueError(f"entry {number}: scopes are written name[scope+scope]:token")
         if not name:
             raise ValueError(f"entry {number} has an empty name (use name:token)")
         if not _CALLER_NAME.match(name):
@@ -63,7 +101,7 @@ def parse_api_keys(entries: tuple[str, ...]) -> tuple[ApiKey, ...]:
             raise ValueError(f"entries {first} and {number} have the same name")
         if (first := tokens.setdefault(token, number)) != number:
             raise ValueError(f"entries {first} and {number} have the same token")
-        keys.append(ApiKey(name, token))
+        keys.append(ApiKey(name, token, scopes))
     return tuple(keys)
 
 
@@ -234,11 +272,12 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
-    def _api_keys(cls, value: object) -> object:
+    def _api_keys(cls, value: object, info: ValidationInfo) -> object:
         # Before-validators run last-defined first: split here too, whatever the order.
         value = cls._split_csv(value)
         if isinstance(value, tuple | list) and all(isinstance(entry, str) for entry in value):
-            return parse_api_keys(tuple(value))
+            # An admin key may do every admin thing: scopes there would only mislead.
+            return parse_api_keys(tuple(value), scoped=info.field_name == "api_keys")
         return value
 
     @field_validator("async_methods")

@@ -8,19 +8,23 @@ relay reads it to deliver. Every change NOTIFYs ENDPOINTS_CHANNEL, so running re
 once (they also reload every second).
 
 Seeding: the integration guide's settings (`NOTIFICATION_SERVICE_URL`, `TRIP_SERVICE_URL` with
-`TRIP_CALLBACK_PATH`, …) describe endpoints `notification`, `trip`, `driver`, `rider`.
-`seed_endpoints` creates those that are missing and fills in one that migration 0006 left
-unconfigured; it never changes an endpoint that exists in any other way (`endpoints update` does).
+`TRIP_CALLBACK_PATH`, …, `CALLBACK_SIGNING_SECRET`) describe endpoints `notification`, `trip`,
+`driver`, `rider`. `seed_from_settings` (at `migrate`, `run` and a relay's start) creates those
+that are missing and makes those still as seeding made them follow the settings; once an operator
+changes an endpoint (any change here but seeding sets `seeded` false) the settings no longer
+apply to it, and seeding reports each difference instead.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -32,7 +36,10 @@ EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "paymen
 STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SECRET_BYTES = 32
-PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: the old secret stays valid this long
+PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: a retired secret signs this long
+# The current secret and those retired in the last PREVIOUS_SECRET_SECONDS, newest first, at most
+# this many in all: the SQL function `retire_secret` (migration 0008) keeps them so.
+MAX_SIGNING_SECRETS = 3
 MAX_BREAKER_COOLDOWN_SECONDS = 600.0
 
 
@@ -49,14 +56,21 @@ class EndpointExists(EndpointError):
 
 
 @dataclass(frozen=True)
+class PreviousSecret:
+    """A secret that `rotate-secret` retired: it signs too until `expires_at`."""
+
+    secret: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class Endpoint:
     endpoint_id: int
     name: str
     url: str | None  # None: not configured yet (seeding fills it in)
     event_types: tuple[str, ...]
     secret: str | None
-    previous_secret: str | None
-    previous_secret_expires_at: datetime | None
+    previous_secrets: tuple[PreviousSecret, ...]  # newest first, expired ones included
     state: str
     state_reason: str | None
     state_changed_at: datetime
@@ -77,16 +91,15 @@ class Endpoint:
             return "closed"
         return "open" if self.breaker_open_until > self.now else "half_open"
 
+    def still_signing(self) -> list[PreviousSecret]:
+        """The retired secrets that have not expired, newest first."""
+        return [p for p in self.previous_secrets if p.expires_at > self.now]
+
     def signing_secrets(self) -> list[str]:
-        """The secrets signing a callback now: the current one, then a previous one still valid."""
-        valid = [self.secret] if self.secret else []
-        if (
-            self.previous_secret
-            and self.previous_secret_expires_at is not None
-            and self.previous_secret_expires_at > self.now
-        ):
-            valid.append(self.previous_secret)
-        return valid
+        """The secrets signing a callback now: the current one, then every retired one that has
+        not expired, newest first (at most MAX_SIGNING_SECRETS in all)."""
+        current = [self.secret] if self.secret else []
+        return current + [p.secret for p in self.still_signing()]
 
     def public(self) -> dict[str, Any]:
         """What `endpoints list --json` and the admin API show: everything but the secrets."""
@@ -99,9 +112,8 @@ class Endpoint:
             "breaker": self.breaker,
             "consecutive_failures": self.consecutive_failures,
             "signed": self.secret is not None,
-            "previous_secret_expires_at": _iso(self.previous_secret_expires_at)
-            if self.signing_secrets()[1:]
-            else None,
+            # When each retired secret that still signs stops, newest first: never the secrets.
+            "previous_secrets_expire_at": [_iso(p.expires_at) for p in self.still_signing()],
             "failing_since": _iso(self.failing_since),
             "last_success_at": _iso(self.last_success_at),
             "seeded": self.seeded,
@@ -174,37 +186,134 @@ def wants(event_types: tuple[str, ...], event_type: str) -> bool:
 
 @dataclass(frozen=True)
 class EndpointSeed:
+    """An endpoint as the settings describe it, and the variables each part comes from."""
+
     name: str
     url: str
     event_types: tuple[str, ...]
+    url_from: str  # e.g. "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH"
+    types_from: str  # e.g. "TRIP_EVENT_TYPES"
+
+
+# The services seeded only when their *_CALLBACK_PATH is set (`notification` always is).
+OPTIONAL_SEEDS = ("trip", "driver", "rider")
 
 
 def seeds_from_settings(settings: Settings) -> list[EndpointSeed]:
     """The endpoints the integration guide's settings describe."""
-    seeds = [EndpointSeed("notification", settings.notification_url, ("*",))]
-    for name, base, path, types in (
-        ("trip", settings.trip_service_url, settings.trip_callback_path, settings.trip_event_types),
-        (
-            "driver",
-            settings.driver_service_url,
-            settings.driver_callback_path,
-            settings.driver_event_types,
-        ),
-        (
-            "rider",
-            settings.rider_service_url,
-            settings.rider_callback_path,
-            settings.rider_event_types,
-        ),
-    ):
+    seeds = [
+        EndpointSeed(
+            "notification",
+            settings.notification_url,
+            ("*",),
+            url_from="NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
+            types_from="the settings (every event type)",
+        )
+    ]
+    for name in OPTIONAL_SEEDS:
+        path: str | None = getattr(settings, f"{name}_callback_path")
         if path is not None:
-            seeds.append(EndpointSeed(name, str(base).rstrip("/") + path, types))
+            base = str(getattr(settings, f"{name}_service_url")).rstrip("/")
+            upper = name.upper()
+            seeds.append(
+                EndpointSeed(
+                    name,
+                    base + path,
+                    getattr(settings, f"{name}_event_types"),
+                    url_from=f"{upper}_SERVICE_URL + {upper}_CALLBACK_PATH",
+                    types_from=f"{upper}_EVENT_TYPES",
+                )
+            )
     return seeds
 
 
+@dataclass(frozen=True)
+class SeedNote:
+    """One line about what seeding did to an endpoint, or found different from the settings, for
+    the log and the person starting the service. It never holds a secret."""
+
+    endpoint: str
+    action: Literal["created", "configured", "followed", "differs", "left"]
+    text: str
+
+    @property
+    def warning(self) -> bool:
+        """An endpoint an operator changed (or seeding left behind) that the settings disagree
+        with: the settings do not apply to it, and whoever starts the service should know."""
+        return self.action in ("differs", "left")
+
+
+@dataclass(frozen=True)
+class _Difference:
+    """How an endpoint and its seed differ in one part, in words that never show a secret."""
+
+    source: str  # the settings it comes from
+    now: str  # "url http://a → http://b": what following the settings changes
+    apart: str  # "url http://a, the settings say http://b": what differs, when not followed
+    change: str  # the `payment-service endpoints …` command that changes the endpoint
+
+    def followed(self, name: str) -> SeedNote:
+        return SeedNote(name, "followed", f"endpoint {name} follows {self.source}: {self.now}")
+
+    def differs(self, name: str) -> SeedNote:
+        return SeedNote(
+            name,
+            "differs",
+            f"endpoint {name} differs from {self.source}: {self.apart} (set by an operator; "
+            f"`payment-service endpoints {self.change}` to change it)",
+        )
+
+
+def _differences(endpoint: Endpoint, seed: EndpointSeed, secret: str | None) -> list[_Difference]:
+    found: list[_Difference] = []
+    name = endpoint.name
+    if endpoint.url != seed.url:
+        old, new = shown_url(endpoint.url), shown_url(seed.url)
+        found.append(
+            _Difference(
+                seed.url_from,
+                f"url {old} → {new}",
+                f"url {old}, the settings say {new}",
+                f"update {name} --url …",
+            )
+        )
+    if set(endpoint.event_types) != set(seed.event_types):
+        old, new = ",".join(endpoint.event_types), ",".join(seed.event_types)
+        found.append(
+            _Difference(
+                seed.types_from,
+                f"event types {old} → {new}",
+                f"event types {old}, the settings say {new}",
+                f"update {name} --events …",
+            )
+        )
+    if endpoint.secret != secret:
+        if secret is None:
+            now, apart = "secret removed: callbacks are unsigned", "its callbacks are signed"
+        elif endpoint.secret is None:
+            now, apart = "secret set: callbacks are signed", "its callbacks are unsigned"
+        else:
+            now = "secret replaced (the one replaced signs for 24 h more)"
+            apart = "it signs with another secret"
+        found.append(
+            _Difference("CALLBACK_SIGNING_SECRET", now, apart, f"rotate-secret {name} --secret …")
+        )
+    return found
+
+
+def shown_url(url: str | None) -> str:
+    """A URL as logs show it: without a user name or password."""
+    if url is None:
+        return "(none)"
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 # -- SQL ------------------------------------------------------------------------------------------
-_COLUMNS = """endpoint_id, name, url, event_types, secret, previous_secret,
-              previous_secret_expires_at, state, state_reason, state_changed_at,
+_COLUMNS = """endpoint_id, name, url, event_types, secret, previous_secrets, state,
+              state_reason, state_changed_at,
               consecutive_failures, breaker_open_until, breaker_cooldown_seconds, failing_since,
               last_success_at, seeded, created_at, updated_at, now() AS now"""
 
@@ -213,6 +322,10 @@ def _endpoint(row: asyncpg.Record) -> Endpoint:
     values = dict(row)
     values.pop("notified", None)  # the statements that NOTIFY read their CTE this way
     values["event_types"] = tuple(values["event_types"])
+    values["previous_secrets"] = tuple(
+        PreviousSecret(entry["secret"], datetime.fromisoformat(entry["expires_at"]))
+        for entry in json.loads(values["previous_secrets"])
+    )
     return Endpoint(**values)
 
 
@@ -364,13 +477,13 @@ async def rotate_secret(
     secret: str | None = None,
     keep_previous_seconds: float = PREVIOUS_SECRET_SECONDS,
 ) -> Endpoint:
-    """A new signing secret; the current one stays valid (both signatures sent) for a while."""
+    """A new signing secret. The current one keeps signing for `keep_previous_seconds`, and so do
+    those retired before it that have not expired, up to MAX_SIGNING_SECRETS in all (the oldest
+    goes first): rotating twice in a day never drops the secret receivers still verify with."""
     return await _change(
         conn,
         name,
-        """previous_secret = secret,
-           previous_secret_expires_at = CASE WHEN secret IS NULL THEN NULL
-                                             ELSE now() + make_interval(secs => $4) END,
+        """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
            secret = $3""",
         check_secret(secret) if secret is not None else new_secret(),
         float(keep_previous_seconds),
@@ -401,36 +514,98 @@ async def delete_endpoint(conn: asyncpg.Connection, name: str) -> int:
     return int(row["undelivered"])  # the statement's snapshot still sees the cascaded rows
 
 
-async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[str]:
-    """Create the missing seeded endpoints; configure the one migration 0006 left without a URL.
+async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:
+    """Make the endpoints the settings describe (seeds_from_settings) follow them.
 
-    An endpoint that has a URL is never changed, whatever the settings say now. Seeded endpoints
-    are signed with CALLBACK_SIGNING_SECRET (unsigned when it is unset). Returns the names
-    created or configured.
+    A missing endpoint is created; one without a URL (migration 0006 leaves `notification` so) is
+    configured; one still as seeding made it (`seeded`) follows the settings: its URL, event types
+    and secret (CALLBACK_SIGNING_SECRET; a replaced secret signs 24 h more, as after
+    `rotate-secret`). An endpoint an operator changed is left alone, and each part in which it
+    differs from the settings is a warning; so is a seeded endpoint whose *_CALLBACK_PATH is no
+    longer set (it stays). Runs in one transaction, which takes the rows' locks, so that
+    processes starting together make each change once. Returns what it did and found, in order.
     """
-    done: list[str] = []
-    for seed in seeds_from_settings(settings):
-        name = await conn.fetchval(
-            """
-            WITH seeded AS (
-                INSERT INTO endpoints (name, url, event_types, secret, seeded)
-                VALUES ($1, $2, $3, $4, true)
-                ON CONFLICT (name) DO UPDATE
-                   SET url = EXCLUDED.url,
-                       event_types = EXCLUDED.event_types,
-                       secret = EXCLUDED.secret,
-                       updated_at = now()
-                 WHERE endpoints.url IS NULL
-             RETURNING name
-            )
-            SELECT name FROM seeded, pg_notify($5, name) AS n
-            """,
-            seed.name,
-            seed.url,
-            list(seed.event_types),
-            settings.callback_signing_secret,
-            ENDPOINTS_CHANNEL,
+    secret = settings.callback_signing_secret
+    notes: list[SeedNote] = []
+    async with conn.transaction():
+        seeds = seeds_from_settings(settings)
+        for seed in seeds:
+            notes += await _seed(conn, seed, secret)
+        left = await conn.fetch(
+            "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY ($1)",
+            [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}],
         )
-        if name is not None:
-            done.append(name)
-    return done
+        for row in left:
+            name = row["name"]
+            notes.append(
+                SeedNote(
+                    name,
+                    "left",
+                    f"endpoint {name} was seeded from {name.upper()}_CALLBACK_PATH, which is not "
+                    f"set now: it stays as it is (`payment-service endpoints remove {name} --yes` "
+                    "removes it)",
+                )
+            )
+    return notes
+
+
+async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None) -> list[SeedNote]:
+    created = await conn.fetchval(
+        """
+        WITH seeded AS (
+            INSERT INTO endpoints (name, url, event_types, secret, seeded)
+            VALUES ($1, $2, $3, $4, true)
+            ON CONFLICT (name) DO NOTHING
+         RETURNING name
+        )
+        SELECT name FROM seeded, pg_notify($5, name) AS n
+        """,
+        seed.name,
+        seed.url,
+        list(seed.event_types),
+        secret,
+        ENDPOINTS_CHANNEL,
+    )
+    if created is not None:
+        text = f"seeded endpoint {seed.name} from the settings: {shown_url(seed.url)}"
+        return [SeedNote(seed.name, "created", text)]
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", seed.name
+    )
+    if row is None:  # removed by an operator since the insert found it: nothing to follow
+        return []
+    endpoint = _endpoint(row)
+    differences = _differences(endpoint, seed, secret)
+    if not differences:
+        return []
+    if endpoint.url is not None and not endpoint.seeded:
+        return [difference.differs(seed.name) for difference in differences]
+    await conn.execute(
+        """
+        WITH followed AS (
+            UPDATE endpoints
+               SET url = $2,
+                   event_types = $3,
+                   -- unsigned now: no signature at all; else the replaced secret signs a day more
+                   previous_secrets = CASE WHEN $4::text IS NULL THEN '[]'::jsonb
+                                           WHEN secret IS DISTINCT FROM $4
+                                           THEN retire_secret(previous_secrets, secret, $4, $5)
+                                           ELSE previous_secrets END,
+                   secret = $4,
+                   updated_at = now()
+             WHERE endpoint_id = $1
+         RETURNING name
+        )
+        SELECT pg_notify($6, name) FROM followed
+        """,
+        endpoint.endpoint_id,
+        seed.url,
+        list(seed.event_types),
+        secret,
+        float(PREVIOUS_SECRET_SECONDS),
+        ENDPOINTS_CHANNEL,
+    )
+    if endpoint.url is None:
+        text = f"configured endpoint {seed.name} from the settings: {shown_url(seed.url)}"
+        return [SeedNote(seed.name, "configured", text)]
+    return [difference.followed(seed.name) for difference in differences]

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from payment_service.embedded import free_port
+from payment_service.endpoints import select_endpoint
 from tests.support.commands import Finished, run_to_end, service_command
 from tests.support.database import insert_events
 from tests.support.environment import SECRET, minimal_environment, new_signing_secret
@@ -91,9 +92,10 @@ async def test_add_list_update_pause_resume_disable_enable_rotate_remove(
 
     rotated = endpoints_cli("rotate-secret", "trip")
     assert rotated.returncode == 0, rotated.stderr
-    row = await db.fetchrow("SELECT secret, previous_secret FROM endpoints WHERE name = 'trip'")
-    assert row["previous_secret"] == secret and row["secret"] != secret
-    assert row["secret"] in rotated.stdout and secret not in rotated.stdout
+    now = await select_endpoint(db, "trip")
+    assert now.secret is not None and now.signing_secrets() == [now.secret, secret]
+    assert now.secret in rotated.stdout and secret not in rotated.stdout
+    assert "a previous secret signs callbacks too until " in rotated.stdout
     chosen = new_signing_secret()
     assert endpoints_cli("rotate-secret", "trip", "--secret", chosen).returncode == 0
     assert await db.fetchval("SELECT secret FROM endpoints WHERE name = 'trip'") == chosen
@@ -160,14 +162,21 @@ async def endpoint_rows(db: asyncpg.Connection) -> dict[str, tuple[str, list[str
     return {r["name"]: (r["url"], list(r["event_types"]), r["secret"], r["seeded"]) for r in rows}
 
 
-async def test_migrate_seeds_endpoints_from_the_settings_and_never_overwrites(
+def printed(stdout: str) -> list[str]:
+    """What a command printed for the person at the terminal: its lines but the JSON logs."""
+    return [line for line in stdout.splitlines() if not line.startswith("{")]
+
+
+async def test_migrate_seeds_endpoints_that_follow_the_settings_until_an_operator_changes_them(
     empty_database_url: str, tmp_path: Path
 ) -> None:
     env = seeding_environment(empty_database_url)
     first = run_to_end(["migrate"], env, tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "configured endpoint(s) from the settings: notification" in first.stdout
-    assert "seeded endpoint(s) from the settings: trip" in first.stdout
+    assert printed(first.stdout)[1:] == [
+        "configured endpoint notification from the settings: http://127.0.0.1:9001/notifications",
+        "seeded endpoint trip from the settings: http://127.0.0.1:9002/trips/payment-events",
+    ]
     db = await asyncpg.connect(empty_database_url)
     try:
         assert await endpoint_rows(db) == {
@@ -179,17 +188,68 @@ async def test_migrate_seeds_endpoints_from_the_settings_and_never_overwrites(
                 True,
             ),
         }
+
+        # The settings change: the endpoints still as seeding made them follow, and it is said.
+        newer = new_signing_secret()
+        moved = seeding_environment(
+            empty_database_url,
+            notification_service_url="http://127.0.0.1:9011",
+            trip_event_types="payment.*",
+            callback_signing_secret=newer,
+        )
+        second = run_to_end(["migrate"], moved, tmp_path)
+        assert second.returncode == 0, second.stderr
+        said = printed(second.stdout)
+        assert said[:2] == [
+            "database is up to date",
+            "endpoint notification follows NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+            "url http://127.0.0.1:9001/notifications → http://127.0.0.1:9011/notifications",
+        ]
+        # then the secret of both, and trip's event types (each line as the seeding tests show)
+        assert [line.split(" follows ")[0] for line in said[2:]] == [
+            "endpoint notification",
+            "endpoint trip",
+            "endpoint trip",
+        ]
+        assert "warning" not in second.stderr
+        assert SECRET not in second.stdout + second.stderr
+        assert newer not in second.stdout + second.stderr
+        rows = await endpoint_rows(db)
+        assert rows["notification"] == ("http://127.0.0.1:9011/notifications", ["*"], newer, True)
+        assert rows["trip"][1:] == (["payment.*"], newer, True)
+        # receivers that still verify with the old secret keep working for a day
+        notification = await select_endpoint(db, "notification")
+        assert notification.signing_secrets() == [newer, SECRET]
+
+        # An operator changes notification by hand: from then on the settings do not move it,
+        # and every start names the difference.
         changed = run_to_end(
-            ["endpoints", "update", "trip", "--url", "http://127.0.0.1:9003/t"], env, tmp_path
+            ["endpoints", "update", "notification", "--url", "http://127.0.0.1:9003/n"],
+            moved,
+            tmp_path,
         )
         assert changed.returncode == 0, changed.stderr
         before = await endpoint_rows(db)
-        other = seeding_environment(
-            empty_database_url, notification_service_url="http://127.0.0.1:9999"
+        assert before["notification"][3] is False
+        third = run_to_end(
+            ["migrate"],
+            seeding_environment(
+                empty_database_url,
+                notification_service_url="http://127.0.0.1:9021",
+                trip_event_types="payment.*",
+                callback_signing_secret=newer,
+            ),
+            tmp_path,
         )
-        again = run_to_end(["migrate"], other, tmp_path)
-        assert again.returncode == 0, again.stderr
-        assert again.stdout.strip() == "database is up to date"  # nothing seeded, nothing changed
+        assert third.returncode == 0, third.stderr
+        assert printed(third.stdout) == ["database is up to date"]  # nothing seeded or followed
+        assert (
+            "payment-service: warning: endpoint notification differs from "
+            "NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: url http://127.0.0.1:9003/n, "
+            "the settings say http://127.0.0.1:9021/notifications (set by an operator; "
+            "`payment-service endpoints update notification --url …` to change it)"
+        ) in third.stderr.splitlines()
+        assert "trip" not in third.stderr  # still as the settings say
         assert await endpoint_rows(db) == before
     finally:
         await db.close()
@@ -209,8 +269,8 @@ async def test_run_seeds_endpoints_before_starting_the_api(
     try:
         await wait_until(lambda: "press Ctrl-C to stop" in err.read_text(), timeout=60)
         said = err.read_text()
-        assert "configured endpoint(s) from the settings: notification" in said
-        assert "seeded endpoint(s) from the settings: trip" in said
+        assert "configured endpoint notification from the settings: " in said
+        assert "seeded endpoint trip from the settings: " in said
         assert set(await endpoint_rows(db)) == {"notification", "trip"}
     finally:
         run.send_signal(signal.SIGINT)

@@ -1,20 +1,25 @@
 """Subscriptions end to end: real relay processes, two real receivers on 127.0.0.1, a real
 PostgreSQL. Each endpoint gets every event it subscribes to, signed with its own secret, in order
 per (endpoint, payment); one endpoint that is down, answers 500 or hangs never delays another,
-and loses nothing once it is back; a rotated secret signs with both secrets."""
+and loses nothing once it is back; a rotated secret signs with every secret of the last day."""
 
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from payment_service.endpoints import insert_endpoint, rotate_secret
+from payment_service.endpoints import (
+    insert_endpoint,
+    rotate_secret,
+    select_endpoint,
+    update_endpoint,
+)
 from tests.support.database import EventRow, insert_events, status_counts
-from tests.support.environment import SECRET, new_signing_secret
+from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import (
     Receiver,
@@ -139,7 +144,7 @@ async def test_an_endpoint_that_is_down_never_delays_another_and_loses_nothing(
     assert relay.process is not None and relay.process.poll() is None, dump_logs([relay])
 
 
-async def test_after_a_rotation_callbacks_carry_both_signatures(
+async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
     conn: asyncpg.Connection, receiver: Receiver, trip: Receiver, relays: RelayLauncher
 ) -> None:
     relay = relays.start()
@@ -153,23 +158,67 @@ async def test_after_a_rotation_callbacks_carry_both_signatures(
     new = new_signing_secret()
     await rotate_secret(conn, "trip", secret=new)  # NOTIFYs: the relay reloads at once
 
-    async def both_signatures() -> bool:
-        await insert_events(conn, payments=1)  # one more event per check, until one is signed so
-        return any(
-            len(d.headers.get("webhook-signature", "").split()) == 2 for d in trip.accepted()
-        )
+    def signed_by(count: int) -> Callable[[], Awaitable[bool]]:
+        async def arrived() -> bool:
+            await insert_events(conn, payments=1)  # one more event per check, until one is so
+            return any(
+                len(d.headers.get("webhook-signature", "").split()) == count
+                for d in trip.accepted()
+            )
 
-    await wait_for(both_signatures, timeout=30, what="callbacks signed with both secrets")
+        return arrived
+
+    await wait_for(signed_by(2), timeout=30, what="callbacks signed with both secrets")
+    # Rotated again within the day (a retry, say): the secret receivers still use keeps signing.
+    newest = new_signing_secret()
+    await rotate_secret(conn, "trip", secret=newest)
+    await wait_for(signed_by(3), timeout=30, what="callbacks signed with all three secrets")
+    signers = {1: [TRIP_SECRET], 2: [new, TRIP_SECRET], 3: [newest, new, TRIP_SECRET]}
     for delivery in trip.accepted():
         signatures = delivery.headers["webhook-signature"].split()
         if delivery.webhook_id in {e.event_id for e in before}:
             assert len(signatures) == 1
-            delivery.verify(TRIP_SECRET)
+        # each secret verifies on its own (the standardwebhooks package): a receiver may switch
+        # whenever it likes
+        for secret in signers[len(signatures)]:
+            assert delivery.verify(secret)["event_id"] == delivery.webhook_id
+        if len(signatures) < 3:
             with pytest.raises(WebhookVerificationError):
-                delivery.verify(new)
-        elif len(signatures) == 2:
-            # each secret verifies on its own: a receiver may switch whenever it likes
-            assert delivery.verify(new)["event_id"] == delivery.webhook_id
-            assert delivery.verify(TRIP_SECRET)["event_id"] == delivery.webhook_id
+                delivery.verify(newest)
     # the other endpoint's signing is untouched
     assert all(len(d.headers["webhook-signature"].split()) == 1 for d in receiver.accepted())
+
+
+async def test_a_relay_start_follows_a_changed_notification_url_until_an_operator_changes_it(
+    conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher
+) -> None:
+    # `notification` as an earlier NOTIFICATION_SERVICE_URL seeded it: a receiver since moved
+    gone = "http://127.0.0.1:9/gone"
+    await conn.execute("UPDATE endpoints SET url = $1 WHERE name = 'notification'", gone)
+    relay = relays.start()
+    events = await insert_events(conn, payments=3)
+    await wait_for(
+        lambda: {e.event_id for e in events} <= receiver.accepted_ids(),
+        timeout=30,
+        what="the events at the URL the settings name now",
+    )
+    now = receiver.base_url + CALLBACK_PATH
+    followed = (
+        "endpoint notification follows NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        f"url {gone} → {now}"
+    )
+    assert relay.logged(followed) == 1, dump_logs([relay])
+    relay.send(signal.SIGTERM)
+    assert await relay.wait_exit(timeout=20) == 0
+
+    # Changed by an operator since: the next start leaves it, and warns naming the difference.
+    await update_endpoint(conn, "notification", url=gone)
+    again = relays.start()
+    differs = (
+        "endpoint notification differs from NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        f"url {gone}, the settings say {now} (set by an operator; "
+        "`payment-service endpoints update notification --url …` to change it)"
+    )
+    await wait_for(lambda: again.logged(differs) == 1, timeout=30, what="the warning")
+    assert [r["level"] for r in again.log_records() if r.get("msg") == differs] == ["WARNING"]
+    assert (await select_endpoint(conn, "notification")).url == gone

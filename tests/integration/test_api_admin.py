@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from app.admin import EndpointDocument, EndpointWithSecret, EventDeliveries
+from payment_service import endpoints
 from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi, assert_problem, create_payment
 
@@ -132,7 +133,7 @@ async def test_add_then_list_and_show_without_the_secret(admin: httpx.AsyncClien
     assert shown.status_code == 200, shown.text
     assert EndpointDocument.model_validate(shown.json()).url == "http://127.0.0.1:9/trips"
     for document in [*listing.json()["data"], shown.json()]:
-        assert not {"secret", "previous_secret"} & set(document), document
+        assert not {"secret", "previous_secret", "previous_secrets"} & set(document), document
     assert body.secret not in listing.text + shown.text
 
 
@@ -224,13 +225,24 @@ async def test_rotate_secret_answers_the_new_one_and_keeps_the_old_valid(
     assert generated.status_code == 200, generated.text
     rotated = EndpointWithSecret.model_validate(generated.json())
     assert rotated.secret.startswith("whsec_") and rotated.secret != SECRET
-    assert rotated.previous_secret_expires_at is not None, "the old secret signs for a while"
-    stored = await db.fetchrow("SELECT secret, previous_secret FROM endpoints WHERE name = 'trip'")
-    assert tuple(stored) == (rotated.secret, SECRET)
+    assert len(rotated.previous_secrets_expire_at) == 1, "the old secret signs for a while"
+    assert (await endpoints.select_endpoint(db, "trip")).signing_secrets() == [
+        rotated.secret,
+        SECRET,
+    ]
 
     given = await admin.post("/admin/endpoints/trip/rotate-secret", json={"secret": OTHER_SECRET})
     assert given.status_code == 200, given.text
     assert given.json()["secret"] == OTHER_SECRET
+    # a second rotation within the day: both replaced secrets still sign, newest first
+    twice = EndpointDocument.model_validate((await admin.get("/admin/endpoints/trip")).json())
+    assert len(twice.previous_secrets_expire_at) == 2
+    assert twice.previous_secrets_expire_at == sorted(twice.previous_secrets_expire_at)[::-1]
+    assert (await endpoints.select_endpoint(db, "trip")).signing_secrets() == [
+        OTHER_SECRET,
+        rotated.secret,
+        SECRET,
+    ]
     assert rotated.secret not in (await admin.get("/admin/endpoints/trip")).text
 
     refused = await admin.post("/admin/endpoints/trip/rotate-secret", json={"secret": "plain"})

@@ -14,7 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from payment_service.migrations import load_migrations, migrate
+from payment_service.migrations import migrate
+from tests.migrations.conftest import migrated_before
 from tests.support.api import exact_json, post_json, running_api
 
 SUBSCRIPTIONS_VERSION = 6
@@ -91,12 +92,8 @@ async def insert_payment_with_event(conn: asyncpg.Connection, trip_id: int, stat
 
 @pytest.fixture
 async def version_5(empty_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(empty_database_url)
-    try:
-        await migrate(conn, [m for m in load_migrations() if m.version < SUBSCRIPTIONS_VERSION])
+    async with migrated_before(empty_database_url, SUBSCRIPTIONS_VERSION) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 async def rows_by_id(conn: asyncpg.Connection, sql: str) -> dict[int, dict[str, Any]]:

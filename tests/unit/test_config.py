@@ -215,6 +215,40 @@ def test_a_token_may_contain_colons_after_the_name(monkeypatch: pytest.MonkeyPat
     assert load_settings().api_keys == (ApiKey("svc.a_1", "abc:def"),)
 
 
+def test_keys_may_be_given_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "API_KEYS",
+        "trip[payments:write+payments:read]:tok1, support[ refunds:write + payments:read ]:tok2,"
+        "reader:tok3,gateway[payments:settle]:a:b]:c[d",
+    )
+    assert load_settings().api_keys == (
+        ApiKey("trip", "tok1", frozenset({"payments:write", "payments:read"})),
+        ApiKey("support", "tok2", frozenset({"refunds:write", "payments:read"})),
+        ApiKey("reader", "tok3"),  # no scopes: everything, as before scopes
+        ApiKey("gateway", "a:b]:c[d", frozenset({"payments:settle"})),  # the token after "]:"
+    )
+
+
+def test_admin_keys_take_no_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADMIN_API_KEYS", "ops[payments:read]:admin-tok1")
+    message = refused()
+    assert message == (
+        "invalid configuration: ADMIN_API_KEYS: entry 1: these keys take no scopes (use name:token)"
+    )
+
+
+def test_scopes_never_change_what_an_entry_without_brackets_means(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name holds no '[' or ':', so only `name[…]:token` has scopes: a token with brackets
+    or colons after a plain name, or a bare token with brackets, means what it meant."""
+    monkeypatch.setenv("API_KEYS", "svc:tok[payments:read]:x,[refunds]tok")
+    assert load_settings().api_keys == (
+        ApiKey("svc", "tok[payments:read]:x"),
+        ApiKey("default", "[refunds]tok"),
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "complaint"),
     [
@@ -228,6 +262,15 @@ def test_a_token_may_contain_colons_after_the_name(monkeypatch: pytest.MonkeyPat
         ("default:tok1,baretok", "entries 1 and 2 have the same name"),
         ("svc-a:tok1,svc-b:tok1", "entries 1 and 2 have the same token"),
         ("tok1,svc-b:tok2,tok1", "entries 1 and 3 have the same token"),
+        ("svc-a[]:tok1", "entry 1 lists no scope"),
+        ("svc-a[ + ]:tok1", "entry 1 lists no scope"),
+        ("svc-a[payments:read+payments:delete]:tok1", "entry 1: scope 2 is not one of"),
+        ("svc-a[payments:read+]:tok1", "entry 1: scope 2 is not one of"),
+        ("svc-a[tok2]:tok1", "entry 1: scope 1 is not one of"),
+        ("svc-a[payments:read:tok1", "entry 1: scopes are written name[scope+scope]:token"),
+        ("[payments:read]:tok1", "entry 1 has an empty name"),
+        ("svc-a[payments:read]:", "entry 1 has an empty token"),
+        ("svc-a[payments:read]:tok1,svc-a:tok2", "entries 1 and 2 have the same name"),
     ],
 )
 def test_malformed_api_keys_are_refused_without_quoting_a_token(
