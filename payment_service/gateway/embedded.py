@@ -56,8 +56,9 @@ class EmbeddedGatewayUnavailable(ConfigurationError):
     """The `localstripe` package (the `embedded` extra) is not installed."""
 
 
-class EmbeddedGatewayError(RuntimeError):
-    """The embedded gateway did not start, or did not answer."""
+class EmbeddedGatewayError(OSError):
+    """The embedded gateway did not start, or did not answer (a process or a port's trouble,
+    reported in one line like any other OSError of a command)."""
 
 
 def installed() -> bool:

@@ -26,38 +26,9 @@ from payment_service.gateway.embedded import (
 )
 from payment_service.gateway.interface import ChargeRequest, GatewayNotFound, IntentStatus
 from payment_service.gateway.stripe_adapter import StripeGateway
-from tests.support.gateway import WEBHOOK_SECRET
+from tests.support.gateway import WEBHOOK_SECRET, listening_addresses, only_loopback
 from tests.support.receiver import Receiver
 from tests.support.waiting import port_closed, wait_for
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def listening_addresses(port: int) -> list[IpAddress]:
-    """The local addresses of the sockets listening on TCP `port` (from /proc/net)."""
-    found: list[IpAddress] = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            address, _, port_hex = local.partition(":")
-            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
-                continue
-            # The kernel prints each 32-bit word in host (little-endian) order.
-            raw = b"".join(
-                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
-            )
-            found.append(ipaddress.ip_address(raw))
-    return found
-
-
-def only_loopback(addresses: list[IpAddress]) -> bool:
-    def loopback(address: IpAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return address.ipv4_mapped.is_loopback
-        return address.is_loopback
-
-    return bool(addresses) and all(loopback(a) for a in addresses)
 
 
 def non_loopback_address() -> str | None:

@@ -7,11 +7,13 @@
 - `read_ledger(...)`: everything the gateway holds (intents and refunds), read over its HTTP API
   with the tests' own client, never through the adapter under test; `GatewayLedger` counts it
   per payment id and refund id, from the metadata the service puts on each object.
-- `make_payment_method(...)`: a payment method from a raw test card number or IBAN.
+- `make_payment_method(...)`: a payment method from a raw test card number or IBAN;
+- `listening_addresses(port)`: where a TCP port is listened on, from /proc/net.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,3 +153,33 @@ def register_webhook(gateway: EmbeddedGateway, url: str) -> None:
     """Have the gateway POST its events to `url`, signed with `WEBHOOK_SECRET` (replacing the
     URL an earlier test registered: one webhook for the session)."""
     gateway.register_webhook(url, WEBHOOK_SECRET, webhook_id="tests")
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def listening_addresses(port: int) -> list[IpAddress]:
+    """The local addresses of the sockets listening on TCP `port` (from /proc/net)."""
+    found: list[IpAddress] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            address, _, port_hex = local.partition(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(
+                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+            )
+            found.append(ipaddress.ip_address(raw))
+    return found
+
+
+def only_loopback(addresses: list[IpAddress]) -> bool:
+    def loopback(address: IpAddress) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return address.ipv4_mapped.is_loopback
+        return address.is_loopback
+
+    return bool(addresses) and all(loopback(a) for a in addresses)
