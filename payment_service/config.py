@@ -292,7 +292,10 @@ class Settings(BaseSettings):
     @field_validator("gateway_methods")
     @classmethod
     def _gateway_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return cls._known_methods(value)
+        methods = cls._known_methods(value)
+        if "CASH" in methods:
+            raise ValueError("CASH is paid to the driver: it is never charged at a gateway")
+        return methods
 
     @field_validator("stripe_secret_key", "stripe_webhook_secret", mode="before")
     @classmethod
@@ -323,6 +326,11 @@ class Settings(BaseSettings):
             raise ValueError("STRIPE_WEBHOOK_SECRET must be set when ENVIRONMENT=production")
         if self.stripe_api_flavour != "stripe":
             raise ValueError("STRIPE_API_FLAVOUR must be stripe when ENVIRONMENT=production")
+        if not self.stripe_api_base.startswith("https://"):
+            # The key travels in every request's headers.
+            raise ValueError(
+                "STRIPE_API_BASE must be an https:// address when ENVIRONMENT=production"
+            )
         return self
 
     @property

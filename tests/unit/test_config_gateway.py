@@ -73,6 +73,7 @@ def test_an_empty_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
         ("STRIPE_API_BASE", "https://api.stripe.com/v1"),
         ("STRIPE_API_FLAVOUR", "stripe-mock"),
         ("GATEWAY_METHODS", "CARD,CHEQUE"),
+        ("GATEWAY_METHODS", "CARD,CASH"),
         ("GATEWAY_TIMEOUT_SECONDS", "0"),
         ("GATEWAY_MAX_CHECKS", "0"),
         ("GATEWAY_TEST_PAYMENT_METHOD", ""),
@@ -104,9 +105,11 @@ def test_secrets_stay_out_of_the_settings_repr(monkeypatch: pytest.MonkeyPatch) 
         ({"STRIPE_SECRET_KEY": LIVE_KEY}, "STRIPE_WEBHOOK_SECRET"),
         ({"STRIPE_SECRET_KEY": LIVE_KEY, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
           "STRIPE_API_FLAVOUR": "localstripe"}, "STRIPE_API_FLAVOUR"),
+        ({"STRIPE_SECRET_KEY": LIVE_KEY, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+          "STRIPE_API_BASE": "http://gateway.internal"}, "STRIPE_API_BASE"),
     ],
 )  # fmt: skip
-def test_production_refuses_a_test_key_and_a_missing_webhook_secret(
+def test_production_refuses_a_test_key_a_missing_webhook_secret_and_plain_http(
     monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str
 ) -> None:
     production(monkeypatch, **variables)
