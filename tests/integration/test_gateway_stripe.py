@@ -24,6 +24,7 @@ from payment_service.gateway.interface import (
     ChargeRequest,
     EventKind,
     GatewayDeclined,
+    GatewayEvent,
     GatewayNotFound,
     GatewayOutcomeUnknown,
     GatewayRefused,
@@ -37,10 +38,12 @@ from payment_service.gateway.stripe_adapter import StripeGateway
 from tests.support.fault_proxy import (
     DROP_AFTER_FORWARD,
     HANG,
+    REORDER,
     FaultProxy,
     answer,
     forward_then_answer,
     matching,
+    repeat,
 )
 from tests.support.gateway import (
     CARD_3DS,
@@ -475,6 +478,42 @@ async def test_refunds_and_processing_make_no_events_at_the_embedded_gateway(
 
     assert "payment_intent.succeeded" in made  # the charge's
     assert not [t for t in made if "refund" in t or "processing" in t], made
+
+
+async def test_the_proxy_repeats_and_reorders_the_gateways_webhooks(
+    gateway: StripeGateway,
+    embedded_gateway: EmbeddedGateway,
+    webhooks: Receiver,
+    proxy_factory: ProxyFactory,
+    ids: Ids,
+) -> None:
+    """In front of our webhook URL, the proxy turns the gateway's one delivery per event into a
+    repeated one, and two events into two deliveries in the opposite order."""
+    proxy: FaultProxy = await proxy_factory(webhooks.base_url)
+    register_webhook(embedded_gateway, proxy.base_url + WEBHOOK_PATH)
+    first = await gateway.create_intent(charge(ids.payment()))
+    second = await gateway.create_intent(charge(ids.payment()))
+    third = await gateway.create_intent(charge(ids.payment()))
+    ours = {first.id, second.id, third.id}
+    proxy.on(matching("POST", WEBHOOK_PATH, body=first.id), repeat(2))
+    proxy.on(
+        lambda r: second.id.encode() in r.body or third.id.encode() in r.body, REORDER, times=2
+    )
+
+    for intent in (first, second, third):
+        await gateway.confirm(intent.id, payment_id=intent.payment_id or 0, saved_method=False)
+
+    def events() -> list[GatewayEvent]:
+        parsed = [gateway.parse_webhook(d.body, d.headers) for d in webhooks.deliveries]
+        return [e for e in parsed if e.intent is not None and e.intent.id in ours]
+
+    await wait_for(lambda: len(events()) == 4, timeout=15, what="four deliveries")
+    about = [event.intent.id for event in events() if event.intent is not None]
+    assert about.count(first.id) == 2
+    assert len({e.id for e in events() if e.intent and e.intent.id == first.id}) == 1, (
+        "a repeat is the same event"
+    )
+    assert about.index(third.id) < about.index(second.id), "second and third swapped"
 
 
 def test_a_webhook_with_a_bad_or_stale_signature_is_rejected(gateway: StripeGateway) -> None:
