@@ -1,8 +1,10 @@
 """`payment-service run`: the one-command local service.
 
 Starts an embedded PostgreSQL when no database is configured (data kept under
-PAYMENT_SERVICE_DATA_DIR), applies migrations, then runs the API and the relay as two child
-processes, restarting one that dies. SIGINT/SIGTERM stop the children, then the database.
+PAYMENT_SERVICE_DATA_DIR), applies migrations, starts the embedded gateway when GATEWAY=stripe and
+no STRIPE_SECRET_KEY is configured (its address, a test key and a webhook secret of this run are
+given to the children), then runs the API and the relay as child processes, restarting one that
+dies (the gateway too). SIGINT/SIGTERM stop the children, then the database.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,6 +25,7 @@ from payment_service import MULTIPROCESS_DIRECTORY_VARIABLE, endpoints
 from payment_service.config import Settings
 from payment_service.database import wait_for_database
 from payment_service.embedded import EmbeddedPostgres
+from payment_service.gateway.embedded import EmbeddedGateway, EmbeddedGatewayError
 from payment_service.migrations import migrate
 from payment_service.process import die_with_parent
 
@@ -58,6 +62,60 @@ class Child:
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+
+@dataclass
+class GatewayChild:
+    """The embedded gateway among the children: restarted on the same port (its webhook
+    registered again) when it dies. Its objects do not survive that: it keeps them in memory."""
+
+    gateway: EmbeddedGateway
+    name: str = "gateway"
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.gateway.process
+
+    def start(self, env: dict[str, str]) -> None:
+        try:
+            self.gateway.restart()
+        except EmbeddedGatewayError as error:
+            say(f"{error}")  # still exited: the supervisor tries again, then gives up
+
+    def exited(self) -> int | None:
+        return self.gateway.exited()
+
+
+# Where the embedded gateway posts its events: the API's webhook route.
+WEBHOOK_PATH = "/gateway/stripe/webhook"
+
+
+def start_embedded_gateway(
+    settings: Settings, env: dict[str, str], host: str, port: int
+) -> EmbeddedGateway | None:
+    """With GATEWAY=stripe and no STRIPE_SECRET_KEY: start the embedded gateway, register the
+    API's webhook with a secret of this run, and point the children's settings at it."""
+    if settings.gateway != "stripe" or settings.stripe_secret_key is not None:
+        return None
+    data_dir = settings.payment_service_data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    gateway = EmbeddedGateway(log_path=data_dir / "gateway.log")
+    webhook_secret = "whsec_" + secrets.token_urlsafe(32)
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    gateway.register_webhook(
+        f"http://{target}:{port}{settings.api_prefix}{WEBHOOK_PATH}", webhook_secret
+    )
+    say("starting the embedded gateway (localstripe; it forgets everything when it stops)")
+    gateway.start()
+    env.update(
+        STRIPE_API_BASE=gateway.base_url,
+        STRIPE_SECRET_KEY=gateway.api_key,
+        STRIPE_WEBHOOK_SECRET=webhook_secret,
+        STRIPE_API_FLAVOUR="localstripe",
+    )
+    say(f"embedded gateway on {gateway.base_url} (log: {data_dir / 'gateway.log'})")
+    return gateway
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -137,10 +195,12 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         env["DATABASE_URL"] = dsn
         say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
 
+    gateway: EmbeddedGateway | None = None
     try:
         prepared = prepare_database(dsn, settings)
         for line in prepared.describe() + prepared.warnings():
             say(line)
+        gateway = start_embedded_gateway(settings, env, host, port)
 
         command = [sys.executable, "-m", "payment_cli.cli"]
         children = [Child("api", [*command, "serve", "--host", host, "--port", str(port)])]
@@ -150,15 +210,23 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
             children.append(
                 Child("relay", [*command, "relay"], unset=(MULTIPROCESS_DIRECTORY_VARIABLE,))
             )
-        return _supervise(children, env, host, port, settings)
+        return _supervise(children, env, host, port, settings, gateway)
     finally:
+        if gateway is not None:
+            say("stopping the embedded gateway")
+            gateway.stop()
         if embedded is not None:
             say("stopping the embedded PostgreSQL")
             embedded.stop()
 
 
 def _supervise(
-    children: list[Child], env: dict[str, str], host: str, port: int, settings: Settings
+    children: list[Child],
+    env: dict[str, str],
+    host: str,
+    port: int,
+    settings: Settings,
+    gateway: EmbeddedGateway | None,
 ) -> int:
     stopping = False
 
@@ -173,14 +241,18 @@ def _supervise(
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for child in children:
-            child.start(env)
+        for starting in children:
+            starting.start(env)
+        # Watched and restarted like the others; stopped after them (they may be mid-call).
+        watched: list[Child | GatewayChild] = [*children]
+        if gateway is not None:
+            watched.append(GatewayChild(gateway))
         say(f"API on http://{host}:{port}  (try: curl http://{host}:{port}/health)")
         if len(children) > 1:
             say("relay delivering callbacks to the endpoints (payment-service endpoints list)")
         say("press Ctrl-C to stop")
         while not stopping:
-            for child in children:
+            for child in watched:
                 code = child.exited()
                 if code is None or stopping:
                     continue

@@ -13,6 +13,7 @@ from urllib.parse import quote
 from pydantic import (
     AnyHttpUrl,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -21,6 +22,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PAYMENT_METHODS = ("CARD", "UPI", "WALLET", "CASH", "NETBANKING")
+# Charged at the gateway unless GATEWAY_METHODS says otherwise; the rest are recorded at once.
+GATEWAY_METHODS = ("CARD", "UPI", "WALLET", "NETBANKING")
+STRIPE_TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")  # secret and restricted test-mode keys
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # API_KEYS: `name:token`; a bare token is named DEFAULT_CALLER. Names are stored with idempotency
 # keys and written to the access log, so they are short and plain.
@@ -238,6 +242,21 @@ class Settings(BaseSettings):
 
     payment_service_data_dir: Path = Path(".data")
 
+    # The payment gateway (docs/gateway.md). `none`: nothing is charged anywhere, payments are
+    # recorded as the request says. STRIPE_API_FLAVOUR=localstripe: the embedded gateway, which
+    # speaks a subset of Stripe's API (no off_session on a confirm, no created filter on lists).
+    gateway: Literal["stripe", "none"] = "stripe"
+    stripe_secret_key: SecretStr | None = Field(default=None, repr=False)
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_webhook_secret: SecretStr | None = Field(default=None, repr=False)
+    stripe_api_flavour: Literal["stripe", "localstripe"] = "stripe"
+    gateway_methods: Annotated[tuple[str, ...], NoDecode] = GATEWAY_METHODS
+    gateway_timeout_seconds: float = Field(default=10, gt=0, le=120)
+    # Used when a request names no payment method, only with a test key or the embedded gateway.
+    gateway_test_payment_method: str = Field(default="pm_card_visa", min_length=1)
+    # Checks of an unknown outcome before the payment is flagged for review (never failed).
+    gateway_max_checks: int = Field(default=12, ge=1, le=1000)
+
     @field_validator("db_host")
     @classmethod
     def _hosts(cls, value: str | None) -> str | None:
@@ -355,6 +374,55 @@ class Settings(BaseSettings):
                 raise ValueError("API_KEYS must be set when ENVIRONMENT=production")
             if not self.callback_signing_secret:
                 raise ValueError("CALLBACK_SIGNING_SECRET must be set when ENVIRONMENT=production")
+        return self
+
+    @field_validator("gateway_methods", mode="before")
+    @classmethod
+    def _gateway_methods_csv(cls, value: object) -> object:
+        return cls._split_csv(value)
+
+    @field_validator("gateway_methods")
+    @classmethod
+    def _gateway_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = cls._known_methods(value)
+        if "CASH" in methods:
+            raise ValueError("CASH is paid to the driver: it is never charged at a gateway")
+        return methods
+
+    @field_validator("stripe_secret_key", "stripe_webhook_secret", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s?#]+", value):
+            raise ValueError("must be a scheme and a host, such as https://api.stripe.com")
+        return value
+
+    @model_validator(mode="after")
+    def _gateway_in_production(self) -> Settings:
+        if self.environment != "production" or self.gateway != "stripe":
+            return self
+        key = self.stripe_secret_key.get_secret_value() if self.stripe_secret_key else ""
+        if not key:
+            raise ValueError("STRIPE_SECRET_KEY must be set when ENVIRONMENT=production")
+        if key.startswith(STRIPE_TEST_KEY_PREFIXES):
+            # Named, never quoted: the message must not carry the key.
+            raise ValueError(
+                "STRIPE_SECRET_KEY is a test key; ENVIRONMENT=production needs a live one"
+            )
+        if not self.stripe_webhook_secret:
+            raise ValueError("STRIPE_WEBHOOK_SECRET must be set when ENVIRONMENT=production")
+        if self.stripe_api_flavour != "stripe":
+            raise ValueError("STRIPE_API_FLAVOUR must be stripe when ENVIRONMENT=production")
+        if not self.stripe_api_base.startswith("https://"):
+            # The key travels in every request's headers.
+            raise ValueError(
+                "STRIPE_API_BASE must be an https:// address when ENVIRONMENT=production"
+            )
         return self
 
     @property

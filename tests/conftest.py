@@ -4,7 +4,10 @@
   the session's PostgreSQL and this test's own migrated (or empty) database
   (tests/support/database.py says where the server comes from);
 - `receiver`: the test receiver on 127.0.0.1 (tests/support/receiver.py);
-- `relays`: relay processes against this test's database and receiver (tests/support/processes.py).
+- `relays`: relay processes against this test's database and receiver (tests/support/processes.py);
+- `embedded_gateway` (session) and `ids`: a real localstripe process on 127.0.0.1 and fresh ids
+  for what a test makes there (tests/support/gateway.py);
+- `proxy_factory`: fault-injecting HTTP proxies on 127.0.0.1 (tests/support/fault_proxy.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from tests.support.database import (  # noqa: F401 - fixtures
     postgres_server,
     template_database,
 )
+from tests.support.fault_proxy import proxy_factory_fixture  # noqa: F401 - fixture
+from tests.support.gateway import embedded_gateway_fixture, ids_fixture  # noqa: F401 - fixtures
 from tests.support.processes import relays_fixture  # noqa: F401 - fixture
 from tests.support.receiver import receiver_fixture  # noqa: F401 - fixture
 

@@ -312,21 +312,7 @@ class Receiver:
     async def _hang(self, reader: asyncio.StreamReader, delivery: Delivery) -> None:
         """Answer nothing until the client hangs up, `release()` is called, or the cap."""
         delivery.stalled = True
-        hang_up = asyncio.ensure_future(reader.read(1))
-        released = asyncio.ensure_future(self._released.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {hang_up, released},
-                timeout=STALL_CAP_SECONDS,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for task in (hang_up, released):
-                task.cancel()
-            await asyncio.gather(hang_up, released, return_exceptions=True)
-        if hang_up in done:
-            # b"" is a clean close; an exception a reset.
-            delivery.relay_hung_up = hang_up.exception() is not None or hang_up.result() == b""
+        delivery.relay_hung_up = await hold_until_hang_up(reader, self._released)
 
     def _signature_ok(self, request: _Request) -> bool | None:
         if not self.secret:
@@ -347,15 +333,23 @@ class _Request:
     keep_alive: bool
 
 
-async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
-    """The next request on a connection; None when the client closed it between requests."""
+async def read_head(reader: asyncio.StreamReader) -> list[str] | None:
+    """The lines of the next request's head; None when the client closed the connection
+    between requests."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as error:
         if error.partial.strip():
             raise
         return None
-    lines = head[:-4].decode("latin-1").split("\r\n")
+    return head[:-4].decode("latin-1").split("\r\n")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """The next request on a connection; None when the client closed it between requests."""
+    lines = await read_head(reader)
+    if lines is None:
+        return None
     method, _, rest = lines[0].partition(" ")
     target, _, version = rest.partition(" ")
     headers: dict[str, str] = {}
@@ -366,6 +360,25 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     body = await reader.readexactly(int(headers.get("content-length", "0")))
     keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
     return _Request(method, target.split("?", 1)[0], headers, body, keep_alive)
+
+
+async def hold_until_hang_up(
+    reader: asyncio.StreamReader, released: asyncio.Event, cap: float = STALL_CAP_SECONDS
+) -> bool:
+    """Wait until the client hangs up, `released` is set, or `cap` seconds pass; whether the
+    client hung up (a clean close or a reset; not more bytes)."""
+    hang_up = asyncio.ensure_future(reader.read(1))
+    release = asyncio.ensure_future(released.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {hang_up, release}, timeout=cap, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for task in (hang_up, release):
+            task.cancel()
+        await asyncio.gather(hang_up, release, return_exceptions=True)
+    # b"" is a clean close; an exception a reset.
+    return hang_up in done and (hang_up.exception() is not None or hang_up.result() == b"")
 
 
 async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -157,6 +157,7 @@ def test_production_requires_keys_and_secret(
 
 def test_production_with_keys_and_secret_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("GATEWAY", "none")  # a gateway's own secrets: test_config_gateway.py
     monkeypatch.setenv("API_KEYS", "k1")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
     settings = load_settings()

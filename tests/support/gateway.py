@@ -1,0 +1,185 @@
+"""The embedded gateway in the tests, and what it holds, counted by our ids.
+
+- `embedded_gateway` (session): one real `localstripe` process on a free 127.0.0.1 port, started
+  the way `payment-service run` starts it (payment_service/gateway/embedded.py); its log is in
+  the session's temporary folder. Tests share it: each takes its own ids from `ids` rather than
+  clearing it, so nothing a test counts was made by another.
+- `read_ledger(...)`: everything the gateway holds (intents and refunds), read over its HTTP API
+  with the tests' own client, never through the adapter under test; `GatewayLedger` counts it
+  per payment id and refund id, from the metadata the service puts on each object.
+- `make_payment_method(...)`: a payment method from a raw test card number or IBAN;
+- `listening_addresses(port)`: where a TCP port is listened on, from /proc/net.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
+
+# A webhook secret for the tests only, in Stripe's format.
+WEBHOOK_SECRET = "whsec_tests-only-gateway-webhook-secret"
+AUTH = {"Authorization": f"Bearer {EMBEDDED_API_KEY}"}
+PAGE = 100
+
+# Test cards and IBANs the embedded gateway knows (as Stripe's test mode does).
+CARD_OK = "4242424242424242"
+CARD_DECLINED = "4000000000000341"  # declined when charged
+CARD_3DS = "4000002500003155"  # needs 3-D Secure: the intent requires action
+IBAN_OK = "DE89370400440532013000"
+IBAN_FAILING = "DE62370400440532013001"  # processing first, then failed
+
+_ids = itertools.count(1)
+
+
+class Ids:
+    """Fresh ids for this session: payments and refunds no other test uses."""
+
+    def payment(self) -> int:
+        return next(_ids)
+
+    def refund(self) -> int:
+        return next(_ids)
+
+
+@pytest.fixture(name="ids")
+def ids_fixture() -> Ids:
+    return Ids()
+
+
+@pytest.fixture(name="embedded_gateway", scope="session")
+def embedded_gateway_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGateway]:
+    """One embedded gateway (a real localstripe process on 127.0.0.1) for the session."""
+    log_path = Path(tmp_path_factory.mktemp("gateway")) / "localstripe.log"
+    gateway = EmbeddedGateway(log_path=log_path)
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+async def make_payment_method(
+    base_url: str, *, card: str | None = None, iban: str | None = None
+) -> str:
+    """A payment method at the gateway from a raw test card number or IBAN; its id."""
+    if card is not None:
+        form = {
+            "type": "card",
+            "card[number]": card,
+            "card[exp_month]": "12",
+            "card[exp_year]": "2034",
+            "card[cvc]": "123",
+        }
+    else:
+        assert iban is not None
+        form = {"type": "sepa_debit", "sepa_debit[iban]": iban}
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=10) as client:
+        answer = await client.post("/v1/payment_methods", data=form)
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["id"])
+
+
+@dataclass(frozen=True)
+class GatewayLedger:
+    """What the gateway held when it was read: every intent and refund, as its JSON."""
+
+    intents: list[dict[str, Any]]
+    refunds: list[dict[str, Any]]
+
+    def intents_of(self, payment_id: int) -> list[dict[str, Any]]:
+        return [i for i in self.intents if i["metadata"].get("payment_id") == str(payment_id)]
+
+    def confirmed(self, payment_id: int) -> int:
+        """Intents of this payment that were confirmed: a charge was attempted through them."""
+        return sum(1 for i in self.intents_of(payment_id) if i.get("latest_charge"))
+
+    def charged(self, payment_id: int) -> int:
+        """Intents of this payment whose charge moved money or is moving it."""
+        return sum(
+            1
+            for i in self.intents_of(payment_id)
+            if i.get("latest_charge") and i["latest_charge"]["status"] in ("succeeded", "pending")
+        )
+
+    def refunds_of(self, payment_id: int) -> list[dict[str, Any]]:
+        return [r for r in self.refunds if r["metadata"].get("payment_id") == str(payment_id)]
+
+    def refunds_for(self, refund_id: int) -> int:
+        """Gateway refunds made for our refund `refund_id`."""
+        return sum(1 for r in self.refunds if r["metadata"].get("refund_id") == str(refund_id))
+
+    def refunded_minor_units(self, payment_id: int) -> int:
+        return sum(int(r["amount"]) for r in self.refunds_of(payment_id))
+
+
+async def read_ledger(base_url: str) -> GatewayLedger:
+    """Every intent and refund the gateway holds, read page by page."""
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30) as client:
+        return GatewayLedger(
+            intents=await _list_all(client, "/v1/payment_intents"),
+            refunds=await _list_all(client, "/v1/refunds"),
+        )
+
+
+async def _list_all(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": PAGE}
+    while True:
+        answer = await client.get(path, params=params)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        objects.extend(page["data"])
+        if not page["has_more"] or not page["data"]:
+            return objects
+        params["starting_after"] = page["data"][-1]["id"]
+
+
+async def event_types(base_url: str) -> list[str]:
+    """The types of every event the gateway has made so far (sent or about to be), oldest first."""
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30) as client:
+        return [event["type"] for event in await _list_all(client, "/v1/events")]
+
+
+def register_webhook(gateway: EmbeddedGateway, url: str) -> None:
+    """Have the gateway POST its events to `url`, signed with `WEBHOOK_SECRET` (replacing the
+    URL an earlier test registered: one webhook for the session)."""
+    gateway.register_webhook(url, WEBHOOK_SECRET, webhook_id="tests")
+
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def listening_addresses(port: int) -> list[IpAddress]:
+    """The local addresses of the sockets listening on TCP `port` (from /proc/net)."""
+    found: list[IpAddress] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            address, _, port_hex = local.partition(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(
+                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+            )
+            found.append(ipaddress.ip_address(raw))
+    return found
+
+
+def only_loopback(addresses: list[IpAddress]) -> bool:
+    def loopback(address: IpAddress) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return address.ipv4_mapped.is_loopback
+        return address.is_loopback
+
+    return bool(addresses) and all(loopback(a) for a in addresses)
