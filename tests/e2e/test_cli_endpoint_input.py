@@ -57,11 +57,11 @@ def assert_one_line_refusal(result: Finished, *words: str) -> None:
 
 
 def add_args(bad: BadInput) -> list[str]:
-    values = {"name": "trip", "url": "http://127.0.0.1:9/t", "event_types": "*", "secret": None}
+    """`endpoints add` of a good endpoint, but for the one bad value."""
+    values = {"name": "trip", "url": "http://127.0.0.1:9/t", "event_types": "*"}
     values[bad.field] = ",".join(bad.value) if isinstance(bad.value, list) else bad.value
-    args = ["endpoints", "add", "--name", values["name"], "--url", values["url"]]
-    args += ["--events", values["event_types"]]
-    return args + (["--secret", values["secret"]] if values["secret"] else [])
+    options = {"name": "--name", "url": "--url", "event_types": "--events", "secret": "--secret"}
+    return ["endpoints", "add"] + [arg for f, v in values.items() for arg in (options[f], v)]
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS, ids=lambda bad: bad.label)
