@@ -44,6 +44,14 @@ blueprint = Blueprint("admin", __name__)
 # What endpoints may have is checked once, by payment_service.endpoints (which the command line
 # uses too): each type below hands a string or list to that check (AfterValidator), with a schema
 # that says what the check enforces (WithJsonSchema, for /openapi.json).
+# What the URL check takes, as nearly as a pattern says it: a DNS name, an IPv4 address or an
+# IPv6 one in brackets; a port from 1 to 65535; a path and query in visible ASCII but `#`.
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+URL_PATTERN = (
+    rf"^https?://({_LABEL}(\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]+\])(:{_PORT})?"
+    r"([/?][\x21\x22\x24-\x7e]*)?$"
+)
 Name = Annotated[
     str,
     Strict(),
@@ -58,8 +66,7 @@ Url = Annotated[
             "type": "string",
             "format": "uri",
             "maxLength": MAX_URL_LENGTH,
-            "pattern": r"^https?://[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]+(:[0-9]{1,4})?"
-            r"(/[\x21\x22\x24-\x7e]*)?$",
+            "pattern": URL_PATTERN,
             "description": "http(s)://host[:port]/path, or an IP address as the host (IPv6 in "
             "[brackets]): no credentials, no fragment, the path in ASCII (percent-encode the "
             "rest). In production a host written as a loopback, link-local, unspecified or "
