@@ -492,9 +492,18 @@ SELECT count(*)
 
 async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | None]:
     """ACTIVE again, breaker closed, held deliveries due now (`set_state`). After DISABLED, also
-    the gap: when it was disabled and how many events it missed since (None otherwise)."""
+    the gap: when it was disabled and how many events it missed since (None otherwise). Refused
+    while its URL is one the relay cannot deliver to (it would only be disabled again)."""
     async with conn.transaction():
         current = await _lock(conn, name)
+        if current.url is not None:
+            try:
+                parse_callback_url(current.url)
+            except CallbackURLError as error:  # the relay would only disable it again
+                raise EndpointError(
+                    f"endpoint {name!r} has a URL the relay cannot deliver to ({error}): give it "
+                    f"another first (`payment-service endpoints update {name} --url …`)"
+                ) from None
         gap = None
         if current.state == "DISABLED":
             missed = await conn.fetchval(

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import asyncpg
 import httpx
+import pytest
 
 from payment_service.embedded import free_port
-from payment_service.endpoints import insert_endpoint, select_endpoint, select_endpoints
+from payment_service.endpoints import (
+    EndpointError,
+    enable,
+    insert_endpoint,
+    select_endpoint,
+    select_endpoints,
+)
 from tests.support.database import DELIVERY_ROWS, insert_events, status_counts
 from tests.support.environment import SECRET
 from tests.support.metrics import sample_value
@@ -77,6 +84,11 @@ async def test_an_endpoint_the_relay_cannot_deliver_to_is_disabled_and_the_other
         for name in UNSERVABLE:
             counted = sample_value(scraped, "relay_unservable_endpoints_total", endpoint=name)
             assert counted == 1, (name, scraped)
+
+        # Enabling one as it is would only see it disabled again: the URL must change first.
+        with pytest.raises(EndpointError, match=r"cannot deliver to \(port '99999'"):
+            await enable(conn, "bad-port")
+        assert (await select_endpoint(conn, "bad-port")).state == "DISABLED"
 
         # The relay goes on: events written now reach the healthy endpoints too.
         later = {e.event_id for e in await insert_events(conn, payments=5)}
