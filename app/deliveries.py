@@ -13,7 +13,8 @@ import asyncpg
 async def select_event_deliveries(conn: asyncpg.Connection, *, event_id: uuid.UUID) -> str | None:
     """An event (by its `event_id`, the callbacks' `webhook-id`) with its delivery to every
     endpoint, by endpoint name: state, attempts and the log of every attempt (time, outcome,
-    status code, error, duration) as the relay recorded it. None when no such event exists."""
+    status code, error, duration) as the relay recorded it, and whether the endpoint has since
+    been removed (its delivered deliveries stay as history). None when no such event exists."""
     return await conn.fetchval(  # type: ignore[no-any-return]
         """
         SELECT jsonb_build_object(
@@ -23,7 +24,8 @@ async def select_event_deliveries(conn: asyncpg.Connection, *, event_id: uuid.UU
                    'created_at', e.created_at,
                    'deliveries', coalesce(
                        (SELECT jsonb_agg(jsonb_build_object(
-                                   'endpoint',         n.name,
+                                   'endpoint',         coalesce(n.name, d.removed_endpoint),
+                                   'endpoint_removed', d.endpoint_id IS NULL,
                                    'status',           d.status,
                                    'attempts',         d.attempts,
                                    'counted_attempts', d.counted_attempts,
@@ -34,9 +36,10 @@ async def select_event_deliveries(conn: asyncpg.Connection, *, event_id: uuid.UU
                                    'last_attempt_at',  d.last_attempt_at,
                                    'delivered_at',     d.delivered_at,
                                    'attempt_log',      d.attempt_log)
-                                 ORDER BY n.name)
+                                 ORDER BY coalesce(n.name, d.removed_endpoint),
+                                          d.endpoint_id NULLS FIRST)
                           FROM deliveries AS d
-                          JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
+                          LEFT JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
                          WHERE d.event_id = e.id),
                        '[]'::jsonb))
           FROM outbox_events AS e

@@ -13,7 +13,7 @@ import json
 import sys
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -22,6 +22,7 @@ from payment_service import OUTBOX_CHANNEL
 from payment_service.config import Settings
 from payment_service.database import run_with_connection
 from payment_service.endpoints import EndpointNotFound, select_endpoint, select_endpoints
+from payment_service.entry import printable
 
 COUNTS = ("pending", "in_flight", "due", "retrying", "delivered", "dead")
 
@@ -80,16 +81,16 @@ SELECT r.event_id, n.name AS endpoint
  ORDER BY r.event_id, n.name
 """
 
-# Why an event was not replayed: where its deliveries stand.
+# Why an event was not replayed: where its deliveries stand (those of removed endpoints too).
 EVENT_DELIVERIES_SQL = """
-SELECT n.name AS endpoint, d.status
+SELECT coalesce(n.name, d.removed_endpoint) AS endpoint, d.status
   FROM outbox_events AS e
   LEFT JOIN deliveries AS d
          ON d.event_id = e.id
         AND ($2::bigint IS NULL OR d.endpoint_id = $2)
   LEFT JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
  WHERE e.event_id = $1
- ORDER BY n.name
+ ORDER BY 1
 """
 
 # For dead deliveries (as REPLAY_DEAD_SQL selects them), the later events of the same payment
@@ -214,7 +215,7 @@ async def replay_range(
 
 # -- commands -------------------------------------------------------------------------------------
 def _fail(message: str, code: int = 2) -> int:
-    print(f"payment-service: {message}", file=sys.stderr)
+    print(f"payment-service: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -245,7 +246,9 @@ def outbox_stats(settings: Settings, as_json: bool) -> int:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for line in (header, *rows):
         print(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+            printable(
+                "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+            ).rstrip()
         )
     return 0
 
@@ -270,10 +273,13 @@ def outbox_dead(settings: Settings, limit: int, as_json: bool, endpoint: str | N
         print("no dead deliveries")
         return 0
     for d in dead:
+        # last_error holds the receiver's answer: printed escaped, it cannot drive the terminal
         print(
-            f"{d['endpoint']:<14} {d['event_id']}  {d['event_type']:<18} payment "
-            f"{d['payment_id']:<8} attempts {d['attempts']:<3} last "
-            f"{d['last_status_code'] or '-'}  {d['last_error'] or ''}"
+            printable(
+                f"{d['endpoint']:<14} {d['event_id']}  {d['event_type']:<18} payment "
+                f"{d['payment_id']:<8} attempts {d['attempts']:<3} last "
+                f"{d['last_status_code'] or '-'}  {d['last_error'] or ''}"
+            )
         )
     return 0
 
@@ -319,19 +325,30 @@ def outbox_replay(
         )
         return _fail(f"event {wanted} was not replayed: no DEAD delivery ({why})", 1)
     to = sorted({row["endpoint"] for row in replayed})
-    print(f"replayed {len(replayed)} delivery(ies)" + (f" to {', '.join(to)}" if to else ""))
+    print(
+        printable(
+            f"replayed {len(replayed)} delivery(ies)" + (f" to {', '.join(to)}" if to else "")
+        )
+    )
     return 0
 
 
 def parse_time(text: str, option: str) -> datetime:
-    """An ISO 8601 time with an offset (`Z` allowed); ValueError naming `option` otherwise."""
+    """An ISO 8601 time with an offset (`Z` allowed), in UTC; ValueError naming `option`
+    otherwise (also for a time outside years 1-9999 once in UTC, which no event can have)."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{option} {text!r} is not an ISO 8601 time") from None
+        raise ValueError(
+            f"{option} {text!r} is not an ISO 8601 time (years 1-9999, e.g. "
+            "2025-01-31T09:00:00+05:30)"
+        ) from None
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{option} {text!r} has no offset: add one, e.g. +00:00 or Z")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{option} {text!r} is out of range (years 1-9999 in UTC)") from None
 
 
 def outbox_replay_range(settings: Settings, *, endpoint: str, since: str, until: str | None) -> int:
@@ -352,14 +369,18 @@ def outbox_replay_range(settings: Settings, *, endpoint: str, since: str, until:
     except EndpointNotFound as error:
         return _fail(str(error))
     print(
-        f"{endpoint}: {done.added + done.again} event(s) in line again "
-        f"({done.added} it never had, {done.again} sent or tried before)"
+        printable(
+            f"{endpoint}: {done.added + done.again} event(s) in line again "
+            f"({done.added} it never had, {done.again} sent or tried before)"
+        )
     )
     if done.state != "ACTIVE":
         print(
-            f"payment-service: note: {endpoint} is {done.state}; they wait until "
-            f"`payment-service endpoints {'enable' if done.state == 'DISABLED' else 'resume'} "
-            f"{endpoint}`",
+            printable(
+                f"payment-service: note: {endpoint} is {done.state}; they wait until "
+                f"`payment-service endpoints {'enable' if done.state == 'DISABLED' else 'resume'} "
+                f"{endpoint}`"
+            ),
             file=sys.stderr,
         )
     return 0
@@ -379,9 +400,11 @@ def _warn_superseded(rows: list[asyncpg.Record]) -> None:
         )
     for (endpoint, dead_id, payment_id, sequence), delivered in later.items():
         print(
-            f"payment-service: warning: event {dead_id} (payment {payment_id}, sequence "
-            f"{sequence or '?'}) is older than event(s) of that payment already delivered to "
-            f"{endpoint}: {', '.join(delivered)}. It is replayed anyway; receivers that honour "
-            "`sequence` keep the newer state.",
+            printable(
+                f"payment-service: warning: event {dead_id} (payment {payment_id}, sequence "
+                f"{sequence or '?'}) is older than event(s) of that payment already delivered "
+                f"to {endpoint}: {', '.join(delivered)}. It is replayed anyway; receivers that "
+                "honour `sequence` keep the newer state."
+            ),
             file=sys.stderr,
         )

@@ -81,6 +81,13 @@ class RelayMetrics:
             ["endpoint", "to"],
             registry=r,
         )
+        self.unservable_endpoints = Counter(
+            "relay_unservable_endpoints",
+            "Endpoints this relay DISABLED because it cannot deliver to them (a URL no request "
+            "can be made to), by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "relay_in_flight_deliveries",
             "Deliveries this relay has in flight.",

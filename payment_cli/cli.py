@@ -1,12 +1,14 @@
 """The `payment-service` command: one entry point for every process the service runs.
 
 Each subcommand imports what it needs when it runs, so `--help` is instant and the relay's
-commands never load the HTTP stack.
+commands never load the HTTP stack. A reader that goes away (`payment-service outbox dead | head
+-1`) ends any command quietly, as it would a Unix tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -252,9 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit code of a command whose output pipe closed: that of a process SIGPIPE ended (128 + 13).
+CLOSED_PIPE_EXIT = 141
+
+
+def _until_the_reader_goes(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """Run a command; if its output pipe closes (`| head`), stop quietly with CLOSED_PIPE_EXIT."""
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+    except BrokenPipeError:
+        # What is still buffered can never be written; point stdout at /dev/null so that the
+        # interpreter's last flush has nothing to complain about.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE_EXIT
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: args.handler(args))
+    return run_command(lambda: _until_the_reader_goes(args.handler, args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`payment-service endpoints …`: manage the subscribed endpoints from a terminal.
 
-Thin commands over payment_service.endpoints, which holds the SQL and the validation: each command
-parses its arguments, runs one function on one connection and prints the outcome. A secret is
-printed only by `add` and `rotate-secret`. Unknown endpoints and bad input exit 2 with one line
+Thin commands over payment_service.endpoints, which holds the SQL and the validation (the same
+checks the admin API makes): each command parses its arguments, runs one function on one
+connection and prints the outcome, every value from the database escaped (`printable`). A secret
+is printed only by `add` and `rotate-secret`. Unknown endpoints and bad input exit 2 with one line
 on stderr; running API and relay processes see every change within a second or two (NOTIFY).
 """
 
@@ -19,7 +20,7 @@ import asyncpg
 from payment_service import endpoints
 from payment_service.config import Settings
 from payment_service.database import run_with_connection
-from payment_service.entry import PROGRAM
+from payment_service.entry import PROGRAM, printable
 from payment_service.entry import database_settings as _database_settings
 
 # How many undelivered deliveries go with an endpoint that `remove` deletes.
@@ -35,7 +36,7 @@ Action = Callable[[asyncpg.Connection], Awaitable[Any]]
 
 
 def _fail(message: str) -> int:
-    print(f"{PROGRAM}: {message}", file=sys.stderr)
+    print(f"{PROGRAM}: {printable(message)}", file=sys.stderr)
     return 2
 
 
@@ -51,7 +52,7 @@ def _describe(endpoint: endpoints.Endpoint) -> str:
     state = endpoint.state + (f" ({endpoint.state_reason})" if endpoint.state_reason else "")
     types = ",".join(endpoint.event_types)
     url = endpoint.url or "(no URL yet)"
-    return f"{endpoint.name}: {url}  events {types}  {state}  breaker {endpoint.breaker}"
+    return printable(f"{endpoint.name}: {url}  events {types}  {state}  breaker {endpoint.breaker}")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -69,13 +70,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     types = _event_types(args.events) or ("*",)
+    settings = _database_settings()
 
     async def add(conn: asyncpg.Connection) -> endpoints.Endpoint:
         return await endpoints.insert_endpoint(
-            conn, name=args.name, url=args.url, event_types=types, secret=args.secret
+            conn,
+            name=args.name,
+            url=args.url,
+            event_types=types,
+            secret=args.secret,
+            networks=settings.callback_networks,
         )
 
-    endpoint: endpoints.Endpoint = _run(_database_settings(), add)
+    endpoint: endpoints.Endpoint = _run(settings, add)
     print(f"added {_describe(endpoint)}")
     print(f"signing secret (shown only now; give it to the receiver): {endpoint.secret}")
     return 0
@@ -85,44 +92,60 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.url is None and args.events is None:
         return _fail("endpoints update: give --url and/or --events")
 
+    settings = _database_settings()
+
     async def update(conn: asyncpg.Connection) -> endpoints.Endpoint:
         return await endpoints.update_endpoint(
-            conn, args.name, url=args.url, event_types=_event_types(args.events)
+            conn,
+            args.name,
+            url=args.url,
+            event_types=_event_types(args.events),
+            networks=settings.callback_networks,
         )
 
-    print(f"updated {_describe(_run(_database_settings(), update))}")
+    print(f"updated {_describe(_run(settings, update))}")
     return 0
 
 
-def _state_command(
-    state: str, verb: str, refuse_from: str | None = None
-) -> Callable[[argparse.Namespace], int]:
-    """A command that sets an endpoint's state (`refuse_from`: a state it does not leave)."""
+Change = Callable[[asyncpg.Connection, argparse.Namespace], Awaitable[endpoints.Endpoint]]
+
+
+def _state_command(verb: str, change: Change) -> Callable[[argparse.Namespace], int]:
+    """A command that changes an endpoint's state and prints it."""
 
     def command(args: argparse.Namespace) -> int:
-        async def change(conn: asyncpg.Connection) -> endpoints.Endpoint:
-            if refuse_from is not None:
-                current = await endpoints.select_endpoint(conn, args.name)
-                if current.state == refuse_from:
-                    raise endpoints.EndpointError(
-                        f"endpoint {args.name!r} is {refuse_from}"
-                        f" ({current.state_reason or 'no reason given'}): "
-                        f"`{PROGRAM} endpoints enable {args.name}` turns it back on"
-                    )
-            return await endpoints.set_state(
-                conn, args.name, state, reason=getattr(args, "reason", None)
-            )
+        async def run(conn: asyncpg.Connection) -> endpoints.Endpoint:
+            return await change(conn, args)
 
-        print(f"{verb} {_describe(_run(_database_settings(), change))}")
+        print(f"{verb} {_describe(_run(_database_settings(), run))}")
         return 0
 
     return command
 
 
-cmd_pause = _state_command("PAUSED", "paused")
-cmd_resume = _state_command("ACTIVE", "resumed", refuse_from="DISABLED")
-cmd_enable = _state_command("ACTIVE", "enabled")
-cmd_disable = _state_command("DISABLED", "disabled")
+cmd_pause = _state_command(
+    "paused", lambda conn, args: endpoints.pause(conn, args.name, reason=args.reason)
+)
+cmd_resume = _state_command("resumed", lambda conn, args: endpoints.resume(conn, args.name))
+cmd_disable = _state_command(
+    "disabled", lambda conn, args: endpoints.disable(conn, args.name, reason=args.reason)
+)
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    async def enable(conn: asyncpg.Connection) -> tuple[endpoints.Endpoint, endpoints.Gap | None]:
+        return await endpoints.enable(conn, args.name)
+
+    endpoint, gap = _run(_database_settings(), enable)
+    print(f"enabled {_describe(endpoint)}")
+    if gap is not None:
+        print(
+            f"it was DISABLED from {gap.disabled_at.isoformat()} and missed "
+            f"{gap.missed_events} event(s) written since (they got no delivery to it)"
+        )
+        if gap.missed_events:
+            print(f"to send them: {gap.replay_command}")
+    return 0
 
 
 def cmd_rotate_secret(args: argparse.Namespace) -> int:
@@ -147,14 +170,18 @@ def cmd_remove(args: argparse.Namespace) -> int:
         waiting: int = _run(settings, undelivered)
         return _fail(
             f"endpoints remove: {args.name} has {waiting} undelivered deliveries, which would be "
-            "deleted with it; run again with --yes to remove it"
+            "deleted with it (its delivered ones stay as history); run again with --yes to "
+            "remove it"
         )
 
-    async def remove(conn: asyncpg.Connection) -> int:
+    async def remove(conn: asyncpg.Connection) -> endpoints.Removed:
         return await endpoints.delete_endpoint(conn, args.name)
 
-    gone: int = _run(settings, remove)
-    print(f"removed endpoint {args.name} and its {gone} undelivered deliveries")
+    gone: endpoints.Removed = _run(settings, remove)
+    print(
+        f"removed endpoint {args.name} and its {gone.undelivered} undelivered deliveries; "
+        f"its {gone.delivered} delivered ones stay as history until retention"
+    )
     return 0
 
 
@@ -224,7 +251,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action(
             "enable",
             cmd_enable,
-            "Enable a DISABLED endpoint (or any): breaker closed, kept deliveries go, in order.",
+            "Enable a DISABLED endpoint (or any): breaker closed, kept deliveries go, in order. "
+            "Says what it missed while DISABLED and the `outbox replay` command that sends it.",
         )
     )
     disable = named(
@@ -243,6 +271,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rotate.add_argument("--secret", help="the new secret, whsec_… (default: a new one)")
 
     remove = named(
-        action("remove", cmd_remove, "Delete an endpoint and its undelivered deliveries.")
+        action(
+            "remove",
+            cmd_remove,
+            "Delete an endpoint and its undelivered deliveries (its delivered ones stay as "
+            "history until retention).",
+        )
     )
     remove.add_argument("--yes", action="store_true", help="really delete (required)")

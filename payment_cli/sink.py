@@ -28,6 +28,7 @@ from http import HTTPStatus
 from typing import TextIO
 
 from payment_service.config import Settings
+from payment_service.entry import printable
 from payment_service.signing import secret_key, verify
 
 logger = logging.getLogger(__name__)
@@ -254,8 +255,14 @@ class Sink:
         )
         if body is not None:
             # The event exactly as sent (no float round trip for amounts); a JSON body's raw
-            # newlines can only be whitespace, so the line stays one line.
-            event = body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+            # newlines and tabs can only be whitespace, so the line stays one line, and any other
+            # control character is escaped (`printable`): a body cannot drive the terminal.
+            event = printable(
+                body.decode("utf-8", "replace")
+                .replace("\r", " ")
+                .replace("\n", " ")
+                .replace("\t", " ")
+            )
             line = line[:-1] + f', "event": {event}}}'
         self.options.out.write(line + "\n")
         self.options.out.flush()

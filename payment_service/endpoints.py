@@ -7,6 +7,14 @@ through these functions; the API's write statement reads the table to fan an eve
 relay reads it to deliver. Every change NOTIFYs ENDPOINTS_CHANNEL, so running relays reload at
 once (they also reload every second).
 
+What an endpoint may have is checked here (`check_name`, `check_url`, `check_event_types`,
+`check_secret`, `check_reason`), once for the command line and the admin API; a URL passes only
+if the relay can send to it (payment_service.callback_urls).
+
+Removing an endpoint (`delete_endpoint`) deletes what it was never delivered and keeps its
+delivered deliveries as history (`endpoint_id` NULL, its name in `removed_endpoint`) until
+housekeeping deletes them with the rest.
+
 Seeding: the integration guide's settings (`NOTIFICATION_SERVICE_URL`, `TRIP_SERVICE_URL` with
 `TRIP_CALLBACK_PATH`, …, `CALLBACK_SIGNING_SECRET`) describe endpoints `notification`, `trip`,
 `driver`, `rider`. `seed_from_settings` (at `migrate`, `run` and a relay's start) creates those
@@ -29,12 +37,22 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from payment_service import ENDPOINTS_CHANNEL
+from payment_service.callback_urls import (
+    MAX_URL_LENGTH,
+    CallbackURLError,
+    NetworkPolicy,
+    parse_callback_url,
+    refusal_message,
+)
 from payment_service.config import Settings
 from payment_service.signing import SECRET_PREFIX
 
 EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "payment.refunded")
 STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_EVENT_TYPES = 10  # patterns per endpoint: more than the event types and prefixes there are
+MAX_SECRET_LENGTH = 200  # characters of `whsec_…`
+MAX_REASON_LENGTH = 500  # characters of a pause or disable reason
 SECRET_BYTES = 32
 PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: a retired secret signs this long
 # The current secret and those retired in the last PREVIOUS_SECRET_SECONDS, newest first, at most
@@ -45,6 +63,14 @@ MAX_BREAKER_COOLDOWN_SECONDS = 600.0
 
 class EndpointError(ValueError):
     """A request about endpoints that cannot be carried out; the message says why."""
+
+
+class InvalidEndpoint(EndpointError):
+    """A value an endpoint cannot have (`field` names it); the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class EndpointNotFound(EndpointError):
@@ -132,47 +158,108 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
+# The checks of what an endpoint may have, the same for the command line and the admin API (whose
+# request models call them): each returns the value, or raises InvalidEndpoint naming the field.
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise EndpointError(
-            f"invalid endpoint name {name[:80]!r}: 1-63 lower-case letters, digits, '_' or '-'"
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidEndpoint(
+            "name",
+            f"invalid endpoint name {name[:80]!r}: 1-63 lower-case letters, digits, '_' or '-'",
         )
     return name
 
 
-def check_url(url: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
-        raise EndpointError(f"invalid endpoint URL {url[:200]!r}: use http(s)://host[:port]/path")
+def check_url(url: str, networks: NetworkPolicy | None = None) -> str:
+    """A URL the relay can send callbacks to (payment_service.callback_urls), without
+    credentials or a fragment, at most MAX_URL_LENGTH characters; with `networks`, a host written
+    as an address (or `localhost`) must be one callbacks may reach. The message never repeats
+    the URL: it may hold a password."""
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidEndpoint(
+            "url", f"invalid endpoint URL: longer than {MAX_URL_LENGTH} characters"
+        )
+    try:
+        parsed = parse_callback_url(url)
+    except CallbackURLError as error:
+        raise InvalidEndpoint("url", f"invalid endpoint URL: {error}") from None
+    if parsed.has_credentials:
+        raise InvalidEndpoint(
+            "url",
+            "invalid endpoint URL: credentials (user:password@) do not belong in it; receivers "
+            "verify the callbacks' signatures instead",
+        )
+    if parsed.has_fragment:
+        raise InvalidEndpoint("url", "invalid endpoint URL: a fragment (#…) is never sent")
+    if networks is not None:
+        address = parsed.address
+        kind = None if address is None else networks.refusal(address)
+        if kind is not None and address is not None:
+            raise InvalidEndpoint(
+                "url", f"refused endpoint URL: {refusal_message(parsed.host, address, kind)}"
+            )
+        if networks.refuses_name(parsed.host):
+            raise InvalidEndpoint(
+                "url",
+                f"refused endpoint URL: {parsed.host} is a loopback address, where callbacks may "
+                "not go: list its network in ENDPOINT_ALLOWED_NETWORKS to allow it",
+            )
     return url
 
 
 def check_event_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Exact event types, `payment.*`-style prefixes, or `*`; at least one; no duplicates."""
-    cleaned = tuple(dict.fromkeys(t.strip() for t in types if t.strip()))
+    """Exact event types, `payment.*`-style prefixes, or `*`; at least one, at most
+    MAX_EVENT_TYPES; no duplicates."""
+    given = [t.strip() for t in types if t.strip()]
+    cleaned = tuple(dict.fromkeys(given))
     if not cleaned:
-        raise EndpointError("an endpoint subscribes to at least one event type (or '*')")
+        raise InvalidEndpoint(
+            "event_types", "an endpoint subscribes to at least one event type (or '*')"
+        )
+    if len(given) > MAX_EVENT_TYPES:
+        raise InvalidEndpoint(
+            "event_types", f"an endpoint subscribes to at most {MAX_EVENT_TYPES} event types"
+        )
     for pattern in cleaned:
         if pattern == "*" or pattern in EVENT_TYPES:
             continue
         if pattern.endswith(".*") and any(t.startswith(pattern[:-1]) for t in EVENT_TYPES):
             continue
-        raise EndpointError(
+        raise InvalidEndpoint(
+            "event_types",
             f"unknown event type {pattern[:80]!r}: use {', '.join(EVENT_TYPES)}, a prefix such "
-            "as 'payment.*', or '*'"
+            "as 'payment.*', or '*'",
         )
     return cleaned
 
 
 def check_secret(secret: str) -> str:
+    """`whsec_` + base64 of at least 24 bytes (Standard Webhooks), at most MAX_SECRET_LENGTH
+    characters. The message never repeats the secret."""
     if not secret.startswith(SECRET_PREFIX):
-        raise EndpointError("a secret is 'whsec_' followed by base64 (Standard Webhooks)")
+        raise InvalidEndpoint(
+            "secret", "a secret is 'whsec_' followed by base64 (Standard Webhooks)"
+        )
+    if len(secret) > MAX_SECRET_LENGTH:
+        raise InvalidEndpoint("secret", f"a secret is at most {MAX_SECRET_LENGTH} characters")
     try:
         key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
     except ValueError:
-        raise EndpointError("the part of the secret after 'whsec_' is not valid base64") from None
+        raise InvalidEndpoint(
+            "secret", "the part of the secret after 'whsec_' is not valid base64"
+        ) from None
     if len(key) < 24:
-        raise EndpointError("a secret's key must be at least 24 random bytes")
+        raise InvalidEndpoint("secret", "a secret's key must be at least 24 random bytes")
     return secret
+
+
+def check_reason(reason: str) -> str:
+    """Why an endpoint is paused or disabled: shown by `list` and the admin API, so plain text
+    (no control characters), at most MAX_REASON_LENGTH characters."""
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidEndpoint("reason", f"a reason is at most {MAX_REASON_LENGTH} characters")
+    if re.search(r"[\x00-\x1f\x7f-\x9f]", reason):
+        raise InvalidEndpoint("reason", "a reason is one line of text, without control characters")
+    return reason
 
 
 def wants(event_types: tuple[str, ...], event_type: str) -> bool:
@@ -349,8 +436,10 @@ async def insert_endpoint(
     url: str,
     event_types: tuple[str, ...] = ("*",),
     secret: str | None = None,
+    networks: NetworkPolicy | None = None,
 ) -> Endpoint:
-    """Add an endpoint; it receives events written from now on (`secret` None: generated)."""
+    """Add an endpoint; it receives events written from now on (`secret` None: generated).
+    `networks`: where callbacks may go (`check_url`), given by the command line and the API."""
     row = await conn.fetchrow(
         f"""
         WITH added AS (
@@ -365,7 +454,7 @@ async def insert_endpoint(
           FROM added
         """,
         check_name(name),
-        check_url(url),
+        check_url(url, networks),
         list(check_event_types(event_types)),
         check_secret(secret) if secret is not None else new_secret(),
         ENDPOINTS_CHANNEL,
@@ -412,13 +501,14 @@ async def update_endpoint(
     *,
     url: str | None = None,
     event_types: tuple[str, ...] | None = None,
+    networks: NetworkPolicy | None = None,
 ) -> Endpoint:
     """Change an endpoint's URL and/or event types (what is not given stays)."""
     return await _change(
         conn,
         name,
         "url = coalesce($3, url), event_types = coalesce($4, event_types)",
-        check_url(url) if url is not None else None,
+        check_url(url, networks) if url is not None else None,
         list(check_event_types(event_types)) if event_types is not None else None,
     )
 
@@ -448,6 +538,130 @@ async def set_state(
         if state == "ACTIVE":
             await conn.execute(HASTEN_SQL, changed.endpoint_id)
     return changed
+
+
+async def pause(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+    """Hold the endpoint's deliveries until `resume`; its new events still get deliveries."""
+    return await set_state(
+        conn, name, "PAUSED", reason=None if reason is None else check_reason(reason)
+    )
+
+
+async def disable(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+    """Hold the endpoint's deliveries until `enable`; its new events get none (see `Gap`)."""
+    return await set_state(
+        conn, name, "DISABLED", reason=None if reason is None else check_reason(reason)
+    )
+
+
+async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
+    """Deliver again, in order, what a PAUSED endpoint held. A DISABLED one is refused: it
+    missed events, which `enable` names."""
+    async with conn.transaction():
+        current = await _lock(conn, name)
+        if current.state == "DISABLED":
+            raise EndpointError(
+                f"endpoint {name!r} is DISABLED ({current.state_reason or 'no reason given'}): "
+                f"enable it instead (`payment-service endpoints enable {name}`), which names the "
+                "events it missed"
+            )
+        return await set_state(conn, name, "ACTIVE")
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What an endpoint missed while DISABLED: the events of its types written since, which
+    got no delivery to it. `replay_command` sends them."""
+
+    name: str
+    disabled_at: datetime
+    missed_events: int
+
+    @property
+    def replay_command(self) -> str:
+        since = self.disabled_at.isoformat()
+        return f"payment-service outbox replay --endpoint {self.name} --since {since}"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "disabled_at": self.disabled_at.isoformat(),
+            "missed_events": self.missed_events,
+            "replay_command": self.replay_command,
+        }
+
+
+# The events an endpoint has no delivery for, of its types ($2), written since $3 (`Gap`).
+MISSED_EVENTS_SQL = """
+SELECT count(*)
+  FROM outbox_events AS e
+ WHERE e.created_at >= $3
+   AND endpoint_wants($2, e.event_type)
+   AND NOT EXISTS (SELECT 1
+                     FROM deliveries AS d
+                    WHERE d.event_id = e.id
+                      AND d.endpoint_id = $1)
+"""
+
+
+async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | None]:
+    """ACTIVE again, breaker closed, held deliveries due now (`set_state`). After DISABLED, also
+    the gap: when it was disabled and how many events it missed since (None otherwise). Refused
+    while its URL is one the relay cannot deliver to (it would only be disabled again)."""
+    async with conn.transaction():
+        current = await _lock(conn, name)
+        if current.url is not None:
+            try:
+                parse_callback_url(current.url)
+            except CallbackURLError as error:  # the relay would only disable it again
+                raise EndpointError(
+                    f"endpoint {name!r} has a URL the relay cannot deliver to ({error}): give it "
+                    f"another first (`payment-service endpoints update {name} --url …`)"
+                ) from None
+        gap = None
+        if current.state == "DISABLED":
+            missed = await conn.fetchval(
+                MISSED_EVENTS_SQL,
+                current.endpoint_id,
+                list(current.event_types),
+                current.state_changed_at,
+            )
+            gap = Gap(name, current.state_changed_at, int(missed))
+        return await set_state(conn, name, "ACTIVE"), gap
+
+
+async def _lock(conn: asyncpg.Connection, name: str) -> Endpoint:
+    """The endpoint, its row locked until the transaction ends; EndpointNotFound if none."""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", name)
+    if row is None:
+        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
+    return _endpoint(row)
+
+
+# The relay's guard (outbox_relay.endpoint_loop): an endpoint it cannot deliver to is DISABLED
+# with the reason, unless it changed since the relay read it ($2: the URL it read).
+DISABLE_UNSERVABLE_SQL = """
+WITH disabled AS (
+    UPDATE endpoints
+       SET state = 'DISABLED',
+           state_reason = $3,
+           state_changed_at = now(),
+           updated_at = now()
+     WHERE endpoint_id = $1
+       AND url = $2
+       AND state = 'ACTIVE'
+ RETURNING name
+)
+SELECT count(*) FROM disabled, pg_notify($4, disabled.name) AS notified
+"""
+
+
+async def disable_unservable(
+    conn: asyncpg.Connection, endpoint_id: int, *, url: str, reason: str
+) -> bool:
+    """DISABLE an endpoint the relay cannot deliver to at `url`; False when it has changed
+    (another URL, or no longer ACTIVE) or is gone."""
+    done = await conn.fetchval(DISABLE_UNSERVABLE_SQL, endpoint_id, url, reason, ENDPOINTS_CHANNEL)
+    return bool(done)
 
 
 async def _set_state(
@@ -490,28 +704,43 @@ async def rotate_secret(
     )
 
 
-async def delete_endpoint(conn: asyncpg.Connection, name: str) -> int:
-    """Remove an endpoint and its deliveries; returns how many undelivered ones went with it."""
-    row = await conn.fetchrow(
-        """
-        WITH gone AS (
-            DELETE FROM endpoints WHERE name = $1 RETURNING endpoint_id, name
-        ), notified AS (
-            SELECT pg_notify($2, name) FROM gone
+@dataclass(frozen=True)
+class Removed:
+    undelivered: int  # deliveries never delivered (pending or dead), deleted with the endpoint
+    delivered: int  # delivered ones kept as history, under the endpoint's name, until retention
+
+
+async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
+    """Remove an endpoint. What it was never delivered goes with it; its delivered deliveries
+    stay, as history, with `endpoint_id` NULL and the endpoint's name in `removed_endpoint`,
+    until housekeeping deletes them with the rest (OUTBOX_RETENTION_HOURS)."""
+    async with conn.transaction():
+        endpoint = await _lock(conn, name)  # a concurrent delivery's write waits for us
+        undelivered = await conn.execute(
+            "DELETE FROM deliveries WHERE endpoint_id = $1 AND status <> 'DELIVERED'",
+            endpoint.endpoint_id,
         )
-        SELECT (SELECT count(*) FROM notified) AS found,
-               (SELECT count(*)
-                  FROM deliveries AS d, gone
-                 WHERE d.endpoint_id = gone.endpoint_id
-                   AND d.status <> 'DELIVERED') AS undelivered
-        """,
-        name,
-        ENDPOINTS_CHANNEL,
-    )
-    assert row is not None
-    if not row["found"]:
-        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
-    return int(row["undelivered"])  # the statement's snapshot still sees the cascaded rows
+        delivered = await conn.execute(
+            """
+            UPDATE deliveries
+               SET endpoint_id = NULL,
+                   removed_endpoint = $2
+             WHERE endpoint_id = $1
+            """,
+            endpoint.endpoint_id,
+            endpoint.name,
+        )
+        await conn.execute(
+            """
+            WITH gone AS (
+                DELETE FROM endpoints WHERE endpoint_id = $1 RETURNING name
+            )
+            SELECT pg_notify($2, name) FROM gone
+            """,
+            endpoint.endpoint_id,
+            ENDPOINTS_CHANNEL,
+        )
+    return Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
 
 
 async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from outbox_relay.http import CallbackClient
+from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, update_endpoint
 from payment_service.signing import secret_key, sign
@@ -26,6 +27,8 @@ from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
 from tests.support.processes import RelayLauncher
 from tests.support.receiver import Receiver, answer_status
 from tests.support.waiting import wait_until
+
+LOCAL = NetworkPolicy(allow_loopback=True)  # the tests' receivers are on 127.0.0.1
 
 
 class Sink:
@@ -110,7 +113,11 @@ async def test_the_notification_sink_verifies_dedupes_and_prints_each_event(
     event_id = events[0].event_id
     body = json.dumps(stored[event_id], default=str).encode()
     client = CallbackClient(
-        sink.base_url + CALLBACK_PATH, max_connections=1, timeout=5, user_agent="test"
+        sink.base_url + CALLBACK_PATH,
+        networks=LOCAL,
+        max_connections=1,
+        timeout=5,
+        user_agent="test",
     )
     now = int(time.time())
     signed = [

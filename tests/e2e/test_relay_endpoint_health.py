@@ -155,12 +155,24 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
     await set_state(conn, "notification", "ACTIVE")  # = `endpoints enable notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn) == {"DELIVERED": 10}
+    await recorded(conn, {"DELIVERED": 10})
     assert receiver.accepted_counts() == {e.event_id: 1 for e in events}
     await wait_for(
         lambda: ("ACTIVE", "closed") in seen(relay), timeout=10, what="the relay to see enable"
     )
     assert any(state == "DISABLED" for state, _breaker in seen(relay))
+
+
+async def recorded(
+    conn: asyncpg.Connection, counts: dict[str, int], endpoint: str | None = None
+) -> None:
+    """Wait until the deliveries' statuses are `counts`: a receiver sees a callback before the
+    relay records its answer."""
+
+    async def reached() -> bool:
+        return await status_counts(conn, endpoint) == counts
+
+    await wait_for(reached, timeout=30, what=f"deliveries recorded as {counts}")
 
 
 @pytest.fixture
@@ -199,5 +211,5 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     await set_state(conn, "notification", "ACTIVE")  # = `endpoints resume notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn, "notification") == {"DELIVERED": 30}
+    await recorded(conn, {"DELIVERED": 30}, "notification")
     assert ("ACTIVE", "closed") in seen(relay)
