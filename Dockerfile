@@ -26,7 +26,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
 
 # The package itself, as a wheel (not editable): db/migrations goes in as
 # payment_service/sql_migrations (see pyproject), which is where migrations.py finds it here.
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY db/migrations ./db/migrations
 COPY payment_service ./payment_service
 COPY payment_cli ./payment_cli
