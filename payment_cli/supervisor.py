@@ -1,8 +1,10 @@
 """`payment-service run`: the one-command local service.
 
 Starts an embedded PostgreSQL when no database is configured (data kept under
-PAYMENT_SERVICE_DATA_DIR), applies migrations, then runs the API and the relay as two child
-processes, restarting one that dies. SIGINT/SIGTERM stop the children, then the database.
+PAYMENT_SERVICE_DATA_DIR, on a port it keeps across restarts; the DATABASE_URL that reaches it is
+printed, as a line to paste into another terminal), applies migrations, then runs the API and
+the relay as two child processes, restarting one that dies. SIGINT/SIGTERM stop the children,
+then the database.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +22,16 @@ from types import FrameType
 from payment_service import endpoints
 from payment_service.config import Settings
 from payment_service.database import wait_for_database
-from payment_service.embedded import EmbeddedPostgres
+from payment_service.embedded import EmbeddedPostgres, port_free
 from payment_service.migrations import migrate
 from payment_service.process import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "payments"
+# The embedded server's port on its first start (unless taken); it keeps its port from then on, so
+# the DATABASE_URL that `run` prints stays right across restarts.
+EMBEDDED_PORT = 54320
 STOP_GRACE_SECONDS = 20
 RESTART_DELAY_SECONDS = 2.0
 MAX_RESTARTS_PER_MINUTE = 5
@@ -56,16 +60,6 @@ class Child:
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass
@@ -112,7 +106,7 @@ def prepare_database(dsn: str, settings: Settings, *, wait: float = 60) -> Prepa
 
 def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0.1") -> int:
     port = settings.service_port
-    if not _port_free(host, port):
+    if not port_free(host, port):
         say(f"port {port} on {host} is in use; stop what uses it or set SERVICE_PORT")
         return 1
 
@@ -123,7 +117,7 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say("using the configured database")
     else:
         data_dir = settings.payment_service_data_dir.resolve()
-        embedded = EmbeddedPostgres(data_dir / "postgres")
+        embedded = EmbeddedPostgres(data_dir / "postgres", preferred_port=EMBEDDED_PORT)
         say(f"starting the embedded PostgreSQL (data in {data_dir / 'postgres'})")
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +132,9 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         embedded.ensure_database(EMBEDDED_DATABASE)
         dsn = embedded.dsn(EMBEDDED_DATABASE)
         env["DATABASE_URL"] = dsn
-        say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
+        say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port} (the same at every start)")
+        say("to use it from another terminal (payment-service endpoints, outbox, check, psql):")
+        print(f"    export DATABASE_URL={dsn}", file=sys.stderr, flush=True)
 
     try:
         for line in prepare_database(dsn, settings).describe():
