@@ -348,16 +348,13 @@ async def test_api_prefix_moves_the_payment_routes(api_factory: Any) -> None:
 async def test_health(client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
     assert response.status_code == 200
-    document = response.json()
-    # The node reached, as the server sees itself (in a container: its own address and port).
-    node = document.pop("database")
-    assert node["role"] == "primary" and isinstance(node["port"], int), node
-    assert isinstance(node["address"], str) and "@" not in node["address"], node
-    assert document == {
+    # The role of the node reached, and nothing that locates the database: the route is open.
+    assert response.json() == {
         "status": "healthy",
         "service": "payment-service",
         "version": "1.0.0",
         "checks": {"database": "ok"},
+        "database": {"role": "primary"},
     }
     live = await client.get("/health/live")
     assert live.status_code == 200
