@@ -9,7 +9,7 @@ once (they also reload every second).
 
 Seeding: the integration guide's settings (`NOTIFICATION_SERVICE_URL`, `TRIP_SERVICE_URL` with
 `TRIP_CALLBACK_PATH`, …) describe endpoints `notification`, `trip`, `driver`, `rider`.
-`seed_endpoints` creates those that are missing and fills in one that migration 0006 left
+`seed_from_settings` creates those that are missing and fills in one that migration 0006 left
 unconfigured; it never changes an endpoint that exists in any other way (`endpoints update` does).
 """
 
