@@ -61,8 +61,8 @@ def test_no_tracked_file_cites_a_document_outside_the_repository() -> None:
 
 def test_the_check_finds_each_kind_of_citation() -> None:
     lines = [
-        "# Endpoint health (DESIGN §7a) is health.py",
-        "see DESIGN.md for the schedule",
+        "# Endpoint health (DES" + "IGN §7a) is health.py",
+        "see DES" + "IGN.md for the schedule",
         "as " + "SEED" + "_GUIDE.md says",
         "GATEWAY" + "_NOTES.md, section 2",
         "../" + "shared/CONVENTIONS.md",
