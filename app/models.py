@@ -440,11 +440,9 @@ class Problem(BaseModel):
 
 
 class DatabaseNode(BaseModel):
-    """The database node this worker's pool reached (no credentials): after a failover, the
-    promoted standby's address."""
+    """What the database node this worker's pool reached is: the route is open to anyone, so it
+    names no address (the logs do: `database reached`)."""
 
-    address: str | None  # None over a Unix socket
-    port: int | None
     role: Literal["primary", "standby"]
 
 

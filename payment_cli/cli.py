@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "NOTIFICATION_CALLBACK_PATH)",
     )
     sink.add_argument(
+        "--secret",
+        metavar="WHSEC",
+        help="the endpoint's signing secret (whsec_…, as `endpoints add` printed it) to verify "
+        "signatures with (default CALLBACK_SIGNING_SECRET; neither: signatures are not checked)",
+    )
+    sink.add_argument(
         "--fail-first",
         type=int,
         default=0,

@@ -193,6 +193,7 @@ class _Link:
 
 _link = _Link()
 NODE_SQL = "SELECT host(inet_server_addr()), inet_server_port(), pg_is_in_recovery()"
+STANDBY_SQL = "SELECT pg_is_in_recovery()"
 
 
 def note_unavailable(error: BaseException) -> None:

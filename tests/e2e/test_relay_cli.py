@@ -21,7 +21,7 @@ from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, update_endpoint
 from payment_service.signing import secret_key, sign
-from tests.support.commands import service_command
+from tests.support.commands import module_command, service_command
 from tests.support.database import insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
 from tests.support.processes import RelayLauncher
@@ -240,3 +240,19 @@ async def test_relay_metrics_and_housekeeping(
     assert "outbox_oldest_pending_age_seconds 0.0" in text
     relay.send(signal.SIGTERM)
     assert await relay.wait_exit(timeout=15) == 0
+
+
+def test_relay_help_says_it_delivers_to_every_endpoint(tmp_path: Path) -> None:
+    """Both spellings of the relay describe what it does since subscriptions: every endpoint, not
+    one service."""
+    for command in (
+        service_command("relay", "--help"),
+        module_command("outbox_relay", "--help"),
+    ):
+        shown = subprocess.run(
+            command, env=minimal_environment(), cwd=tmp_path, capture_output=True, text=True,
+            timeout=30, check=True,
+        ).stdout  # fmt: skip
+        text = " ".join(shown.split())
+        assert "every subscribed endpoint" in text, shown
+        assert "Notification Service" not in text, shown
