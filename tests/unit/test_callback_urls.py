@@ -201,6 +201,7 @@ def test_allowed_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         environment="production",
         api_keys="app:a-token-for-tests-only",
         callback_signing_secret="whsec_" + "A" * 32,
+        gateway="none",
     )
     assert production.callback_networks == NetworkPolicy(allow_loopback=False)
 
