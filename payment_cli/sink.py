@@ -29,8 +29,8 @@ from http import HTTPStatus
 from typing import TextIO
 
 from payment_service.config import Settings
-from payment_service.entry import printable
 from payment_service.endpoints import EndpointError, check_secret
+from payment_service.entry import printable
 from payment_service.signing import secret_key, verify
 
 logger = logging.getLogger(__name__)
