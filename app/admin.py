@@ -1,11 +1,12 @@
-"""The admin API: subscribed endpoints over HTTP, and one event's deliveries.
+"""The admin API: subscribed endpoints over HTTP, one event's deliveries, and the audit log.
 
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
 key>` (ADMIN_API_KEYS, separate from API_KEYS); anything else is 401. Handlers are thin: the
 endpoint SQL is payment_service.endpoints (which the command line uses too; every change NOTIFYs
-the relays), the deliveries query app.deliveries. A secret is shown only by POST /endpoints and
-rotate-secret.
+the relays, and writes the change's audit row, naming the admin key as `admin:<name>` and the
+client's address), the deliveries query app.deliveries, the audit log payment_service.audit. A
+secret is shown only by POST /endpoints and rotate-secret.
 """
 
 from __future__ import annotations
@@ -18,18 +19,28 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import asyncpg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    model_validator,
+)
 from quart import Blueprint, Response, g, request
-from quart_schema import document_request, document_response
+from quart_schema import document_querystring, document_request, document_response
 from werkzeug.routing import BaseConverter
 
 from app import deliveries
 from app.context import current_payment_app
 from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
-from app.models import validate_model
+from app.models import INT64_MAX, validate_model
 from app.routes import JSON, document_errors, json_body
-from payment_service import endpoints
+from payment_service import audit, endpoints
+from payment_service.audit import Operator
 from payment_service.callback_urls import MAX_URL_LENGTH
 from payment_service.endpoints import (
     Endpoint,
@@ -159,6 +170,29 @@ class RotateSecret(BaseModel):
     secret: Secret | None = None
 
 
+# Text that a filter compares: one line, no control characters (PostgreSQL text holds no NUL).
+FilterText = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class AuditQuery(BaseModel):
+    """Filters of GET /audit (all optional): a time range (ISO 8601 with an offset; `since`
+    inclusive, `until` exclusive), who (`admin:ops`, `console:ops`, `cli:alice`), what
+    (`endpoint.pause`, or `endpoint.*`), on what (`endpoint:trip`, or `trip`); `starting_after`:
+    the `audit_id` of the last entry of the previous page."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    actor: FilterText | None = None
+    action: Annotated[str, Field(max_length=100, pattern=r"^[a-z]+(\.[a-z_]+)*(\.\*)?$")] | None = (
+        None
+    )
+    target: FilterText | None = None
+    limit: Annotated[int, Field(ge=1, le=audit.MAX_PAGE)] = 20
+    starting_after: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+
+
 # -- response documents (for /openapi.json) -------------------------------------------------------
 class EndpointDocument(BaseModel):
     name: str
@@ -204,6 +238,28 @@ class EndpointRemoved(BaseModel):
     removed: Literal[True]
     undelivered_removed: int  # pending and dead deliveries, deleted with it
     delivered_kept: int  # its delivered deliveries, kept as history until retention
+
+
+class AuditTarget(BaseModel):
+    kind: str  # endpoint, payment, deliveries, …
+    id: str
+
+
+class AuditEntry(BaseModel):
+    audit_id: int
+    at: datetime
+    actor: str  # admin:<key name>, console:<key name>, cli:<user>
+    action: str  # endpoint.add, endpoint.pause, endpoint.rotate_secret, …
+    target: AuditTarget
+    origin: str  # the client's address, or cli@<host>
+    reason: str | None
+    before: dict[str, Any] | None  # the fields that changed, as they were (never a secret)
+    after: dict[str, Any] | None  # … and as they became
+
+
+class AuditList(BaseModel):
+    data: list[AuditEntry]
+    has_more: bool
 
 
 class DeliveryAttempt(BaseModel):
@@ -254,6 +310,12 @@ async def authenticate() -> None:
     if name is None:
         raise unauthorized("payment-service-admin")
     g.caller = f"admin:{name}"  # the access log's caller; never the token
+    g.operator = Operator.admin_key(name, request.remote_addr)  # who the audit log names
+
+
+def _operator() -> Operator:
+    operator: Operator = g.operator
+    return operator
 
 
 @contextlib.asynccontextmanager
@@ -318,6 +380,7 @@ async def post_endpoint() -> Response:
             event_types=tuple(model.event_types),
             secret=model.secret,
             networks=current_payment_app().settings.callback_networks,
+            operator=_operator(),
         )
     return _with_secret(added, 201)
 
@@ -346,6 +409,7 @@ async def patch_endpoint(name: str) -> Response:
             url=model.url,
             event_types=tuple(model.event_types) if model.event_types is not None else None,
             networks=current_payment_app().settings.callback_networks,
+            operator=_operator(),
         )
     return _answer(changed.public())
 
@@ -357,7 +421,7 @@ async def delete_endpoint(name: str) -> Response:
     """Remove an endpoint. Its undelivered deliveries (pending, dead) go with it; its delivered
     ones stay as history (GET /events/{event_id}/deliveries shows them) until retention."""
     async with _endpoints() as conn:
-        removed = await endpoints.delete_endpoint(conn, name)
+        removed = await endpoints.delete_endpoint(conn, name, operator=_operator())
     return _answer(
         {
             "name": name,
@@ -396,7 +460,7 @@ def _hold_route(
         model = StateReason() if _without_body() else await _body(StateReason)
         reason = model.reason if model.reason is not None else f"{verb} by {g.caller}"
         async with _endpoints() as conn:
-            changed = await change(conn, name, reason=reason)
+            changed = await change(conn, name, reason=reason, operator=_operator())
         return _answer(changed.public())
 
     hold.__name__ = f"post_endpoint_{action}"
@@ -419,7 +483,7 @@ async def post_endpoint_resume(name: str) -> Response:
     """Deliver again, in order, what the endpoint held while paused. A DISABLED endpoint is
     refused (409): enable it, which names the events it missed."""
     async with _endpoints() as conn:
-        changed = await endpoints.resume(conn, name)
+        changed = await endpoints.resume(conn, name, operator=_operator())
     return _answer(changed.public())
 
 
@@ -431,7 +495,7 @@ async def post_endpoint_enable(name: str) -> Response:
     `gap` says when it was disabled, how many events it missed since, and the command that
     sends them; otherwise `gap` is null."""
     async with _endpoints() as conn:
-        enabled, gap = await endpoints.enable(conn, name)
+        enabled, gap = await endpoints.enable(conn, name, operator=_operator())
     return _answer({**enabled.public(), "gap": None if gap is None else gap.public()})
 
 
@@ -445,7 +509,9 @@ async def post_rotate_secret(name: str) -> Response:
     new secret."""
     model = RotateSecret() if _without_body() else await _body(RotateSecret)
     async with _endpoints() as conn:
-        rotated = await endpoints.rotate_secret(conn, name, secret=model.secret)
+        rotated = await endpoints.rotate_secret(
+            conn, name, secret=model.secret, operator=_operator()
+        )
     return _with_secret(rotated, 200)
 
 
@@ -461,3 +527,27 @@ async def get_event_deliveries(event_id: uuid.UUID) -> Response:
     if body is None:
         raise APIError(404, "EVENT_NOT_FOUND", f"No event has the event_id {event_id}.")
     return Response(body, content_type=JSON)
+
+
+# -- the audit log --------------------------------------------------------------------------------
+@blueprint.get("/audit")
+@document_querystring(AuditQuery)
+@document_response(AuditList, 200)
+@document_errors(400, 401, 503)
+async def get_audit() -> Response:
+    """Operator actions from the command line, the admin API and the console, newest first:
+    who, what, on what, when, from where, the fields that changed and the reason. Page with
+    `starting_after` (the last entry's `audit_id`) while `has_more`."""
+    query = validate_model(AuditQuery, dict(request.args.items()))
+    async with current_payment_app().connection() as conn:
+        page = await audit.select_audit(
+            conn,
+            since=query.since,
+            until=query.until,
+            actor=query.actor,
+            action=query.action,
+            target=query.target,
+            limit=query.limit,
+            before_id=query.starting_after,
+        )
+    return _answer({"data": [entry.public() for entry in page.entries], "has_more": page.has_more})

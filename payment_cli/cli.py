@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from outbox_relay import RELAY_DESCRIPTION
+from payment_cli.audit_cli import add_parser as add_audit_parser
 from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
 from payment_service import __version__
 from payment_service.entry import database_settings as _database_settings
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_endpoints_parser(commands)
+    add_audit_parser(commands)
 
     check = add(
         "check",

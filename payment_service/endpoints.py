@@ -11,6 +11,10 @@ What an endpoint may have is checked here (`check_name`, `check_url`, `check_eve
 `check_secret`, `check_reason`), once for the command line and the admin API; a URL passes only
 if the relay can send to it (payment_service.callback_urls).
 
+Every change an operator makes here (add, update, pause, resume, disable, enable, rotate the
+secret, remove) takes the `Operator` making it and writes its audit row (payment_service.audit)
+in the change's own transaction: what the endpoint was and became, never a secret.
+
 Removing an endpoint (`delete_endpoint`) deletes what it was never delivered and keeps its
 delivered deliveries as history (`endpoint_id` NULL, its name in `removed_endpoint`) until
 housekeeping deletes them with the rest.
@@ -36,7 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from payment_service import ENDPOINTS_CHANNEL
+from payment_service import ENDPOINTS_CHANNEL, audit
+from payment_service.audit import Operator, Target
 from payment_service.callback_urls import (
     MAX_URL_LENGTH,
     CallbackURLError,
@@ -437,9 +442,22 @@ async def insert_endpoint(
     event_types: tuple[str, ...] = ("*",),
     secret: str | None = None,
     networks: NetworkPolicy | None = None,
+    operator: Operator,
 ) -> Endpoint:
     """Add an endpoint; it receives events written from now on (`secret` None: generated).
     `networks`: where callbacks may go (`check_url`), given by the command line and the API."""
+    name, url = check_name(name), check_url(url, networks)
+    event_types = check_event_types(event_types)
+    secret = check_secret(secret) if secret is not None else new_secret()
+    async with conn.transaction():
+        added = await _insert(conn, name=name, url=url, event_types=event_types, secret=secret)
+        await _audit(conn, operator, "add", None, added)
+    return added
+
+
+async def _insert(
+    conn: asyncpg.Connection, *, name: str, url: str, event_types: tuple[str, ...], secret: str
+) -> Endpoint:
     row = await conn.fetchrow(
         f"""
         WITH added AS (
@@ -453,10 +471,10 @@ async def insert_endpoint(
         SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
           FROM added
         """,
-        check_name(name),
-        check_url(url, networks),
-        list(check_event_types(event_types)),
-        check_secret(secret) if secret is not None else new_secret(),
+        name,
+        url,
+        list(event_types),
+        secret,
         ENDPOINTS_CHANNEL,
     )
     if row is None:
@@ -502,15 +520,22 @@ async def update_endpoint(
     url: str | None = None,
     event_types: tuple[str, ...] | None = None,
     networks: NetworkPolicy | None = None,
+    operator: Operator,
 ) -> Endpoint:
     """Change an endpoint's URL and/or event types (what is not given stays)."""
-    return await _change(
-        conn,
-        name,
-        "url = coalesce($3, url), event_types = coalesce($4, event_types)",
-        check_url(url, networks) if url is not None else None,
-        list(check_event_types(event_types)) if event_types is not None else None,
-    )
+    new_url = check_url(url, networks) if url is not None else None
+    new_types = list(check_event_types(event_types)) if event_types is not None else None
+    async with conn.transaction():
+        before = await _lock(conn, name)
+        changed = await _change(
+            conn,
+            name,
+            "url = coalesce($3, url), event_types = coalesce($4, event_types)",
+            new_url,
+            new_types,
+        )
+        await _audit(conn, operator, "update", before, changed)
+    return changed
 
 
 # The endpoint's deliveries waiting out a backoff go now, in order, rather than hours later (their
@@ -525,36 +550,61 @@ UPDATE deliveries
 """
 
 
+# The audit log's action for each state set by hand (resume is `set_state`'s ACTIVE too).
+STATE_ACTIONS = {"PAUSED": "pause", "DISABLED": "disable", "ACTIVE": "enable"}
+
+
 async def set_state(
-    conn: asyncpg.Connection, name: str, state: str, *, reason: str | None = None
+    conn: asyncpg.Connection,
+    name: str,
+    state: str,
+    *,
+    reason: str | None = None,
+    operator: Operator,
+    action: str | None = None,
 ) -> Endpoint:
     """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
     failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN_SQL):
-    the operator says the receiver is back, so everything goes out at once, in order."""
+    the operator says the receiver is back, so everything goes out at once, in order. Audited
+    as `action` (by default the state's, STATE_ACTIONS)."""
     if state not in STATES:
         raise EndpointError(f"unknown state {state!r}")
     async with conn.transaction():
+        before = await _lock(conn, name)
         changed = await _set_state(conn, name, state, reason)
         if state == "ACTIVE":
             await conn.execute(HASTEN_SQL, changed.endpoint_id)
+        await _audit(conn, operator, action or STATE_ACTIONS[state], before, changed, reason)
     return changed
 
 
-async def pause(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+async def pause(
+    conn: asyncpg.Connection, name: str, *, reason: str | None = None, operator: Operator
+) -> Endpoint:
     """Hold the endpoint's deliveries until `resume`; its new events still get deliveries."""
     return await set_state(
-        conn, name, "PAUSED", reason=None if reason is None else check_reason(reason)
+        conn,
+        name,
+        "PAUSED",
+        reason=None if reason is None else check_reason(reason),
+        operator=operator,
     )
 
 
-async def disable(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+async def disable(
+    conn: asyncpg.Connection, name: str, *, reason: str | None = None, operator: Operator
+) -> Endpoint:
     """Hold the endpoint's deliveries until `enable`; its new events get none (see `Gap`)."""
     return await set_state(
-        conn, name, "DISABLED", reason=None if reason is None else check_reason(reason)
+        conn,
+        name,
+        "DISABLED",
+        reason=None if reason is None else check_reason(reason),
+        operator=operator,
     )
 
 
-async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
+async def resume(conn: asyncpg.Connection, name: str, *, operator: Operator) -> Endpoint:
     """Deliver again, in order, what a PAUSED endpoint held. A DISABLED one is refused: it
     missed events, which `enable` names."""
     async with conn.transaction():
@@ -565,7 +615,7 @@ async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
                 f"enable it instead (`payment-service endpoints enable {name}`), which names the "
                 "events it missed"
             )
-        return await set_state(conn, name, "ACTIVE")
+        return await set_state(conn, name, "ACTIVE", operator=operator, action="resume")
 
 
 @dataclass(frozen=True)
@@ -603,7 +653,9 @@ SELECT count(*)
 """
 
 
-async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | None]:
+async def enable(
+    conn: asyncpg.Connection, name: str, *, operator: Operator
+) -> tuple[Endpoint, Gap | None]:
     """ACTIVE again, breaker closed, held deliveries due now (`set_state`). After DISABLED, also
     the gap: when it was disabled and how many events it missed since (None otherwise). Refused
     while its URL is one the relay cannot deliver to (it would only be disabled again)."""
@@ -626,7 +678,46 @@ async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | N
                 current.state_changed_at,
             )
             gap = Gap(name, current.state_changed_at, int(missed))
-        return await set_state(conn, name, "ACTIVE"), gap
+        return await set_state(conn, name, "ACTIVE", operator=operator), gap
+
+
+def audited(endpoint: Endpoint) -> dict[str, Any]:
+    """What the audit log records of an endpoint: what operators change, never a secret (only
+    whether it signs, and until when its retired secrets do)."""
+    return {
+        "url": None if endpoint.url is None else shown_url(endpoint.url),
+        "event_types": list(endpoint.event_types),
+        "state": endpoint.state,
+        "state_reason": endpoint.state_reason,
+        "breaker": endpoint.breaker,
+        "signed": endpoint.secret is not None,
+        "previous_secrets_expire_at": [_iso(p.expires_at) for p in endpoint.still_signing()],
+    }
+
+
+async def _audit(
+    conn: asyncpg.Connection,
+    operator: Operator,
+    action: str,
+    before: Endpoint | None,
+    after: Endpoint,
+    reason: str | None = None,
+) -> None:
+    """The audit row of an operator's change to an endpoint: every field it records when the
+    endpoint is new, else those that changed (none, for a pause of a paused endpoint)."""
+    if before is None:
+        was, now = None, audited(after)
+    else:
+        was, now = audit.changes(audited(before), audited(after))
+    await audit.record(
+        conn,
+        operator=operator,
+        action=f"endpoint.{action}",
+        target=Target("endpoint", after.name),
+        before=was,
+        after=now,
+        reason=reason,
+    )
 
 
 async def _lock(conn: asyncpg.Connection, name: str) -> Endpoint:
@@ -690,18 +781,25 @@ async def rotate_secret(
     *,
     secret: str | None = None,
     keep_previous_seconds: float = PREVIOUS_SECRET_SECONDS,
+    operator: Operator,
 ) -> Endpoint:
     """A new signing secret. The current one keeps signing for `keep_previous_seconds`, and so do
     those retired before it that have not expired, up to MAX_SIGNING_SECRETS in all (the oldest
-    goes first): rotating twice in a day never drops the secret receivers still verify with."""
-    return await _change(
-        conn,
-        name,
-        """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
-           secret = $3""",
-        check_secret(secret) if secret is not None else new_secret(),
-        float(keep_previous_seconds),
-    )
+    goes first): rotating twice in a day never drops the secret receivers still verify with.
+    The audit row says that it happened and until when the retired secrets sign, never which."""
+    new = check_secret(secret) if secret is not None else new_secret()
+    async with conn.transaction():
+        before = await _lock(conn, name)
+        rotated = await _change(
+            conn,
+            name,
+            """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
+               secret = $3""",
+            new,
+            float(keep_previous_seconds),
+        )
+        await _audit(conn, operator, "rotate_secret", before, rotated)
+    return rotated
 
 
 @dataclass(frozen=True)
@@ -710,7 +808,7 @@ class Removed:
     delivered: int  # delivered ones kept as history, under the endpoint's name, until retention
 
 
-async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
+async def delete_endpoint(conn: asyncpg.Connection, name: str, *, operator: Operator) -> Removed:
     """Remove an endpoint. What it was never delivered goes with it; its delivered deliveries
     stay, as history, with `endpoint_id` NULL and the endpoint's name in `removed_endpoint`,
     until housekeeping deletes them with the rest (OUTBOX_RETENTION_HOURS)."""
@@ -740,7 +838,19 @@ async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
             endpoint.endpoint_id,
             ENDPOINTS_CHANNEL,
         )
-    return Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
+        removed = Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
+        await audit.record(
+            conn,
+            operator=operator,
+            action="endpoint.remove",
+            target=Target("endpoint", name),
+            before=audited(endpoint),
+            after={
+                "undelivered_removed": removed.undelivered,
+                "delivered_kept": removed.delivered,
+            },
+        )
+    return removed
 
 
 async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:

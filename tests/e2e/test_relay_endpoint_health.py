@@ -15,6 +15,7 @@ import pytest
 
 from payment_service.embedded import free_port
 from payment_service.endpoints import insert_endpoint, select_endpoint, set_state
+from tests.support.audit import OPERATOR
 from tests.support.database import DELIVERY_ROWS, EventRow, insert_events, status_counts
 from tests.support.processes import RelayLauncher, RelayProcess, dump_logs
 from tests.support.receiver import (
@@ -152,7 +153,9 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
     )
 
     receiver.policy = answer_ok
-    await set_state(conn, "notification", "ACTIVE")  # = `endpoints enable notification`
+    await set_state(
+        conn, "notification", "ACTIVE", operator=OPERATOR
+    )  # = `endpoints enable notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
     await recorded(conn, {"DELIVERED": 10})
@@ -179,7 +182,7 @@ async def recorded(
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second endpoint that stays ACTIVE: the yardstick for 'nothing arrived meanwhile'."""
     receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip")
+    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", operator=OPERATOR)
     try:
         yield receiver
     finally:
@@ -193,7 +196,7 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     await wait_for(
         lambda: relay.logged("delivering to endpoint") == 2, timeout=60, what="both endpoints"
     )
-    await set_state(conn, "notification", "PAUSED", reason="maintenance")
+    await set_state(conn, "notification", "PAUSED", reason="maintenance", operator=OPERATOR)
     await wait_for(
         lambda: (
             relay.logged("no longer delivering to endpoint") == 1
@@ -208,7 +211,9 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     assert receiver.deliveries == []
     assert await status_counts(conn, "notification") == {"PENDING": 30}
 
-    await set_state(conn, "notification", "ACTIVE")  # = `endpoints resume notification`
+    await set_state(
+        conn, "notification", "ACTIVE", operator=OPERATOR
+    )  # = `endpoints resume notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
     await recorded(conn, {"DELIVERED": 30}, "notification")

@@ -18,6 +18,7 @@ from payment_service.endpoints import (
     select_endpoint,
     update_endpoint,
 )
+from tests.support.audit import OPERATOR
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.processes import RelayLauncher, dump_logs
@@ -36,7 +37,9 @@ TRIP_SECRET = new_signing_secret()
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second receiver, subscribed as endpoint `trip` with a secret of its own."""
     receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET)
+    await insert_endpoint(
+        conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET, operator=OPERATOR
+    )
     try:
         yield receiver
     finally:
@@ -156,7 +159,9 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
         lambda: {e.event_id for e in before} <= trip.accepted_ids(), timeout=30, what="before"
     )
     new = new_signing_secret()
-    await rotate_secret(conn, "trip", secret=new)  # NOTIFYs: the relay reloads at once
+    await rotate_secret(
+        conn, "trip", secret=new, operator=OPERATOR
+    )  # NOTIFYs: the relay reloads at once
 
     def signed_by(count: int) -> Callable[[], Awaitable[bool]]:
         async def arrived() -> bool:
@@ -171,7 +176,7 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
     await wait_for(signed_by(2), timeout=30, what="callbacks signed with both secrets")
     # Rotated again within the day (a retry, say): the secret receivers still use keeps signing.
     newest = new_signing_secret()
-    await rotate_secret(conn, "trip", secret=newest)
+    await rotate_secret(conn, "trip", secret=newest, operator=OPERATOR)
     await wait_for(signed_by(3), timeout=30, what="callbacks signed with all three secrets")
     signers = {1: [TRIP_SECRET], 2: [new, TRIP_SECRET], 3: [newest, new, TRIP_SECRET]}
     for delivery in trip.accepted():
@@ -212,7 +217,7 @@ async def test_a_relay_start_follows_a_changed_notification_url_until_an_operato
     assert await relay.wait_exit(timeout=20) == 0
 
     # Changed by an operator since: the next start leaves it, and warns naming the difference.
-    await update_endpoint(conn, "notification", url=gone)
+    await update_endpoint(conn, "notification", url=gone, operator=OPERATOR)
     again = relays.start()
     differs = (
         "endpoint notification differs from NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "

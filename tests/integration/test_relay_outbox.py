@@ -16,6 +16,7 @@ from outbox_relay.admin import replay_range
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.database import connect
 from payment_service.endpoints import insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until
 
@@ -333,7 +334,9 @@ async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
 ) -> None:
     """One endpoint's backlog never fills another's claim; order holds per (endpoint, payment)
     only: a delivery waiting at one endpoint does not hold back the same event at another."""
-    trip = (await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")).endpoint_id
+    trip = (
+        await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip", operator=OPERATOR)
+    ).endpoint_id
     events = await insert_events(conn, payments=50, events_per_payment=2)
     got = await outbox.claim_deliveries(
         conn, budgets={notification: 40, trip: 5}, lease_seconds=LEASE

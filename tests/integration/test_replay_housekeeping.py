@@ -18,6 +18,7 @@ from outbox_relay.admin import replay_range
 from outbox_relay.housekeeping import housekeep
 from payment_service.database import connect
 from payment_service.endpoints import insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.database import insert_events, set_endpoint_url, waiting_for_a_lock
 from tests.support.waiting import wait_for
 
@@ -36,7 +37,7 @@ async def arranged(conn: asyncpg.Connection) -> Arranged:
     await set_endpoint_url(conn, "http://127.0.0.1:9/notifications")
     [old] = await insert_events(conn, payments=1)
     # `trip` subscribes after the old event was written (or was DISABLED then): no delivery.
-    await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")
+    await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip", operator=OPERATOR)
     [new] = await insert_events(conn, payments=1)
     await conn.execute(
         "UPDATE outbox_events SET created_at = now() - interval '400 hours' WHERE id = $1", old.id
