@@ -14,6 +14,7 @@ no third-party host learns who reads it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,12 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
         elif isinstance(converter, EndpointNameConverter):
             parameter["schema"] = {"type": "string", "pattern": NAME_PATTERN.pattern}
         return parameter
+
+    def generate_rules(self) -> Iterator[Rule]:
+        """Every rule but the console's: pages for a browser, not an API."""
+        for rule in super().generate_rules():
+            if not rule.endpoint.startswith("console."):
+                yield rule
 
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)

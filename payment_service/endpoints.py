@@ -802,6 +802,20 @@ async def rotate_secret(
     return rotated
 
 
+# What `delete_endpoint` would delete with the endpoint `$1`: its deliveries never delivered
+# (each status counted through its own partial index).
+UNDELIVERED_SQL = """
+SELECT (SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND status = 'PENDING')
+     + (SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND status = 'DEAD')
+"""
+
+
+async def count_undelivered(conn: asyncpg.Connection, name: str) -> int:
+    """How many deliveries removing the endpoint would delete (EndpointNotFound if none)."""
+    endpoint = await select_endpoint(conn, name)
+    return int(await conn.fetchval(UNDELIVERED_SQL, endpoint.endpoint_id))
+
+
 @dataclass(frozen=True)
 class Removed:
     undelivered: int  # deliveries never delivered (pending or dead), deleted with the endpoint
