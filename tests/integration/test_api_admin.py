@@ -35,6 +35,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/admin/endpoints/notification/enable", None),
     ("POST", "/admin/endpoints/notification/rotate-secret", None),
     ("GET", "/admin/events/6c5b64b1-9c49-4a45-8f3a-8c4e5b8e2f10/deliveries", None),
+    ("GET", "/admin/audit", None),
 ]
 
 
@@ -392,6 +393,7 @@ async def test_openapi_documents_the_admin_routes_behind_their_own_key(
         ("POST", "/admin/endpoints/{name}/enable"),
         ("POST", "/admin/endpoints/{name}/rotate-secret"),
         ("GET", "/admin/events/{event_id}/deliveries"),
+        ("GET", "/admin/audit"),
     }
     assert document["components"]["securitySchemes"]["admin"] == {
         "type": "http",
