@@ -271,6 +271,9 @@ class DeliveryAttempt(BaseModel):
     status_code: int | None
     error: str | None
     duration_ms: int | None
+    # The fingerprints (start of the SHA-256) of the keys that signed it, newest secret first,
+    # space-separated; null: unsigned, or recorded before the relay noted it.
+    signed_with: str | None = None
 
 
 class Delivery(BaseModel):

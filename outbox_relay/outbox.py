@@ -118,9 +118,9 @@ RECORD_SQL = """
 WITH attempt AS (
     SELECT *
       FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[], $5::float8[], $6::int[],
-                  $7::text[], $8::int[], $9::int[], $10::bool[])
+                  $7::text[], $8::int[], $9::int[], $10::bool[], $11::text[])
            AS a(id, claim_token, status, delay, attempted_at, status_code, error, tries,
-                duration_ms, counted)
+                duration_ms, counted, signed_with)
 ), written AS (
     UPDATE deliveries AS o
        SET status = a.status,
@@ -142,7 +142,8 @@ WITH attempt AS (
                'status_code', a.status_code,
                'error', a.error,
                'tries', a.tries,
-               'duration_ms', a.duration_ms)
+               'duration_ms', a.duration_ms,
+               'signed_with', a.signed_with)
       FROM attempt AS a
      WHERE o.delivery_id = a.id
        AND o.claim_token = a.claim_token
@@ -319,6 +320,9 @@ class AttemptRecord:
     # False: the attempt is recorded but does not count toward RELAY_MAX_ATTEMPTS (endpoint
     # health: attempts made while an endpoint's breaker is not closed).
     counted: bool = True
+    # The fingerprints of the keys that signed it (payment_service.signing.fingerprint),
+    # space-separated, newest secret first; None: unsigned (or no request went out).
+    signed_with: str | None = None
 
 
 class Written(NamedTuple):
@@ -398,6 +402,7 @@ async def record_attempts(
         [r.tries for r in records],
         [r.duration_ms for r in records],
         [r.counted for r in records],
+        [r.signed_with for r in records],
     )
     return [Written(row[0], row[1], row[2]) for row in rows]
 

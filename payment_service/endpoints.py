@@ -50,7 +50,7 @@ from payment_service.callback_urls import (
     refusal_message,
 )
 from payment_service.config import Settings
-from payment_service.signing import SECRET_PREFIX
+from payment_service.signing import SECRET_PREFIX, fingerprint, secret_key
 
 EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "payment.refunded")
 STATES = ("ACTIVE", "PAUSED", "DISABLED")
@@ -131,6 +131,11 @@ class Endpoint:
         not expired, newest first (at most MAX_SIGNING_SECRETS in all)."""
         current = [self.secret] if self.secret else []
         return current + [p.secret for p in self.still_signing()]
+
+    def signing_fingerprints(self) -> list[str]:
+        """The fingerprints of `signing_secrets` (payment_service.signing.fingerprint), in the
+        same order: what the relay records of the secrets that signed each attempt."""
+        return [fingerprint(secret_key(secret)) for secret in self.signing_secrets()]
 
     def public(self) -> dict[str, Any]:
         """What `endpoints list --json` and the admin API show: everything but the secrets."""

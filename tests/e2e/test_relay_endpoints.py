@@ -1,10 +1,12 @@
 """Subscriptions end to end: real relay processes, two real receivers on 127.0.0.1, a real
 PostgreSQL. Each endpoint gets every event it subscribes to, signed with its own secret, in order
 per (endpoint, payment); one endpoint that is down, answers 500 or hangs never delays another,
-and loses nothing once it is back; a rotated secret signs with every secret of the last day."""
+and loses nothing once it is back; a rotated secret signs with every secret of the last day, and
+each attempt's log names the secrets that signed it by their fingerprints."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +20,7 @@ from payment_service.endpoints import (
     select_endpoint,
     update_endpoint,
 )
+from payment_service.signing import fingerprint, secret_key
 from tests.support.audit import OPERATOR
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
@@ -192,6 +195,25 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
                 delivery.verify(newest)
     # the other endpoint's signing is untouched
     assert all(len(d.headers["webhook-signature"].split()) == 1 for d in receiver.accepted())
+    # Each attempt's log says which secrets signed it, by their fingerprints, never the secrets.
+    prints = {
+        tuple(secrets): " ".join(fingerprint(secret_key(s)) for s in secrets)
+        for secrets in signers.values()
+    }
+    logs = await conn.fetch(
+        "SELECT d.attempt_log::text AS log FROM deliveries AS d JOIN endpoints AS n"
+        " ON n.endpoint_id = d.endpoint_id WHERE n.name = 'trip' AND d.status = 'DELIVERED'"
+    )
+    recorded = {json.loads(row["log"])[-1]["signed_with"] for row in logs}
+    assert recorded <= set(prints.values()) and prints[(newest, new, TRIP_SECRET)] in recorded
+    assert prints[(TRIP_SECRET,)] in recorded
+    trip_row = await select_endpoint(conn, "trip")
+    assert " ".join(trip_row.signing_fingerprints()) == prints[(newest, new, TRIP_SECRET)]
+    assert not any(
+        secret.removeprefix("whsec_") in row["log"]
+        for row in logs
+        for secret in (new, newest, TRIP_SECRET)
+    )
 
 
 async def test_a_relay_start_follows_a_changed_notification_url_until_an_operator_changes_it(

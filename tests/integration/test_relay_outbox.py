@@ -294,6 +294,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
             [1],
             [2],
             [True],
+            ["0123456789ab"],
         ),
         "probe": await _plan(conn, outbox.PROBE_CLAIM_SQL, notification, 30.0, token),
         "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
