@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from payment_service import endpoints
+from payment_service.signing import fingerprint, secret_key
 from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi
 from tests.support.audit import OPERATOR, audit_rows, audit_text
@@ -165,6 +166,10 @@ async def test_every_endpoint_action_is_confirmed_audited_and_a_new_secret_shown
     assert new in rotated.text and secret not in rotated.text  # shown once, there
     for path in ("/", "/endpoints", "/endpoints/trip", "/audit", "/endpoints/trip/rotate-secret"):
         assert "whsec_" not in (await signed_in.get(path)).text, path
+    # Its page names the secrets that sign by fingerprint, as each attempt's log does.
+    signing = page_text((await signed_in.get("/endpoints/trip")).text)
+    assert f"signed with the secret {fingerprint(secret_key(new))}" in signing
+    assert f"the replaced secret {fingerprint(secret_key(secret))} signs too until" in signing
 
     removed = await signed_in.act("/endpoints/trip/remove")
     assert removed.headers["location"] == CONSOLE + "/endpoints?removed=trip"
