@@ -192,33 +192,6 @@ SELECT d.delivery_id
  WHERE d.attempt_log @> jsonb_build_array(jsonb_build_object('at', to_timestamp(a.attempted_at)))
 """
 
-# The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
-# dead ones, the endpoint's state and its breaker. Read through the partial indexes on PENDING and
-# DEAD rows, so the cost follows the backlog, not the retained history.
-ENDPOINT_BACKLOG_SQL = """
-SELECT ep.name,
-       pending.n AS pending,
-       pending.oldest_age_seconds,
-       dead.n AS dead,
-       ep.state,
-       CASE WHEN ep.breaker_open_until IS NULL THEN 'closed'
-            WHEN ep.breaker_open_until > now() THEN 'open'
-            ELSE 'half_open' END AS breaker
-  FROM endpoints AS ep
- CROSS JOIN LATERAL (
-        SELECT count(*) AS n,
-               extract(epoch FROM now() - min(d.created_at))::float8 AS oldest_age_seconds
-          FROM deliveries AS d
-         WHERE d.endpoint_id = ep.endpoint_id
-           AND d.status = 'PENDING') AS pending
- CROSS JOIN LATERAL (
-        SELECT count(*) AS n
-          FROM deliveries AS d
-         WHERE d.endpoint_id = ep.endpoint_id
-           AND d.status = 'DEAD') AS dead
- ORDER BY ep.name
-"""
-
 # Housekeeping (outbox_relay.housekeeping runs these in rounds of short statements).
 #
 # Deliveries delivered past retention, oldest first, through deliveries_delivered_at_idx; each
@@ -427,12 +400,6 @@ async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRe
         RECORDED_ALREADY_SQL, [r.id for r in records], [r.attempted_at for r in records]
     )
     return {row[0] for row in rows}
-
-
-async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """Per endpoint (by name): pending deliveries, the oldest one's age in seconds (None if
-    none), dead deliveries, state, breaker. See ENDPOINT_BACKLOG_SQL."""
-    return await conn.fetch(ENDPOINT_BACKLOG_SQL)  # type: ignore[no-any-return]
 
 
 # -- inspection and operation -------------------------------------------------------------------

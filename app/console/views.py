@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from quart import Blueprint, Response, g, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 
+from app import payments
 from app.console.session import COOKIE, CSRF_FIELD, IDLE_SECONDS, ConsoleSession, Sessions
 from app.context import current_payment_app
 from app.hooks import key_of_token
-from payment_service import audit, endpoints
+from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
 from payment_service.endpoints import Endpoint, EndpointError, EndpointNotFound
 
@@ -46,6 +50,7 @@ CONTENT_SECURITY_POLICY = (
 )
 AUDIT_PAGE = 25  # entries per page of the audit log
 ENDPOINT_HISTORY = 10  # operator actions shown on an endpoint's page
+ENDPOINT_DELIVERIES = 10  # deliveries shown in each of an endpoint's lists
 OPEN_ROUTES = frozenset({"console.sign_in", "console.post_sign_in", "console.static"})
 
 
@@ -207,27 +212,71 @@ async def post_sign_out() -> Response:
 
 
 # -- overview -------------------------------------------------------------------------------------
+LAGGING_SECONDS = 300  # an oldest pending delivery this old needs attention (OutboxDeliveryLagging)
+
+
+@dataclass(frozen=True)
+class EndpointRow:
+    """An endpoint as the overview shows it: its row, its backlog, and why it needs attention."""
+
+    endpoint: Endpoint
+    backlog: deliveries.Backlog | None  # None: removed between the two reads
+    attention: int  # 0 first: DISABLED, breaker, dead, lagging, paused, failing, fine
+    why: str | None
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+
+ATTENTION = ("disabled", "breaker", "dead", "lagging", "paused", "failing")
+
+
+def attention_first(
+    found: list[Endpoint], backlog: dict[str, deliveries.Backlog]
+) -> list[EndpointRow]:
+    """What needs attention first: DISABLED, then a breaker not closed, dead deliveries, an
+    oldest pending delivery over LAGGING_SECONDS old, PAUSED, failing lately, then the rest; the
+    most dead, then the oldest pending, first within each."""
+    rows = []
+    for endpoint in found:
+        counts = backlog.get(endpoint.name)
+        dead = counts.dead if counts else 0
+        age = (counts.oldest_age_seconds or 0.0) if counts else 0.0
+        reasons = {
+            "disabled": endpoint.state == "DISABLED",
+            "breaker": endpoint.breaker != "closed",
+            "dead": dead > 0,
+            "lagging": age > LAGGING_SECONDS,
+            "paused": endpoint.state == "PAUSED",
+            "failing": endpoint.consecutive_failures > 0,
+        }
+        rank = next((i for i, why in enumerate(ATTENTION) if reasons[why]), len(ATTENTION))
+        why = ATTENTION[rank] if rank < len(ATTENTION) else None
+        rows.append(EndpointRow(endpoint, counts, rank, why))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r.attention,
+            -(r.backlog.dead if r.backlog else 0),
+            -((r.backlog.oldest_age_seconds or 0.0) if r.backlog else 0.0),
+            r.name,
+        ),
+    )
+
+
 @blueprint.get("/")
 async def overview() -> Response:
     async with current_payment_app().connection() as conn:
         found = await endpoints.select_endpoints(conn)
-    return await _page("overview.html", endpoints=attention_first(found))
-
-
-def attention_first(found: list[Endpoint]) -> list[Endpoint]:
-    """What needs attention first: DISABLED, then an open breaker, then failing, then the rest;
-    by name within each."""
-
-    def rank(endpoint: Endpoint) -> tuple[int, str]:
-        if endpoint.state == "DISABLED":
-            return 0, endpoint.name
-        if endpoint.breaker != "closed":
-            return 1, endpoint.name
-        if endpoint.consecutive_failures or endpoint.state == "PAUSED":
-            return 2, endpoint.name
-        return 3, endpoint.name
-
-    return sorted(found, key=rank)
+        backlog = {b.name: b for b in await deliveries.select_backlog(conn)}
+    rows = attention_first(found, backlog)
+    return await _page(
+        "overview.html",
+        rows=rows,
+        attention=sum(row.why is not None for row in rows),
+        lagging_seconds=LAGGING_SECONDS,
+    )
 
 
 # -- endpoints ------------------------------------------------------------------------------------
@@ -246,9 +295,16 @@ async def endpoint_detail(name: str) -> Response:
         except EndpointNotFound as error:
             return await _refused(404, str(error))
         history = await audit.select_audit(conn, target=f"endpoint:{name}", limit=ENDPOINT_HISTORY)
+        backlog = {b.name: b for b in await deliveries.select_backlog(conn)}.get(name)
+        sent = await deliveries.select_endpoint_deliveries(
+            conn, endpoint_id=endpoint.endpoint_id, limit=ENDPOINT_DELIVERIES
+        )
     return await _page(
         "endpoint.html",
         endpoint=endpoint,
+        backlog=backlog,
+        sent=sent,
+        recent_window=deliveries.RECENT_WINDOW,
         history=history.entries,
         actions=ACTIONS.values(),
         done=ACTIONS.get(request.args.get("done", "")),
@@ -403,6 +459,58 @@ async def post_endpoint_action(name: str, action: str) -> Response:
     if action == "remove":
         return _redirect(url_for("console.endpoint_list", removed=name))
     return _redirect(url_for("console.endpoint_detail", name=name, done=action))
+
+
+# -- a payment's story ----------------------------------------------------------------------------
+REFERENCE = re.compile(r"^PAY-[0-9]{8}-[0-9a-f]{8}$")
+MAX_ID = 2**63 - 1
+
+
+def search_terms(text: str) -> dict[str, Any]:
+    """What a search for `text` looks for: a reference (`PAY-20250131-1a2b3c4d`), or digits as a
+    payment id and a trip id at once; nothing for anything else."""
+    text = text.strip()
+    if REFERENCE.fullmatch(text):
+        return {"reference": text}
+    if text.isascii() and text.isdigit() and 0 < int(text) <= MAX_ID:
+        return {"payment_id": int(text), "trip_id": int(text)}
+    return {}
+
+
+@blueprint.get("/payments")
+async def payment_search() -> Response:
+    """Find a payment by its id, its trip's id or its reference; one match goes to its story."""
+    text = request.args.get("q", "").strip()[:100]
+    terms = search_terms(text)
+    found: list[Any] = []
+    if terms:
+        async with current_payment_app().connection() as conn:
+            found = await payments.select_payments_matching(conn, **terms)
+    if len(found) == 1:
+        return _redirect(url_for("console.payment_story", payment_id=found[0]["payment_id"]))
+    return await _page(
+        "payments.html", 200 if found or not text else 404, q=text, found=found, terms=terms
+    )
+
+
+@blueprint.get("/payments/<payment_id:payment_id>")
+async def payment_story(payment_id: int) -> Response:
+    """The payment and its refunds, then its events, each with its deliveries and attempts."""
+    async with current_payment_app().connection() as conn:
+        document = await payments.select_payment_document(conn, payment_id=payment_id)
+        if document is None:
+            return await _refused(404, f"No payment with payment_id {payment_id}.")
+        events = await deliveries.select_payment_events(conn, payment_id=payment_id)
+    payment = json.loads(document, parse_float=Decimal)
+    return await _page(
+        "payment.html",
+        payment=payment,
+        metadata=json.dumps(
+            payment.get("metadata") or {}, indent=2, ensure_ascii=False, default=str
+        ),
+        events=events,
+        attempts_shown=deliveries.ATTEMPTS_SHOWN,
+    )
 
 
 # -- audit ----------------------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 `payment-service serve --workers 2` and relay processes: an operator signs in, sees the endpoint
 whose receiver fails with its breaker open at the top of the overview, pauses and resumes it with
 confirmation, and finds each action in the audit log; without a session or without the CSRF token
-nothing is done, and what comes from outside renders as text.
+nothing is done; a payment's story is found by its reference; and what comes from outside (a
+receiver's answer, metadata, a reason) renders as text.
 
 Few tests, one browser for the session. With CONSOLE_SCREENSHOTS=<folder> they save each page
 there (`python -m tests.support.screenshots` writes docs/console/)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -30,6 +33,7 @@ TOKEN = "browser-tests-admin-token-7Qf2Lp9X"
 # What a failing receiver answers: markup that must show as text wherever the console shows it.
 HOSTILE = '<script>window.pwned = "by the receiver"</script> overloaded'
 REASON = '<script>window.pwned = "by a reason"</script> deploying'
+METADATA = '<script>window.pwned = "by metadata"</script> rider note'
 
 
 async def answer_hostile_500(_delivery: Delivery) -> Reply:
@@ -46,11 +50,16 @@ class Stack:
     def url(self, path: str) -> str:
         return self.api.base_url + CONSOLE + path
 
-    async def pay(self, count: int) -> None:
+    async def pay(self, count: int) -> list[dict[str, Any]]:
+        """`count` payments through the API, each with metadata carrying markup."""
+        made = []
         async with httpx.AsyncClient(base_url=self.api.base_url, timeout=10) as client:
             for _ in range(count):
-                response = await client.post("/payments", json=payment_body(amount="25.00"))
+                body = payment_body(amount="25.00", metadata={"note": METADATA})
+                response = await client.post("/payments", json=body)
                 assert response.status_code == 200, response.text
+                made.append(response.json())
+        return made
 
 
 @pytest.fixture
@@ -96,7 +105,7 @@ async def test_an_operator_finds_the_failing_endpoint_pauses_and_resumes_it(
 ) -> None:
     await sign_in(browser, stack)
     stack.receiver.policy = answer_hostile_500
-    await stack.pay(4)
+    made = await stack.pay(4)
 
     async def breaker_open() -> bool:
         return (await select_endpoint(stack.conn, "notification")).breaker == "open"
@@ -109,7 +118,22 @@ async def test_an_operator_finds_the_failing_endpoint_pauses_and_resumes_it(
 
     await browser.click("#endpoint-notification a")
     assert "breaker open" in await browser.text("#breaker")
+    failing = await browser.text("#failing")
+    assert f"500 HTTP 500: {HOSTILE}" in failing, "the receiver's answer, as text"
+    assert await browser.run_script("return window.pwned === undefined")
     await browser.screenshot("endpoint")
+
+    # A payment's story, found by its reference: metadata and answers shown as text.
+    await browser.click("nav a[href$='/payments']")
+    await browser.fill("#q", made[0]["reference"])
+    await browser.click("form.filters button")
+    assert (await browser.url()).endswith(f"{CONSOLE}/payments/{made[0]['payment_id']}")
+    assert json.dumps(METADATA) in await browser.text("#metadata")
+    story = await browser.text("main")
+    assert "payment.succeeded" in story and f"HTTP 500: {HOSTILE}" in story
+    assert await browser.run_script("return window.pwned === undefined")
+    await browser.screenshot("payment")
+    await browser.open(stack.url("/endpoints/notification"))
     await browser.click("#action-pause")
     assert "Pause endpoint notification?" in await browser.text("h1")
     await browser.fill("#reason", REASON)

@@ -15,7 +15,7 @@ import pytest
 from payment_service import endpoints
 from payment_service.signing import fingerprint, secret_key
 from tests.integration.conftest import ApiFactory
-from tests.support.api import RunningApi
+from tests.support.api import RunningApi, payment_body, post_json
 from tests.support.audit import OPERATOR, audit_rows, audit_text
 from tests.support.console import CONSOLE, ConsoleClient, page_text, script_elements
 from tests.support.environment import SECRET, new_signing_secret
@@ -302,3 +302,47 @@ async def test_the_audit_page_filters_and_pages(
 async def test_openapi_leaves_the_console_out(api: RunningApi) -> None:
     document: dict[str, Any] = (await api.client.get("/openapi.json")).json()
     assert not [path for path in document["paths"] if "console" in path]
+
+
+async def test_a_payments_story_found_by_reference_trip_or_id(
+    api: RunningApi, signed_in: ConsoleClient, db: asyncpg.Connection
+) -> None:
+    created = await post_json(api.client, "/payments", payment_body(metadata={"note": HOSTILE}))
+    assert created.status_code == 200, created.text
+    payment = created.json()
+    refund = await post_json(
+        api.client,
+        f"/payments/{payment['payment_id']}/refunds",
+        {"idempotency_key": "story-refund", "amount": "50.00"},
+    )
+    assert refund.status_code == 200, refund.text
+    # The relay's record of a failed attempt, as it writes it: the receiver's answer is any text.
+    await db.execute(
+        """
+        UPDATE deliveries
+           SET attempts = 1, last_error = $1,
+               attempt_log = jsonb_build_array(jsonb_build_object(
+                   'attempt', 1, 'at', now(), 'outcome', 'PENDING', 'status_code', 500,
+                   'error', $1::text, 'tries', 1, 'duration_ms', 12,
+                   'signed_with', 'abcdef012345'))
+        """,
+        "HTTP 500: " + HOSTILE,
+    )
+    story = CONSOLE + f"/payments/{payment['payment_id']}"
+    for q in (payment["reference"], str(payment["trip_id"]), str(payment["payment_id"])):
+        found = await signed_in.get("/payments", q=q)
+        assert found.status_code == 303 and found.headers["location"] == story, q
+    for q, status in (("PAY-20250101-00000000", 404), ("no such thing", 404), ("", 200)):
+        assert (await signed_in.get("/payments", q=q)).status_code == status, q
+
+    page = await signed_in.get(f"/payments/{payment['payment_id']}")
+    assert page.status_code == 200
+    text = page_text(page.text)
+    assert payment["reference"] in text and "PARTIALLY_REFUNDED" in text
+    assert "50.00" in text, "the refund"
+    assert text.count("payment.succeeded") == 1 and text.count("payment.refunded") == 1
+    assert f'"note": {json.dumps(HOSTILE)}' in text, "the metadata, as text"
+    assert f"500 HTTP 500: {HOSTILE}" in text, "the receiver's answer, as text"
+    assert "abcdef012345" in text and "12 ms" in text
+    assert script_elements(page.text) == 0 and "<img" not in page.text
+    assert (await signed_in.get("/payments/999999")).status_code == 404

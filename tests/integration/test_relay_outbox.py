@@ -14,6 +14,7 @@ import pytest
 from outbox_relay import outbox
 from outbox_relay.admin import replay_range
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from payment_service import deliveries
 from payment_service.database import connect
 from payment_service.endpoints import insert_endpoint
 from tests.support.audit import OPERATOR
@@ -298,7 +299,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
         ),
         "probe": await _plan(conn, outbox.PROBE_CLAIM_SQL, notification, 30.0, token),
         "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
-        "gauges": await _plan(conn, outbox.ENDPOINT_BACKLOG_SQL),
+        "gauges": await _plan(conn, deliveries.BACKLOG.sql),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
         "sweep events": await _plan(conn, outbox.SWEEP_EVENTS_SQL, 0, 3600.0, 1000),
         "lock unused events": await _plan(conn, outbox.LOCK_UNUSED_EVENTS_SQL, event_ids, 3600.0),
