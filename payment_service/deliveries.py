@@ -119,7 +119,7 @@ FAILING = Statement(
 )
 
 # Its dead deliveries, newest first (through the partial index on DEAD rows).
-DEAD = Statement(
+DEAD_OF_ENDPOINT = Statement(
     f"""
     SELECT {_LINE}
       FROM deliveries AS d
@@ -185,7 +185,7 @@ def _line(row: asyncpg.Record) -> DeliveryLine:
 
 
 @dataclass(frozen=True)
-class EndpointDeliveries:
+class RecentDeliveries:
     latest: list[DeliveryLine]  # among the newest RECENT_WINDOW deliveries of all endpoints
     failing: list[DeliveryLine]  # pending, failed before, the latest tried first
     dead: list[DeliveryLine]  # newest first
@@ -193,13 +193,17 @@ class EndpointDeliveries:
 
 async def select_endpoint_deliveries(
     conn: asyncpg.Connection, *, endpoint_id: int, limit: int = 10
-) -> EndpointDeliveries:
+) -> RecentDeliveries:
     """An endpoint's latest deliveries, those it keeps failing and its dead ones, `limit` each."""
     found = []
-    for statement, extra in ((LATEST, {"window": RECENT_WINDOW}), (FAILING, {}), (DEAD, {})):
+    for statement, extra in (
+        (LATEST, {"window": RECENT_WINDOW}),
+        (FAILING, {}),
+        (DEAD_OF_ENDPOINT, {}),
+    ):
         values = statement.args(endpoint_id=endpoint_id, limit=limit, **extra)
         found.append([_line(row) for row in await conn.fetch(statement.sql, *values)])
-    return EndpointDeliveries(*found)
+    return RecentDeliveries(*found)
 
 
 # -- a payment's events ---------------------------------------------------------------------------

@@ -146,7 +146,8 @@ async def test_pages_newest_first_with_filters(db: asyncpg.Connection) -> None:
 
 async def test_every_filter_is_served_by_an_index(db: asyncpg.Connection) -> None:
     """EXPLAIN each filter's statement over 100,000 entries, most of them alike: no sequential
-    scan of the log, no sort, and a rare actor, action or target is found through its index."""
+    scan of the log, a page of it read in the index's order (no sort), and a rare actor, action
+    or target found through its own index (the few rows then sorted)."""
     await db.execute(
         """
         INSERT INTO audit_log (at, actor, action, target_kind, target_id, origin)
@@ -177,7 +178,8 @@ async def test_every_filter_is_served_by_an_index(db: asyncpg.Connection) -> Non
         args = statement.args(**{name: values[name] for name in filters}, limit=21)
         plan = "\n".join(row[0] for row in await db.fetch("EXPLAIN " + statement.sql, *args))
         assert "Seq Scan on audit_log" not in plan, f"{filters}:\n{plan}"
-        assert "Sort" not in plan, f"{filters}:\n{plan}"
+        if set(filters) <= {"since", "until", "before_id"}:  # a page read in index order
+            assert "Sort" not in plan, f"{filters}:\n{plan}"
         for name in filters:
             if name in index:
                 assert f"audit_log_{index[name]}_idx" in plan, f"{filters}:\n{plan}"

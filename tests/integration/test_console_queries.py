@@ -214,7 +214,9 @@ async def test_the_consoles_statements_cost_what_they_show(db: asyncpg.Connectio
             db, deliveries.FAILING.sql, *deliveries.FAILING.args(endpoint_id=trip, limit=10)
         ),
         "dead": await _plan(
-            db, deliveries.DEAD.sql, *deliveries.DEAD.args(endpoint_id=trip, limit=10)
+            db,
+            deliveries.DEAD_OF_ENDPOINT.sql,
+            *deliveries.DEAD_OF_ENDPOINT.args(endpoint_id=trip, limit=10),
         ),
         "payment events": await _plan(
             db,
