@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from payment_service.endpoints import insert_endpoint, rotate_secret
+from payment_service.endpoints import rotate_secret
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.environment import SECRET, new_signing_secret
 from tests.support.processes import RelayLauncher, dump_logs
@@ -21,6 +21,7 @@ from tests.support.receiver import (
     answer_ok,
     answer_status,
     assert_ordered_per_payment,
+    subscribed,
 )
 from tests.support.waiting import wait_for
 
@@ -30,12 +31,8 @@ TRIP_SECRET = new_signing_secret()
 @pytest.fixture
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second receiver, subscribed as endpoint `trip` with a secret of its own."""
-    receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET)
-    try:
+    async with subscribed(conn, "trip", secret=TRIP_SECRET) as receiver:
         yield receiver
-    finally:
-        await receiver.close()
 
 
 def assert_sequence_grows(receiver: Receiver, events: list[EventRow]) -> None:
