@@ -445,7 +445,7 @@ def render_mixed(mixed: dict[str, Any], connections: int) -> list[str]:
         "The age columns are the healthy endpoints' oldest pending delivery while the API runs "
         "flat out. After the load every event of it is sent to `driver` again (`outbox replay "
         "--endpoint driver --since <the load's start>`): the backlog, and the rate at which "
-        "`driver`'s receiver answered 200 until nine tenths of it had arrived.",
+        "`driver`'s receiver answered 200 until three quarters of it had arrived.",
         "",
         "| API req/s | API p99 ms | healthy oldest pending p50 s | p99 s | max s | "
         "healthy most pending | `driver` pending at load end | `driver` backlog replayed | "
