@@ -8,6 +8,12 @@ Each ACTIVE endpoint with a URL has a lane, and everything a lane does costs onl
 - its queue of claimed deliveries and its workers (outbox_relay.workers), with limits:
   - `limit`: deliveries in flight at once, its share of RELAY_CONCURRENCY (at least 1), so that
     an endpoint that hangs until the timeout holds only its own workers;
+  - `in_flight_allowed`: of those, what its endpoint's answers earn: `limit` times the square of
+    `answered` (the share of its recent tries answered 2xx), at least 1. A try costs the relay's
+    CPU whatever the answer; when that CPU runs short, each lane gets about its share of tries in
+    flight, so an endpoint failing half its tries keeps a quarter of its slots and the others keep
+    theirs. On a relay with CPU to spare even one slot sends hundreds of tries a second (a try is
+    a round trip of a millisecond or two), so a flapping endpoint still drains;
   - `low_water` / `max_held`: the lane claims once no more than `low_water` deliveries are held
     (queued or in flight), up to `max_held`, so that claims stay batched while a busy lane's
     queue never runs dry;
@@ -39,6 +45,9 @@ from payment_service.signing import secret_key
 QueueItem = tuple[ClaimedEvent, float] | None
 
 LANE_POOL_SIZE = 2  # the lane's claims, the writes of its results
+# `answered` follows a lane's tries: each moves it this much of the way to 1 (2xx) or 0 (anything
+# else), so it reflects about the last 1 / ANSWERED_WEIGHT tries.
+ANSWERED_WEIGHT = 0.05
 # Deliveries of one lane waiting out a quick retry at once. Each costs a lease already held and a
 # timer; the cap only bounds what a relay holds when an endpoint fails nearly every try. At a few
 # tenths of a second per wait it lets a lane retry thousands of deliveries a second.
@@ -85,6 +94,7 @@ class Lane:
     low_water: int = 1
     max_held: int = 1
     max_waiting: int = MAX_WAITING_PER_LANE
+    answered: float = 1.0  # the share of its recent tries answered 2xx (see ANSWERED_WEIGHT)
     retired: bool = False  # the endpoint went (removed, paused, new URL): finish, take no more
     slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     # Something may be claimable for this lane: news from the API, a delivery that unblocks the
@@ -115,6 +125,15 @@ class Lane:
         self.low_water = self.limit
         self.max_held = self.limit + max(1, math.ceil(batch_size / lanes))
         self.slot_freed.set()
+
+    @property
+    def in_flight_allowed(self) -> int:
+        """Tries it may have on the wire at once: its `limit`, as its endpoint's answers earn."""
+        return max(1, round(self.limit * self.answered * self.answered))
+
+    def note_answer(self, delivered: bool) -> None:
+        """One try's answer: 2xx (`delivered`) or not."""
+        self.answered += ANSWERED_WEIGHT * (float(delivered) - self.answered)
 
     def budget(self, batch_size: int) -> int:
         """How many deliveries to claim for the lane now (0 while it holds enough)."""

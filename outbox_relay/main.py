@@ -30,6 +30,8 @@ it:
    least one) at once, with workers of its own, so a hanging endpoint holds its own workers and
    never anyone else's; a retryable failure waits out its quick retry holding no worker and no
    slot, so a flapping endpoint keeps sending (and draining) at the rate its receiver answers;
+   and a lane's slots shrink with the share of its tries that fail (Lane.in_flight_allowed), so
+   when the relay's CPU runs short the tries of a failing endpoint take less of it;
 2. claiming: each lane claims for itself, on its own connections, up to its own room (claimed
    only once it has drained to its low water mark), so one endpoint's backlog never fills
    another's claim, and a claim that is slow for one endpoint (its backlog, the bloat of its

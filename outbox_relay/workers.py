@@ -1,14 +1,15 @@
 """The workers: each takes a claimed delivery off its lane's queue, sends it and hands the result
 to the lane's recorder.
 
-A lane has as many workers as it could ever be allowed (RELAY_CONCURRENCY); `lane.limit` bounds
-the tries on the wire at once (the lane's slots), so that an endpoint that hangs until the timeout
-holds only its own workers. A retryable failure does not hold its worker while it waits for a
-quick retry: the delivery leaves the lane's `held` count for its `waiting` one and its retries
-run in a task of their own (`_retry`), taking a slot only while a try is on the wire; the worker
-takes the next delivery at once, and the lane goes on claiming. A delivery is released, not sent,
-when the relay is stopping, its lane is retired, or it waited in the queue until too close to the
-end of its lease (another relay may be about to take it over).
+A lane has as many workers as it could ever be allowed (RELAY_CONCURRENCY); its slots bound the
+tries on the wire at once (`lane.in_flight_allowed`: its share, `lane.limit`, as its endpoint's
+answers earn it), so that an endpoint that hangs until the timeout holds only its own workers,
+and one failing many of its tries holds fewer. A retryable failure does not hold its worker while
+it waits for a quick retry: the delivery leaves the lane's `held` count for its `waiting` one and
+its retries run in a task of their own (`_retry`), taking a slot only while a try is on the wire;
+the worker takes the next delivery at once, and the lane goes on claiming. A delivery is
+released, not sent, when the relay is stopping, its lane is retired, or it waited in the queue
+until too close to the end of its lease (another relay may be about to take it over).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Workers:
     async def _take_slot(self, lane: Lane) -> bool:
         """Wait until the lane may send one more; False when it must not (stop, retired)."""
         stop = self.state.stop
-        while lane.in_flight >= lane.limit:
+        while lane.in_flight >= lane.in_flight_allowed:
             if stop.is_set() or lane.retired:
                 return False
             lane.slot_freed.clear()
@@ -188,7 +189,7 @@ class Workers:
         metrics = self.state.metrics
         metrics.in_flight.inc()
         try:
-            return await lane.deliverer.send(event)
+            result = await lane.deliverer.send(event)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -198,6 +199,8 @@ class Workers:
             return error
         finally:
             metrics.in_flight.dec()
+        lane.note_answer(result.verdict is Verdict.DELIVERED)
+        return result
 
     def _failed(self, event: ClaimedEvent, error: Exception, started: float) -> AttemptRecord:
         """The attempt of a delivery whose sending raised: a bug, counted as a failed attempt."""

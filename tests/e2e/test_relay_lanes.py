@@ -17,6 +17,7 @@ from payment_service.endpoints import delete_endpoint, insert_endpoint
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import (
+    HANG,
     OK,
     Answer,
     Delivery,
@@ -131,6 +132,35 @@ async def test_a_retry_waits_without_holding_a_worker(
     receiver.policy = answer_ok
     await wait_for(lambda: has_all(receiver, events), timeout=60, what="every event")
     assert relay.process is not None and relay.process.poll() is None, dump_logs([relay])
+
+
+async def test_an_endpoint_failing_its_tries_holds_fewer_of_them_in_flight(
+    conn: asyncpg.Connection, receiver: Receiver, trip: Receiver, relays: RelayLauncher
+) -> None:
+    """Eight slots a lane; `notification` fails its first 60 tries, then holds every request
+    unanswered. Its answers have earned it one slot: at the moment `trip` has every event of a
+    burst that followed, `notification` holds one request, where a lane with all its slots holds
+    eight. Answering again, it gets everything."""
+    failures = 60
+
+    async def failing_then_holding(_delivery: Delivery) -> Answer:
+        return Reply(500, b'{"error": "test"}') if len(receiver.deliveries) <= failures else HANG
+
+    receiver.policy = failing_then_holding
+    relays.start(
+        relay_concurrency=16,  # two lanes: eight slots each
+        relay_quick_retries=0,
+        relay_retry_schedule=0.05,
+        relay_request_timeout=60,  # nothing held is given up during the test
+        endpoint_breaker_failures=1000,
+    )
+    events = await insert_events(conn, payments=20)
+    await wait_for(lambda: receiver.held() >= 1, timeout=30, what="the failures, then a hold")
+    events += await insert_events(conn, payments=200)
+    await wait_for(lambda: has_all(trip, events), timeout=60, what="every event at trip")
+    assert receiver.held() == 1
+    receiver.release(answer_ok)
+    await wait_for(lambda: has_all(receiver, events), timeout=60, what="every event")
 
 
 async def test_an_endpoint_whose_claims_fail_never_stops_another_nor_strands_its_probe(
