@@ -251,14 +251,15 @@ def acquire(
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
-    """A pool `reset` that returns a connection as it is (the API's pool uses it).
+    """A pool `reset` that returns a connection as it is (the API's pools and the relay lanes'
+    use it).
 
     asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) costs a
     round trip on every release: a tenth of the API's CPU per request in a py-spy profile. The
-    API's connections leave no session state behind (no SET, cursors, LISTEN or session advisory
-    locks: only transaction-scoped ones); asyncpg still rolls back a transaction left open before
-    calling this. The relay keeps the default: its housekeeping holds a session advisory lock,
-    which a failed unlock must not leave on a pooled connection.
+    API's and the lanes' connections leave no session state behind (no SET, cursors, LISTEN or
+    session advisory locks: only transaction-scoped ones); asyncpg still rolls back a transaction
+    left open before calling this. The relay's own pool keeps the default: its housekeeping holds
+    a session advisory lock, which a failed unlock must not leave on a pooled connection.
     """
 
 

@@ -358,13 +358,18 @@ async def claims_outstanding(conn: asyncpg.Connection) -> int:
 
 
 async def claim(conn: asyncpg.Connection, limit: int, lease_seconds: float = 30.0) -> list[Any]:
-    """The relay's claim with a budget of `limit` for every endpoint: its ClaimedEvents."""
+    """Every endpoint's claim, as each lane makes it, with a budget of `limit` each: their
+    ClaimedEvents, endpoint by endpoint."""
     from outbox_relay import outbox
 
-    endpoint_ids = [r[0] for r in await conn.fetch("SELECT endpoint_id FROM endpoints")]
-    return await outbox.claim_deliveries(
-        conn, budgets=dict.fromkeys(endpoint_ids, limit), lease_seconds=lease_seconds
-    )
+    claimed = []
+    for endpoint_id in [
+        r[0] for r in await conn.fetch("SELECT endpoint_id FROM endpoints ORDER BY endpoint_id")
+    ]:
+        claimed += await outbox.claim_deliveries(
+            conn, endpoint_id, limit=limit, lease_seconds=lease_seconds
+        )
+    return claimed
 
 
 async def set_endpoint_url(conn: asyncpg.Connection, url: str, name: str = "notification") -> int:
