@@ -38,6 +38,12 @@ from payment_service.endpoints import (
     EndpointNotFound,
     InvalidEndpoint,
 )
+from payment_service.vocabulary import (
+    EVENT_TYPES,
+    MAX_EVENT_TYPES,
+    DeliveryStatus,
+    EndpointState,
+)
 
 blueprint = Blueprint("admin", __name__)
 
@@ -80,9 +86,9 @@ EventTypes = Annotated[
     WithJsonSchema(
         {
             "type": "array",
-            "items": {"enum": ["*", "payment.*", *endpoints.EVENT_TYPES]},
+            "items": {"enum": ["*", "payment.*", *EVENT_TYPES]},
             "minItems": 1,
-            "maxItems": endpoints.MAX_EVENT_TYPES,
+            "maxItems": MAX_EVENT_TYPES,
         }
     ),
     AfterValidator(endpoints.check_event_types),
@@ -164,7 +170,7 @@ class EndpointDocument(BaseModel):
     name: str
     url: str | None
     event_types: list[str]
-    state: Literal["ACTIVE", "PAUSED", "DISABLED"]
+    state: EndpointState
     state_reason: str | None
     breaker: Literal["closed", "open", "half_open"]
     consecutive_failures: int
@@ -220,7 +226,7 @@ class DeliveryAttempt(BaseModel):
 class Delivery(BaseModel):
     endpoint: str
     endpoint_removed: bool  # the endpoint was removed since; its delivered deliveries stay
-    status: Literal["PENDING", "DELIVERED", "DEAD"]
+    status: DeliveryStatus
     attempts: int
     counted_attempts: int
     next_attempt_at: datetime | None

@@ -8,12 +8,13 @@ from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from payment_service.vocabulary import ENDPOINT_STATES
+
 logger = logging.getLogger(__name__)
 
 # How a gauge of the database's backlog combines across processes: every relay sees the same.
 _BACKLOG: Final = "livemax"
 
-ENDPOINT_STATES = ("ACTIVE", "PAUSED", "DISABLED")
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 

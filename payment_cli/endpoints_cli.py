@@ -22,6 +22,7 @@ from payment_service.config import Settings
 from payment_service.database import run_with_connection
 from payment_service.entry import PROGRAM, printable
 from payment_service.entry import database_settings as _database_settings
+from payment_service.vocabulary import EVENT_TYPES
 
 # How many undelivered deliveries go with an endpoint that `remove` deletes.
 UNDELIVERED_SQL = """
@@ -224,8 +225,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         return sub
 
     events_help = (
-        "comma-separated event types (payment.succeeded, payment.pending, payment.failed, "
-        "payment.refunded), prefixes such as 'payment.*', or '*'"
+        f"comma-separated event types ({', '.join(EVENT_TYPES)}), prefixes such as 'payment.*', "
+        "or '*'"
     )
     listing = action("list", cmd_list, "List endpoints: URL, event types, state, breaker.")
     listing.add_argument("--json", action="store_true", help="a JSON array (no secrets)")

@@ -46,11 +46,9 @@ from payment_service.callback_urls import (
 )
 from payment_service.config import Settings
 from payment_service.signing import SECRET_PREFIX
+from payment_service.vocabulary import ENDPOINT_STATES, event_type_patterns
 
-EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "payment.refunded")
-STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-MAX_EVENT_TYPES = 10  # patterns per endpoint: more than the event types and prefixes there are
 MAX_SECRET_LENGTH = 200  # characters of `whsec_…`
 MAX_REASON_LENGTH = 500  # characters of a pause or disable reason
 SECRET_BYTES = 32
@@ -208,28 +206,11 @@ def check_url(url: str, networks: NetworkPolicy | None = None) -> str:
 
 def check_event_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Exact event types, `payment.*`-style prefixes, or `*`; at least one, at most
-    MAX_EVENT_TYPES; no duplicates."""
-    given = [t.strip() for t in types if t.strip()]
-    cleaned = tuple(dict.fromkeys(given))
-    if not cleaned:
-        raise InvalidEndpoint(
-            "event_types", "an endpoint subscribes to at least one event type (or '*')"
-        )
-    if len(given) > MAX_EVENT_TYPES:
-        raise InvalidEndpoint(
-            "event_types", f"an endpoint subscribes to at most {MAX_EVENT_TYPES} event types"
-        )
-    for pattern in cleaned:
-        if pattern == "*" or pattern in EVENT_TYPES:
-            continue
-        if pattern.endswith(".*") and any(t.startswith(pattern[:-1]) for t in EVENT_TYPES):
-            continue
-        raise InvalidEndpoint(
-            "event_types",
-            f"unknown event type {pattern[:80]!r}: use {', '.join(EVENT_TYPES)}, a prefix such "
-            "as 'payment.*', or '*'",
-        )
-    return cleaned
+    MAX_EVENT_TYPES; no duplicates (payment_service.vocabulary.event_type_patterns)."""
+    try:
+        return event_type_patterns(types)
+    except ValueError as error:
+        raise InvalidEndpoint("event_types", str(error)) from None
 
 
 def check_secret(secret: str) -> str:
@@ -531,7 +512,7 @@ async def set_state(
     """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
     failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN_SQL):
     the operator says the receiver is back, so everything goes out at once, in order."""
-    if state not in STATES:
+    if state not in ENDPOINT_STATES:
         raise EndpointError(f"unknown state {state!r}")
     async with conn.transaction():
         changed = await _set_state(conn, name, state, reason)
