@@ -3,9 +3,9 @@
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
 key>` (ADMIN_API_KEYS, separate from API_KEYS); anything else is 401. Handlers are thin: the
-endpoint SQL is payment_service.endpoints (which the command line uses too; every change NOTIFYs
-the relays), the deliveries query app.deliveries. A secret is shown only by POST /endpoints and
-rotate-secret.
+endpoints' SQL is payment_service.endpoints (every change NOTIFYs the relays), the deliveries'
+payment_service.deliveries; the command line uses both too. A secret is shown only by
+POST /endpoints and rotate-secret.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from quart import Blueprint, Response, g, request
 from quart_schema import document_request, document_response
 from werkzeug.routing import BaseConverter
 
-from app import deliveries
 from app.context import current_payment_app
 from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
 from app.models import validate_model
 from app.routes import JSON, document_errors, json_body
-from payment_service import endpoints
+from payment_service import deliveries, endpoints
 from payment_service.callback_urls import MAX_URL_LENGTH
 from payment_service.endpoints import (
     Endpoint,
