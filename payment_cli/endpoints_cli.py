@@ -24,15 +24,6 @@ from payment_service.entry import database_settings as _database_settings
 from payment_service.entry import printable
 from payment_service.vocabulary import EVENT_TYPES
 
-# How many undelivered deliveries go with an endpoint that `remove` deletes.
-UNDELIVERED_SQL = """
-SELECT count(*)
-  FROM deliveries AS d
-  JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
- WHERE n.name = $1
-   AND d.status <> 'DELIVERED'
-"""
-
 Action = Callable[[asyncpg.Connection], Awaitable[Any]]
 
 
@@ -159,8 +150,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     settings = _database_settings()
 
     async def undelivered(conn: asyncpg.Connection) -> int:
-        await endpoints.select_endpoint(conn, args.name)  # raises EndpointNotFound
-        return int(await conn.fetchval(UNDELIVERED_SQL, args.name))
+        return await endpoints.count_undelivered(conn, args.name)
 
     if not args.yes:
         waiting: int = _run(settings, undelivered)
