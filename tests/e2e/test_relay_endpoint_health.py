@@ -15,7 +15,13 @@ import pytest
 
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, set_state
-from tests.support.database import DELIVERY_ROWS, EventRow, insert_events, status_counts
+from tests.support.database import (
+    DELIVERY_ROWS,
+    EventRow,
+    insert_events,
+    recorded,
+    status_counts,
+)
 from tests.support.processes import RelayLauncher, RelayProcess, dump_logs
 from tests.support.receiver import (
     Answer,
@@ -162,18 +168,6 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
         lambda: ("ACTIVE", "closed") in seen(relay), timeout=10, what="the relay to see enable"
     )
     assert any(state == "DISABLED" for state, _breaker in seen(relay))
-
-
-async def recorded(
-    conn: asyncpg.Connection, counts: dict[str, int], endpoint: str | None = None
-) -> None:
-    """Wait until the deliveries' statuses are `counts`: a receiver sees a callback before the
-    relay records its answer."""
-
-    async def reached() -> bool:
-        return await status_counts(conn, endpoint) == counts
-
-    await wait_for(reached, timeout=30, what=f"deliveries recorded as {counts}")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import functools
 
 import asyncpg
 import httpx
@@ -21,7 +20,7 @@ from payment_service.endpoints import (
     select_endpoint,
     select_endpoints,
 )
-from tests.support.database import DELIVERY_ROWS, insert_events, status_counts
+from tests.support.database import DELIVERY_ROWS, insert_events, recorded, status_counts
 from tests.support.environment import SECRET
 from tests.support.metrics import sample_value
 from tests.support.processes import RelayLauncher, dump_logs
@@ -58,13 +57,8 @@ async def test_an_endpoint_the_relay_cannot_deliver_to_is_disabled_and_the_other
             timeout=60,
             what="every event at notification and trip, beside the unservable endpoints",
         )
-        # The receivers have everything; the relay writes its results a moment later.
-        for name in ("notification", "trip"):
-            await wait_for(
-                functools.partial(_all_delivered, conn, name, len(ids)),
-                timeout=30,
-                what=f"every delivery to {name} recorded DELIVERED",
-            )
+        await recorded(conn, {"DELIVERED": len(ids)}, "notification")
+        await recorded(conn, {"DELIVERED": len(ids)}, "trip")
 
         async def all_disabled() -> bool:
             found = {e.name: e for e in await select_endpoints(conn)}
@@ -153,6 +147,3 @@ async def test_production_delivers_to_a_loopback_receiver_its_settings_list(
     ids = {e.event_id for e in await insert_events(conn, payments=3)}
     await wait_for(lambda: ids <= receiver.accepted_ids(), timeout=30, what="every event")
 
-
-async def _all_delivered(conn: asyncpg.Connection, name: str, count: int) -> bool:
-    return await status_counts(conn, name) == {"DELIVERED": count}

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from outbox_relay import outbox
-from outbox_relay.admin import replay_range
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.database import connect
+from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
 from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until

@@ -37,6 +37,7 @@ import pytest
 
 from payment_service.embedded import EmbeddedPostgres
 from payment_service.migrations import migrate
+from tests.support.waiting import wait_for
 
 
 @dataclass
@@ -348,6 +349,18 @@ async def status_counts(conn: asyncpg.Connection, endpoint: str | None = None) -
         endpoint,
     )
     return {r["status"]: r["n"] for r in rows}
+
+
+async def recorded(
+    conn: asyncpg.Connection, counts: dict[str, int], endpoint: str | None = None
+) -> None:
+    """Wait until the deliveries' statuses are `counts` (to every endpoint, or to the one named):
+    a receiver sees a callback before the relay records its answer."""
+
+    async def reached() -> bool:
+        return await status_counts(conn, endpoint) == counts
+
+    await wait_for(reached, timeout=30, what=f"deliveries recorded as {counts}")
 
 
 async def claims_outstanding(conn: asyncpg.Connection) -> int:
