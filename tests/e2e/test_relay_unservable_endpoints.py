@@ -7,7 +7,6 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-
 import asyncpg
 import httpx
 import pytest
@@ -146,4 +145,3 @@ async def test_production_delivers_to_a_loopback_receiver_its_settings_list(
     )
     ids = {e.event_id for e in await insert_events(conn, payments=3)}
     await wait_for(lambda: ids <= receiver.accepted_ids(), timeout=30, what="every event")
-
