@@ -20,6 +20,7 @@ from outbox_relay.metrics import RelayMetrics
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from outbox_relay.recorder import Recorder
 from outbox_relay.state import RelayState
+from payment_service.callback_urls import network_policy
 from payment_service.config import Settings
 from payment_service.database import create_pool
 from payment_service.endpoints import select_endpoint
@@ -44,7 +45,13 @@ async def lane(conn: asyncpg.Connection, database_url: str) -> AsyncIterator[Lan
     sent here: only its recorder's writes run)."""
     endpoint = await select_endpoint(conn, "notification")
     assert endpoint.url is not None
-    client = CallbackClient(endpoint.url, max_connections=1, timeout=1, user_agent="test")
+    client = CallbackClient(
+        endpoint.url,
+        networks=network_policy(production=False),
+        max_connections=1,
+        timeout=1,
+        user_agent="test",
+    )
     deliverer = Deliverer(
         client,
         signing_keys=[],
