@@ -3,10 +3,10 @@
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
 key>` (ADMIN_API_KEYS, separate from API_KEYS); anything else is 401. Handlers are thin: the
-endpoint SQL is payment_service.endpoints (which the command line uses too; every change NOTIFYs
-the relays, and writes the change's audit row, naming the admin key as `admin:<name>` and the
-client's address), the deliveries query app.deliveries, the audit log payment_service.audit. A
-secret is shown only by POST /endpoints and rotate-secret.
+endpoints' SQL is payment_service.endpoints (every change NOTIFYs the relays and writes the
+change's audit row, naming the admin key as `admin:<name>` and the client's address), the
+deliveries' payment_service.deliveries, the audit log's payment_service.audit; the command line
+uses them too. A secret is shown only by POST /endpoints and rotate-secret.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from quart import Blueprint, Response, g, request
 from quart_schema import document_querystring, document_request, document_response
 from werkzeug.routing import BaseConverter
 
-from app import deliveries
 from app.context import current_payment_app
 from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
 from app.models import INT64_MAX, validate_model
 from app.routes import JSON, document_errors, json_body
-from payment_service import audit, endpoints
+from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
 from payment_service.callback_urls import MAX_URL_LENGTH
 from payment_service.endpoints import (
@@ -48,6 +47,12 @@ from payment_service.endpoints import (
     EndpointExists,
     EndpointNotFound,
     InvalidEndpoint,
+)
+from payment_service.vocabulary import (
+    EVENT_TYPES,
+    MAX_EVENT_TYPES,
+    DeliveryStatus,
+    EndpointState,
 )
 
 blueprint = Blueprint("admin", __name__)
@@ -91,9 +96,9 @@ EventTypes = Annotated[
     WithJsonSchema(
         {
             "type": "array",
-            "items": {"enum": ["*", "payment.*", *endpoints.EVENT_TYPES]},
+            "items": {"enum": ["*", "payment.*", *EVENT_TYPES]},
             "minItems": 1,
-            "maxItems": endpoints.MAX_EVENT_TYPES,
+            "maxItems": MAX_EVENT_TYPES,
         }
     ),
     AfterValidator(endpoints.check_event_types),
@@ -198,7 +203,7 @@ class EndpointDocument(BaseModel):
     name: str
     url: str | None
     event_types: list[str]
-    state: Literal["ACTIVE", "PAUSED", "DISABLED"]
+    state: EndpointState
     state_reason: str | None
     breaker: Literal["closed", "open", "half_open"]
     consecutive_failures: int
@@ -279,7 +284,7 @@ class DeliveryAttempt(BaseModel):
 class Delivery(BaseModel):
     endpoint: str
     endpoint_removed: bool  # the endpoint was removed since; its delivered deliveries stay
-    status: Literal["PENDING", "DELIVERED", "DEAD"]
+    status: DeliveryStatus
     attempts: int
     counted_attempts: int
     next_attempt_at: datetime | None

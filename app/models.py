@@ -30,6 +30,7 @@ from pydantic import (
 
 from app.errors import APIError, validation_error
 from payment_service import exact_json
+from payment_service.vocabulary import PaymentMethod, PaymentStatus, RefundStatus
 
 INT64_MAX = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
@@ -40,9 +41,6 @@ METADATA_MAX_KEYS = 50
 METADATA_MAX_BYTES = 8 * 1024
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 CENT = Decimal("0.01")
-
-PaymentMethod = Literal["CARD", "UPI", "WALLET", "CASH", "NETBANKING"]
-PaymentStatus = Literal["PENDING", "SUCCESS", "FAILED", "PARTIALLY_REFUNDED", "REFUNDED"]
 
 
 # -- pure parsing helpers ------------------------------------------------------------------------
@@ -370,7 +368,7 @@ class Refund(BaseModel):
     refund_id: int
     payment_id: int
     amount: MoneyOut
-    status: Literal["REFUNDED", "FAILED"]
+    status: RefundStatus
     metadata: dict[str, Any]
     created_at: datetime
 

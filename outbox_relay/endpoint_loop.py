@@ -4,7 +4,8 @@ It seeds the endpoints from the settings once at start (`seed_from_settings`: wi
 NOTIFICATION_SERVICE_URL the relay behaves as before subscriptions), then reads them every second,
 and at once when the listener hears a change on ENDPOINTS_CHANNEL. Each ACTIVE endpoint with a URL
 gets a lane; the lane of an endpoint that went (removed, paused, disabled, or given a new URL) is
-retired: what it has not started is released, the rest finishes, then its connections close.
+retired: what it has not started is released, the rest finishes, then its connections close
+(outbox_relay.lane_runner runs each lane: its pool, claim loop, recorder and workers).
 Every change of an endpoint's state or breaker it sees is logged, whoever made it.
 
 Each lane opens in its own guard. An endpoint the relay cannot deliver to (a URL no request can be
@@ -19,9 +20,9 @@ import logging
 
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
+from outbox_relay.lane_runner import LaneRunner
 from outbox_relay.lanes import Lane, claimable, signing_keys
 from outbox_relay.state import RelayState, error_text, wait_for
-from outbox_relay.workers import Workers
 from payment_service import __version__
 from payment_service.callback_urls import CallbackURLError
 from payment_service.endpoints import (
@@ -39,9 +40,9 @@ ENDPOINT_RELOAD_SECONDS = 1.0  # endpoints are read again at least this often
 class EndpointLoop:
     """The loop (`run`) that opens, resizes and retires the lanes."""
 
-    def __init__(self, state: RelayState, workers: Workers) -> None:
+    def __init__(self, state: RelayState, runner: LaneRunner) -> None:
         self.state = state
-        self.workers = workers
+        self.runner = runner
         # (state, breaker) of every endpoint as last read, to log the changes the relay sees
         self._endpoint_states: dict[int, tuple[str, str]] = {}
         self._endpoints_loaded = False
@@ -100,7 +101,7 @@ class EndpointLoop:
                 )
         if changed or breaker_changed or not self._endpoints_loaded:
             self._endpoints_loaded = True
-            self.state.wake.set()
+            self.state.wake_lanes()
         return unservable
 
     async def _disable(self, unservable: list[tuple[Endpoint, str]]) -> None:
@@ -170,7 +171,7 @@ class EndpointLoop:
             endpoint=endpoint.name,
         )
         lane = Lane(endpoint, client, deliverer)
-        self.workers.start(lane)
+        self.runner.start(lane)
         logger.info(
             "delivering to endpoint",
             extra={
@@ -191,9 +192,8 @@ class EndpointLoop:
         """Stop delivering to a lane: release what it has not started, let the rest finish,
         then close its connections."""
         del self.state.lanes[lane.endpoint_id]
-        lane.retired = True
         self.state.retiring.add(lane)
-        self.workers.stop(lane)
+        self.runner.retire(lane)
         logger.info(
             "no longer delivering to endpoint",
             extra={
@@ -207,8 +207,7 @@ class EndpointLoop:
         closer.add_done_callback(self.closers.discard)
 
     async def _close_lane(self, lane: Lane) -> None:
-        await asyncio.gather(*lane.workers, return_exceptions=True)
-        await lane.client.aclose()
+        await self.runner.close(lane)
         self.state.retiring.discard(lane)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from outbox_relay.admin import parse_time
+from payment_cli.outbox_cli import parse_time
 from payment_service import audit
 from payment_service.database import run_with_connection
 from payment_service.entry import PROGRAM, printable

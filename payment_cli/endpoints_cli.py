@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
+from payment_cli.actions import Handler, add_action, fail
 from payment_service import endpoints
 from payment_service.audit import Operator
 from payment_service.config import Settings
 from payment_service.database import run_with_connection
-from payment_service.entry import PROGRAM, printable
 from payment_service.entry import database_settings as _database_settings
+from payment_service.entry import printable
+from payment_service.vocabulary import EVENT_TYPES
 
 Action = Callable[[asyncpg.Connection], Awaitable[Any]]
-
-
-def _fail(message: str) -> int:
-    print(f"{PROGRAM}: {printable(message)}", file=sys.stderr)
-    return 2
 
 
 def _run(settings: Settings, action: Action) -> Any:
@@ -83,7 +79,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     if args.url is None and args.events is None:
-        return _fail("endpoints update: give --url and/or --events")
+        return fail("endpoints update: give --url and/or --events")
 
     settings = _database_settings()
 
@@ -104,7 +100,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 Change = Callable[[asyncpg.Connection, argparse.Namespace], Awaitable[endpoints.Endpoint]]
 
 
-def _state_command(verb: str, change: Change) -> Callable[[argparse.Namespace], int]:
+def _state_command(verb: str, change: Change) -> Handler:
     """A command that changes an endpoint's state and prints it."""
 
     def command(args: argparse.Namespace) -> int:
@@ -172,7 +168,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     if not args.yes:
         waiting: int = _run(settings, undelivered)
-        return _fail(
+        return fail(
             f"endpoints remove: {args.name} has {waiting} undelivered deliveries, which would be "
             "deleted with it (its delivered ones stay as history); run again with --yes to "
             "remove it"
@@ -189,16 +185,16 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _guarded(command: Handler) -> Handler:
     """Bad input and unknown endpoints: one line on stderr, exit 2."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
         except endpoints.EndpointError as error:
-            return _fail(str(error))
+            return fail(str(error))
         except asyncpg.IntegrityConstraintViolationError as error:  # a CHECK of the table
-            return _fail(f"refused by the database: {error}")
+            return fail(f"refused by the database: {error}")
 
     return run
 
@@ -216,20 +212,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     actions = group.add_subparsers(dest="endpoints_command", metavar="ACTION", required=True)
 
-    def action(
-        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
-    ) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=_guarded(handler))
-        return sub
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        return add_action(actions, name, _guarded(handler), help_text)
 
     def named(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("name", help="the endpoint's name")
         return sub
 
     events_help = (
-        "comma-separated event types (payment.succeeded, payment.pending, payment.failed, "
-        "payment.refunded), prefixes such as 'payment.*', or '*'"
+        f"comma-separated event types ({', '.join(EVENT_TYPES)}), prefixes such as 'payment.*', "
+        "or '*'"
     )
     listing = action("list", cmd_list, "List endpoints: URL, event types, state, breaker.")
     listing.add_argument("--json", action="store_true", help="a JSON array (no secrets)")

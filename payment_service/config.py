@@ -23,10 +23,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from payment_service.callback_urls import Network, NetworkPolicy, network_policy, parse_networks
+from payment_service.vocabulary import GATEWAY_METHODS, PAYMENT_METHODS, event_type_patterns
 
-PAYMENT_METHODS = ("CARD", "UPI", "WALLET", "CASH", "NETBANKING")
-# Charged at the gateway unless GATEWAY_METHODS says otherwise; the rest are recorded at once.
-GATEWAY_METHODS = ("CARD", "UPI", "WALLET", "NETBANKING")
 STRIPE_TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")  # secret and restricted test-mode keys
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # API_KEYS: `name:token`; a bare token is named DEFAULT_CALLER. Names are stored with idempotency
@@ -354,12 +352,7 @@ class Settings(BaseSettings):
     @field_validator("trip_event_types", "driver_event_types", "rider_event_types")
     @classmethod
     def _event_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from payment_service.endpoints import EndpointError, check_event_types
-
-        try:
-            return check_event_types(value)
-        except EndpointError as error:
-            raise ValueError(str(error)) from None
+        return event_type_patterns(value)
 
     @field_validator("callback_signing_secret")
     @classmethod

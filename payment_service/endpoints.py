@@ -51,11 +51,10 @@ from payment_service.callback_urls import (
 )
 from payment_service.config import Settings
 from payment_service.signing import SECRET_PREFIX, fingerprint, secret_key
+from payment_service.sql import Statement
+from payment_service.vocabulary import ENDPOINT_STATES, event_type_patterns
 
-EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "payment.refunded")
-STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-MAX_EVENT_TYPES = 10  # patterns per endpoint: more than the event types and prefixes there are
 MAX_SECRET_LENGTH = 200  # characters of `whsec_…`
 MAX_REASON_LENGTH = 500  # characters of a pause or disable reason
 SECRET_BYTES = 32
@@ -218,28 +217,11 @@ def check_url(url: str, networks: NetworkPolicy | None = None) -> str:
 
 def check_event_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Exact event types, `payment.*`-style prefixes, or `*`; at least one, at most
-    MAX_EVENT_TYPES; no duplicates."""
-    given = [t.strip() for t in types if t.strip()]
-    cleaned = tuple(dict.fromkeys(given))
-    if not cleaned:
-        raise InvalidEndpoint(
-            "event_types", "an endpoint subscribes to at least one event type (or '*')"
-        )
-    if len(given) > MAX_EVENT_TYPES:
-        raise InvalidEndpoint(
-            "event_types", f"an endpoint subscribes to at most {MAX_EVENT_TYPES} event types"
-        )
-    for pattern in cleaned:
-        if pattern == "*" or pattern in EVENT_TYPES:
-            continue
-        if pattern.endswith(".*") and any(t.startswith(pattern[:-1]) for t in EVENT_TYPES):
-            continue
-        raise InvalidEndpoint(
-            "event_types",
-            f"unknown event type {pattern[:80]!r}: use {', '.join(EVENT_TYPES)}, a prefix such "
-            "as 'payment.*', or '*'",
-        )
-    return cleaned
+    MAX_EVENT_TYPES; no duplicates (payment_service.vocabulary.event_type_patterns)."""
+    try:
+        return event_type_patterns(types)
+    except ValueError as error:
+        raise InvalidEndpoint("event_types", str(error)) from None
 
 
 def check_secret(secret: str) -> str:
@@ -426,17 +408,39 @@ def _endpoint(row: asyncpg.Record) -> Endpoint:
     return Endpoint(**values)
 
 
+SELECT_ALL = Statement(f"SELECT {_COLUMNS} FROM endpoints ORDER BY name")
+SELECT_ONE = Statement(f"SELECT {_COLUMNS} FROM endpoints WHERE name = :name")
+# The endpoint, its row locked until the transaction ends.
+LOCK_ONE = Statement(f"SELECT {_COLUMNS} FROM endpoints WHERE name = :name FOR UPDATE")
+
+
 async def select_endpoints(conn: asyncpg.Connection) -> list[Endpoint]:
     """Every endpoint, by name."""
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM endpoints ORDER BY name")
+    rows = await conn.fetch(SELECT_ALL.sql, *SELECT_ALL.args())
     return [_endpoint(row) for row in rows]
 
 
 async def select_endpoint(conn: asyncpg.Connection, name: str) -> Endpoint:
-    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1", name)
+    row = await conn.fetchrow(SELECT_ONE.sql, *SELECT_ONE.args(name=name))
     if row is None:
         raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
     return _endpoint(row)
+
+
+INSERT = Statement(
+    f"""
+    WITH added AS (
+        INSERT INTO endpoints (name, url, event_types, secret)
+        VALUES (:name, :url, :event_types, :secret)
+        ON CONFLICT (name) DO NOTHING
+     RETURNING *
+    ), notified AS (
+        SELECT pg_notify(:channel, name) FROM added
+    )
+    SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
+      FROM added
+    """
+)
 
 
 async def insert_endpoint(
@@ -451,71 +455,61 @@ async def insert_endpoint(
 ) -> Endpoint:
     """Add an endpoint; it receives events written from now on (`secret` None: generated).
     `networks`: where callbacks may go (`check_url`), given by the command line and the API."""
-    name, url = check_name(name), check_url(url, networks)
-    event_types = check_event_types(event_types)
-    secret = check_secret(secret) if secret is not None else new_secret()
+    values = INSERT.args(
+        name=check_name(name),
+        url=check_url(url, networks),
+        event_types=list(check_event_types(event_types)),
+        secret=check_secret(secret) if secret is not None else new_secret(),
+        channel=ENDPOINTS_CHANNEL,
+    )
     async with conn.transaction():
-        added = await _insert(conn, name=name, url=url, event_types=event_types, secret=secret)
+        row = await conn.fetchrow(INSERT.sql, *values)
+        if row is None:
+            raise EndpointExists(f"an endpoint named {name!r} exists already")
+        added = _endpoint(row)
         await _audit(conn, operator, "add", None, added)
     return added
 
 
-async def _insert(
-    conn: asyncpg.Connection, *, name: str, url: str, event_types: tuple[str, ...], secret: str
-) -> Endpoint:
-    row = await conn.fetchrow(
-        f"""
-        WITH added AS (
-            INSERT INTO endpoints (name, url, event_types, secret)
-            VALUES ($1, $2, $3, $4)
-            ON CONFLICT (name) DO NOTHING
-         RETURNING *
-        ), notified AS (
-            SELECT pg_notify($5, name) FROM added
-        )
-        SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
-          FROM added
-        """,
-        name,
-        url,
-        list(event_types),
-        secret,
-        ENDPOINTS_CHANNEL,
-    )
-    if row is None:
-        raise EndpointExists(f"an endpoint named {name!r} exists already")
-    return _endpoint(row)
-
-
-async def _change(
-    conn: asyncpg.Connection, name: str, assignments: str, *args: Any, where: str = "TRUE"
-) -> Endpoint:
-    """Run `UPDATE endpoints SET <assignments>` on one endpoint (args from $3), mark it changed by
-    hand, and NOTIFY. Raises EndpointNotFound, or EndpointError when `where` excludes the row."""
-    row = await conn.fetchrow(
+def _changing(assignments: str) -> Statement:
+    """`UPDATE endpoints SET <assignments>` of the endpoint named `:name`, marked changed by hand
+    (no longer as seeding made it), NOTIFYing `:channel`."""
+    return Statement(
         f"""
         WITH changed AS (
             UPDATE endpoints
                SET {assignments},
                    seeded = false,
                    updated_at = now()
-             WHERE name = $1
-               AND ({where})
+             WHERE name = :name
          RETURNING *
         ), notified AS (
-            SELECT pg_notify($2, name) FROM changed
+            SELECT pg_notify(:channel, name) FROM changed
         )
         SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
           FROM changed
-        """,
-        name,
-        ENDPOINTS_CHANNEL,
-        *args,
+        """
+    )
+
+
+async def _change(
+    conn: asyncpg.Connection, change: Statement, name: str, **values: Any
+) -> Endpoint:
+    """Run one of the `_changing` statements on the endpoint named `name`; EndpointNotFound if
+    none."""
+    row = await conn.fetchrow(
+        change.sql, *change.args(name=name, channel=ENDPOINTS_CHANNEL, **values)
     )
     if row is None:
-        await select_endpoint(conn, name)  # raises EndpointNotFound
-        raise EndpointError(f"endpoint {name!r} is not in a state that allows this")
+        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
     return _endpoint(row)
+
+
+# What is not given (NULL) stays.
+UPDATE = _changing(
+    """url = coalesce(:url, url),
+               event_types = coalesce(:event_types, event_types)"""
+)
 
 
 async def update_endpoint(
@@ -532,27 +526,26 @@ async def update_endpoint(
     new_types = list(check_event_types(event_types)) if event_types is not None else None
     async with conn.transaction():
         before = await _lock(conn, name)
-        changed = await _change(
-            conn,
-            name,
-            "url = coalesce($3, url), event_types = coalesce($4, event_types)",
-            new_url,
-            new_types,
-        )
+        changed = await _change(conn, UPDATE, name, url=new_url, event_types=new_types)
         await _audit(conn, operator, "update", before, changed)
     return changed
 
 
 # The endpoint's deliveries waiting out a backoff go now, in order, rather than hours later (their
-# schedule grew while the endpoint was down, paused or disabled): `$1` the endpoint. Run when
-# `set_state` makes an endpoint ACTIVE, and by the relay when a breaker closes.
-HASTEN_SQL = """
-UPDATE deliveries
-   SET next_attempt_at = now()
- WHERE endpoint_id = $1
-   AND status = 'PENDING'
-   AND next_attempt_at > now()
-"""
+# schedule grew while the endpoint was down, paused or disabled). Run when `set_state` makes an
+# endpoint ACTIVE, and by the relay when a breaker closes.
+HASTEN = Statement(
+    """
+    UPDATE deliveries
+       SET next_attempt_at = now()
+     WHERE endpoint_id = :endpoint_id
+       AND status = 'PENDING'
+       AND next_attempt_at > now()
+    """
+)
+# Its compiled text, which outbox_relay.endpoint_health runs with the endpoint's id as its one
+# value by position, until that module moves to named values.
+HASTEN_SQL = HASTEN.sql
 
 
 # The audit log's action for each state set by hand (resume is `set_state`'s ACTIVE too).
@@ -569,16 +562,16 @@ async def set_state(
     action: str | None = None,
 ) -> Endpoint:
     """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
-    failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN_SQL):
+    failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN):
     the operator says the receiver is back, so everything goes out at once, in order. Audited
     as `action` (by default the state's, STATE_ACTIONS)."""
-    if state not in STATES:
+    if state not in ENDPOINT_STATES:
         raise EndpointError(f"unknown state {state!r}")
     async with conn.transaction():
         before = await _lock(conn, name)
         changed = await _set_state(conn, name, state, reason)
         if state == "ACTIVE":
-            await conn.execute(HASTEN_SQL, changed.endpoint_id)
+            await conn.execute(HASTEN.sql, *HASTEN.args(endpoint_id=changed.endpoint_id))
         await _audit(conn, operator, action or STATE_ACTIONS[state], before, changed, reason)
     return changed
 
@@ -645,17 +638,19 @@ class Gap:
         }
 
 
-# The events an endpoint has no delivery for, of its types ($2), written since $3 (`Gap`).
-MISSED_EVENTS_SQL = """
-SELECT count(*)
-  FROM outbox_events AS e
- WHERE e.created_at >= $3
-   AND endpoint_wants($2, e.event_type)
-   AND NOT EXISTS (SELECT 1
-                     FROM deliveries AS d
-                    WHERE d.event_id = e.id
-                      AND d.endpoint_id = $1)
-"""
+# The events an endpoint has no delivery for, of its types, written since a time (`Gap`).
+MISSED_EVENTS = Statement(
+    """
+    SELECT count(*)
+      FROM outbox_events AS e
+     WHERE e.created_at >= :since
+       AND endpoint_wants(:event_types, e.event_type)
+       AND NOT EXISTS (SELECT 1
+                         FROM deliveries AS d
+                        WHERE d.event_id = e.id
+                          AND d.endpoint_id = :endpoint_id)
+    """
+)
 
 
 async def enable(
@@ -676,12 +671,12 @@ async def enable(
                 ) from None
         gap = None
         if current.state == "DISABLED":
-            missed = await conn.fetchval(
-                MISSED_EVENTS_SQL,
-                current.endpoint_id,
-                list(current.event_types),
-                current.state_changed_at,
+            values = MISSED_EVENTS.args(
+                endpoint_id=current.endpoint_id,
+                event_types=list(current.event_types),
+                since=current.state_changed_at,
             )
+            missed = await conn.fetchval(MISSED_EVENTS.sql, *values)
             gap = Gap(name, current.state_changed_at, int(missed))
         return await set_state(conn, name, "ACTIVE", operator=operator), gap
 
@@ -727,28 +722,30 @@ async def _audit(
 
 async def _lock(conn: asyncpg.Connection, name: str) -> Endpoint:
     """The endpoint, its row locked until the transaction ends; EndpointNotFound if none."""
-    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", name)
+    row = await conn.fetchrow(LOCK_ONE.sql, *LOCK_ONE.args(name=name))
     if row is None:
         raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
     return _endpoint(row)
 
 
 # The relay's guard (outbox_relay.endpoint_loop): an endpoint it cannot deliver to is DISABLED
-# with the reason, unless it changed since the relay read it ($2: the URL it read).
-DISABLE_UNSERVABLE_SQL = """
-WITH disabled AS (
-    UPDATE endpoints
-       SET state = 'DISABLED',
-           state_reason = $3,
-           state_changed_at = now(),
-           updated_at = now()
-     WHERE endpoint_id = $1
-       AND url = $2
-       AND state = 'ACTIVE'
- RETURNING name
+# with the reason, unless it changed since the relay read it (`:url`: the URL it read).
+DISABLE_UNSERVABLE = Statement(
+    """
+    WITH disabled AS (
+        UPDATE endpoints
+           SET state = 'DISABLED',
+               state_reason = :reason,
+               state_changed_at = now(),
+               updated_at = now()
+         WHERE endpoint_id = :endpoint_id
+           AND url = :url
+           AND state = 'ACTIVE'
+     RETURNING name
+    )
+    SELECT count(*) FROM disabled, pg_notify(:channel, disabled.name) AS notified
+    """
 )
-SELECT count(*) FROM disabled, pg_notify($4, disabled.name) AS notified
-"""
 
 
 async def disable_unservable(
@@ -756,28 +753,40 @@ async def disable_unservable(
 ) -> bool:
     """DISABLE an endpoint the relay cannot deliver to at `url`; False when it has changed
     (another URL, or no longer ACTIVE) or is gone."""
-    done = await conn.fetchval(DISABLE_UNSERVABLE_SQL, endpoint_id, url, reason, ENDPOINTS_CHANNEL)
+    values = DISABLE_UNSERVABLE.args(
+        endpoint_id=endpoint_id, url=url, reason=reason, channel=ENDPOINTS_CHANNEL
+    )
+    done = await conn.fetchval(DISABLE_UNSERVABLE.sql, *values)
     return bool(done)
+
+
+# A new state by hand; ACTIVE also closes the breaker and starts the failure count afresh.
+SET_STATE = _changing(
+    """state = :state,
+               state_reason = :reason,
+               state_changed_at = CASE WHEN state = :state THEN state_changed_at ELSE now() END,
+               consecutive_failures = CASE WHEN :state = 'ACTIVE' THEN 0
+                                           ELSE consecutive_failures END,
+               breaker_open_until = CASE WHEN :state = 'ACTIVE' THEN NULL
+                                         ELSE breaker_open_until END,
+               breaker_cooldown_seconds = CASE WHEN :state = 'ACTIVE' THEN 0
+                                               ELSE breaker_cooldown_seconds END,
+               probe_until = CASE WHEN :state = 'ACTIVE' THEN NULL ELSE probe_until END,
+               failing_since = CASE WHEN :state = 'ACTIVE' THEN NULL ELSE failing_since END"""
+)
 
 
 async def _set_state(
     conn: asyncpg.Connection, name: str, state: str, reason: str | None
 ) -> Endpoint:
-    return await _change(
-        conn,
-        name,
-        """state = $3,
-           state_reason = $4,
-           state_changed_at = CASE WHEN state = $3 THEN state_changed_at ELSE now() END,
-           consecutive_failures = CASE WHEN $3 = 'ACTIVE' THEN 0 ELSE consecutive_failures END,
-           breaker_open_until = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE breaker_open_until END,
-           breaker_cooldown_seconds = CASE WHEN $3 = 'ACTIVE' THEN 0
-                                           ELSE breaker_cooldown_seconds END,
-           probe_until = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE probe_until END,
-           failing_since = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE failing_since END""",
-        state,
-        reason,
-    )
+    return await _change(conn, SET_STATE, name, state=state, reason=reason)
+
+
+# A new secret; the current one is retired (the SQL function `retire_secret`, migration 0008).
+ROTATE_SECRET = _changing(
+    """previous_secrets = retire_secret(previous_secrets, secret, :secret, :keep_seconds),
+               secret = :secret"""
+)
 
 
 async def rotate_secret(
@@ -796,29 +805,10 @@ async def rotate_secret(
     async with conn.transaction():
         before = await _lock(conn, name)
         rotated = await _change(
-            conn,
-            name,
-            """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
-               secret = $3""",
-            new,
-            float(keep_previous_seconds),
+            conn, ROTATE_SECRET, name, secret=new, keep_seconds=float(keep_previous_seconds)
         )
         await _audit(conn, operator, "rotate_secret", before, rotated)
     return rotated
-
-
-# What `delete_endpoint` would delete with the endpoint `$1`: its deliveries never delivered
-# (each status counted through its own partial index).
-UNDELIVERED_SQL = """
-SELECT (SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND status = 'PENDING')
-     + (SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND status = 'DEAD')
-"""
-
-
-async def count_undelivered(conn: asyncpg.Connection, name: str) -> int:
-    """How many deliveries removing the endpoint would delete (EndpointNotFound if none)."""
-    endpoint = await select_endpoint(conn, name)
-    return int(await conn.fetchval(UNDELIVERED_SQL, endpoint.endpoint_id))
 
 
 @dataclass(frozen=True)
@@ -827,35 +817,58 @@ class Removed:
     delivered: int  # delivered ones kept as history, under the endpoint's name, until retention
 
 
+# What removing an endpoint does to its deliveries: those never delivered go (counted each
+# status through its own partial index), the delivered ones stay as history, under its name.
+COUNT_UNDELIVERED = Statement(
+    """
+    SELECT (SELECT count(*) FROM deliveries WHERE endpoint_id = :endpoint_id AND status = 'PENDING')
+         + (SELECT count(*) FROM deliveries WHERE endpoint_id = :endpoint_id AND status = 'DEAD')
+    """
+)
+DELETE_UNDELIVERED = Statement(
+    "DELETE FROM deliveries WHERE endpoint_id = :endpoint_id AND status <> 'DELIVERED'"
+)
+KEEP_DELIVERED = Statement(
+    """
+    UPDATE deliveries
+       SET endpoint_id = NULL,
+           removed_endpoint = :name
+     WHERE endpoint_id = :endpoint_id
+    """
+)
+DELETE = Statement(
+    """
+    WITH gone AS (
+        DELETE FROM endpoints WHERE endpoint_id = :endpoint_id RETURNING name
+    )
+    SELECT pg_notify(:channel, name) FROM gone
+    """
+)
+
+
+async def count_undelivered(conn: asyncpg.Connection, name: str) -> int:
+    """How many deliveries `delete_endpoint` would delete with the endpoint (pending and dead);
+    EndpointNotFound if none has that name."""
+    endpoint_id = (await select_endpoint(conn, name)).endpoint_id
+    values = COUNT_UNDELIVERED.args(endpoint_id=endpoint_id)
+    return int(await conn.fetchval(COUNT_UNDELIVERED.sql, *values))
+
+
 async def delete_endpoint(conn: asyncpg.Connection, name: str, *, operator: Operator) -> Removed:
     """Remove an endpoint. What it was never delivered goes with it; its delivered deliveries
     stay, as history, with `endpoint_id` NULL and the endpoint's name in `removed_endpoint`,
     until housekeeping deletes them with the rest (OUTBOX_RETENTION_HOURS)."""
     async with conn.transaction():
         endpoint = await _lock(conn, name)  # a concurrent delivery's write waits for us
+        endpoint_id = endpoint.endpoint_id
         undelivered = await conn.execute(
-            "DELETE FROM deliveries WHERE endpoint_id = $1 AND status <> 'DELIVERED'",
-            endpoint.endpoint_id,
+            DELETE_UNDELIVERED.sql, *DELETE_UNDELIVERED.args(endpoint_id=endpoint_id)
         )
         delivered = await conn.execute(
-            """
-            UPDATE deliveries
-               SET endpoint_id = NULL,
-                   removed_endpoint = $2
-             WHERE endpoint_id = $1
-            """,
-            endpoint.endpoint_id,
-            endpoint.name,
+            KEEP_DELIVERED.sql, *KEEP_DELIVERED.args(endpoint_id=endpoint_id, name=endpoint.name)
         )
         await conn.execute(
-            """
-            WITH gone AS (
-                DELETE FROM endpoints WHERE endpoint_id = $1 RETURNING name
-            )
-            SELECT pg_notify($2, name) FROM gone
-            """,
-            endpoint.endpoint_id,
-            ENDPOINTS_CHANNEL,
+            DELETE.sql, *DELETE.args(endpoint_id=endpoint_id, channel=ENDPOINTS_CHANNEL)
         )
         removed = Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
         await audit.record(
@@ -889,10 +902,8 @@ async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> li
         seeds = seeds_from_settings(settings)
         for seed in seeds:
             notes += await _seed(conn, seed, secret)
-        left = await conn.fetch(
-            "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY ($1)",
-            [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}],
-        )
+        unset = [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}]
+        left = await conn.fetch(SEEDED_AMONG.sql, *SEEDED_AMONG.args(names=unset))
         for row in left:
             name = row["name"]
             notes.append(
@@ -907,29 +918,54 @@ async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> li
     return notes
 
 
+# Seeding's statements. Which of the endpoints `:names` seeding made and configured.
+SEEDED_AMONG = Statement(
+    "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY (:names)"
+)
+# A missing endpoint, as the settings describe it.
+SEED = Statement(
+    """
+    WITH seeded AS (
+        INSERT INTO endpoints (name, url, event_types, secret, seeded)
+        VALUES (:name, :url, :event_types, :secret, true)
+        ON CONFLICT (name) DO NOTHING
+     RETURNING name
+    )
+    SELECT name FROM seeded, pg_notify(:channel, name) AS n
+    """
+)
+# An endpoint still as seeding made it (or not configured yet), made to follow the settings.
+FOLLOW = Statement(
+    """
+    WITH followed AS (
+        UPDATE endpoints
+           SET url = :url,
+               event_types = :event_types,
+               -- unsigned now: no signature at all; else the replaced secret signs a day more
+               previous_secrets = CASE WHEN :secret::text IS NULL THEN '[]'::jsonb
+                                       WHEN secret IS DISTINCT FROM :secret
+                                       THEN retire_secret(previous_secrets, secret, :secret,
+                                                          :keep_seconds)
+                                       ELSE previous_secrets END,
+               secret = :secret,
+               updated_at = now()
+         WHERE endpoint_id = :endpoint_id
+     RETURNING name
+    )
+    SELECT pg_notify(:channel, name) FROM followed
+    """
+)
+
+
 async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None) -> list[SeedNote]:
+    described = {"url": seed.url, "event_types": list(seed.event_types), "secret": secret}
     created = await conn.fetchval(
-        """
-        WITH seeded AS (
-            INSERT INTO endpoints (name, url, event_types, secret, seeded)
-            VALUES ($1, $2, $3, $4, true)
-            ON CONFLICT (name) DO NOTHING
-         RETURNING name
-        )
-        SELECT name FROM seeded, pg_notify($5, name) AS n
-        """,
-        seed.name,
-        seed.url,
-        list(seed.event_types),
-        secret,
-        ENDPOINTS_CHANNEL,
+        SEED.sql, *SEED.args(name=seed.name, **described, channel=ENDPOINTS_CHANNEL)
     )
     if created is not None:
         text = f"seeded endpoint {seed.name} from the settings: {shown_url(seed.url)}"
         return [SeedNote(seed.name, "created", text)]
-    row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", seed.name
-    )
+    row = await conn.fetchrow(LOCK_ONE.sql, *LOCK_ONE.args(name=seed.name))
     if row is None:  # removed by an operator since the insert found it: nothing to follow
         return []
     endpoint = _endpoint(row)
@@ -938,31 +974,13 @@ async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None
         return []
     if endpoint.url is not None and not endpoint.seeded:
         return [difference.differs(seed.name) for difference in differences]
-    await conn.execute(
-        """
-        WITH followed AS (
-            UPDATE endpoints
-               SET url = $2,
-                   event_types = $3,
-                   -- unsigned now: no signature at all; else the replaced secret signs a day more
-                   previous_secrets = CASE WHEN $4::text IS NULL THEN '[]'::jsonb
-                                           WHEN secret IS DISTINCT FROM $4
-                                           THEN retire_secret(previous_secrets, secret, $4, $5)
-                                           ELSE previous_secrets END,
-                   secret = $4,
-                   updated_at = now()
-             WHERE endpoint_id = $1
-         RETURNING name
-        )
-        SELECT pg_notify($6, name) FROM followed
-        """,
-        endpoint.endpoint_id,
-        seed.url,
-        list(seed.event_types),
-        secret,
-        float(PREVIOUS_SECRET_SECONDS),
-        ENDPOINTS_CHANNEL,
+    values = FOLLOW.args(
+        endpoint_id=endpoint.endpoint_id,
+        **described,
+        keep_seconds=float(PREVIOUS_SECRET_SECONDS),
+        channel=ENDPOINTS_CHANNEL,
     )
+    await conn.execute(FOLLOW.sql, *values)
     if endpoint.url is None:
         text = f"configured endpoint {seed.name} from the settings: {shown_url(seed.url)}"
         return [SeedNote(seed.name, "configured", text)]

@@ -35,6 +35,7 @@ PRODUCTION = {
     "environment": "production",
     "api_keys": "cli-tests:a-token-for-tests-only",
     "callback_signing_secret": SECRET,
+    "gateway": "none",  # production's gateway rules are tested with the gateway's settings
 }
 
 

@@ -232,13 +232,14 @@ async def test_relay_metrics_and_housekeeping(
 
         async def gauges_refreshed() -> bool:
             text = await metrics()
-            return "outbox_dead_events 2.0" in text and "outbox_pending_events 0.0" in text
+            return "outbox_dead_deliveries 2.0" in text and "outbox_pending_deliveries 0.0" in text
 
         await wait_until(gauges_refreshed, timeout=20, interval=0.5)
         text = await metrics()
     assert 'relay_deliveries_total{outcome="delivered"} 5.0' in text
     assert 'relay_deliveries_total{outcome="dead"} 2.0' in text
     assert "relay_delivery_duration_seconds_count 7.0" in text
+    assert "relay_claimed_deliveries_total 7.0" in text  # one attempt each: max attempts 1
     assert "relay_event_delivery_lag_seconds_count 5.0" in text
     assert "outbox_oldest_pending_age_seconds 0.0" in text
     relay.send(signal.SIGTERM)

@@ -14,9 +14,15 @@ import httpx
 import pytest
 
 from payment_service.embedded import free_port
-from payment_service.endpoints import insert_endpoint, select_endpoint, set_state
+from payment_service.endpoints import select_endpoint, set_state
 from tests.support.audit import OPERATOR
-from tests.support.database import DELIVERY_ROWS, EventRow, insert_events, status_counts
+from tests.support.database import (
+    DELIVERY_ROWS,
+    EventRow,
+    insert_events,
+    recorded,
+    status_counts,
+)
 from tests.support.processes import RelayLauncher, RelayProcess, dump_logs
 from tests.support.receiver import (
     Answer,
@@ -26,6 +32,7 @@ from tests.support.receiver import (
     answer_ok,
     answer_status,
     assert_ordered_per_payment,
+    subscribed,
 )
 from tests.support.waiting import wait_for
 
@@ -107,7 +114,7 @@ async def test_the_breaker_opens_probes_after_its_cooldown_and_closes_and_nothin
     receiver.policy = answer_ok
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn) == {"DELIVERED": 3}
+    await recorded(conn, {"DELIVERED": 3})
     breakers = changes(relay, "breaker")
     assert breakers[:3] == ["open", "half_open", "open"] and breakers[-1] == "closed", breakers
 
@@ -166,27 +173,11 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
     assert any(state == "DISABLED" for state, _breaker in seen(relay))
 
 
-async def recorded(
-    conn: asyncpg.Connection, counts: dict[str, int], endpoint: str | None = None
-) -> None:
-    """Wait until the deliveries' statuses are `counts`: a receiver sees a callback before the
-    relay records its answer."""
-
-    async def reached() -> bool:
-        return await status_counts(conn, endpoint) == counts
-
-    await wait_for(reached, timeout=30, what=f"deliveries recorded as {counts}")
-
-
 @pytest.fixture
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second endpoint that stays ACTIVE: the yardstick for 'nothing arrived meanwhile'."""
-    receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", operator=OPERATOR)
-    try:
+    async with subscribed(conn, "trip") as receiver:
         yield receiver
-    finally:
-        await receiver.close()
 
 
 async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_in_order(

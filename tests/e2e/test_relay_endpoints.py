@@ -15,7 +15,6 @@ import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from payment_service.endpoints import (
-    insert_endpoint,
     rotate_secret,
     select_endpoint,
     update_endpoint,
@@ -30,6 +29,7 @@ from tests.support.receiver import (
     answer_ok,
     answer_status,
     assert_ordered_per_payment,
+    subscribed,
 )
 from tests.support.waiting import wait_for
 
@@ -39,14 +39,8 @@ TRIP_SECRET = new_signing_secret()
 @pytest.fixture
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second receiver, subscribed as endpoint `trip` with a secret of its own."""
-    receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(
-        conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET, operator=OPERATOR
-    )
-    try:
+    async with subscribed(conn, "trip", secret=TRIP_SECRET) as receiver:
         yield receiver
-    finally:
-        await receiver.close()
 
 
 def assert_sequence_grows(receiver: Receiver, events: list[EventRow]) -> None:
