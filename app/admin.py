@@ -15,6 +15,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -166,6 +167,42 @@ class StateReason(BaseModel):
     reason: Reason | None = None
 
 
+class ReplayDead(BaseModel):
+    """Which dead deliveries go back in line: to `endpoint` and/or of the event `event_id` (its
+    webhook-id); neither: every dead delivery. `reason` goes to the audit log."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: Name | None = None
+    event_id: uuid.UUID | None = None
+    reason: Reason | None = None
+
+
+class ReplayRange(BaseModel):
+    """The events to send the endpoint again: those of its types created at or after `since`
+    and before `until` (absent: up to now), ISO 8601 with an offset; an `until` not after
+    `since` is an empty range. `reason` goes to the audit log."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+    reason: Reason | None = None
+
+
+class RangeQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+
+
+class DeadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: Name | None = None
+
+
 class RotateSecret(BaseModel):
     """`secret` absent: a new one is generated. Every secret it replaced in the last 24 hours
     still signs (three in all at most)."""
@@ -267,6 +304,30 @@ class AuditList(BaseModel):
     has_more: bool
 
 
+class DeadToReplay(BaseModel):
+    endpoint: str
+    state: EndpointState  # only ACTIVE sends them at once
+    dead: int
+
+
+class DeadPreviewDocument(BaseModel):
+    data: list[DeadToReplay]
+
+
+class DeadReplayed(BaseModel):
+    replayed: int
+    to: dict[str, int]  # replayed deliveries per endpoint
+    # Replayed deliveries older than an event of the same payment their endpoint already got.
+    superseded: int
+
+
+class RangeReplayDocument(BaseModel):
+    endpoint: str
+    added: int  # events it never had a delivery of
+    again: int  # events sent or tried before, sent again
+    state: EndpointState  # only ACTIVE sends them at once
+
+
 class DeliveryAttempt(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -342,7 +403,7 @@ async def _endpoints() -> AsyncIterator[asyncpg.Connection]:
         raise APIError(409, "ENDPOINT_CONFLICT", str(error)) from None
 
 
-M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret, StateReason)
+M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret, StateReason, ReplayDead, ReplayRange)
 
 
 async def _body(model: type[M]) -> M:
@@ -535,6 +596,79 @@ async def get_event_deliveries(event_id: uuid.UUID) -> Response:
     if body is None:
         raise APIError(404, "EVENT_NOT_FOUND", f"No event has the event_id {event_id}.")
     return Response(body, content_type=JSON)
+
+
+# -- replays ---------------------------------------------------------------------------------------
+@blueprint.get("/deliveries/dead")
+@document_querystring(DeadQuery)
+@document_response(DeadPreviewDocument, 200)
+@document_errors(400, 401, 404, 503)
+async def get_dead_to_replay() -> Response:
+    """How many dead deliveries there are per endpoint (to `endpoint`, or every one): what
+    POST /deliveries/replay-dead would put back in line now."""
+    query = validate_model(DeadQuery, dict(request.args.items()))
+    async with _endpoints() as conn:
+        found = await deliveries.preview_dead(conn, endpoint=query.endpoint)
+    return _answer({"data": [asdict(preview) for preview in found]})
+
+
+@blueprint.post("/deliveries/replay-dead")
+@document_request(ReplayDead)
+@document_response(DeadReplayed, 200)
+@document_errors(400, 401, 404, 413, 415, 503)
+async def post_replay_dead() -> Response:
+    """Put dead deliveries back in line, due now, with fresh counters (to `endpoint`, of one
+    event, or all of them; sent without a body: all). Recorded in the audit log."""
+    model = ReplayDead() if _without_body() else await _body(ReplayDead)
+    async with _endpoints() as conn:
+        done = await deliveries.replay_dead(
+            conn,
+            event_id=model.event_id,
+            endpoint=model.endpoint,
+            operator=_operator(),
+            reason=model.reason,
+        )
+    to: dict[str, int] = {}
+    for replayed in done.replayed:
+        to[replayed.endpoint] = to.get(replayed.endpoint, 0) + 1
+    return _answer({"replayed": len(done.replayed), "to": to, "superseded": len(done.superseded)})
+
+
+@blueprint.get("/endpoints/<endpoint_name:name>/replay")
+@document_querystring(RangeQuery)
+@document_response(RangeReplayDocument, 200)
+@document_errors(400, 401, 404, 503)
+async def get_range_to_replay(name: str) -> Response:
+    """What POST /endpoints/{name}/replay would send the endpoint now: the events of its types
+    created in [since, until), those it never had and those it would get again."""
+    query = validate_model(RangeQuery, dict(request.args.items()))
+    async with _endpoints() as conn:
+        preview = await deliveries.preview_range(
+            conn, endpoint=name, since=query.since, until=query.until
+        )
+    return _answer({"endpoint": name, **asdict(preview)})
+
+
+@blueprint.post("/endpoints/<endpoint_name:name>/replay")
+@document_request(ReplayRange)
+@document_response(RangeReplayDocument, 200)
+@document_errors(400, 401, 404, 413, 415, 503)
+async def post_replay_range(name: str) -> Response:
+    """Send the endpoint every event of its types created in [since, until) again, with the
+    same webhook-id: received ones too, and ones it never had (created before it subscribed, or
+    while it was DISABLED). A PAUSED or DISABLED endpoint gets them once resumed or enabled.
+    Recorded in the audit log."""
+    model = await _body(ReplayRange)
+    async with _endpoints() as conn:
+        done = await deliveries.replay_range(
+            conn,
+            endpoint=name,
+            since=model.since,
+            until=model.until,
+            operator=_operator(),
+            reason=model.reason,
+        )
+    return _answer({"endpoint": name, **asdict(done)})
 
 
 # -- the audit log --------------------------------------------------------------------------------

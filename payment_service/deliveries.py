@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from payment_service import OUTBOX_CHANNEL
+from payment_service import OUTBOX_CHANNEL, audit
+from payment_service.audit import Operator, Target
 from payment_service.endpoints import select_endpoint, select_endpoints
 from payment_service.sql import Statement
 
@@ -377,18 +379,41 @@ class DeadReplay:
 
 
 async def replay_dead(
-    conn: asyncpg.Connection, *, event_id: uuid.UUID | None, endpoint: str | None
+    conn: asyncpg.Connection,
+    *,
+    event_id: uuid.UUID | None,
+    endpoint: str | None,
+    operator: Operator,
+    reason: str | None = None,
 ) -> DeadReplay:
     """Put the dead deliveries of one event (`event_id`; None: of every event), to `endpoint`
     (None: every endpoint), back in line, due now, with fresh counters. Says first which of them
     are older than what their endpoint already got (they are replayed all the same: a receiver
     may still need the event, e.g. for its records). EndpointNotFound when no endpoint has that
-    name."""
-    target = await _endpoint_id(conn, endpoint)
-    selected = {"event_id": event_id, "endpoint_id": target}
-    superseded = _superseded(await conn.fetch(SUPERSEDING.sql, *SUPERSEDING.args(**selected)))
-    rows = await conn.fetch(REPLAY_DEAD.sql, *REPLAY_DEAD.args(**selected, channel=OUTBOX_CHANNEL))
-    replayed = [Replayed(row["event_id"], row["endpoint"]) for row in rows]
+    name. Audited as `deliveries.replay` (what was asked and how many went to which endpoint),
+    in the replay's transaction."""
+    async with conn.transaction():
+        target = await _endpoint_id(conn, endpoint)
+        selected = {"event_id": event_id, "endpoint_id": target}
+        rows = await conn.fetch(SUPERSEDING.sql, *SUPERSEDING.args(**selected))
+        superseded = _superseded(rows)
+        rows = await conn.fetch(
+            REPLAY_DEAD.sql, *REPLAY_DEAD.args(**selected, channel=OUTBOX_CHANNEL)
+        )
+        replayed = [Replayed(row["event_id"], row["endpoint"]) for row in rows]
+        await audit.record(
+            conn,
+            operator=operator,
+            action="deliveries.replay",
+            target=_replay_target(endpoint, event_id),
+            after={
+                "dead": True,
+                **({} if event_id is None else {"event_id": str(event_id)}),
+                "replayed": len(replayed),
+                "to": _per_endpoint(r.endpoint for r in replayed),
+            },
+            reason=reason,
+        )
     if event_id is None or replayed:
         return DeadReplay(superseded, replayed)
     rows = await conn.fetch(EVENT_STANDING.sql, *EVENT_STANDING.args(**selected))
@@ -418,21 +443,125 @@ class RangeReplay:
 
 
 async def replay_range(
-    conn: asyncpg.Connection, *, endpoint: str, since: datetime, until: datetime | None
+    conn: asyncpg.Connection,
+    *,
+    endpoint: str,
+    since: datetime,
+    until: datetime | None,
+    operator: Operator,
+    reason: str | None = None,
 ) -> RangeReplay:
     """Make `endpoint` receive every event of its types created in [since, until) again
-    (REPLAY_RANGE); EndpointNotFound when no endpoint has that name."""
+    (REPLAY_RANGE); EndpointNotFound when no endpoint has that name. Audited as
+    `deliveries.replay` (the range, and how many were new or sent again), in its transaction."""
+    async with conn.transaction():
+        target = await select_endpoint(conn, endpoint)
+        values = REPLAY_RANGE.args(
+            endpoint_id=target.endpoint_id,
+            since=since,
+            until=until,
+            event_types=list(target.event_types),
+            channel=OUTBOX_CHANNEL,
+        )
+        row = await conn.fetchrow(REPLAY_RANGE.sql, *values)
+        assert row is not None
+        done = RangeReplay(int(row["added"]), int(row["again"]), target.state)
+        await audit.record(
+            conn,
+            operator=operator,
+            action="deliveries.replay",
+            target=Target("endpoint", endpoint),
+            after={
+                "since": since.isoformat(),
+                "until": None if until is None else until.isoformat(),
+                "added": done.added,
+                "again": done.again,
+                "state": done.state,
+            },
+            reason=reason,
+        )
+    return done
+
+
+def _replay_target(endpoint: str | None, event_id: uuid.UUID | None) -> Target:
+    """What a replay of dead deliveries was asked about: one endpoint's, one event's, or all."""
+    if endpoint is not None:
+        return Target("endpoint", endpoint)
+    if event_id is not None:
+        return Target("event", str(event_id))
+    return Target("deliveries", "dead")
+
+
+def _per_endpoint(names: Iterable[str]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for name in names:
+        counted[name] = counted.get(name, 0) + 1
+    return counted
+
+
+# -- previews of replays --------------------------------------------------------------------------
+# The dead deliveries a replay of dead deliveries would put back in line, per endpoint (through
+# the partial index on DEAD rows).
+DEAD_PER_ENDPOINT = Statement(
+    """
+    SELECT n.name AS endpoint, n.state, count(*) AS dead
+      FROM deliveries AS d
+      JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
+     WHERE d.status = 'DEAD'
+       AND (:endpoint_id::bigint IS NULL OR d.endpoint_id = :endpoint_id)
+     GROUP BY n.name, n.state
+     ORDER BY n.name
+    """
+)
+
+
+@dataclass(frozen=True)
+class DeadPreview:
+    endpoint: str
+    state: str  # only ACTIVE sends them at once
+    dead: int
+
+
+async def preview_dead(conn: asyncpg.Connection, *, endpoint: str | None) -> list[DeadPreview]:
+    """How many dead deliveries `replay_dead` would put back in line, per endpoint (to
+    `endpoint`, or every endpoint); EndpointNotFound when no endpoint has that name."""
+    values = DEAD_PER_ENDPOINT.args(endpoint_id=await _endpoint_id(conn, endpoint))
+    rows = await conn.fetch(DEAD_PER_ENDPOINT.sql, *values)
+    return [DeadPreview(row["endpoint"], row["state"], int(row["dead"])) for row in rows]
+
+
+# The events a range replay would send an endpoint, and how many of them it has a delivery of
+# already (through the index on the events' creation time, as the replay itself).
+RANGE_PREVIEW = Statement(
+    """
+    SELECT count(*) AS events, count(d.delivery_id) AS again
+      FROM outbox_events AS e
+      LEFT JOIN deliveries AS d
+             ON d.event_id = e.id
+            AND d.endpoint_id = :endpoint_id
+     WHERE e.created_at >= :since
+       AND (:until::timestamptz IS NULL OR e.created_at < :until)
+       AND endpoint_wants(:event_types, e.event_type)
+    """
+)
+
+
+async def preview_range(
+    conn: asyncpg.Connection, *, endpoint: str, since: datetime, until: datetime | None
+) -> RangeReplay:
+    """What `replay_range` would do now: how many events `endpoint` never had and how many it
+    would be sent again, and its state; EndpointNotFound when no endpoint has that name."""
     target = await select_endpoint(conn, endpoint)
-    values = REPLAY_RANGE.args(
+    values = RANGE_PREVIEW.args(
         endpoint_id=target.endpoint_id,
         since=since,
         until=until,
         event_types=list(target.event_types),
-        channel=OUTBOX_CHANNEL,
     )
-    row = await conn.fetchrow(REPLAY_RANGE.sql, *values)
+    row = await conn.fetchrow(RANGE_PREVIEW.sql, *values)
     assert row is not None
-    return RangeReplay(int(row["added"]), int(row["again"]), target.state)
+    again = int(row["again"])
+    return RangeReplay(int(row["events"]) - again, again, target.state)
 
 
 # -- what the console reads ----------------------------------------------------------------------

@@ -456,6 +456,10 @@ async def post_endpoint_action(name: str, action: str) -> Response:
             return await _refused(409, str(error))
     if action == "rotate-secret":
         return await _page("rotated.html", endpoint=done)
+    if action == "enable" and done[1] is not None and done[1].missed_events:
+        # It missed events while DISABLED: offer to send them (a preview, then a confirmation).
+        since = done[1].disabled_at.isoformat()
+        return _redirect(url_for("console.replay_range", name=name, since=since, gap="1"))
     if action == "remove":
         return _redirect(url_for("console.endpoint_list", removed=name))
     return _redirect(url_for("console.endpoint_detail", name=name, done=action))
@@ -511,6 +515,116 @@ async def payment_story(payment_id: int) -> Response:
         events=events,
         attempts_shown=deliveries.ATTEMPTS_SHOWN,
     )
+
+
+# -- replays ---------------------------------------------------------------------------------------
+@blueprint.get("/replay")
+async def replay() -> Response:
+    """The two replays: dead deliveries, or a time range of events to one endpoint."""
+    async with current_payment_app().connection() as conn:
+        found = await endpoints.select_endpoints(conn)
+    replayed = request.args.get("replayed", "")
+    return await _page(
+        "replay.html",
+        endpoints=found,
+        replayed=int(replayed) if replayed.isdigit() and len(replayed) < 10 else None,
+        to=request.args.get("to", "")[:100],
+    )
+
+
+@blueprint.get("/replay/dead")
+async def replay_dead() -> Response:
+    """How many dead deliveries a replay would put back in line, per endpoint; then the form."""
+    endpoint = request.args.get("name", "").strip() or None
+    async with current_payment_app().connection() as conn:
+        try:
+            preview = await deliveries.preview_dead(conn, endpoint=endpoint)
+        except EndpointNotFound as error:
+            return await _refused(404, str(error))
+    return await _page(
+        "replay_dead.html",
+        endpoint=endpoint,
+        preview=preview,
+        total=sum(p.dead for p in preview),
+    )
+
+
+@blueprint.post("/replay/dead")
+async def post_replay_dead() -> Response:
+    form = await request.form
+    endpoint = form.get("name", "").strip() or None
+    async with current_payment_app().connection() as conn:
+        try:
+            done = await deliveries.replay_dead(
+                conn,
+                event_id=None,
+                endpoint=endpoint,
+                operator=_operator(),
+                reason=form.get("reason", "").strip() or None,
+            )
+        except EndpointNotFound as error:
+            return await _refused(404, str(error))
+    return _redirect(url_for("console.replay", replayed=len(done.replayed), to=endpoint or ""))
+
+
+def _range(values: MultiDict[str, str]) -> tuple[str, datetime, datetime | None]:
+    """The endpoint and [since, until) of a range replay, from a query or a form."""
+    endpoint = values.get("name", "").strip()
+    if not endpoint:
+        raise ValueError("choose an endpoint")
+    since = _time(values.get("since", "").strip(), "since")
+    if since is None:
+        raise ValueError("since: give the time the range starts at")
+    until = _time(values.get("until", "").strip(), "until")
+    if until is not None and until <= since:
+        raise ValueError("until must be later than since")
+    return endpoint, since, until
+
+
+@blueprint.get("/replay/range")
+async def replay_range() -> Response:
+    """What a range replay would send the endpoint now; then the form."""
+    try:
+        endpoint, since, until = _range(request.args)
+    except ValueError as error:
+        return await _refused(400, str(error))
+    async with current_payment_app().connection() as conn:
+        try:
+            preview = await deliveries.preview_range(
+                conn, endpoint=endpoint, since=since, until=until
+            )
+        except EndpointNotFound as error:
+            return await _refused(404, str(error))
+    return await _page(
+        "replay_range.html",
+        endpoint=endpoint,
+        since=since,
+        until=until,
+        preview=preview,
+        gap=request.args.get("gap") == "1",
+    )
+
+
+@blueprint.post("/replay/range")
+async def post_replay_range() -> Response:
+    form = await request.form
+    try:
+        endpoint, since, until = _range(form)
+    except ValueError as error:
+        return await _refused(400, str(error))
+    async with current_payment_app().connection() as conn:
+        try:
+            done = await deliveries.replay_range(
+                conn,
+                endpoint=endpoint,
+                since=since,
+                until=until,
+                operator=_operator(),
+                reason=form.get("reason", "").strip() or None,
+            )
+        except EndpointNotFound as error:
+            return await _refused(404, str(error))
+    return _redirect(url_for("console.replay", replayed=done.added + done.again, to=endpoint))
 
 
 # -- audit ----------------------------------------------------------------------------------------

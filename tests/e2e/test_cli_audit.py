@@ -17,6 +17,7 @@ from payment_service import audit
 from payment_service.audit import Operator, Target
 from tests.support.audit import EVERY_ENDPOINT_ACTION, audit_rows, audit_text
 from tests.support.commands import Finished, run_to_end
+from tests.support.database import insert_events
 from tests.support.environment import minimal_environment, new_signing_secret
 
 Cli = Callable[..., Finished]
@@ -134,3 +135,30 @@ def test_audit_refuses_bad_input_with_one_line(
     result = cli("audit", *args)
     assert result.returncode == 2 and len(result.error_lines) == 1, result.stderr
     assert message in result.stderr, result.stderr
+
+
+async def test_outbox_replays_are_audited_as_the_user_running_them(
+    cli: Cli, db: asyncpg.Connection
+) -> None:
+    events = await insert_events(db, payments=2)
+    await db.execute("UPDATE deliveries SET status = 'DEAD'")
+    replayed = cli("outbox", "replay", "--dead", "--endpoint", "notification")
+    assert replayed.returncode == 0, replayed.stderr
+    since = "2000-01-01T00:00:00Z"
+    ranged = cli("outbox", "replay", "--endpoint", "notification", "--since", since)
+    assert ranged.returncode == 0, ranged.stderr
+    one = cli("outbox", "replay", "--event-id", events[0].event_id)  # nothing dead now: exit 1
+    assert one.returncode == 1, one.stderr
+
+    rows = await audit_rows(db, action="deliveries.replay")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert [(r["actor"], r["target_kind"], r["target_id"]) for r in rows] == [
+        (f"cli:{user}", "endpoint", "notification"),
+        (f"cli:{user}", "endpoint", "notification"),
+        (f"cli:{user}", "event", events[0].event_id),
+    ]
+    assert json.loads(rows[0]["after"]) == {"dead": True, "replayed": 2, "to": {"notification": 2}}
+    assert json.loads(rows[1]["after"])["again"] == 2
+    assert json.loads(rows[2]["after"])["replayed"] == 0, (
+        "asked for, and recorded, with nothing done"
+    )

@@ -1,9 +1,10 @@
 """The operator console in a real headless Chromium (tests/support/browser.py) against real
 `payment-service serve --workers 2` and relay processes: an operator signs in, sees the endpoint
 whose receiver fails with its breaker open at the top of the overview, pauses and resumes it with
-confirmation, and finds each action in the audit log; without a session or without the CSRF token
-nothing is done; a payment's story is found by its reference; and what comes from outside (a
-receiver's answer, metadata, a reason) renders as text.
+confirmation, finds a payment's story by its reference, replays the dead deliveries after a
+preview, and finds each action in the audit log; without a session or without the CSRF token
+nothing is done; and what comes from outside (a receiver's answer, metadata, a reason) renders as
+text.
 
 Few tests, one browser for the session. With CONSOLE_SCREENSHOTS=<folder> they save each page
 there (`python -m tests.support.screenshots` writes docs/console/)."""
@@ -68,7 +69,8 @@ async def stack(
     relays: RelayLauncher,
 ) -> AsyncIterator[Stack]:  # fmt: skip
     """`serve --workers 2` with an admin key (the console shares its sessions across workers)
-    and a relay whose breaker opens after 3 failures and stays open for the test."""
+    and a relay whose breaker opens after 3 failures and stays open for the test, and which gives
+    up on a delivery after its first failed attempt."""
     env = minimal_environment(
         database_url=database_url,
         environment="test",
@@ -83,7 +85,7 @@ async def stack(
         relay = relays.start(
             endpoint_breaker_failures=3,
             endpoint_breaker_cooldown_seconds=600,
-            relay_max_attempts=2,
+            relay_max_attempts=1,  # a failed attempt is the last: deliveries die, to be replayed
         )
         yield Stack(api, relay, receiver, conn)
     finally:
@@ -118,8 +120,8 @@ async def test_an_operator_finds_the_failing_endpoint_pauses_and_resumes_it(
 
     await browser.click("#endpoint-notification a")
     assert "breaker open" in await browser.text("#breaker")
-    failing = await browser.text("#failing")
-    assert f"500 HTTP 500: {HOSTILE}" in failing, "the receiver's answer, as text"
+    dead = await browser.text("#dead-deliveries")
+    assert f"500 HTTP 500: {HOSTILE}" in dead, "the receiver's answer, as text"
     assert await browser.run_script("return window.pwned === undefined")
     await browser.screenshot("endpoint")
 
@@ -151,11 +153,31 @@ async def test_an_operator_finds_the_failing_endpoint_pauses_and_resumes_it(
 
     await browser.open(stack.url("/endpoints"))
     await browser.screenshot("endpoints")
+
+    # Replay the dead deliveries, after the preview says how many go where.
+    everything = {payment["payment_id"] for payment in made}
+    await browser.open(stack.url("/replay"))
+    await browser.screenshot("replay")
+    await browser.click("#dead-form button")
+    preview = await browser.text("#preview")
+    assert "dead deliver" in preview and "would go back in line" in preview, preview
+    assert "notification" in await browser.text("#preview-table")
+    await browser.screenshot("replay-preview")
+    await browser.click("#confirm")
+    assert "back in line" in await browser.text("#replayed")
+
+    def all_received() -> bool:
+        return {d.event["payment_id"] for d in stack.receiver.accepted()} == everything
+
+    await wait_for(all_received, timeout=60, what="every payment's event, the dead ones replayed")
+
     await browser.open(stack.url("/audit"))
     log = await browser.text("#audit tbody")
     lines = log.splitlines()
     assert lines[0].split()[3:5] == ["console:ops", "127.0.0.1"], log
-    assert "endpoint.resume" in log and "endpoint.pause" in log and REASON in log
+    for action in ("deliveries.replay", "endpoint.resume", "endpoint.pause"):
+        assert action in log, log
+    assert REASON in log
     assert await browser.run_script("return window.pwned === undefined")
     await browser.screenshot("audit")
 

@@ -19,6 +19,7 @@ from payment_service.audit import AuditError, Operator, Target
 from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi, assert_problem
 from tests.support.audit import EVERY_ENDPOINT_ACTION, OPERATOR, audit_rows, audit_text
+from tests.support.database import insert_events
 from tests.support.environment import new_signing_secret
 
 ADMIN_TOKEN = "admin-token-for-the-audit-tests"
@@ -339,3 +340,66 @@ async def test_openapi_documents_get_audit_behind_the_admin_key(admin: httpx.Asy
     parameters = {parameter["name"] for parameter in operation["parameters"]}
     assert parameters == {"since", "until", "actor", "action", "target", "limit", "starting_after"}
     assert {"200", "400", "401"} <= set(operation["responses"])
+
+
+async def test_replays_through_the_admin_api_preview_then_run_audited(
+    admin: httpx.AsyncClient, admin_api: RunningApi, db: asyncpg.Connection
+) -> None:
+    await admin.post("/admin/endpoints", json={"name": "trip", "url": "http://127.0.0.1:9/t"})
+    events = await insert_events(db, payments=4)
+    await db.execute(
+        "UPDATE deliveries SET status = 'DEAD' WHERE event_id = ANY ($1::bigint[])",
+        [e.id for e in events[:2]],
+    )
+    preview = await admin.get("/admin/deliveries/dead")
+    assert preview.status_code == 200, preview.text
+    assert preview.json() == {
+        "data": [
+            {"endpoint": "notification", "state": "ACTIVE", "dead": 2},
+            {"endpoint": "trip", "state": "ACTIVE", "dead": 2},
+        ]
+    }
+    only = (await admin.get("/admin/deliveries/dead", params={"endpoint": "trip"})).json()
+    assert only["data"] == [{"endpoint": "trip", "state": "ACTIVE", "dead": 2}]
+    done = await admin.post(
+        "/admin/deliveries/replay-dead", json={"endpoint": "trip", "reason": "fixed"}
+    )
+    assert done.status_code == 200, done.text
+    assert done.json() == {"replayed": 2, "to": {"trip": 2}, "superseded": 0}
+    everything = await admin.post("/admin/deliveries/replay-dead")  # no body: every one
+    assert everything.json() == {"replayed": 2, "to": {"notification": 2}, "superseded": 0}
+
+    since = "2000-01-01T00:00:00+00:00"
+    ranged = await admin.get("/admin/endpoints/trip/replay", params={"since": since})
+    assert ranged.json() == {"endpoint": "trip", "added": 0, "again": 4, "state": "ACTIVE"}
+    done = await admin.post("/admin/endpoints/trip/replay", json={"since": since})
+    assert done.json() == {"endpoint": "trip", "added": 0, "again": 4, "state": "ACTIVE"}
+    empty = await admin.post("/admin/endpoints/trip/replay", json={"since": since, "until": since})
+    assert empty.json() == {"endpoint": "trip", "added": 0, "again": 0, "state": "ACTIVE"}
+
+    for method, path, body in (
+        ("POST", "/admin/endpoints/trip/replay", {}),
+        ("POST", "/admin/endpoints/trip/replay", {"since": "yesterday"}),
+        ("POST", "/admin/deliveries/replay-dead", {"event_id": "not-a-uuid"}),
+        ("POST", "/admin/deliveries/replay-dead", {"colour": "red"}),
+    ):
+        assert_problem(await admin.request(method, path, json=body), 400, "VALIDATION_ERROR")
+    assert_problem(
+        await admin.post("/admin/endpoints/nobody/replay", json={"since": since}),
+        404,
+        "ENDPOINT_NOT_FOUND",
+    )
+    assert_problem(
+        await admin.post("/admin/deliveries/replay-dead", json={"endpoint": "nobody"}), 404
+    )
+    assert_problem(await admin_api.client.post("/admin/deliveries/replay-dead"), 401)
+
+    rows = await audit_rows(db, action="deliveries.replay")
+    assert [(r["actor"], r["target_kind"], r["target_id"]) for r in rows] == [
+        ("admin:ops", "endpoint", "trip"),
+        ("admin:ops", "deliveries", "dead"),
+        ("admin:ops", "endpoint", "trip"),
+        ("admin:ops", "endpoint", "trip"),
+    ]
+    assert rows[0]["reason"] == "fixed" and rows[0]["origin"] == "127.0.0.1"
+    assert json.loads(rows[2]["after"])["again"] == 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi, payment_body, post_json
 from tests.support.audit import OPERATOR, audit_rows, audit_text
 from tests.support.console import CONSOLE, ConsoleClient, page_text, script_elements
+from tests.support.database import insert_events
 from tests.support.environment import SECRET, new_signing_secret
 
 TOKEN = "Zq3vR8xK1mWb7tYc0pLf5nHd2sGj9uAe-console-tests"  # strong: production checks it
@@ -60,9 +62,10 @@ async def test_without_a_session_pages_go_to_sign_in_and_actions_are_refused(
         response = await client.get(path)
         assert response.status_code == 303, path
         assert response.headers["location"] == CONSOLE + "/sign-in"
-    for action in ACTIONS:
-        response = await client.post(f"/endpoints/notification/{action}", csrf="anything")
-        assert response.status_code == 403, action
+    actions = [f"/endpoints/notification/{action}" for action in ACTIONS]
+    for path in [*actions, "/replay/dead", "/replay/range"]:
+        response = await client.post(path, csrf="anything")
+        assert response.status_code == 403, path
         assert "Not signed in" in page_text(response.text)
     # A cookie the server did not sign is no session either.
     client.client.cookies.set("payment_console", "eyJrIjoib3BzIn0.forged", path=CONSOLE)
@@ -118,11 +121,11 @@ async def test_every_action_needs_the_sessions_csrf_token(
     other = console(api)
     await other.sign_in(OTHER_TOKEN)
     others_token = await other.csrf()
-    for action in ACTIONS:
-        path = f"/endpoints/notification/{action}"
+    paths = [f"/endpoints/notification/{action}" for action in ACTIONS]
+    for path in [*paths, "/replay/dead", "/replay/range"]:
         for form in ({}, {"csrf": ""}, {"csrf": "not-the-token"}, {"csrf": others_token}):
             response = await signed_in.post(path, **form)
-            assert response.status_code == 403, (action, form)
+            assert response.status_code == 403, (path, form)
             assert "stale or not the console's" in page_text(response.text)
     assert (await signed_in.post("/sign-out")).status_code == 403
     assert (await endpoints.select_endpoint(db, "notification")).state == "ACTIVE"
@@ -346,3 +349,93 @@ async def test_a_payments_story_found_by_reference_trip_or_id(
     assert "abcdef012345" in text and "12 ms" in text
     assert script_elements(page.text) == 0 and "<img" not in page.text
     assert (await signed_in.get("/payments/999999")).status_code == 404
+
+
+async def test_replays_show_what_they_would_send_then_run_audited(
+    signed_in: ConsoleClient, db: asyncpg.Connection
+) -> None:
+    async with db.transaction():
+        await endpoints.insert_endpoint(
+            db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR
+        )
+    events = await insert_events(db, payments=5)
+    await db.execute(
+        "UPDATE deliveries SET status = 'DEAD', attempts = 12 WHERE event_id = ANY ($1::bigint[])",
+        [e.id for e in events[:3]],
+    )
+    # Dead: the preview counts per endpoint, then the confirmation runs it.
+    preview = page_text((await signed_in.get("/replay/dead")).text)
+    assert "6 dead deliveries would go back in line" in preview
+    assert "notification 3" in preview and "trip 3" in preview
+    only_trip = page_text((await signed_in.get("/replay/dead", name="trip")).text)
+    assert "3 dead deliveries would go back in line" in only_trip
+    assert "notification" not in only_trip.split("would go back in line")[1]
+    done = await signed_in.act("/replay/dead?name=trip", name="trip", reason="receiver fixed")
+    assert done.status_code == 303
+    assert done.headers["location"] == CONSOLE + "/replay?replayed=3&to=trip"
+    assert "Put 3 deliveries back in line to trip" in page_text(
+        (await signed_in.get("/replay", replayed="3", to="trip")).text
+    )
+    counts = await db.fetch(
+        "SELECT n.name, d.status, count(*) FROM deliveries d JOIN endpoints n USING (endpoint_id)"
+        " GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    assert [tuple(row) for row in counts] == [
+        ("notification", "DEAD", 3),
+        ("notification", "PENDING", 2),
+        ("trip", "PENDING", 5),
+    ]
+    assert "No dead deliveries to trip" in page_text(
+        (await signed_in.get("/replay/dead", name="trip")).text
+    )
+
+    # A range: the preview says how many it never had and how many again.
+    await db.execute(
+        "DELETE FROM deliveries WHERE event_id = ANY ($1::bigint[])"
+        " AND endpoint_id = (SELECT endpoint_id FROM endpoints WHERE name = 'trip')",
+        [e.id for e in events[3:]],
+    )
+    since = "2000-01-01T00:00:00+00:00"
+    ranged = page_text((await signed_in.get("/replay/range", name="trip", since=since)).text)
+    assert "5 events of its types would go to trip: 2 it never had, 3 sent or tried before" in (
+        ranged
+    )
+    query = urlencode({"name": "trip", "since": since})
+    done = await signed_in.act(f"/replay/range?{query}", name="trip", since=since)
+    assert done.headers["location"] == CONSOLE + "/replay?replayed=5&to=trip"
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM deliveries WHERE status = 'PENDING'"
+            " AND endpoint_id = (SELECT endpoint_id FROM endpoints WHERE name = 'trip')"
+        )
+        == 5
+    )
+    for bad in ({"name": "trip"}, {"name": "trip", "since": "yesterday"},
+                {"name": "trip", "since": since, "until": since}):  # fmt: skip
+        assert (await signed_in.get("/replay/range", **bad)).status_code == 400, bad
+    assert (await signed_in.get("/replay/range", name="nobody", since=since)).status_code == 404
+    assert (await signed_in.get("/replay/dead", name="nobody")).status_code == 404
+
+    rows = await audit_rows(db, action="deliveries.replay")
+    assert [(r["actor"], r["target_kind"], r["target_id"]) for r in rows] == [
+        ("console:ops", "endpoint", "trip"),
+        ("console:ops", "endpoint", "trip"),
+    ]
+    assert json.loads(rows[0]["after"]) == {"dead": True, "replayed": 3, "to": {"trip": 3}}
+    assert rows[0]["reason"] == "receiver fixed"
+    after = json.loads(rows[1]["after"])
+    assert (after["added"], after["again"], after["since"]) == (2, 3, since)
+
+
+async def test_enabling_a_disabled_endpoint_offers_what_it_missed(
+    signed_in: ConsoleClient, db: asyncpg.Connection
+) -> None:
+    await signed_in.act("/endpoints/notification/disable")
+    await insert_events(db, payments=2)  # written while DISABLED: no delivery to it
+    enabled = await signed_in.act("/endpoints/notification/enable")
+    assert enabled.status_code == 303
+    location = enabled.headers["location"]
+    assert location.startswith(CONSOLE + "/replay/range?name=notification&since=")
+    offer = page_text((await signed_in.client.get(location)).text)
+    assert "It was DISABLED from" in offer
+    assert "2 events of its types would go to notification: 2 it never had" in offer

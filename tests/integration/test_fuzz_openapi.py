@@ -141,15 +141,20 @@ async def test_fuzz_openapi_document(api: RunningApi) -> None:
 
 
 @pytest.mark.timeout(180)
-async def test_fuzz_the_audit_log_route(api_factory: ApiFactory) -> None:
-    """GET /admin/audit's filters, as the admin key sends them (the rest of the admin API is
-    checked by its own tests)."""
+async def test_fuzz_the_audit_log_and_replay_routes(api_factory: ApiFactory) -> None:
+    """The audit log's filters and the replays' previews and bodies, as the admin key sends
+    them (the rest of the admin API is checked by its own tests)."""
     token = "fuzzing-admin-token-for-tests-only"
     api = await api_factory(admin_api_keys=(f"ops:{token}",))
     document = (await api.client.get("/openapi.json")).json()
-    document["paths"] = {"/admin/audit": document["paths"]["/admin/audit"]}
+    wanted = ("/admin/audit", "/admin/deliveries/", "/admin/endpoints/{name}/replay")
+    document["paths"] = {
+        path: operations
+        for path, operations in document["paths"].items()
+        if path.startswith(wanted)
+    }
     sent, failures = await asyncio.to_thread(
         fuzz, document, api.base_url, {"Authorization": f"Bearer {token}"}
     )
     assert not failures, "\n\n".join(failures)
-    assert sent >= 2 * min(EXAMPLES_PER_OPERATION, 10), sent
+    assert sent >= 5 * 2 * min(EXAMPLES_PER_OPERATION, 10), sent

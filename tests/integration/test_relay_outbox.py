@@ -373,7 +373,9 @@ async def test_order_per_payment_follows_the_events_even_when_a_replay_adds_an_o
     first, second = await insert_events(conn, payments=1, events_per_payment=2)
     # the endpoint never had the first event (as if it was DISABLED when it was written)
     await conn.execute("DELETE FROM deliveries WHERE event_id = $1", first.id)
-    done = await replay_range(conn, endpoint="notification", since=started, until=None)
+    done = await replay_range(
+        conn, endpoint="notification", since=started, until=None, operator=OPERATOR
+    )
     assert (done.added, done.again) == (1, 1)
     ids = dict(await conn.fetch("SELECT event_id, delivery_id FROM deliveries"))
     assert ids[first.id] > ids[second.id]  # the older event's delivery is the newer row

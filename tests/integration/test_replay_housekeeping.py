@@ -84,7 +84,9 @@ async def test_housekeeping_leaves_an_event_a_replay_in_progress_adds_a_delivery
     housekeeper = await connect(database_url)
     try:
         async with other.transaction():
-            done = await replay_range(other, endpoint="trip", since=arranged.since, until=None)
+            done = await replay_range(
+                other, endpoint="trip", since=arranged.since, until=None, operator=OPERATOR
+            )
             assert (done.added, done.again) == (1, 1)
             passing = asyncio.create_task(housekeep(housekeeper, retention_hours=RETENTION_HOURS))
 
@@ -116,7 +118,9 @@ async def test_a_replay_keeps_the_events_it_read_until_it_has_written_their_deli
                 arranged.new,
             )
             replaying = asyncio.create_task(
-                replay_range(other, endpoint="trip", since=arranged.since, until=None)
+                replay_range(
+                    other, endpoint="trip", since=arranged.since, until=None, operator=OPERATOR
+                )
             )
             await wait_for(
                 lambda: waiting_for_a_lock(conn, "WITH wanted"),

@@ -25,7 +25,8 @@ class ConsoleClient:
         return await self.client.post(self.root + "/sign-in", data={"token": token})
 
     async def get(self, path: str, **params: str) -> httpx.Response:
-        return await self.client.get(self.root + path, params=params)
+        """GET the page at `path` (which may carry its own query, unless `params` are given)."""
+        return await self.client.get(self.root + path, params=params or None)
 
     async def csrf(self, path: str = "/") -> str:
         """The CSRF token of the forms on the page at `path`."""
