@@ -10,7 +10,7 @@ LOCK_RUNTIME := requirements/runtime.txt
 LOCK_DEV     := requirements/dev.txt
 LOCK_BENCH   := requirements/bench.txt
 
-.PHONY: install lock run test test-fast lint format bench loadtest clean
+.PHONY: install lock run test test-fast lint format bench loadtest screenshots clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy app outbox_relay payment_service payment_cli tests loadtests deploy/failover/demo.py
 	$(BIN)/lint-imports
+
+# The console's pages as PNGs in docs/console/, taken by its browser tests (needs chromium and
+# chromium-driver).
+screenshots: install
+	$(BIN)/python -m tests.support.screenshots $(PYTEST_ARGS)
 
 format: install
 	$(BIN)/ruff format .

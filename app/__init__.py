@@ -2,14 +2,15 @@
 
 `create_app(settings)` builds the application; nothing connects or reads the environment at import
 time. Its parts live in their own modules: the routes (`routes`), the admin API (`admin`, only
-with ADMIN_API_KEYS), the pool's lifecycle (`lifecycle`), what runs around every request
-(`hooks`), errors as problem+json (`handlers`), health and metrics (`ops`) and the OpenAPI
-document (`openapi`).
+with ADMIN_API_KEYS) and the operator console (`console`, likewise), the pool's lifecycle
+(`lifecycle`), what runs around every request (`hooks`), errors as problem+json (`handlers`),
+health and metrics (`ops`) and the OpenAPI document (`openapi`).
 """
 
 from __future__ import annotations
 
 from app import admin
+from app.console import install_console
 from app.context import PaymentApp
 from app.handlers import install_error_handlers
 from app.hooks import install_request_hooks
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> PaymentApp:
     app.register_blueprint(blueprint, url_prefix=settings.api_prefix or None)
     if settings.admin_api_keys:  # else every /admin path is 404, as if absent
         app.register_blueprint(admin.blueprint, url_prefix=settings.api_prefix + "/admin")
+        install_console(app)
     install_lifecycle(app)
     install_request_hooks(app)
     install_error_handlers(app)

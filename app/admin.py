@@ -1,11 +1,12 @@
-"""The admin API: subscribed endpoints over HTTP, and one event's deliveries.
+"""The admin API: subscribed endpoints over HTTP, one event's deliveries, and the audit log.
 
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
 key>` (ADMIN_API_KEYS, separate from API_KEYS); anything else is 401. Handlers are thin: the
-endpoints' SQL is payment_service.endpoints (every change NOTIFYs the relays), the deliveries'
-payment_service.deliveries; the command line uses both too. A secret is shown only by
-POST /endpoints and rotate-secret.
+endpoints' SQL is payment_service.endpoints (every change NOTIFYs the relays and writes the
+change's audit row, naming the admin key as `admin:<name>` and the client's address), the
+deliveries' payment_service.deliveries, the audit log's payment_service.audit; the command line
+uses them too. A secret is shown only by POST /endpoints and rotate-secret.
 """
 
 from __future__ import annotations
@@ -14,21 +15,32 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import asyncpg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    model_validator,
+)
 from quart import Blueprint, Response, g, request
-from quart_schema import document_request, document_response
+from quart_schema import document_querystring, document_request, document_response
 from werkzeug.routing import BaseConverter
 
 from app.context import current_payment_app
 from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
-from app.models import validate_model
+from app.models import INT64_MAX, validate_model
 from app.routes import JSON, document_errors, json_body
-from payment_service import deliveries, endpoints
+from payment_service import audit, deliveries, endpoints
+from payment_service.audit import Operator
 from payment_service.callback_urls import MAX_URL_LENGTH
 from payment_service.endpoints import (
     Endpoint,
@@ -155,6 +167,42 @@ class StateReason(BaseModel):
     reason: Reason | None = None
 
 
+class ReplayDead(BaseModel):
+    """Which dead deliveries go back in line: to `endpoint` and/or of the event `event_id` (its
+    webhook-id); neither: every dead delivery. `reason` goes to the audit log."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: Name | None = None
+    event_id: uuid.UUID | None = None
+    reason: Reason | None = None
+
+
+class ReplayRange(BaseModel):
+    """The events to send the endpoint again: those of its types created at or after `since`
+    and before `until` (absent: up to now), ISO 8601 with an offset; an `until` not after
+    `since` is an empty range. `reason` goes to the audit log."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+    reason: Reason | None = None
+
+
+class RangeQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime
+    until: AwareDatetime | None = None
+
+
+class DeadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: Name | None = None
+
+
 class RotateSecret(BaseModel):
     """`secret` absent: a new one is generated. Every secret it replaced in the last 24 hours
     still signs (three in all at most)."""
@@ -162,6 +210,29 @@ class RotateSecret(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     secret: Secret | None = None
+
+
+# Text that a filter compares: one line, no control characters (PostgreSQL text holds no NUL).
+FilterText = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class AuditQuery(BaseModel):
+    """Filters of GET /audit (all optional): a time range (ISO 8601 with an offset; `since`
+    inclusive, `until` exclusive), who (`admin:ops`, `console:ops`, `cli:alice`), what
+    (`endpoint.pause`, or `endpoint.*`), on what (`endpoint:trip`, or `trip`); `starting_after`:
+    the `audit_id` of the last entry of the previous page."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    actor: FilterText | None = None
+    action: Annotated[str, Field(max_length=100, pattern=r"^[a-z]+(\.[a-z_]+)*(\.\*)?$")] | None = (
+        None
+    )
+    target: FilterText | None = None
+    limit: Annotated[int, Field(ge=1, le=audit.MAX_PAGE)] = 20
+    starting_after: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
 
 
 # -- response documents (for /openapi.json) -------------------------------------------------------
@@ -211,6 +282,52 @@ class EndpointRemoved(BaseModel):
     delivered_kept: int  # its delivered deliveries, kept as history until retention
 
 
+class AuditTarget(BaseModel):
+    kind: str  # endpoint, payment, deliveries, …
+    id: str
+
+
+class AuditEntry(BaseModel):
+    audit_id: int
+    at: datetime
+    actor: str  # admin:<key name>, console:<key name>, cli:<user>
+    action: str  # endpoint.add, endpoint.pause, endpoint.rotate_secret, …
+    target: AuditTarget
+    origin: str  # the client's address, or cli@<host>
+    reason: str | None
+    before: dict[str, Any] | None  # the fields that changed, as they were (never a secret)
+    after: dict[str, Any] | None  # … and as they became
+
+
+class AuditList(BaseModel):
+    data: list[AuditEntry]
+    has_more: bool
+
+
+class DeadToReplay(BaseModel):
+    endpoint: str
+    state: EndpointState  # only ACTIVE sends them at once
+    dead: int
+
+
+class DeadPreviewDocument(BaseModel):
+    data: list[DeadToReplay]
+
+
+class DeadReplayed(BaseModel):
+    replayed: int
+    to: dict[str, int]  # replayed deliveries per endpoint
+    # Replayed deliveries older than an event of the same payment their endpoint already got.
+    superseded: int
+
+
+class RangeReplayDocument(BaseModel):
+    endpoint: str
+    added: int  # events it never had a delivery of
+    again: int  # events sent or tried before, sent again
+    state: EndpointState  # only ACTIVE sends them at once
+
+
 class DeliveryAttempt(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -220,6 +337,9 @@ class DeliveryAttempt(BaseModel):
     status_code: int | None
     error: str | None
     duration_ms: int | None
+    # The fingerprints (start of the SHA-256) of the keys that signed it, newest secret first,
+    # space-separated; null: unsigned, or recorded before the relay noted it.
+    signed_with: str | None = None
 
 
 class Delivery(BaseModel):
@@ -259,6 +379,12 @@ async def authenticate() -> None:
     if name is None:
         raise unauthorized("payment-service-admin")
     g.caller = f"admin:{name}"  # the access log's caller; never the token
+    g.operator = Operator.admin_key(name, request.remote_addr)  # who the audit log names
+
+
+def _operator() -> Operator:
+    operator: Operator = g.operator
+    return operator
 
 
 @contextlib.asynccontextmanager
@@ -277,7 +403,7 @@ async def _endpoints() -> AsyncIterator[asyncpg.Connection]:
         raise APIError(409, "ENDPOINT_CONFLICT", str(error)) from None
 
 
-M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret, StateReason)
+M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret, StateReason, ReplayDead, ReplayRange)
 
 
 async def _body(model: type[M]) -> M:
@@ -323,6 +449,7 @@ async def post_endpoint() -> Response:
             event_types=tuple(model.event_types),
             secret=model.secret,
             networks=current_payment_app().settings.callback_networks,
+            operator=_operator(),
         )
     return _with_secret(added, 201)
 
@@ -351,6 +478,7 @@ async def patch_endpoint(name: str) -> Response:
             url=model.url,
             event_types=tuple(model.event_types) if model.event_types is not None else None,
             networks=current_payment_app().settings.callback_networks,
+            operator=_operator(),
         )
     return _answer(changed.public())
 
@@ -362,7 +490,7 @@ async def delete_endpoint(name: str) -> Response:
     """Remove an endpoint. Its undelivered deliveries (pending, dead) go with it; its delivered
     ones stay as history (GET /events/{event_id}/deliveries shows them) until retention."""
     async with _endpoints() as conn:
-        removed = await endpoints.delete_endpoint(conn, name)
+        removed = await endpoints.delete_endpoint(conn, name, operator=_operator())
     return _answer(
         {
             "name": name,
@@ -401,7 +529,7 @@ def _hold_route(
         model = StateReason() if _without_body() else await _body(StateReason)
         reason = model.reason if model.reason is not None else f"{verb} by {g.caller}"
         async with _endpoints() as conn:
-            changed = await change(conn, name, reason=reason)
+            changed = await change(conn, name, reason=reason, operator=_operator())
         return _answer(changed.public())
 
     hold.__name__ = f"post_endpoint_{action}"
@@ -424,7 +552,7 @@ async def post_endpoint_resume(name: str) -> Response:
     """Deliver again, in order, what the endpoint held while paused. A DISABLED endpoint is
     refused (409): enable it, which names the events it missed."""
     async with _endpoints() as conn:
-        changed = await endpoints.resume(conn, name)
+        changed = await endpoints.resume(conn, name, operator=_operator())
     return _answer(changed.public())
 
 
@@ -436,7 +564,7 @@ async def post_endpoint_enable(name: str) -> Response:
     `gap` says when it was disabled, how many events it missed since, and the command that
     sends them; otherwise `gap` is null."""
     async with _endpoints() as conn:
-        enabled, gap = await endpoints.enable(conn, name)
+        enabled, gap = await endpoints.enable(conn, name, operator=_operator())
     return _answer({**enabled.public(), "gap": None if gap is None else gap.public()})
 
 
@@ -450,7 +578,9 @@ async def post_rotate_secret(name: str) -> Response:
     new secret."""
     model = RotateSecret() if _without_body() else await _body(RotateSecret)
     async with _endpoints() as conn:
-        rotated = await endpoints.rotate_secret(conn, name, secret=model.secret)
+        rotated = await endpoints.rotate_secret(
+            conn, name, secret=model.secret, operator=_operator()
+        )
     return _with_secret(rotated, 200)
 
 
@@ -466,3 +596,100 @@ async def get_event_deliveries(event_id: uuid.UUID) -> Response:
     if body is None:
         raise APIError(404, "EVENT_NOT_FOUND", f"No event has the event_id {event_id}.")
     return Response(body, content_type=JSON)
+
+
+# -- replays ---------------------------------------------------------------------------------------
+@blueprint.get("/deliveries/dead")
+@document_querystring(DeadQuery)
+@document_response(DeadPreviewDocument, 200)
+@document_errors(400, 401, 404, 503)
+async def get_dead_to_replay() -> Response:
+    """How many dead deliveries there are per endpoint (to `endpoint`, or every one): what
+    POST /deliveries/replay-dead would put back in line now."""
+    query = validate_model(DeadQuery, dict(request.args.items()))
+    async with _endpoints() as conn:
+        found = await deliveries.preview_dead(conn, endpoint=query.endpoint)
+    return _answer({"data": [asdict(preview) for preview in found]})
+
+
+@blueprint.post("/deliveries/replay-dead")
+@document_request(ReplayDead)
+@document_response(DeadReplayed, 200)
+@document_errors(400, 401, 404, 413, 415, 503)
+async def post_replay_dead() -> Response:
+    """Put dead deliveries back in line, due now, with fresh counters (to `endpoint`, of one
+    event, or all of them; sent without a body: all). Recorded in the audit log."""
+    model = ReplayDead() if _without_body() else await _body(ReplayDead)
+    async with _endpoints() as conn:
+        done = await deliveries.replay_dead(
+            conn,
+            event_id=model.event_id,
+            endpoint=model.endpoint,
+            operator=_operator(),
+            reason=model.reason,
+        )
+    to: dict[str, int] = {}
+    for replayed in done.replayed:
+        to[replayed.endpoint] = to.get(replayed.endpoint, 0) + 1
+    return _answer({"replayed": len(done.replayed), "to": to, "superseded": len(done.superseded)})
+
+
+@blueprint.get("/endpoints/<endpoint_name:name>/replay")
+@document_querystring(RangeQuery)
+@document_response(RangeReplayDocument, 200)
+@document_errors(400, 401, 404, 503)
+async def get_range_to_replay(name: str) -> Response:
+    """What POST /endpoints/{name}/replay would send the endpoint now: the events of its types
+    created in [since, until), those it never had and those it would get again."""
+    query = validate_model(RangeQuery, dict(request.args.items()))
+    async with _endpoints() as conn:
+        preview = await deliveries.preview_range(
+            conn, endpoint=name, since=query.since, until=query.until
+        )
+    return _answer({"endpoint": name, **asdict(preview)})
+
+
+@blueprint.post("/endpoints/<endpoint_name:name>/replay")
+@document_request(ReplayRange)
+@document_response(RangeReplayDocument, 200)
+@document_errors(400, 401, 404, 413, 415, 503)
+async def post_replay_range(name: str) -> Response:
+    """Send the endpoint every event of its types created in [since, until) again, with the
+    same webhook-id: received ones too, and ones it never had (created before it subscribed, or
+    while it was DISABLED). A PAUSED or DISABLED endpoint gets them once resumed or enabled.
+    Recorded in the audit log."""
+    model = await _body(ReplayRange)
+    async with _endpoints() as conn:
+        done = await deliveries.replay_range(
+            conn,
+            endpoint=name,
+            since=model.since,
+            until=model.until,
+            operator=_operator(),
+            reason=model.reason,
+        )
+    return _answer({"endpoint": name, **asdict(done)})
+
+
+# -- the audit log --------------------------------------------------------------------------------
+@blueprint.get("/audit")
+@document_querystring(AuditQuery)
+@document_response(AuditList, 200)
+@document_errors(400, 401, 503)
+async def get_audit() -> Response:
+    """Operator actions from the command line, the admin API and the console, newest first:
+    who, what, on what, when, from where, the fields that changed and the reason. Page with
+    `starting_after` (the last entry's `audit_id`) while `has_more`."""
+    query = validate_model(AuditQuery, dict(request.args.items()))
+    async with current_payment_app().connection() as conn:
+        page = await audit.select_audit(
+            conn,
+            since=query.since,
+            until=query.until,
+            actor=query.actor,
+            action=query.action,
+            target=query.target,
+            limit=query.limit,
+            before_id=query.starting_after,
+        )
+    return _answer({"data": [entry.public() for entry in page.entries], "has_more": page.has_more})

@@ -33,17 +33,23 @@ _SCOPE_ATTRIBUTE = "payment_service_scope"
 
 
 def bearer_key(authorization: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
-    """The key of an `Authorization: Bearer <token>` header, else None.
+    """The key of an `Authorization: Bearer <token>` header, else None."""
+    scheme, _, token = authorization.partition(" ")
+    found = key_of_token(token.strip(), keys)
+    return found if scheme.lower() == "bearer" else None
+
+
+def key_of_token(token: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The key whose token is `token`, else None (the console's sign-in asks too).
 
     Every configured token is compared, in constant time each, whichever one matches.
     """
-    scheme, _, token = authorization.partition(" ")
-    sent = token.strip().encode()
+    sent = token.encode()
     found = None
     for key in keys:
         if hmac.compare_digest(sent, key.token.encode()):
             found = key
-    return found if scheme.lower() == "bearer" else None
+    return found
 
 
 def bearer_name(authorization: str, keys: tuple[ApiKey, ...]) -> str | None:

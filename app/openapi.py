@@ -14,6 +14,7 @@ no third-party host learns who reads it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,23 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
             parameter["schema"] = {"type": "string", "pattern": NAME_PATTERN.pattern}
         return parameter
 
+    def build_querystring_parameters(
+        self, model: type[Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """quart-schema's, with the parameters the model requires marked so (it marks none)."""
+        parameters, definitions = super().build_querystring_parameters(model)
+        for parameter in parameters:
+            field = model.model_fields.get(parameter["name"])
+            if field is not None and field.is_required():
+                parameter["required"] = True
+        return parameters, definitions
+
+    def generate_rules(self) -> Iterator[Rule]:
+        """Every rule but the console's: pages for a browser, not an API."""
+        for rule in super().generate_rules():
+            if not rule.endpoint.startswith("console."):
+                yield rule
+
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)
         scope = scope_of(self._app.view_functions[rule.endpoint])
@@ -162,7 +180,8 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
             for path, operations in document.get("paths", {}).items():
                 for method, operation in operations.items():
                     if path.startswith(admin_prefix):
-                        _admin(operation, body_optional=path.endswith("/rotate-secret"))
+                        optional = path.endswith(("/rotate-secret", "/replay-dead"))
+                        _admin(operation, body_optional=optional)
                     else:
                         _enforced(
                             operation, method, open_route=not path.startswith(payments_prefix)

@@ -280,3 +280,33 @@ async def select_payments_page(
     return await conn.fetchval(  # type: ignore[no-any-return]
         statement.sql, *statement.args(**given, limit=limit, fetch=limit + 1)
     )
+
+
+# The console's search: payments whose id, trip or reference is the one given, newest first
+# (each condition through its own index: the primary key, payments_trip_id_idx, the reference's
+# unique index).
+MATCHING = Statement(
+    """
+    SELECT p.payment_id, p.trip_id, p.reference, p.status, p.amount, p.currency, p.created_at
+      FROM payments AS p
+     WHERE p.payment_id = :payment_id
+        OR p.trip_id = :trip_id
+        OR p.reference = :reference
+     ORDER BY p.payment_id DESC
+     LIMIT :limit
+    """
+)
+
+
+async def select_payments_matching(
+    conn: asyncpg.Connection,
+    *,
+    payment_id: int | None = None,
+    trip_id: int | None = None,
+    reference: str | None = None,
+    limit: int = 20,
+) -> list[asyncpg.Record]:
+    """Payments whose id is `payment_id`, whose trip is `trip_id` or whose reference is
+    `reference` (None: not that way), newest first."""
+    values = MATCHING.args(payment_id=payment_id, trip_id=trip_id, reference=reference, limit=limit)
+    return await conn.fetch(MATCHING.sql, *values)  # type: ignore[no-any-return]

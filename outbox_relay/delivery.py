@@ -37,7 +37,7 @@ from outbox_relay.outbox import (
     safe_text,
 )
 from outbox_relay.schedule import Outcome, Verdict, classify, counts, decide, parse_retry_after
-from payment_service.signing import sign
+from payment_service.signing import fingerprint, sign
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ class Deliverer:
         endpoint: str = "",
     ) -> None:
         self._client = client
-        # Replaced when the endpoint's secrets change (rotation); none: callbacks are unsigned.
         self.signing_keys = tuple(signing_keys)
         self.endpoint = endpoint  # its name, for the logs
         self._request_timeout = request_timeout
@@ -84,6 +83,18 @@ class Deliverer:
         self._max_attempts = max_attempts
         self._schedule = schedule
         self._stopping = stopping
+
+    @property
+    def signing_keys(self) -> tuple[bytes, ...]:
+        """The keys that sign each callback. Replaced when the endpoint's secrets change
+        (rotation); none: callbacks are unsigned."""
+        return self._signing_keys
+
+    @signing_keys.setter
+    def signing_keys(self, keys: Sequence[bytes]) -> None:
+        self._signing_keys = tuple(keys)
+        # What each attempt's log entry says signed it (never the keys): their fingerprints.
+        self._signed_with = " ".join(fingerprint(key) for key in self._signing_keys) or None
 
     @property
     def retries_quickly(self) -> bool:
@@ -129,6 +140,7 @@ class Deliverer:
             tries=tries,
             duration_ms=round((time.monotonic() - started) * 1000),
             counted=counted,
+            signed_with=self._signed_with,  # the keys its requests went out with
         )
         if outcome is not Outcome.DELIVERED:
             log = logger.error if outcome is Outcome.DEAD else logger.warning

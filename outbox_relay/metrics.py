@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from payment_service.deliveries import Backlog
 from payment_service.vocabulary import ENDPOINT_STATES
 
 logger = logging.getLogger(__name__)
@@ -16,17 +17,6 @@ logger = logging.getLogger(__name__)
 _BACKLOG: Final = "livemax"
 
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
-
-
-class EndpointGauges(NamedTuple):
-    """One endpoint's row of the relay's gauges (outbox_relay.outbox.ENDPOINT_BACKLOG_SQL)."""
-
-    name: str
-    pending: int
-    oldest_age_seconds: float | None
-    dead: int
-    state: str
-    breaker: str  # closed, half_open, open
 
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
@@ -161,7 +151,7 @@ class RelayMetrics:
         )
         self._endpoints_shown: set[str] = set()
 
-    def set_backlog(self, rows: list[EndpointGauges]) -> None:
+    def set_backlog(self, rows: list[Backlog]) -> None:
         """The per-endpoint gauges, and the totals, from one row per endpoint; an endpoint no
         longer listed (removed) loses its series."""
         names = {row.name for row in rows}

@@ -114,9 +114,9 @@ RECORD_SQL = """
 WITH attempt AS (
     SELECT *
       FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[], $5::float8[], $6::int[],
-                  $7::text[], $8::int[], $9::int[], $10::bool[])
+                  $7::text[], $8::int[], $9::int[], $10::bool[], $11::text[])
            AS a(id, claim_token, status, delay, attempted_at, status_code, error, tries,
-                duration_ms, counted)
+                duration_ms, counted, signed_with)
 ), written AS (
     UPDATE deliveries AS o
        SET status = a.status,
@@ -138,7 +138,8 @@ WITH attempt AS (
                'status_code', a.status_code,
                'error', a.error,
                'tries', a.tries,
-               'duration_ms', a.duration_ms)
+               'duration_ms', a.duration_ms,
+               'signed_with', a.signed_with)
       FROM attempt AS a
      WHERE o.delivery_id = a.id
        AND o.claim_token = a.claim_token
@@ -189,33 +190,6 @@ SELECT a.id,
                     jsonb_build_object('at', to_timestamp(a.attempted_at))), false) AS mine
   FROM unnest($1::bigint[], $2::float8[]) AS a(id, attempted_at)
   LEFT JOIN deliveries AS d ON d.delivery_id = a.id
-"""
-
-# The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
-# dead ones, the endpoint's state and its breaker. Read through the partial indexes on PENDING and
-# DEAD rows, so the cost follows the backlog, not the retained history.
-ENDPOINT_BACKLOG_SQL = """
-SELECT ep.name,
-       pending.n AS pending,
-       pending.oldest_age_seconds,
-       dead.n AS dead,
-       ep.state,
-       CASE WHEN ep.breaker_open_until IS NULL THEN 'closed'
-            WHEN ep.breaker_open_until > now() THEN 'open'
-            ELSE 'half_open' END AS breaker
-  FROM endpoints AS ep
- CROSS JOIN LATERAL (
-        SELECT count(*) AS n,
-               extract(epoch FROM now() - min(d.created_at))::float8 AS oldest_age_seconds
-          FROM deliveries AS d
-         WHERE d.endpoint_id = ep.endpoint_id
-           AND d.status = 'PENDING') AS pending
- CROSS JOIN LATERAL (
-        SELECT count(*) AS n
-          FROM deliveries AS d
-         WHERE d.endpoint_id = ep.endpoint_id
-           AND d.status = 'DEAD') AS dead
- ORDER BY ep.name
 """
 
 # Housekeeping (outbox_relay.housekeeping runs these in rounds of short statements).
@@ -319,6 +293,9 @@ class AttemptRecord:
     # False: the attempt is recorded but does not count toward RELAY_MAX_ATTEMPTS (endpoint
     # health: attempts made while an endpoint's breaker is not closed).
     counted: bool = True
+    # The fingerprints of the keys that signed it (payment_service.signing.fingerprint),
+    # space-separated, newest secret first; None: unsigned (or no request went out).
+    signed_with: str | None = None
 
 
 class Written(NamedTuple):
@@ -406,6 +383,7 @@ async def record_attempts(
         [r.tries for r in records],
         [r.duration_ms for r in records],
         [r.counted for r in records],
+        [r.signed_with for r in records],
     )
     return [Written(row[0], row[1], row[2]) for row in rows]
 
@@ -439,12 +417,6 @@ async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRe
         [storable_epoch(r.attempted_at) for r in records],
     )
     return Fates({row[0] for row in rows if row[2]}, {row[0] for row in rows if row[1]})
-
-
-async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """Per endpoint (by name): pending deliveries, the oldest one's age in seconds (None if
-    none), dead deliveries, state, breaker. See ENDPOINT_BACKLOG_SQL."""
-    return await conn.fetch(ENDPOINT_BACKLOG_SQL)  # type: ignore[no-any-return]
 
 
 # -- inspection and operation -------------------------------------------------------------------

@@ -286,4 +286,5 @@ def _bare(record: AttemptRecord, refused: BaseException, *, retry_in: float) -> 
         tries=min(max(record.tries, 1), MAX_TRIES),
         duration_ms=min(max(record.duration_ms, 0), MAX_DURATION_MS),
         counted=record.counted,
+        signed_with=record.signed_with,  # fingerprints: hex the database always takes
     )

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from outbox_relay import outbox
 from outbox_relay.housekeeping import housekeep
-from outbox_relay.metrics import EndpointGauges
 from outbox_relay.state import RelayState, wait_for
+from payment_service.deliveries import select_backlog
 
 GAUGE_INTERVAL_SECONDS = 5.0
 
@@ -28,6 +27,6 @@ async def housekeeping_loop(state: RelayState) -> None:
 async def gauge_loop(state: RelayState) -> None:
     while True:
         async with state.connection() as conn:
-            rows = await outbox.select_endpoint_backlog(conn)
-        state.metrics.set_backlog([EndpointGauges(**row) for row in rows])
+            backlog = await select_backlog(conn)
+        state.metrics.set_backlog(backlog)
         await asyncio.sleep(GAUGE_INTERVAL_SECONDS)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from outbox_relay import RELAY_DESCRIPTION
 from payment_cli.actions import Handler, add_action
+from payment_cli.audit_cli import add_parser as add_audit_parser
 from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
 from payment_cli.outbox_cli import add_parser as add_outbox_parser
 from payment_service import __version__
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_endpoints_parser(commands)
+    add_audit_parser(commands)
 
     check = add(
         "check",

@@ -18,6 +18,7 @@ import asyncpg
 
 from payment_cli.actions import Handler, add_action, fail
 from payment_service import endpoints
+from payment_service.audit import Operator
 from payment_service.config import Settings
 from payment_service.database import run_with_connection
 from payment_service.entry import database_settings as _database_settings
@@ -67,6 +68,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             event_types=types,
             secret=args.secret,
             networks=settings.callback_networks,
+            operator=Operator.command_line(),
         )
 
     endpoint: endpoints.Endpoint = _run(settings, add)
@@ -88,6 +90,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             url=args.url,
             event_types=_event_types(args.events),
             networks=settings.callback_networks,
+            operator=Operator.command_line(),
         )
 
     print(f"updated {_describe(_run(settings, update))}")
@@ -111,17 +114,26 @@ def _state_command(verb: str, change: Change) -> Handler:
 
 
 cmd_pause = _state_command(
-    "paused", lambda conn, args: endpoints.pause(conn, args.name, reason=args.reason)
+    "paused",
+    lambda conn, args: endpoints.pause(
+        conn, args.name, reason=args.reason, operator=Operator.command_line()
+    ),
 )
-cmd_resume = _state_command("resumed", lambda conn, args: endpoints.resume(conn, args.name))
+cmd_resume = _state_command(
+    "resumed",
+    lambda conn, args: endpoints.resume(conn, args.name, operator=Operator.command_line()),
+)
 cmd_disable = _state_command(
-    "disabled", lambda conn, args: endpoints.disable(conn, args.name, reason=args.reason)
+    "disabled",
+    lambda conn, args: endpoints.disable(
+        conn, args.name, reason=args.reason, operator=Operator.command_line()
+    ),
 )
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
     async def enable(conn: asyncpg.Connection) -> tuple[endpoints.Endpoint, endpoints.Gap | None]:
-        return await endpoints.enable(conn, args.name)
+        return await endpoints.enable(conn, args.name, operator=Operator.command_line())
 
     endpoint, gap = _run(_database_settings(), enable)
     print(f"enabled {_describe(endpoint)}")
@@ -137,7 +149,9 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 def cmd_rotate_secret(args: argparse.Namespace) -> int:
     async def rotate(conn: asyncpg.Connection) -> endpoints.Endpoint:
-        return await endpoints.rotate_secret(conn, args.name, secret=args.secret)
+        return await endpoints.rotate_secret(
+            conn, args.name, secret=args.secret, operator=Operator.command_line()
+        )
 
     endpoint: endpoints.Endpoint = _run(_database_settings(), rotate)
     print(f"new signing secret of {endpoint.name} (shown only now): {endpoint.secret}")
@@ -161,7 +175,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         )
 
     async def remove(conn: asyncpg.Connection) -> endpoints.Removed:
-        return await endpoints.delete_endpoint(conn, args.name)
+        return await endpoints.delete_endpoint(conn, args.name, operator=Operator.command_line())
 
     gone: endpoints.Removed = _run(settings, remove)
     print(

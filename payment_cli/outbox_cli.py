@@ -3,7 +3,8 @@
 Thin commands over payment_service.deliveries, which holds the SQL: each command parses its
 arguments, runs one function on one connection and prints the outcome, every value from the
 database escaped (`printable`): a dead delivery's last error is a receiver's answer. Unknown
-endpoints and bad input exit 2 with one line on stderr.
+endpoints and bad input exit 2 with one line on stderr. A replay is recorded in the audit log as
+the operating-system user running it (`cli:<user>`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncpg
 
 from payment_cli.actions import Handler, add_action, fail
 from payment_service import deliveries
+from payment_service.audit import Operator
 from payment_service.database import run_with_connection
 from payment_service.deliveries import COUNTS, DeliveryCounts
 from payment_service.endpoints import EndpointNotFound
@@ -119,7 +121,9 @@ def _replay_dead(event_id: str | None, *, endpoint: str | None) -> int:
             return fail(f"--event-id {event_id!r} is not a UUID")
 
     async def replay(conn: asyncpg.Connection) -> deliveries.DeadReplay:
-        return await deliveries.replay_dead(conn, event_id=wanted, endpoint=endpoint)
+        return await deliveries.replay_dead(
+            conn, event_id=wanted, endpoint=endpoint, operator=Operator.command_line()
+        )
 
     done = _run(replay)
     _warn_superseded(done.superseded)
@@ -188,7 +192,9 @@ def _replay_range(endpoint: str, *, since: str, until: str | None) -> int:
         return fail("--until must be later than --since")
 
     async def replay(conn: asyncpg.Connection) -> deliveries.RangeReplay:
-        return await deliveries.replay_range(conn, endpoint=endpoint, since=start, until=end)
+        return await deliveries.replay_range(
+            conn, endpoint=endpoint, since=start, until=end, operator=Operator.command_line()
+        )
 
     done = _run(replay)
     print(

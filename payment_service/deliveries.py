@@ -9,18 +9,26 @@ an event's deliveries, the counts per endpoint, the dead deliveries, and replays
 deliveries, of an event, of a range of events to one endpoint). Each is one whole statement with
 named placeholders (payment_service.sql), so the tests EXPLAIN what runs. A replay puts deliveries
 back in line and NOTIFYs the relays in the same statement, so they pick them up at once.
+
+The console reads here too: each endpoint's backlog (pending, the oldest pending age, dead; the
+relay's gauges read it as well), an endpoint's latest deliveries, those it keeps failing and its
+dead ones, and a payment's events with their deliveries and attempts, each through an index that
+keeps its cost to the rows it shows, whatever the size of the retained history.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from payment_service import OUTBOX_CHANNEL
+from payment_service import OUTBOX_CHANNEL, audit
+from payment_service.audit import Operator, Target
 from payment_service.endpoints import select_endpoint, select_endpoints
 from payment_service.sql import Statement
 
@@ -371,18 +379,41 @@ class DeadReplay:
 
 
 async def replay_dead(
-    conn: asyncpg.Connection, *, event_id: uuid.UUID | None, endpoint: str | None
+    conn: asyncpg.Connection,
+    *,
+    event_id: uuid.UUID | None,
+    endpoint: str | None,
+    operator: Operator,
+    reason: str | None = None,
 ) -> DeadReplay:
     """Put the dead deliveries of one event (`event_id`; None: of every event), to `endpoint`
     (None: every endpoint), back in line, due now, with fresh counters. Says first which of them
     are older than what their endpoint already got (they are replayed all the same: a receiver
     may still need the event, e.g. for its records). EndpointNotFound when no endpoint has that
-    name."""
-    target = await _endpoint_id(conn, endpoint)
-    selected = {"event_id": event_id, "endpoint_id": target}
-    superseded = _superseded(await conn.fetch(SUPERSEDING.sql, *SUPERSEDING.args(**selected)))
-    rows = await conn.fetch(REPLAY_DEAD.sql, *REPLAY_DEAD.args(**selected, channel=OUTBOX_CHANNEL))
-    replayed = [Replayed(row["event_id"], row["endpoint"]) for row in rows]
+    name. Audited as `deliveries.replay` (what was asked and how many went to which endpoint),
+    in the replay's transaction."""
+    async with conn.transaction():
+        target = await _endpoint_id(conn, endpoint)
+        selected = {"event_id": event_id, "endpoint_id": target}
+        rows = await conn.fetch(SUPERSEDING.sql, *SUPERSEDING.args(**selected))
+        superseded = _superseded(rows)
+        rows = await conn.fetch(
+            REPLAY_DEAD.sql, *REPLAY_DEAD.args(**selected, channel=OUTBOX_CHANNEL)
+        )
+        replayed = [Replayed(row["event_id"], row["endpoint"]) for row in rows]
+        await audit.record(
+            conn,
+            operator=operator,
+            action="deliveries.replay",
+            target=_replay_target(endpoint, event_id),
+            after={
+                "dead": True,
+                **({} if event_id is None else {"event_id": str(event_id)}),
+                "replayed": len(replayed),
+                "to": _per_endpoint(r.endpoint for r in replayed),
+            },
+            reason=reason,
+        )
     if event_id is None or replayed:
         return DeadReplay(superseded, replayed)
     rows = await conn.fetch(EVENT_STANDING.sql, *EVENT_STANDING.args(**selected))
@@ -412,18 +443,387 @@ class RangeReplay:
 
 
 async def replay_range(
-    conn: asyncpg.Connection, *, endpoint: str, since: datetime, until: datetime | None
+    conn: asyncpg.Connection,
+    *,
+    endpoint: str,
+    since: datetime,
+    until: datetime | None,
+    operator: Operator,
+    reason: str | None = None,
 ) -> RangeReplay:
     """Make `endpoint` receive every event of its types created in [since, until) again
-    (REPLAY_RANGE); EndpointNotFound when no endpoint has that name."""
+    (REPLAY_RANGE); EndpointNotFound when no endpoint has that name. Audited as
+    `deliveries.replay` (the range, and how many were new or sent again), in its transaction."""
+    async with conn.transaction():
+        target = await select_endpoint(conn, endpoint)
+        values = REPLAY_RANGE.args(
+            endpoint_id=target.endpoint_id,
+            since=since,
+            until=until,
+            event_types=list(target.event_types),
+            channel=OUTBOX_CHANNEL,
+        )
+        row = await conn.fetchrow(REPLAY_RANGE.sql, *values)
+        assert row is not None
+        done = RangeReplay(int(row["added"]), int(row["again"]), target.state)
+        await audit.record(
+            conn,
+            operator=operator,
+            action="deliveries.replay",
+            target=Target("endpoint", endpoint),
+            after={
+                "since": since.isoformat(),
+                "until": None if until is None else until.isoformat(),
+                "added": done.added,
+                "again": done.again,
+                "state": done.state,
+            },
+            reason=reason,
+        )
+    return done
+
+
+def _replay_target(endpoint: str | None, event_id: uuid.UUID | None) -> Target:
+    """What a replay of dead deliveries was asked about: one endpoint's, one event's, or all."""
+    if endpoint is not None:
+        return Target("endpoint", endpoint)
+    if event_id is not None:
+        return Target("event", str(event_id))
+    return Target("deliveries", "dead")
+
+
+def _per_endpoint(names: Iterable[str]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for name in names:
+        counted[name] = counted.get(name, 0) + 1
+    return counted
+
+
+# -- previews of replays --------------------------------------------------------------------------
+# The dead deliveries a replay of dead deliveries would put back in line, per endpoint (through
+# the partial index on DEAD rows).
+DEAD_PER_ENDPOINT = Statement(
+    """
+    SELECT n.name AS endpoint, n.state, count(*) AS dead
+      FROM deliveries AS d
+      JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
+     WHERE d.status = 'DEAD'
+       AND (:endpoint_id::bigint IS NULL OR d.endpoint_id = :endpoint_id)
+     GROUP BY n.name, n.state
+     ORDER BY n.name
+    """
+)
+
+
+@dataclass(frozen=True)
+class DeadPreview:
+    endpoint: str
+    state: str  # only ACTIVE sends them at once
+    dead: int
+
+
+async def preview_dead(conn: asyncpg.Connection, *, endpoint: str | None) -> list[DeadPreview]:
+    """How many dead deliveries `replay_dead` would put back in line, per endpoint (to
+    `endpoint`, or every endpoint); EndpointNotFound when no endpoint has that name."""
+    values = DEAD_PER_ENDPOINT.args(endpoint_id=await _endpoint_id(conn, endpoint))
+    rows = await conn.fetch(DEAD_PER_ENDPOINT.sql, *values)
+    return [DeadPreview(row["endpoint"], row["state"], int(row["dead"])) for row in rows]
+
+
+# The events a range replay would send an endpoint, and how many of them it has a delivery of
+# already (through the index on the events' creation time, as the replay itself).
+RANGE_PREVIEW = Statement(
+    """
+    SELECT count(*) AS events, count(d.delivery_id) AS again
+      FROM outbox_events AS e
+      LEFT JOIN deliveries AS d
+             ON d.event_id = e.id
+            AND d.endpoint_id = :endpoint_id
+     WHERE e.created_at >= :since
+       AND (:until::timestamptz IS NULL OR e.created_at < :until)
+       AND endpoint_wants(:event_types, e.event_type)
+    """
+)
+
+
+async def preview_range(
+    conn: asyncpg.Connection, *, endpoint: str, since: datetime, until: datetime | None
+) -> RangeReplay:
+    """What `replay_range` would do now: how many events `endpoint` never had and how many it
+    would be sent again, and its state; EndpointNotFound when no endpoint has that name."""
     target = await select_endpoint(conn, endpoint)
-    values = REPLAY_RANGE.args(
+    values = RANGE_PREVIEW.args(
         endpoint_id=target.endpoint_id,
         since=since,
         until=until,
         event_types=list(target.event_types),
-        channel=OUTBOX_CHANNEL,
     )
-    row = await conn.fetchrow(REPLAY_RANGE.sql, *values)
+    row = await conn.fetchrow(RANGE_PREVIEW.sql, *values)
     assert row is not None
-    return RangeReplay(int(row["added"]), int(row["again"]), target.state)
+    again = int(row["again"])
+    return RangeReplay(int(row["events"]) - again, again, target.state)
+
+
+# -- what the console reads ----------------------------------------------------------------------
+RECENT_WINDOW = 5000  # an endpoint's latest deliveries are looked for among this many, newest
+ATTEMPTS_SHOWN = 20  # the latest attempts of a delivery a payment's story shows
+
+# Per endpoint: pending deliveries, the oldest one's age, dead ones, its state and breaker. Read
+# through the partial indexes on PENDING and DEAD rows, so the cost follows the backlog, not the
+# retained history. The relay's gauges read it every few seconds; the console's overview too.
+BACKLOG = Statement(
+    """
+    SELECT ep.name,
+           pending.n AS pending,
+           pending.oldest_age_seconds,
+           dead.n AS dead,
+           ep.state,
+           CASE WHEN ep.breaker_open_until IS NULL THEN 'closed'
+                WHEN ep.breaker_open_until > now() THEN 'open'
+                ELSE 'half_open' END AS breaker
+      FROM endpoints AS ep
+     CROSS JOIN LATERAL (
+            SELECT count(*) AS n,
+                   extract(epoch FROM now() - min(d.created_at))::float8 AS oldest_age_seconds
+              FROM deliveries AS d
+             WHERE d.endpoint_id = ep.endpoint_id
+               AND d.status = 'PENDING') AS pending
+     CROSS JOIN LATERAL (
+            SELECT count(*) AS n
+              FROM deliveries AS d
+             WHERE d.endpoint_id = ep.endpoint_id
+               AND d.status = 'DEAD') AS dead
+     ORDER BY ep.name
+    """
+)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One endpoint's backlog (BACKLOG)."""
+
+    name: str
+    pending: int
+    oldest_age_seconds: float | None  # None: nothing pending
+    dead: int
+    state: str
+    breaker: str
+
+
+async def select_backlog(conn: asyncpg.Connection) -> list[Backlog]:
+    """Every endpoint's backlog, by name."""
+    rows = await conn.fetch(BACKLOG.sql, *BACKLOG.args())
+    return [Backlog(**dict(row)) for row in rows]
+
+
+# -- an endpoint's deliveries ---------------------------------------------------------------------
+# What a line about one delivery shows: its event, where it stands, and its last attempt.
+_LINE = """
+    d.delivery_id,
+    e.event_id::text,
+    e.event_type,
+    d.aggregate_id AS payment_id,
+    d.status,
+    d.attempts,
+    d.last_status_code,
+    d.last_error,
+    d.last_attempt_at,
+    d.next_attempt_at,
+    d.delivered_at,
+    (d.attempt_log -> -1)::text AS last_attempt
+"""
+
+# The endpoint's latest deliveries, newest first, among the newest :window deliveries of every
+# endpoint: a bounded read of the primary key, whatever the table holds (an endpoint that got
+# nothing lately shows nothing here; its row says when it last succeeded).
+LATEST = Statement(
+    f"""
+    SELECT {_LINE}
+      FROM (SELECT delivery_id
+              FROM deliveries
+             ORDER BY delivery_id DESC
+             LIMIT :window) AS newest
+      JOIN deliveries AS d ON d.delivery_id = newest.delivery_id
+      JOIN outbox_events AS e ON e.id = d.event_id
+     WHERE d.endpoint_id = :endpoint_id
+     ORDER BY d.delivery_id DESC
+     LIMIT :limit
+    """
+)
+
+# The endpoint's pending deliveries that failed before, the most recently tried first: what it
+# keeps failing on now (through the partial index on its PENDING rows).
+FAILING = Statement(
+    f"""
+    SELECT {_LINE}
+      FROM deliveries AS d
+      JOIN outbox_events AS e ON e.id = d.event_id
+     WHERE d.endpoint_id = :endpoint_id
+       AND d.status = 'PENDING'
+       AND d.attempts > 0
+     ORDER BY d.last_attempt_at DESC NULLS LAST
+     LIMIT :limit
+    """
+)
+
+# Its dead deliveries, newest first (through the partial index on DEAD rows).
+DEAD_OF_ENDPOINT = Statement(
+    f"""
+    SELECT {_LINE}
+      FROM deliveries AS d
+      JOIN outbox_events AS e ON e.id = d.event_id
+     WHERE d.endpoint_id = :endpoint_id
+       AND d.status = 'DEAD'
+     ORDER BY d.delivery_id DESC
+     LIMIT :limit
+    """
+)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt as the relay recorded it in the delivery's attempt log."""
+
+    attempt: int | None
+    at: datetime | None
+    outcome: str | None
+    status_code: int | None
+    error: str | None  # the receiver's answer or the connection's error: any text
+    duration_ms: int | None
+    signed_with: tuple[str, ...]  # fingerprints of the keys that signed it, newest first
+
+    @classmethod
+    def from_log(cls, entry: dict[str, Any]) -> Attempt:
+        at = entry.get("at")
+        return cls(
+            attempt=entry.get("attempt"),
+            at=datetime.fromisoformat(at) if isinstance(at, str) else None,
+            outcome=entry.get("outcome"),
+            status_code=entry.get("status_code"),
+            error=entry.get("error"),
+            duration_ms=entry.get("duration_ms"),
+            signed_with=tuple((entry.get("signed_with") or "").split()),
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryLine:
+    """One delivery of an endpoint, with its last attempt."""
+
+    delivery_id: int
+    event_id: str
+    event_type: str
+    payment_id: int
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime
+    delivered_at: datetime | None
+    last_attempt: Attempt | None
+
+
+def _line(row: asyncpg.Record) -> DeliveryLine:
+    values = dict(row)
+    last = values.pop("last_attempt")
+    return DeliveryLine(
+        **values, last_attempt=None if last is None else Attempt.from_log(json.loads(last))
+    )
+
+
+@dataclass(frozen=True)
+class RecentDeliveries:
+    latest: list[DeliveryLine]  # among the newest RECENT_WINDOW deliveries of all endpoints
+    failing: list[DeliveryLine]  # pending, failed before, the latest tried first
+    dead: list[DeliveryLine]  # newest first
+
+
+async def select_endpoint_deliveries(
+    conn: asyncpg.Connection, *, endpoint_id: int, limit: int = 10
+) -> RecentDeliveries:
+    """An endpoint's latest deliveries, those it keeps failing and its dead ones, `limit` each."""
+    found = []
+    for statement, extra in (
+        (LATEST, {"window": RECENT_WINDOW}),
+        (FAILING, {}),
+        (DEAD_OF_ENDPOINT, {}),
+    ):
+        values = statement.args(endpoint_id=endpoint_id, limit=limit, **extra)
+        found.append([_line(row) for row in await conn.fetch(statement.sql, *values)])
+    return RecentDeliveries(*found)
+
+
+# -- a payment's events ---------------------------------------------------------------------------
+# Each event of a payment (in the order written) with its delivery to each endpoint (by name; a
+# removed endpoint's kept ones too) and the latest ATTEMPTS_SHOWN attempts of each.
+PAYMENT_EVENTS = Statement(
+    """
+    SELECT e.event_id::text,
+           e.event_type,
+           e.created_at,
+           e.payload ->> 'sequence' AS sequence,
+           coalesce(n.name, d.removed_endpoint) AS endpoint,
+           d.endpoint_id IS NULL AND d.delivery_id IS NOT NULL AS endpoint_removed,
+           d.status,
+           d.attempts,
+           CASE WHEN d.status = 'PENDING' THEN d.next_attempt_at END AS next_attempt_at,
+           d.delivered_at,
+           jsonb_array_length(d.attempt_log) AS logged,
+           jsonb_path_query_array(d.attempt_log, '$[last - $before to last]',
+                                  jsonb_build_object('before', :shown_before_last::int))::text
+               AS attempt_log
+      FROM outbox_events AS e
+      LEFT JOIN deliveries AS d ON d.event_id = e.id
+      LEFT JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
+     WHERE e.aggregate_id = :payment_id
+     ORDER BY e.id, 5
+    """
+)
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    endpoint: str
+    endpoint_removed: bool
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    attempt_log: list[Attempt]  # the latest ATTEMPTS_SHOWN, oldest first
+    logged: int  # attempts in the log, all of them
+
+
+@dataclass(frozen=True)
+class PaymentEvent:
+    event_id: str
+    event_type: str
+    created_at: datetime
+    sequence: str | None
+    deliveries: list[EventDelivery]
+
+
+async def select_payment_events(conn: asyncpg.Connection, *, payment_id: int) -> list[PaymentEvent]:
+    """A payment's events, oldest first, each with its deliveries and their latest attempts."""
+    values = PAYMENT_EVENTS.args(payment_id=payment_id, shown_before_last=ATTEMPTS_SHOWN - 1)
+    events: dict[str, PaymentEvent] = {}
+    for row in await conn.fetch(PAYMENT_EVENTS.sql, *values):
+        event = events.get(row["event_id"])
+        if event is None:
+            event = events[row["event_id"]] = PaymentEvent(
+                row["event_id"], row["event_type"], row["created_at"], row["sequence"], []
+            )
+        if row["endpoint"] is not None:
+            event.deliveries.append(
+                EventDelivery(
+                    endpoint=row["endpoint"],
+                    endpoint_removed=row["endpoint_removed"],
+                    status=row["status"],
+                    attempts=row["attempts"],
+                    next_attempt_at=row["next_attempt_at"],
+                    delivered_at=row["delivered_at"],
+                    attempt_log=[Attempt.from_log(a) for a in json.loads(row["attempt_log"])],
+                    logged=row["logged"],
+                )
+            )
+    return list(events.values())

@@ -11,6 +11,10 @@ What an endpoint may have is checked here (`check_name`, `check_url`, `check_eve
 `check_secret`, `check_reason`), once for the command line and the admin API; a URL passes only
 if the relay can send to it (payment_service.callback_urls).
 
+Every change an operator makes here (add, update, pause, resume, disable, enable, rotate the
+secret, remove) takes the `Operator` making it and writes its audit row (payment_service.audit)
+in the change's own transaction: what the endpoint was and became, never a secret.
+
 Removing an endpoint (`delete_endpoint`) deletes what it was never delivered and keeps its
 delivered deliveries as history (`endpoint_id` NULL, its name in `removed_endpoint`) until
 housekeeping deletes them with the rest.
@@ -36,7 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from payment_service import ENDPOINTS_CHANNEL
+from payment_service import ENDPOINTS_CHANNEL, audit
+from payment_service.audit import Operator, Target
 from payment_service.callback_urls import (
     MAX_URL_LENGTH,
     CallbackURLError,
@@ -45,7 +50,7 @@ from payment_service.callback_urls import (
     refusal_message,
 )
 from payment_service.config import Settings
-from payment_service.signing import SECRET_PREFIX
+from payment_service.signing import SECRET_PREFIX, fingerprint, secret_key
 from payment_service.sql import Statement
 from payment_service.vocabulary import ENDPOINT_STATES, event_type_patterns
 
@@ -125,6 +130,11 @@ class Endpoint:
         not expired, newest first (at most MAX_SIGNING_SECRETS in all)."""
         current = [self.secret] if self.secret else []
         return current + [p.secret for p in self.still_signing()]
+
+    def signing_fingerprints(self) -> list[str]:
+        """The fingerprints of `signing_secrets` (payment_service.signing.fingerprint), in the
+        same order: what the relay records of the secrets that signed each attempt."""
+        return [fingerprint(secret_key(secret)) for secret in self.signing_secrets()]
 
     def public(self) -> dict[str, Any]:
         """What `endpoints list --json` and the admin API show: everything but the secrets."""
@@ -441,6 +451,7 @@ async def insert_endpoint(
     event_types: tuple[str, ...] = ("*",),
     secret: str | None = None,
     networks: NetworkPolicy | None = None,
+    operator: Operator,
 ) -> Endpoint:
     """Add an endpoint; it receives events written from now on (`secret` None: generated).
     `networks`: where callbacks may go (`check_url`), given by the command line and the API."""
@@ -451,10 +462,13 @@ async def insert_endpoint(
         secret=check_secret(secret) if secret is not None else new_secret(),
         channel=ENDPOINTS_CHANNEL,
     )
-    row = await conn.fetchrow(INSERT.sql, *values)
-    if row is None:
-        raise EndpointExists(f"an endpoint named {name!r} exists already")
-    return _endpoint(row)
+    async with conn.transaction():
+        row = await conn.fetchrow(INSERT.sql, *values)
+        if row is None:
+            raise EndpointExists(f"an endpoint named {name!r} exists already")
+        added = _endpoint(row)
+        await _audit(conn, operator, "add", None, added)
+    return added
 
 
 def _changing(assignments: str) -> Statement:
@@ -505,15 +519,16 @@ async def update_endpoint(
     url: str | None = None,
     event_types: tuple[str, ...] | None = None,
     networks: NetworkPolicy | None = None,
+    operator: Operator,
 ) -> Endpoint:
     """Change an endpoint's URL and/or event types (what is not given stays)."""
-    return await _change(
-        conn,
-        UPDATE,
-        name,
-        url=check_url(url, networks) if url is not None else None,
-        event_types=list(check_event_types(event_types)) if event_types is not None else None,
-    )
+    new_url = check_url(url, networks) if url is not None else None
+    new_types = list(check_event_types(event_types)) if event_types is not None else None
+    async with conn.transaction():
+        before = await _lock(conn, name)
+        changed = await _change(conn, UPDATE, name, url=new_url, event_types=new_types)
+        await _audit(conn, operator, "update", before, changed)
+    return changed
 
 
 # The endpoint's deliveries waiting out a backoff go now, in order, rather than hours later (their
@@ -533,36 +548,61 @@ HASTEN = Statement(
 HASTEN_SQL = HASTEN.sql
 
 
+# The audit log's action for each state set by hand (resume is `set_state`'s ACTIVE too).
+STATE_ACTIONS = {"PAUSED": "pause", "DISABLED": "disable", "ACTIVE": "enable"}
+
+
 async def set_state(
-    conn: asyncpg.Connection, name: str, state: str, *, reason: str | None = None
+    conn: asyncpg.Connection,
+    name: str,
+    state: str,
+    *,
+    reason: str | None = None,
+    operator: Operator,
+    action: str | None = None,
 ) -> Endpoint:
     """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
     failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN):
-    the operator says the receiver is back, so everything goes out at once, in order."""
+    the operator says the receiver is back, so everything goes out at once, in order. Audited
+    as `action` (by default the state's, STATE_ACTIONS)."""
     if state not in ENDPOINT_STATES:
         raise EndpointError(f"unknown state {state!r}")
     async with conn.transaction():
+        before = await _lock(conn, name)
         changed = await _set_state(conn, name, state, reason)
         if state == "ACTIVE":
             await conn.execute(HASTEN.sql, *HASTEN.args(endpoint_id=changed.endpoint_id))
+        await _audit(conn, operator, action or STATE_ACTIONS[state], before, changed, reason)
     return changed
 
 
-async def pause(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+async def pause(
+    conn: asyncpg.Connection, name: str, *, reason: str | None = None, operator: Operator
+) -> Endpoint:
     """Hold the endpoint's deliveries until `resume`; its new events still get deliveries."""
     return await set_state(
-        conn, name, "PAUSED", reason=None if reason is None else check_reason(reason)
+        conn,
+        name,
+        "PAUSED",
+        reason=None if reason is None else check_reason(reason),
+        operator=operator,
     )
 
 
-async def disable(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+async def disable(
+    conn: asyncpg.Connection, name: str, *, reason: str | None = None, operator: Operator
+) -> Endpoint:
     """Hold the endpoint's deliveries until `enable`; its new events get none (see `Gap`)."""
     return await set_state(
-        conn, name, "DISABLED", reason=None if reason is None else check_reason(reason)
+        conn,
+        name,
+        "DISABLED",
+        reason=None if reason is None else check_reason(reason),
+        operator=operator,
     )
 
 
-async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
+async def resume(conn: asyncpg.Connection, name: str, *, operator: Operator) -> Endpoint:
     """Deliver again, in order, what a PAUSED endpoint held. A DISABLED one is refused: it
     missed events, which `enable` names."""
     async with conn.transaction():
@@ -573,7 +613,7 @@ async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
                 f"enable it instead (`payment-service endpoints enable {name}`), which names the "
                 "events it missed"
             )
-        return await set_state(conn, name, "ACTIVE")
+        return await set_state(conn, name, "ACTIVE", operator=operator, action="resume")
 
 
 @dataclass(frozen=True)
@@ -613,7 +653,9 @@ MISSED_EVENTS = Statement(
 )
 
 
-async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | None]:
+async def enable(
+    conn: asyncpg.Connection, name: str, *, operator: Operator
+) -> tuple[Endpoint, Gap | None]:
     """ACTIVE again, breaker closed, held deliveries due now (`set_state`). After DISABLED, also
     the gap: when it was disabled and how many events it missed since (None otherwise). Refused
     while its URL is one the relay cannot deliver to (it would only be disabled again)."""
@@ -636,7 +678,46 @@ async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | N
             )
             missed = await conn.fetchval(MISSED_EVENTS.sql, *values)
             gap = Gap(name, current.state_changed_at, int(missed))
-        return await set_state(conn, name, "ACTIVE"), gap
+        return await set_state(conn, name, "ACTIVE", operator=operator), gap
+
+
+def audited(endpoint: Endpoint) -> dict[str, Any]:
+    """What the audit log records of an endpoint: what operators change, never a secret (only
+    whether it signs, and until when its retired secrets do)."""
+    return {
+        "url": None if endpoint.url is None else shown_url(endpoint.url),
+        "event_types": list(endpoint.event_types),
+        "state": endpoint.state,
+        "state_reason": endpoint.state_reason,
+        "breaker": endpoint.breaker,
+        "signed": endpoint.secret is not None,
+        "previous_secrets_expire_at": [_iso(p.expires_at) for p in endpoint.still_signing()],
+    }
+
+
+async def _audit(
+    conn: asyncpg.Connection,
+    operator: Operator,
+    action: str,
+    before: Endpoint | None,
+    after: Endpoint,
+    reason: str | None = None,
+) -> None:
+    """The audit row of an operator's change to an endpoint: every field it records when the
+    endpoint is new, else those that changed (none, for a pause of a paused endpoint)."""
+    if before is None:
+        was, now = None, audited(after)
+    else:
+        was, now = audit.changes(audited(before), audited(after))
+    await audit.record(
+        conn,
+        operator=operator,
+        action=f"endpoint.{action}",
+        target=Target("endpoint", after.name),
+        before=was,
+        after=now,
+        reason=reason,
+    )
 
 
 async def _lock(conn: asyncpg.Connection, name: str) -> Endpoint:
@@ -714,17 +795,20 @@ async def rotate_secret(
     *,
     secret: str | None = None,
     keep_previous_seconds: float = PREVIOUS_SECRET_SECONDS,
+    operator: Operator,
 ) -> Endpoint:
     """A new signing secret. The current one keeps signing for `keep_previous_seconds`, and so do
     those retired before it that have not expired, up to MAX_SIGNING_SECRETS in all (the oldest
-    goes first): rotating twice in a day never drops the secret receivers still verify with."""
-    return await _change(
-        conn,
-        ROTATE_SECRET,
-        name,
-        secret=check_secret(secret) if secret is not None else new_secret(),
-        keep_seconds=float(keep_previous_seconds),
-    )
+    goes first): rotating twice in a day never drops the secret receivers still verify with.
+    The audit row says that it happened and until when the retired secrets sign, never which."""
+    new = check_secret(secret) if secret is not None else new_secret()
+    async with conn.transaction():
+        before = await _lock(conn, name)
+        rotated = await _change(
+            conn, ROTATE_SECRET, name, secret=new, keep_seconds=float(keep_previous_seconds)
+        )
+        await _audit(conn, operator, "rotate_secret", before, rotated)
+    return rotated
 
 
 @dataclass(frozen=True)
@@ -733,15 +817,12 @@ class Removed:
     delivered: int  # delivered ones kept as history, under the endpoint's name, until retention
 
 
-# What removing an endpoint does to its deliveries: those never delivered go, the delivered ones
-# stay as history, under its name.
+# What removing an endpoint does to its deliveries: those never delivered go (counted each
+# status through its own partial index), the delivered ones stay as history, under its name.
 COUNT_UNDELIVERED = Statement(
     """
-    SELECT count(*)
-      FROM deliveries AS d
-      JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
-     WHERE n.name = :name
-       AND d.status <> 'DELIVERED'
+    SELECT (SELECT count(*) FROM deliveries WHERE endpoint_id = :endpoint_id AND status = 'PENDING')
+         + (SELECT count(*) FROM deliveries WHERE endpoint_id = :endpoint_id AND status = 'DEAD')
     """
 )
 DELETE_UNDELIVERED = Statement(
@@ -768,11 +849,12 @@ DELETE = Statement(
 async def count_undelivered(conn: asyncpg.Connection, name: str) -> int:
     """How many deliveries `delete_endpoint` would delete with the endpoint (pending and dead);
     EndpointNotFound if none has that name."""
-    await select_endpoint(conn, name)
-    return int(await conn.fetchval(COUNT_UNDELIVERED.sql, *COUNT_UNDELIVERED.args(name=name)))
+    endpoint_id = (await select_endpoint(conn, name)).endpoint_id
+    values = COUNT_UNDELIVERED.args(endpoint_id=endpoint_id)
+    return int(await conn.fetchval(COUNT_UNDELIVERED.sql, *values))
 
 
-async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
+async def delete_endpoint(conn: asyncpg.Connection, name: str, *, operator: Operator) -> Removed:
     """Remove an endpoint. What it was never delivered goes with it; its delivered deliveries
     stay, as history, with `endpoint_id` NULL and the endpoint's name in `removed_endpoint`,
     until housekeeping deletes them with the rest (OUTBOX_RETENTION_HOURS)."""
@@ -788,7 +870,19 @@ async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
         await conn.execute(
             DELETE.sql, *DELETE.args(endpoint_id=endpoint_id, channel=ENDPOINTS_CHANNEL)
         )
-    return Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
+        removed = Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
+        await audit.record(
+            conn,
+            operator=operator,
+            action="endpoint.remove",
+            target=Target("endpoint", name),
+            before=audited(endpoint),
+            after={
+                "undelivered_removed": removed.undelivered,
+                "delivered_kept": removed.delivered,
+            },
+        )
+    return removed
 
 
 async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:

@@ -12,12 +12,20 @@ import hashlib
 import hmac
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+FINGERPRINT_HEX_DIGITS = 12  # of a key's SHA-256: enough to tell an endpoint's secrets apart
 TIMESTAMP_TOLERANCE_SECONDS = 300  # what standardwebhooks receivers accept by default
 
 
 def secret_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_…` secret (already validated by the settings)."""
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def fingerprint(key: bytes) -> str:
+    """A short name for a signing key that is safe to store and show: the start of its SHA-256,
+    in hex. It tells the secrets of an endpoint apart (which signed an attempt) and reveals
+    nothing usable of the key."""
+    return hashlib.sha256(key).hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

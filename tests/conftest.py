@@ -7,7 +7,8 @@
 - `relays`: relay processes against this test's database and receiver (tests/support/processes.py);
 - `embedded_gateway` (session) and `ids`: a real localstripe process on 127.0.0.1 and fresh ids
   for what a test makes there (tests/support/gateway.py);
-- `proxy_factory`: fault-injecting HTTP proxies on 127.0.0.1 (tests/support/fault_proxy.py).
+- `proxy_factory`: fault-injecting HTTP proxies on 127.0.0.1 (tests/support/fault_proxy.py);
+- `browser`: the session's headless Chromium, its cookies cleared (tests/support/browser.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 
 import pytest
 
+from tests.support.browser import browser, browser_session  # noqa: F401 - fixtures
 from tests.support.database import (  # noqa: F401 - fixtures
     announcements,
     conn_fixture,

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from payment_service import endpoints
+from tests.support.audit import OPERATOR
 from tests.support.commands import Finished, run_to_end, service_command
 from tests.support.database import fan_out, insert_events
 from tests.support.endpoint_inputs import BAD_INPUTS, BadInput
@@ -170,7 +171,12 @@ async def test_a_closed_pipe_is_a_quiet_exit(
         "UPDATE deliveries SET status = 'DEAD', attempts = 12, last_error = 'HTTP 503: busy'"
     )
     env = minimal_environment(database_url=database_url)
-    for args in (["outbox", "dead", "--limit", "3000"], ["endpoints", "list"], ["check"]):
+    for args in (
+        ["outbox", "dead", "--limit", "3000"],
+        ["endpoints", "list"],
+        ["check"],
+        ["audit"],
+    ):
         code, stderr = run_into_a_closed_pipe(args, env)
         assert (code, stderr) == (141, ""), (args, code, stderr)
     # As typed: the output is far larger than a pipe holds, so `head` leaves before it ends.
@@ -187,7 +193,11 @@ async def test_enable_after_disabled_names_the_gap_and_the_command_that_fills_it
     cli: Cli, db: asyncpg.Connection
 ) -> None:
     await endpoints.insert_endpoint(
-        db, name="trip", url="http://127.0.0.1:9/t", event_types=("payment.succeeded",)
+        db,
+        name="trip",
+        url="http://127.0.0.1:9/t",
+        event_types=("payment.succeeded",),
+        operator=OPERATOR,
     )
     await insert_events(db, payments=2)  # before: trip has its deliveries
     assert cli("endpoints", "disable", "trip", "--reason", "receiver moving").returncode == 0
@@ -225,7 +235,7 @@ async def test_enable_after_disabled_names_the_gap_and_the_command_that_fills_it
 async def test_remove_keeps_the_delivered_history_and_drops_the_rest(
     cli: Cli, db: asyncpg.Connection
 ) -> None:
-    await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR)
     events = await insert_events(db, payments=4)
     trip = "(SELECT endpoint_id FROM endpoints WHERE name = 'trip')"
     await db.execute(

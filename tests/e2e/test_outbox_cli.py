@@ -13,6 +13,7 @@ import pytest
 from payment_service import OUTBOX_CHANNEL, deliveries, endpoints
 from payment_service.database import connect
 from payment_service.sql import Statement
+from tests.support.audit import OPERATOR
 from tests.support.commands import outbox_command
 from tests.support.database import EventRow, fan_out, insert_events
 from tests.support.waiting import wait_until
@@ -22,7 +23,7 @@ TRIP_TYPES = ("payment.succeeded",)
 
 async def add_trip(conn: asyncpg.Connection, name: str = "trip") -> int:
     endpoint = await endpoints.insert_endpoint(
-        conn, name=name, url="http://127.0.0.1:9/trips", event_types=TRIP_TYPES
+        conn, name=name, url="http://127.0.0.1:9/trips", event_types=TRIP_TYPES, operator=OPERATOR
     )
     return endpoint.endpoint_id
 
@@ -68,7 +69,7 @@ async def test_stats_dead_and_replay_per_endpoint(
         "                                         WHERE name = 'trip')",
         events[3].id,
     )
-    await endpoints.set_state(conn, "trip", "PAUSED")
+    await endpoints.set_state(conn, "trip", "PAUSED", operator=OPERATOR)
 
     stats = outbox_command(database_url, "stats", "--json")
     assert stats.returncode == 0, stats.stderr
@@ -137,7 +138,9 @@ async def test_replaying_a_delivery_older_than_one_its_endpoint_got_warns_first(
         [stale.id, newer.id],
         [stale.seq, newer.seq],
     )
-    await endpoints.insert_endpoint(conn, name="audit", url="http://127.0.0.1:9/a")
+    await endpoints.insert_endpoint(
+        conn, name="audit", url="http://127.0.0.1:9/a", operator=OPERATOR
+    )
     await fan_out(conn)
     for endpoint in ("notification", "audit"):
         await set_delivery(conn, [stale], endpoint, DEAD)
@@ -212,7 +215,7 @@ async def test_replay_since_sends_an_endpoint_every_event_of_its_types_in_the_ra
         if row["status"] == "PENDING":
             assert row["attempts"] == 0 and row["delivered_at"] is None
 
-    await endpoints.set_state(conn, "trip", "DISABLED", reason="gone")
+    await endpoints.set_state(conn, "trip", "DISABLED", reason="gone", operator=OPERATOR)
     waits = outbox_command(database_url, "replay", "--endpoint", "trip", "--since", start)
     assert waits.returncode == 0 and "endpoints enable trip" in waits.stderr
 

@@ -13,6 +13,7 @@ import pytest
 
 from payment_service import endpoints
 from payment_service.embedded import free_port
+from tests.support.audit import OPERATOR
 from tests.support.environment import minimal_environment
 from tests.support.processes import ApiProcess, RelayLauncher
 from tests.support.prometheus import PrometheusServer, prometheus_binary
@@ -42,8 +43,10 @@ async def test_prometheus_scrapes_what_the_test_caused(
 ) -> None:
     prometheus_binary("prometheus")  # skip (or fail under REQUIRE_PROMETHEUS=1) before starting
     # A second endpoint, paused: its deliveries wait, and its pending gauge says how many.
-    await endpoints.insert_endpoint(conn, name="audit", url=receiver.base_url + "/audit")
-    await endpoints.set_state(conn, "audit", "PAUSED")
+    await endpoints.insert_endpoint(
+        conn, name="audit", url=receiver.base_url + "/audit", operator=OPERATOR
+    )
+    await endpoints.set_state(conn, "audit", "PAUSED", operator=OPERATOR)
     relay_port = free_port()
     relays.start(relay_metrics_port=relay_port, relay_housekeeping_interval=0.5)
     prometheus = PrometheusServer(

@@ -21,6 +21,7 @@ from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, update_endpoint
 from payment_service.signing import secret_key, sign
+from tests.support.audit import OPERATOR
 from tests.support.commands import module_command, service_command
 from tests.support.database import insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
@@ -169,7 +170,9 @@ async def test_the_sink_answers_errors_on_request_and_the_relay_retries(
     # A sink answering 410 Gone: its endpoint is DISABLED, the deliveries wait.
     gone = start_sink(sinks, tmp_path, "--status", "410", secret=None)
     await sink_ready(gone)
-    await update_endpoint(conn, "notification", url=gone.base_url + CALLBACK_PATH)
+    await update_endpoint(
+        conn, "notification", url=gone.base_url + CALLBACK_PATH, operator=OPERATOR
+    )
     relays.start(callback_signing_secret="")
     more = await insert_events(conn, payments=2)
 

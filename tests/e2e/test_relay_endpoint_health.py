@@ -15,6 +15,7 @@ import pytest
 
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, set_state
+from tests.support.audit import OPERATOR
 from tests.support.database import (
     DELIVERY_ROWS,
     EventRow,
@@ -159,7 +160,9 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
     )
 
     receiver.policy = answer_ok
-    await set_state(conn, "notification", "ACTIVE")  # = `endpoints enable notification`
+    await set_state(
+        conn, "notification", "ACTIVE", operator=OPERATOR
+    )  # = `endpoints enable notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
     await recorded(conn, {"DELIVERED": 10})
@@ -184,7 +187,7 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     await wait_for(
         lambda: relay.logged("delivering to endpoint") == 2, timeout=60, what="both endpoints"
     )
-    await set_state(conn, "notification", "PAUSED", reason="maintenance")
+    await set_state(conn, "notification", "PAUSED", reason="maintenance", operator=OPERATOR)
     await wait_for(
         lambda: (
             relay.logged("no longer delivering to endpoint") == 1
@@ -199,7 +202,9 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     assert receiver.deliveries == []
     assert await status_counts(conn, "notification") == {"PENDING": 30}
 
-    await set_state(conn, "notification", "ACTIVE")  # = `endpoints resume notification`
+    await set_state(
+        conn, "notification", "ACTIVE", operator=OPERATOR
+    )  # = `endpoints resume notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
     await recorded(conn, {"DELIVERED": 30}, "notification")

@@ -1,10 +1,12 @@
 """Subscriptions end to end: real relay processes, two real receivers on 127.0.0.1, a real
 PostgreSQL. Each endpoint gets every event it subscribes to, signed with its own secret, in order
 per (endpoint, payment); one endpoint that is down, answers 500 or hangs never delays another,
-and loses nothing once it is back; a rotated secret signs with every secret of the last day."""
+and loses nothing once it is back; a rotated secret signs with every secret of the last day, and
+each attempt's log names the secrets that signed it by their fingerprints."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,6 +19,8 @@ from payment_service.endpoints import (
     select_endpoint,
     update_endpoint,
 )
+from payment_service.signing import fingerprint, secret_key
+from tests.support.audit import OPERATOR
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.processes import RelayLauncher, dump_logs
@@ -152,7 +156,9 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
         lambda: {e.event_id for e in before} <= trip.accepted_ids(), timeout=30, what="before"
     )
     new = new_signing_secret()
-    await rotate_secret(conn, "trip", secret=new)  # NOTIFYs: the relay reloads at once
+    await rotate_secret(
+        conn, "trip", secret=new, operator=OPERATOR
+    )  # NOTIFYs: the relay reloads at once
 
     def signed_by(count: int) -> Callable[[], Awaitable[bool]]:
         async def arrived() -> bool:
@@ -167,7 +173,7 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
     await wait_for(signed_by(2), timeout=30, what="callbacks signed with both secrets")
     # Rotated again within the day (a retry, say): the secret receivers still use keeps signing.
     newest = new_signing_secret()
-    await rotate_secret(conn, "trip", secret=newest)
+    await rotate_secret(conn, "trip", secret=newest, operator=OPERATOR)
     await wait_for(signed_by(3), timeout=30, what="callbacks signed with all three secrets")
     signers = {1: [TRIP_SECRET], 2: [new, TRIP_SECRET], 3: [newest, new, TRIP_SECRET]}
     for delivery in trip.accepted():
@@ -183,6 +189,25 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
                 delivery.verify(newest)
     # the other endpoint's signing is untouched
     assert all(len(d.headers["webhook-signature"].split()) == 1 for d in receiver.accepted())
+    # Each attempt's log says which secrets signed it, by their fingerprints, never the secrets.
+    prints = {
+        tuple(secrets): " ".join(fingerprint(secret_key(s)) for s in secrets)
+        for secrets in signers.values()
+    }
+    logs = await conn.fetch(
+        "SELECT d.attempt_log::text AS log FROM deliveries AS d JOIN endpoints AS n"
+        " ON n.endpoint_id = d.endpoint_id WHERE n.name = 'trip' AND d.status = 'DELIVERED'"
+    )
+    recorded = {json.loads(row["log"])[-1]["signed_with"] for row in logs}
+    assert recorded <= set(prints.values()) and prints[(newest, new, TRIP_SECRET)] in recorded
+    assert prints[(TRIP_SECRET,)] in recorded
+    trip_row = await select_endpoint(conn, "trip")
+    assert " ".join(trip_row.signing_fingerprints()) == prints[(newest, new, TRIP_SECRET)]
+    assert not any(
+        secret.removeprefix("whsec_") in row["log"]
+        for row in logs
+        for secret in (new, newest, TRIP_SECRET)
+    )
 
 
 async def test_a_relay_start_follows_a_changed_notification_url_until_an_operator_changes_it(
@@ -208,7 +233,7 @@ async def test_a_relay_start_follows_a_changed_notification_url_until_an_operato
     assert await relay.wait_exit(timeout=20) == 0
 
     # Changed by an operator since: the next start leaves it, and warns naming the difference.
-    await update_endpoint(conn, "notification", url=gone)
+    await update_endpoint(conn, "notification", url=gone, operator=OPERATOR)
     again = relays.start()
     differs = (
         "endpoint notification differs from NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "

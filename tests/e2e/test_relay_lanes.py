@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from payment_service.endpoints import delete_endpoint, insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.database import EventRow, insert_events, status_counts
 from tests.support.processes import RelayLauncher, dump_logs
 from tests.support.receiver import (
@@ -168,7 +169,9 @@ async def test_an_endpoint_whose_claims_fail_never_stops_another_nor_strands_its
 ) -> None:
     """Every claim of `trip` fails (a trigger refuses its leases). `notification`'s breaker is
     half-open: its probe, then everything, still goes out; no lease of it is left to run out."""
-    trip_id = (await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")).endpoint_id
+    trip_id = (
+        await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip", operator=OPERATOR)
+    ).endpoint_id
     await conn.execute(
         """CREATE FUNCTION refuse_trip_claims() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN RAISE EXCEPTION 'claims of trip fail'; END $$"""
@@ -205,7 +208,9 @@ async def test_removing_an_endpoint_mid_flight_is_told_as_such(
     relay = relays.start(relay_request_timeout=30)
     events = await insert_events(conn, payments=5)
     await wait_for(lambda: receiver.held() == len(events), timeout=30, what="callbacks in flight")
-    assert (await delete_endpoint(conn, "notification")).undelivered == len(events)
+    assert (await delete_endpoint(conn, "notification", operator=OPERATOR)).undelivered == len(
+        events
+    )
     await wait_for(
         lambda: relay.logged("no longer delivering to endpoint") == 1,
         timeout=10,

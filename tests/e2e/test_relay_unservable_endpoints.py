@@ -19,6 +19,7 @@ from payment_service.endpoints import (
     select_endpoint,
     select_endpoints,
 )
+from tests.support.audit import OPERATOR
 from tests.support.database import DELIVERY_ROWS, insert_events, recorded, status_counts
 from tests.support.environment import SECRET
 from tests.support.metrics import sample_value
@@ -43,7 +44,7 @@ async def test_an_endpoint_the_relay_cannot_deliver_to_is_disabled_and_the_other
 ) -> None:
     trip = await Receiver(path="/trip").start()
     try:
-        await insert_endpoint(conn, name="trip", url=trip.base_url + "/trip")
+        await insert_endpoint(conn, name="trip", url=trip.base_url + "/trip", operator=OPERATOR)
         for name, (url, _reason) in UNSERVABLE.items():
             await conn.execute("INSERT INTO endpoints (name, url) VALUES ($1, $2)", name, url)
         events = await insert_events(conn, payments=20, events_per_payment=2)
@@ -87,7 +88,7 @@ async def test_an_endpoint_the_relay_cannot_deliver_to_is_disabled_and_the_other
 
         # Enabling one as it is would only see it disabled again: the URL must change first.
         with pytest.raises(EndpointError, match=r"cannot deliver to \(port '99999'"):
-            await enable(conn, "bad-port")
+            await enable(conn, "bad-port", operator=OPERATOR)
         assert (await select_endpoint(conn, "bad-port")).state == "DISABLED"
 
         # The relay goes on: events written now reach the healthy endpoints too.

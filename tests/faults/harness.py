@@ -31,6 +31,7 @@ import httpx
 
 from payment_service.endpoints import insert_endpoint
 from tests.support.api import key_hash
+from tests.support.audit import OPERATOR
 from tests.support.commands import run_check
 from tests.support.database import DELIVERY_ROWS, OWN_DATABASE_NAME, FaultDatabase
 from tests.support.environment import clean_env, new_signing_secret
@@ -86,7 +87,11 @@ class ServiceStack:
         conn = await self.db.connect()
         try:
             await insert_endpoint(
-                conn, name=name, url=receiver.base_url + receiver.path, secret=receiver.secret
+                conn,
+                name=name,
+                url=receiver.base_url + receiver.path,
+                secret=receiver.secret,
+                operator=OPERATOR,
             )
         finally:
             await conn.close()

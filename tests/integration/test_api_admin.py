@@ -35,6 +35,11 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/admin/endpoints/notification/enable", None),
     ("POST", "/admin/endpoints/notification/rotate-secret", None),
     ("GET", "/admin/events/6c5b64b1-9c49-4a45-8f3a-8c4e5b8e2f10/deliveries", None),
+    ("GET", "/admin/audit", None),
+    ("GET", "/admin/deliveries/dead", None),
+    ("POST", "/admin/deliveries/replay-dead", None),
+    ("GET", "/admin/endpoints/notification/replay?since=2025-01-01T00:00:00Z", None),
+    ("POST", "/admin/endpoints/notification/replay", {"since": "2025-01-01T00:00:00Z"}),
 ]
 
 
@@ -392,6 +397,11 @@ async def test_openapi_documents_the_admin_routes_behind_their_own_key(
         ("POST", "/admin/endpoints/{name}/enable"),
         ("POST", "/admin/endpoints/{name}/rotate-secret"),
         ("GET", "/admin/events/{event_id}/deliveries"),
+        ("GET", "/admin/audit"),
+        ("GET", "/admin/deliveries/dead"),
+        ("POST", "/admin/deliveries/replay-dead"),
+        ("GET", "/admin/endpoints/{name}/replay"),
+        ("POST", "/admin/endpoints/{name}/replay"),
     }
     assert document["components"]["securitySchemes"]["admin"] == {
         "type": "http",

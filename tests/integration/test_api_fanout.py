@@ -20,6 +20,7 @@ from tests.support.api import (
     payment_body,
     post_json,
 )
+from tests.support.audit import OPERATOR
 
 ALL_TYPES = ("notification", "trip", "driver")
 
@@ -31,9 +32,14 @@ async def subscribe(db: asyncpg.Connection) -> None:
         name="trip",
         url="http://127.0.0.1:9/trip",
         event_types=("payment.succeeded", "payment.refunded"),
+        operator=OPERATOR,
     )
     await endpoints.insert_endpoint(
-        db, name="driver", url="http://127.0.0.1:9/driver", event_types=("payment.*",)
+        db,
+        name="driver",
+        url="http://127.0.0.1:9/driver",
+        event_types=("payment.*",),
+        operator=OPERATOR,
     )
 
 
@@ -111,8 +117,8 @@ async def test_paused_endpoints_get_deliveries_and_disabled_ones_do_not(
     client: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     await subscribe(db)
-    await endpoints.set_state(db, "trip", "PAUSED")
-    await endpoints.set_state(db, "driver", "DISABLED", reason="test")
+    await endpoints.set_state(db, "trip", "PAUSED", operator=OPERATOR)
+    await endpoints.set_state(db, "driver", "DISABLED", reason="test", operator=OPERATOR)
 
     charged = await create_payment(client, method="CARD")
 
@@ -121,7 +127,7 @@ async def test_paused_endpoints_get_deliveries_and_disabled_ones_do_not(
     )
 
     # Enabled again: the next event reaches it (the one it missed is for `outbox replay`).
-    await endpoints.set_state(db, "driver", "ACTIVE")
+    await endpoints.set_state(db, "driver", "ACTIVE", operator=OPERATOR)
     await refund(client, charged["payment_id"], "10.00")
     assert await deliveries_of(db, charged["payment_id"]) == [
         *expected("payment.succeeded", "notification", "trip"),
@@ -155,7 +161,11 @@ async def test_an_endpoint_subscribed_to_nothing_written_gets_nothing(
     client: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     await endpoints.insert_endpoint(
-        db, name="rider", url="http://127.0.0.1:9/rider", event_types=("payment.failed",)
+        db,
+        name="rider",
+        url="http://127.0.0.1:9/rider",
+        event_types=("payment.failed",),
+        operator=OPERATOR,
     )
     charged = await create_payment(client, method="CARD")
     assert await deliveries_of(db, charged["payment_id"]) == expected(

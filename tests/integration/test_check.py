@@ -25,6 +25,7 @@ from payment_cli.check import CHECKS, Report, check_database
 from payment_service import endpoints
 from payment_service.embedded import free_port
 from tests.support.api import new_key, new_trip, post_json, running_api
+from tests.support.audit import OPERATOR
 from tests.support.commands import service_command
 from tests.support.database import FAN_OUT_SQL, insert_events
 from tests.support.environment import clean_env
@@ -621,10 +622,10 @@ async def test_deliveries_are_required_per_endpoint_subscribed_before_the_event(
     removed: only those to endpoints that wanted the event when it was written are missed."""
     for name, types in (("trip", ("payment.succeeded",)), ("held", ("*",)), ("off", ("*",))):
         await endpoints.insert_endpoint(
-            db, name=name, url="http://127.0.0.1:9/x", event_types=types
+            db, name=name, url="http://127.0.0.1:9/x", event_types=types, operator=OPERATOR
         )
-    await endpoints.set_state(db, "held", "PAUSED")
-    await endpoints.set_state(db, "off", "DISABLED")
+    await endpoints.set_state(db, "held", "PAUSED", operator=OPERATOR)
+    await endpoints.set_state(db, "off", "DISABLED", operator=OPERATOR)
     await db.execute(
         "UPDATE endpoints SET created_at = now() - interval '1 day',"
         " state_changed_at = now() - interval '1 day', updated_at = now() - interval '1 day'"
@@ -632,7 +633,9 @@ async def test_deliveries_are_required_per_endpoint_subscribed_before_the_event(
     charge, refund = await insert_events(db, payments=1, events_per_payment=2)
     await db.execute("UPDATE outbox_events SET created_at = now() - interval '1 hour'")
     await db.execute(FAN_OUT_SQL, None)
-    await endpoints.insert_endpoint(db, name="late", url="http://127.0.0.1:9/late")
+    await endpoints.insert_endpoint(
+        db, name="late", url="http://127.0.0.1:9/late", operator=OPERATOR
+    )
 
     def deliveries_check(report: Report) -> dict[str, str]:
         result = next(r for r in report.checks if r.name == "event_deliveries")
@@ -648,7 +651,7 @@ async def test_deliveries_are_required_per_endpoint_subscribed_before_the_event(
         str(refund.id): "no delivery to endpoint held",  # trip does not want refunds
     }
     # An endpoint changed since (its types may have been others) is owed nothing older.
-    await endpoints.update_endpoint(db, "trip", event_types=("payment.*",))
+    await endpoints.update_endpoint(db, "trip", event_types=("payment.*",), operator=OPERATOR)
     assert deliveries_check(await run(db)) == {
         str(charge.id): "no delivery to endpoint held",
         str(refund.id): "no delivery to endpoint held",

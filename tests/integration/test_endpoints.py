@@ -13,6 +13,7 @@ import pytest
 from payment_service import endpoints
 from payment_service.config import Settings, load_settings
 from payment_service.endpoints import EndpointError, EndpointNotFound
+from tests.support.audit import OPERATOR
 from tests.support.database import insert_events
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, for the tests only
@@ -97,8 +98,8 @@ async def test_an_endpoint_changed_by_hand_stays_and_each_difference_is_a_warnin
     db: asyncpg.Connection,
 ) -> None:
     await endpoints.seed_from_settings(db, seeding_settings())
-    await endpoints.update_endpoint(db, "trip", url="http://127.0.0.1:9002/t")
-    await endpoints.rotate_secret(db, "notification", secret=OTHER_SECRET)
+    await endpoints.update_endpoint(db, "trip", url="http://127.0.0.1:9002/t", operator=OPERATOR)
+    await endpoints.rotate_secret(db, "notification", secret=OTHER_SECRET, operator=OPERATOR)
     before = await endpoints.select_endpoints(db)
     assert not any(endpoint.seeded for endpoint in before)
 
@@ -162,22 +163,32 @@ async def test_seeding_from_many_processes_at_once_follows_once(database_url: st
 
 async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
     added = await endpoints.insert_endpoint(
-        db, name="driver", url="http://127.0.0.1:9003/cb", event_types=("payment.*",)
+        db,
+        name="driver",
+        url="http://127.0.0.1:9003/cb",
+        event_types=("payment.*",),
+        operator=OPERATOR,
     )
     assert added.secret is not None and added.secret.startswith("whsec_")
     assert not added.seeded and added.breaker == "closed"
     with pytest.raises(EndpointError, match="exists already"):
-        await endpoints.insert_endpoint(db, name="driver", url="http://127.0.0.1:9003/cb")
+        await endpoints.insert_endpoint(
+            db, name="driver", url="http://127.0.0.1:9003/cb", operator=OPERATOR
+        )
 
-    paused = await endpoints.set_state(db, "driver", "PAUSED", reason="maintenance")
+    paused = await endpoints.set_state(
+        db, "driver", "PAUSED", reason="maintenance", operator=OPERATOR
+    )
     assert (paused.state, paused.state_reason) == ("PAUSED", "maintenance")
-    assert (await endpoints.set_state(db, "driver", "ACTIVE")).state == "ACTIVE"
+    assert (await endpoints.set_state(db, "driver", "ACTIVE", operator=OPERATOR)).state == "ACTIVE"
 
-    rotated = await endpoints.rotate_secret(db, "driver")
+    rotated = await endpoints.rotate_secret(db, "driver", operator=OPERATOR)
     assert rotated.signing_secrets() == [rotated.secret, added.secret]
     assert rotated.secret != added.secret
 
-    assert await endpoints.delete_endpoint(db, "driver") == endpoints.Removed(0, 0)
+    assert await endpoints.delete_endpoint(db, "driver", operator=OPERATOR) == endpoints.Removed(
+        0, 0
+    )
     with pytest.raises(EndpointNotFound):
         await endpoints.select_endpoint(db, "driver")
 
@@ -185,9 +196,13 @@ async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
 async def test_rotating_twice_in_a_day_keeps_both_replaced_secrets_signing(
     db: asyncpg.Connection,
 ) -> None:
-    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
-    second = await endpoints.rotate_secret(db, "trip")
-    third = await endpoints.rotate_secret(db, "trip")  # a retry, an hour later, say
+    first = await endpoints.insert_endpoint(
+        db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR
+    )
+    second = await endpoints.rotate_secret(db, "trip", operator=OPERATOR)
+    third = await endpoints.rotate_secret(
+        db, "trip", operator=OPERATOR
+    )  # a retry, an hour later, say
     assert third.signing_secrets() == [third.secret, second.secret, first.secret]
     assert len({first.secret, second.secret, third.secret}) == 3
 
@@ -199,14 +214,20 @@ async def test_rotating_twice_in_a_day_keeps_both_replaced_secrets_signing(
     assert all(secret not in text for secret in third.signing_secrets())
 
     # a fourth secret: three in all at most, the oldest goes
-    fourth = await endpoints.rotate_secret(db, "trip")
+    fourth = await endpoints.rotate_secret(db, "trip", operator=OPERATOR)
     assert fourth.signing_secrets() == [fourth.secret, third.secret, second.secret]
 
 
 async def test_a_replaced_secret_signs_until_it_expires(db: asyncpg.Connection) -> None:
-    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
-    middle = await endpoints.rotate_secret(db, "trip", keep_previous_seconds=3600)
-    second = await endpoints.rotate_secret(db, "trip", keep_previous_seconds=7200)
+    first = await endpoints.insert_endpoint(
+        db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR
+    )
+    middle = await endpoints.rotate_secret(
+        db, "trip", keep_previous_seconds=3600, operator=OPERATOR
+    )
+    second = await endpoints.rotate_secret(
+        db, "trip", keep_previous_seconds=7200, operator=OPERATOR
+    )
     assert second.signing_secrets() == [second.secret, middle.secret, first.secret]
     # a day later for the oldest: its expiry has passed (moved back, rather than waited for)
     await db.execute(
@@ -219,24 +240,28 @@ async def test_a_replaced_secret_signs_until_it_expires(db: asyncpg.Connection) 
     assert later.signing_secrets() == [second.secret, middle.secret]
     assert len(later.public()["previous_secrets_expire_at"]) == 1
     # the next rotation drops the expired secret from the row
-    third = await endpoints.rotate_secret(db, "trip")
+    third = await endpoints.rotate_secret(db, "trip", operator=OPERATOR)
     assert [p.secret for p in third.previous_secrets] == [second.secret, middle.secret]
 
 
 async def test_an_unsigned_endpoint_rotated_gets_a_secret_and_nothing_to_keep(
     db: asyncpg.Connection,
 ) -> None:
-    await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
+    await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR)
     await db.execute("UPDATE endpoints SET secret = NULL WHERE name = 'trip'")
-    rotated = await endpoints.rotate_secret(db, "trip")
+    rotated = await endpoints.rotate_secret(db, "trip", operator=OPERATOR)
     assert rotated.signing_secrets() == [rotated.secret] and rotated.previous_secrets == ()
 
 
 async def test_rotating_to_a_secret_still_signing_keeps_it_once(db: asyncpg.Connection) -> None:
-    first = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/t")
-    second = await endpoints.rotate_secret(db, "trip")
+    first = await endpoints.insert_endpoint(
+        db, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR
+    )
+    second = await endpoints.rotate_secret(db, "trip", operator=OPERATOR)
     assert first.secret is not None
-    back = await endpoints.rotate_secret(db, "trip", secret=first.secret)  # undo the rotation
+    back = await endpoints.rotate_secret(
+        db, "trip", secret=first.secret, operator=OPERATOR
+    )  # undo the rotation
     assert back.signing_secrets() == [first.secret, second.secret]
 
 
@@ -270,13 +295,15 @@ def test_unknown_event_types_are_refused(types: tuple[str, ...]) -> None:
 async def test_resume_or_enable_makes_the_endpoints_waiting_deliveries_due_now(
     db: asyncpg.Connection, held_by: str
 ) -> None:
-    trip = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/trips")
+    trip = await endpoints.insert_endpoint(
+        db, name="trip", url="http://127.0.0.1:9/trips", operator=OPERATOR
+    )
     await insert_events(db, payments=3)
     await db.execute("UPDATE deliveries SET next_attempt_at = now() + interval '2 hours'")
-    await endpoints.set_state(db, "trip", held_by, reason="test")
+    await endpoints.set_state(db, "trip", held_by, reason="test", operator=OPERATOR)
     waiting = "SELECT count(*) FROM deliveries WHERE endpoint_id = $1 AND next_attempt_at > now()"
     assert await db.fetchval(waiting, trip.endpoint_id) == 3  # pausing changes no schedule
-    await endpoints.set_state(db, "trip", "ACTIVE")
+    await endpoints.set_state(db, "trip", "ACTIVE", operator=OPERATOR)
     assert await db.fetchval(waiting, trip.endpoint_id) == 0
     # another endpoint's schedule is its own
     others = await db.fetchval(

@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi
 
 EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "50"))
@@ -89,12 +90,16 @@ def operation_takes_input(operation: Any) -> bool:
     return bool(definition.get("parameters") or definition.get("requestBody"))
 
 
-def fuzz(document: dict[str, Any], base_url: str) -> tuple[int, list[str]]:
-    """Run every operation in both modes; return (cases sent, failure reports)."""
+def fuzz(
+    document: dict[str, Any], base_url: str, headers: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
+    """Run every operation in both modes, sending `headers` too; return (cases sent, failure
+    reports)."""
     schema = schemathesis.openapi.from_dict(document)
     failures: list[str] = []
     sent = [0]
     with requests.Session() as session:
+        session.headers.update(headers or {})
 
         def runner(strategy: Any, checks: list[Any]) -> Any:
             @SETTINGS
@@ -133,3 +138,23 @@ async def test_fuzz_openapi_document(api: RunningApi) -> None:
     assert sent >= operations * 2 * min(EXAMPLES_PER_OPERATION, 10), sent
     health = await api.client.get("/health")
     assert health.status_code == 200
+
+
+@pytest.mark.timeout(180)
+async def test_fuzz_the_audit_log_and_replay_routes(api_factory: ApiFactory) -> None:
+    """The audit log's filters and the replays' previews and bodies, as the admin key sends
+    them (the rest of the admin API is checked by its own tests)."""
+    token = "fuzzing-admin-token-for-tests-only"
+    api = await api_factory(admin_api_keys=(f"ops:{token}",))
+    document = (await api.client.get("/openapi.json")).json()
+    wanted = ("/admin/audit", "/admin/deliveries/", "/admin/endpoints/{name}/replay")
+    document["paths"] = {
+        path: operations
+        for path, operations in document["paths"].items()
+        if path.startswith(wanted)
+    }
+    sent, failures = await asyncio.to_thread(
+        fuzz, document, api.base_url, {"Authorization": f"Bearer {token}"}
+    )
+    assert not failures, "\n\n".join(failures)
+    assert sent >= 5 * 2 * min(EXAMPLES_PER_OPERATION, 10), sent

@@ -17,6 +17,7 @@ from outbox_relay.health import HealthPolicy
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.schedule import Verdict
 from payment_service import ENDPOINTS_CHANNEL, endpoints
+from tests.support.audit import OPERATOR
 from tests.support.database import insert_events
 from tests.support.waiting import wait_for
 
@@ -26,7 +27,9 @@ FAILED, DELIVERED, GONE = Verdict.RETRYABLE, Verdict.DELIVERED, Verdict.GONE
 
 @pytest.fixture
 async def endpoint_id(db: asyncpg.Connection) -> int:
-    added = await endpoints.insert_endpoint(db, name="trip", url="http://127.0.0.1:9/trips")
+    added = await endpoints.insert_endpoint(
+        db, name="trip", url="http://127.0.0.1:9/trips", operator=OPERATOR
+    )
     return added.endpoint_id
 
 
@@ -252,7 +255,7 @@ async def test_enable_closes_the_breaker_and_starts_the_count_afresh(
 ) -> None:
     await open_breaker(db, endpoint_id)
     await record_health(db, endpoint_id, [GONE], policy=POLICY)
-    enabled = await endpoints.set_state(db, "trip", "ACTIVE")
+    enabled = await endpoints.set_state(db, "trip", "ACTIVE", operator=OPERATOR)
     assert (enabled.state, enabled.breaker, enabled.consecutive_failures) == ("ACTIVE", "closed", 0)
     now = await health(db, endpoint_id)
     assert (now["breaker_cooldown_seconds"], now["probe_until"], now["failing_since"]) == (

@@ -13,9 +13,11 @@ import pytest
 
 from outbox_relay import outbox
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from payment_service import deliveries
 from payment_service.database import connect
 from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until
 
@@ -293,10 +295,11 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
             [1],
             [2],
             [True],
+            ["0123456789ab"],
         ),
         "probe": await _plan(conn, outbox.PROBE_CLAIM_SQL, notification, 30.0, token),
         "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
-        "gauges": await _plan(conn, outbox.ENDPOINT_BACKLOG_SQL),
+        "gauges": await _plan(conn, deliveries.BACKLOG.sql),
         "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
         "sweep events": await _plan(conn, outbox.SWEEP_EVENTS_SQL, 0, 3600.0, 1000),
         "lock unused events": await _plan(conn, outbox.LOCK_UNUSED_EVENTS_SQL, event_ids, 3600.0),
@@ -333,7 +336,9 @@ async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
 ) -> None:
     """One endpoint's backlog never fills another's claim; order holds per (endpoint, payment)
     only: a delivery waiting at one endpoint does not hold back the same event at another."""
-    trip = (await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")).endpoint_id
+    trip = (
+        await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip", operator=OPERATOR)
+    ).endpoint_id
     events = await insert_events(conn, payments=50, events_per_payment=2)
     got = await outbox.claim_deliveries(conn, notification, limit=40, lease_seconds=LEASE)
     got += await outbox.claim_deliveries(conn, trip, limit=5, lease_seconds=LEASE)
@@ -368,7 +373,9 @@ async def test_order_per_payment_follows_the_events_even_when_a_replay_adds_an_o
     first, second = await insert_events(conn, payments=1, events_per_payment=2)
     # the endpoint never had the first event (as if it was DISABLED when it was written)
     await conn.execute("DELETE FROM deliveries WHERE event_id = $1", first.id)
-    done = await replay_range(conn, endpoint="notification", since=started, until=None)
+    done = await replay_range(
+        conn, endpoint="notification", since=started, until=None, operator=OPERATOR
+    )
     assert (done.added, done.again) == (1, 1)
     ids = dict(await conn.fetch("SELECT event_id, delivery_id FROM deliveries"))
     assert ids[first.id] > ids[second.id]  # the older event's delivery is the newer row

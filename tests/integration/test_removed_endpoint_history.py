@@ -9,12 +9,15 @@ import pytest
 
 from outbox_relay.housekeeping import housekeep
 from payment_service import endpoints
+from tests.support.audit import OPERATOR
 from tests.support.database import insert_events
 
 
 async def remove_trip_with_history(conn: asyncpg.Connection) -> list[int]:
     """Endpoint `trip` with 3 events, 2 delivered, then removed; the kept deliveries' ids."""
-    await endpoints.insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/t")
+    await endpoints.insert_endpoint(
+        conn, name="trip", url="http://127.0.0.1:9/t", operator=OPERATOR
+    )
     events = await insert_events(conn, payments=3)
     await conn.execute(
         "UPDATE deliveries SET status = 'DELIVERED', attempts = 1, delivered_at = now()"
@@ -22,7 +25,9 @@ async def remove_trip_with_history(conn: asyncpg.Connection) -> list[int]:
         "   AND event_id = ANY($1)",
         [e.id for e in events[:2]],
     )
-    assert await endpoints.delete_endpoint(conn, "trip") == endpoints.Removed(1, 2)
+    assert await endpoints.delete_endpoint(conn, "trip", operator=OPERATOR) == endpoints.Removed(
+        1, 2
+    )
     return [
         r[0]
         for r in await conn.fetch("SELECT delivery_id FROM deliveries WHERE endpoint_id IS NULL")

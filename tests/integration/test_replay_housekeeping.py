@@ -18,6 +18,7 @@ from outbox_relay.housekeeping import housekeep
 from payment_service.database import connect
 from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.database import insert_events, set_endpoint_url, waiting_for_a_lock
 from tests.support.waiting import wait_for
 
@@ -36,7 +37,7 @@ async def arranged(conn: asyncpg.Connection) -> Arranged:
     await set_endpoint_url(conn, "http://127.0.0.1:9/notifications")
     [old] = await insert_events(conn, payments=1)
     # `trip` subscribes after the old event was written (or was DISABLED then): no delivery.
-    await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")
+    await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip", operator=OPERATOR)
     [new] = await insert_events(conn, payments=1)
     await conn.execute(
         "UPDATE outbox_events SET created_at = now() - interval '400 hours' WHERE id = $1", old.id
@@ -83,7 +84,9 @@ async def test_housekeeping_leaves_an_event_a_replay_in_progress_adds_a_delivery
     housekeeper = await connect(database_url)
     try:
         async with other.transaction():
-            done = await replay_range(other, endpoint="trip", since=arranged.since, until=None)
+            done = await replay_range(
+                other, endpoint="trip", since=arranged.since, until=None, operator=OPERATOR
+            )
             assert (done.added, done.again) == (1, 1)
             passing = asyncio.create_task(housekeep(housekeeper, retention_hours=RETENTION_HOURS))
 
@@ -115,7 +118,9 @@ async def test_a_replay_keeps_the_events_it_read_until_it_has_written_their_deli
                 arranged.new,
             )
             replaying = asyncio.create_task(
-                replay_range(other, endpoint="trip", since=arranged.since, until=None)
+                replay_range(
+                    other, endpoint="trip", since=arranged.since, until=None, operator=OPERATOR
+                )
             )
             await wait_for(
                 lambda: waiting_for_a_lock(conn, "WITH wanted"),

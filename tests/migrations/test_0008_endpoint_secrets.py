@@ -12,6 +12,7 @@ import pytest
 from payment_service import endpoints
 from payment_service.migrations import migrate
 from tests.migrations.conftest import migrated_before
+from tests.support.audit import OPERATOR
 from tests.support.environment import new_signing_secret
 
 SECRETS_VERSION = 8
@@ -53,5 +54,5 @@ async def test_a_previous_secret_still_signing_keeps_signing_after_the_upgrade(
         assert (await endpoints.select_endpoint(conn, name)).signing_secrets() == [other]
 
     # the first rotation after the upgrade keeps both earlier secrets signing
-    rotated = await endpoints.rotate_secret(conn, "trip")
+    rotated = await endpoints.rotate_secret(conn, "trip", operator=OPERATOR)
     assert rotated.signing_secrets() == [rotated.secret, current, previous]

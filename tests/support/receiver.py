@@ -40,6 +40,7 @@ from standardwebhooks import Webhook
 
 from payment_cli.sink import HttpResponse, encode_response
 from payment_service.endpoints import insert_endpoint
+from tests.support.audit import OPERATOR
 from tests.support.environment import CALLBACK_PATH, SECRET
 
 if TYPE_CHECKING:
@@ -418,7 +419,9 @@ async def subscribed(
     """A receiver on 127.0.0.1 at path `/name`, subscribed as endpoint `name` (every event type;
     signed with `secret`, or a secret of its own); closed at the end."""
     receiver = await Receiver(path=f"/{name}", policy=policy).start()
-    await insert_endpoint(conn, name=name, url=receiver.base_url + receiver.path, secret=secret)
+    await insert_endpoint(
+        conn, name=name, url=receiver.base_url + receiver.path, secret=secret, operator=OPERATOR
+    )
     try:
         yield receiver
     finally:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from app.metrics import Metrics
-from outbox_relay.metrics import EndpointGauges, RelayMetrics
+from outbox_relay.metrics import RelayMetrics
+from payment_service.deliveries import Backlog
 from tests.support.prometheus import ALERTS, DEPLOY
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "payment-service.json"
@@ -100,7 +101,7 @@ def test_the_dashboard_shows_what_an_operator_needs() -> None:
 def exported_states() -> set[str]:
     """The `state` label values of `outbox_endpoint_state`, as a relay exports them."""
     metrics = RelayMetrics()
-    metrics.set_backlog([EndpointGauges("trip", 0, None, 0, "ACTIVE", "closed")])
+    metrics.set_backlog([Backlog("trip", 0, None, 0, "ACTIVE", "closed")])
     return {
         sample.labels["state"]
         for family in metrics.registry.collect()
