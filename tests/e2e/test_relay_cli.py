@@ -214,16 +214,18 @@ async def test_relay_metrics_and_housekeeping(
     delivered = await insert_events(conn, payments=5)
     await wait_until(lambda: {e.event_id for e in delivered} <= receiver.accepted_ids(), timeout=30)
 
-    # Housekeeping (retention 0) deletes the delivered events and the expired key, nothing else.
+    # Housekeeping (retention 0) deletes the delivered deliveries, their events and the expired
+    # key, nothing else. A pass deletes them one after another, so wait for all three.
     async def cleaned() -> bool:
-        return await status_counts(conn) == {"DEAD": 2}
+        keys = [r[0] for r in await conn.fetch("SELECT key_hash FROM idempotency_keys")]
+        events = {r[0] for r in await conn.fetch("SELECT event_id::text FROM outbox_events")}
+        return (
+            await status_counts(conn) == {"DEAD": 2}
+            and keys == ["b" * 64]
+            and events == {e.event_id for e in dead_events}
+        )
 
     await wait_until(cleaned, timeout=30)
-    keys = [r[0] for r in await conn.fetch("SELECT key_hash FROM idempotency_keys")]
-    assert keys == ["b" * 64]
-    assert {r[0] for r in await conn.fetch("SELECT event_id::text FROM outbox_events")} == {
-        e.event_id for e in dead_events
-    }
 
     async with httpx.AsyncClient(trust_env=False) as http:
 
