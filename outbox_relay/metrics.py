@@ -19,7 +19,7 @@ BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class EndpointGauges(NamedTuple):
-    """One endpoint's row of the relay's gauges (outbox_relay.outbox.ENDPOINT_BACKLOG_SQL)."""
+    """One endpoint's row of the relay's gauges (outbox_relay.outbox.ENDPOINT_BACKLOG)."""
 
     name: str
     pending: int

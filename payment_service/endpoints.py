@@ -528,9 +528,6 @@ HASTEN = Statement(
        AND next_attempt_at > now()
     """
 )
-# Its compiled text, which outbox_relay.endpoint_health runs with the endpoint's id as its one
-# value by position, until that module moves to named values.
-HASTEN_SQL = HASTEN.sql
 
 
 async def set_state(
