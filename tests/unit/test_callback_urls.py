@@ -182,6 +182,18 @@ def test_a_literal_address_is_checked_when_the_endpoint_is_added() -> None:
     assert endpoints.check_url("http://127.0.0.1:8085/n", allowed)
 
 
+@pytest.mark.parametrize("listed", ["127.0.0.0/8", "::1"])
+def test_a_loopback_name_is_allowed_where_its_address_is_listed(listed: str) -> None:
+    """`localhost` resolves to 127.0.0.1 or ::1, and the relay sends to whichever address it may
+    reach: listing either network lets the name in, as the refusal's advice says."""
+    allowed = network_policy(production=True, allowed=parse_networks((listed,)))
+    assert endpoints.check_url("http://localhost:8085/n", allowed)
+    assert not allowed.refuses_name("api.localhost")
+    elsewhere = network_policy(production=True, allowed=parse_networks(("10.0.0.0/8",)))
+    with pytest.raises(InvalidEndpoint, match="localhost is a loopback address"):
+        endpoints.check_url("http://localhost:8085/n", elsewhere)
+
+
 def test_allowed_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENDPOINT_ALLOWED_NETWORKS", " 127.0.0.0/8, fd12::/16 ,::1")
     settings = load_settings()
@@ -202,6 +214,7 @@ def test_allowed_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         api_keys="app:a-token-for-tests-only",
         callback_signing_secret="whsec_" + "A" * 32,
         gateway="none",
+        notification_service_url="http://10.0.0.5:8085",
     )
     assert production.callback_networks == NetworkPolicy(allow_loopback=False)
 
