@@ -7,7 +7,7 @@ and the admin API take (payment_service.endpoints.check_url) and the settings se
 relay can use. It refuses what no request can be made to: a port outside 1-65535, an empty host, a
 broken IPv6 bracket, raw non-ASCII or control characters in the path, a host that is not a DNS
 name or an IP address. Its messages name the part at fault and never repeat the URL, which may
-carry a password.
+carry a password; `shown_url` is how a URL is shown, without one.
 
 `NetworkPolicy` says which addresses callbacks may reach. The relay checks the address a name
 resolves to when it connects, so a name that resolves to one address at `endpoints add` and to
@@ -98,10 +98,6 @@ class CallbackURL:
         except ValueError:
             return None
 
-    def without_credentials(self) -> str:
-        """The URL as sent (no user, password or fragment), for logs."""
-        return f"{self.scheme}://{self.host_header}{self.target}"
-
 
 def parse_callback_url(url: str) -> CallbackURL:
     """Read an endpoint URL as the relay will use it; CallbackURLError when no request can be
@@ -163,6 +159,19 @@ def check_callback_url(url: str, networks: NetworkPolicy | None = None) -> Callb
         if networks.refuses_name(parsed.host):
             raise CallbackURLRefused(parsed.host, None, LOOPBACK)
     return parsed
+
+
+def shown_url(url: str | None) -> str:
+    """A URL as logs and messages show it: as written, without a user name or password (what
+    stands between `://` and the last `@` of the authority); `(none)` for no URL. Any text is
+    shown, a URL the relay cannot use too (a row written by hand)."""
+    if url is None:
+        return "(none)"
+    scheme, sep, rest = url.partition("://")
+    # The authority ends where the path, the query or the fragment begins.
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    _userinfo, at, hostport = rest[:end].rpartition("@")
+    return f"{scheme}{sep}{hostport}{rest[end:]}" if sep and at else url
 
 
 def _host_and_port(hostport: str, *, default: int) -> tuple[str, int]:

@@ -32,7 +32,6 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -43,6 +42,7 @@ from payment_service.callback_urls import (
     NetworkPolicy,
     check_callback_url,
     parse_callback_url,
+    shown_url,
 )
 from payment_service.config import SEEDED_SERVICES, Settings
 from payment_service.signing import SECRET_PREFIX
@@ -335,16 +335,6 @@ def _differences(endpoint: Endpoint, seed: EndpointSeed, secret: str | None) -> 
             _Difference("CALLBACK_SIGNING_SECRET", now, apart, f"rotate-secret {name} --secret …")
         )
     return found
-
-
-def shown_url(url: str | None) -> str:
-    """A URL as logs show it: without a user name or password."""
-    if url is None:
-        return "(none)"
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 # -- SQL ------------------------------------------------------------------------------------------
