@@ -212,15 +212,15 @@ async def test_relay_metrics_and_housekeeping(
     await wait_until(lambda: {e.event_id for e in delivered} <= receiver.accepted_ids(), timeout=30)
 
     # Housekeeping (retention 0) deletes the delivered events and the expired key, nothing else.
+    # A delivered delivery goes first and its event a statement later: wait for both.
     async def cleaned() -> bool:
-        return await status_counts(conn) == {"DEAD": 2}
+        events = {r[0] for r in await conn.fetch("SELECT event_id::text FROM outbox_events")}
+        dead = {e.event_id for e in dead_events}
+        return await status_counts(conn) == {"DEAD": 2} and events == dead
 
     await wait_until(cleaned, timeout=30)
     keys = [r[0] for r in await conn.fetch("SELECT key_hash FROM idempotency_keys")]
     assert keys == ["b" * 64]
-    assert {r[0] for r in await conn.fetch("SELECT event_id::text FROM outbox_events")} == {
-        e.event_id for e in dead_events
-    }
 
     async with httpx.AsyncClient(trust_env=False) as http:
 
