@@ -27,53 +27,54 @@ from prometheus_client import Counter
 from outbox_relay.health import Change, Health, HealthPolicy, Step, apply, start_probe
 from outbox_relay.schedule import Verdict
 from payment_service import ENDPOINTS_CHANNEL
-from payment_service.endpoints import HASTEN_SQL
+from payment_service.endpoints import HASTEN
+from payment_service.sql import Statement
 
 logger = logging.getLogger(__name__)
 
-LOCK_SQL = """
+LOCK = Statement("""
 SELECT name, state, state_reason, consecutive_failures, breaker_open_until,
        breaker_cooldown_seconds, probe_until, failing_since, last_success_at, now() AS now
   FROM endpoints
- WHERE endpoint_id = $1
+ WHERE endpoint_id = :endpoint_id
    FOR NO KEY UPDATE
-"""
+""")
 
-WRITE_SQL = """
+WRITE = Statement("""
 UPDATE endpoints
-   SET state = $2,
-       state_reason = $3,
-       state_changed_at = CASE WHEN state = $2 THEN state_changed_at ELSE now() END,
-       consecutive_failures = $4,
-       breaker_open_until = $5,
-       breaker_cooldown_seconds = $6,
-       probe_until = $7,
-       failing_since = $8,
-       last_success_at = $9
- WHERE endpoint_id = $1
-"""
+   SET state = :state,
+       state_reason = :state_reason,
+       state_changed_at = CASE WHEN state = :state THEN state_changed_at ELSE now() END,
+       consecutive_failures = :consecutive_failures,
+       breaker_open_until = :breaker_open_until,
+       breaker_cooldown_seconds = :breaker_cooldown_seconds,
+       probe_until = :probe_until,
+       failing_since = :failing_since,
+       last_success_at = :last_success_at
+ WHERE endpoint_id = :endpoint_id
+""")
 
 # Successes on an endpoint with nothing to recover from: all that changes is last_success_at
 # (what `apply` would compute, in one statement). No row: the general path decides.
-HEALTHY_SUCCESS_SQL = """
+HEALTHY_SUCCESS = Statement("""
 UPDATE endpoints
    SET last_success_at = now()
- WHERE endpoint_id = $1
+ WHERE endpoint_id = :endpoint_id
    AND consecutive_failures = 0
    AND breaker_open_until IS NULL
    AND probe_until IS NULL
    AND failing_since IS NULL
-"""
+""")
 
 # A probe lease taken but not used (nothing was due): over now, so another probe may go at once.
-END_PROBE_SQL = """
+END_PROBE = Statement("""
 UPDATE endpoints
    SET probe_until = now()
- WHERE endpoint_id = $1
+ WHERE endpoint_id = :endpoint_id
    AND probe_until > now()
-"""
+""")
 
-NOTIFY_SQL = "SELECT pg_notify($1, $2)"
+NOTIFY = Statement("SELECT pg_notify(:channel, :payload)")
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,18 @@ def _health(row: asyncpg.Record) -> Health:
 
 async def _write(conn: asyncpg.Connection, endpoint_id: int, health: Health) -> None:
     await conn.execute(
-        WRITE_SQL,
-        endpoint_id,
-        health.state,
-        health.state_reason,
-        health.consecutive_failures,
-        health.breaker_open_until,
-        health.breaker_cooldown_seconds,
-        health.probe_until,
-        health.failing_since,
-        health.last_success_at,
+        WRITE.sql,
+        *WRITE.args(
+            endpoint_id=endpoint_id,
+            state=health.state,
+            state_reason=health.state_reason,
+            consecutive_failures=health.consecutive_failures,
+            breaker_open_until=health.breaker_open_until,
+            breaker_cooldown_seconds=health.breaker_cooldown_seconds,
+            probe_until=health.probe_until,
+            failing_since=health.failing_since,
+            last_success_at=health.last_success_at,
+        ),
     )
 
 
@@ -156,11 +159,12 @@ async def record_health(
         return HealthUpdate([], ())
     if (
         all(v is Verdict.DELIVERED for v in verdicts)
-        and await conn.execute(HEALTHY_SUCCESS_SQL, endpoint_id) == "UPDATE 1"
+        and await conn.execute(HEALTHY_SUCCESS.sql, *HEALTHY_SUCCESS.args(endpoint_id=endpoint_id))
+        == "UPDATE 1"
     ):
         return HealthUpdate([True] * len(verdicts), ())
     async with conn.transaction():
-        row = await conn.fetchrow(LOCK_SQL, endpoint_id)
+        row = await conn.fetchrow(LOCK.sql, *LOCK.args(endpoint_id=endpoint_id))
         if row is None:
             return None
         before = health = _health(row)
@@ -175,9 +179,15 @@ async def record_health(
             await _write(conn, endpoint_id, health)
         hastened = 0
         if changes:
-            await conn.execute(NOTIFY_SQL, ENDPOINTS_CHANNEL, row["name"])
+            await conn.execute(
+                NOTIFY.sql, *NOTIFY.args(channel=ENDPOINTS_CHANNEL, payload=row["name"])
+            )
             if health.breaker_open_until is None and before.breaker_open_until is not None:
-                hastened = int((await conn.execute(HASTEN_SQL, endpoint_id)).split()[-1])
+                hastened = int(
+                    (await conn.execute(HASTEN.sql, *HASTEN.args(endpoint_id=endpoint_id))).split()[
+                        -1
+                    ]
+                )
     _announce(row["name"], changes, state_changes)
     return HealthUpdate(counted, tuple(changes), hastened)
 
@@ -196,7 +206,7 @@ async def lease_probe(
     endpoint is not ACTIVE, its breaker is closed or still open, or another probe is in flight.
     """
     async with conn.transaction():
-        row = await conn.fetchrow(LOCK_SQL, endpoint_id)
+        row = await conn.fetchrow(LOCK.sql, *LOCK.args(endpoint_id=endpoint_id))
         if row is None:
             return False
         started = start_probe(_health(row), now=row["now"], lease_seconds=lease_seconds)
@@ -205,11 +215,13 @@ async def lease_probe(
         leased, changes = started
         await _write(conn, endpoint_id, leased)
         if changes:
-            await conn.execute(NOTIFY_SQL, ENDPOINTS_CHANNEL, row["name"])
+            await conn.execute(
+                NOTIFY.sql, *NOTIFY.args(channel=ENDPOINTS_CHANNEL, payload=row["name"])
+            )
     _announce(row["name"], changes, state_changes)
     return True
 
 
 async def end_probe(conn: asyncpg.Connection, endpoint_id: int) -> None:
     """Give back a probe lease that sent nothing, so the next probe need not wait for it to end."""
-    await conn.execute(END_PROBE_SQL, endpoint_id)
+    await conn.execute(END_PROBE.sql, *END_PROBE.args(endpoint_id=endpoint_id))

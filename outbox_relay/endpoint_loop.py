@@ -24,7 +24,7 @@ from outbox_relay.lane_runner import LaneRunner
 from outbox_relay.lanes import Lane, claimable, signing_keys
 from outbox_relay.state import RelayState, error_text, wait_for
 from payment_service import __version__
-from payment_service.callback_urls import CallbackURLError
+from payment_service.callback_urls import CallbackURLError, shown_url
 from payment_service.endpoints import (
     Endpoint,
     disable_unservable,
@@ -176,7 +176,7 @@ class EndpointLoop:
             "delivering to endpoint",
             extra={
                 "endpoint": endpoint.name,
-                "url": client.url.without_credentials(),
+                "url": shown_url(endpoint.url),
                 "event_types": list(endpoint.event_types),
                 "signed": bool(endpoint.signing_secrets()),
             },

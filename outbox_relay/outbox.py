@@ -6,8 +6,8 @@ any more, deleted by housekeeping. Every function takes the connection first and
 statement: no transaction is ever held open while a callback is in flight. A claim leases rows
 with a token; every later write to a claimed row checks that token, so a relay whose lease ran
 out cannot overwrite a newer claim.
-The statements are module constants so that the tests can EXPLAIN exactly what runs; each is
-whole, its `$n` numbered in place. The API's tables are not read here: housekeeping purges expired
+The statements are module constants (`payment_service.sql.Statement`, values by name) so that the
+tests can EXPLAIN exactly what runs. The API's tables are not read here: housekeeping purges expired
 idempotency keys through the schema's `purge_expired_idempotency_keys` (db/migrations/0005).
 """
 
@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import asyncpg
 
+from payment_service.sql import Statement
+
 # pg_advisory_lock key of housekeeping, one relay at a time ("outboxhk" in ASCII).
 HOUSEKEEPING_LOCK_ID = 0x6F7574626F78686B
 
@@ -31,18 +33,18 @@ MAX_EPOCH_SECONDS = 1e11  # about the year 5138; PostgreSQL's timestamps go furt
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 # The claim of one endpoint's lane (each lane claims for itself, on its own connection: see
-# outbox_relay.lanes): `$1` the endpoint, `$2` how many deliveries it may lease now. An endpoint
-# that is not ACTIVE, has no URL or whose breaker is not closed gets nothing, even when the relay's
-# copy of it is a moment old (a half-open breaker's one probe goes through PROBE_CLAIM_SQL).
+# outbox_relay.lanes): `:limit` is how many deliveries it may lease now. An endpoint that is not
+# ACTIVE, has no URL or whose breaker is not closed gets nothing, even when the relay's copy of it
+# is a moment old (a half-open breaker's one probe goes through PROBE_CLAIM).
 # Read through deliveries_due_idx in its order; order per (endpoint, payment) through
 # deliveries_pending_aggregate_idx. Order follows the EVENT's id (deliveries.event_id =
 # outbox_events.id), not delivery_id: `outbox replay --since` may add a delivery for an older
 # event after a newer event's is already pending.
-CLAIM_SQL = """
+CLAIM = Statement("""
 WITH due AS (
     SELECT d.delivery_id
       FROM deliveries AS d
-     WHERE d.endpoint_id = $1
+     WHERE d.endpoint_id = :endpoint_id
        AND d.status = 'PENDING'
        AND d.next_attempt_at <= now()
        -- not leased, or the lease of a relay that died has run out
@@ -59,34 +61,34 @@ WITH due AS (
        -- the endpoint, as it is now (evaluated once)
        AND EXISTS (SELECT 1
                      FROM endpoints AS ep
-                    WHERE ep.endpoint_id = $1
+                    WHERE ep.endpoint_id = :endpoint_id
                       AND ep.state = 'ACTIVE'
                       AND ep.url IS NOT NULL
                       AND ep.breaker_open_until IS NULL)
      ORDER BY d.next_attempt_at, d.event_id
-     LIMIT $2
+     LIMIT :limit
        FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE deliveries AS o
-   SET locked_until = now() + make_interval(secs => $3),
-       claim_token = $4
+   SET locked_until = now() + make_interval(secs => :lease_seconds),
+       claim_token = :claim_token
   FROM due, outbox_events AS e
  WHERE o.delivery_id = due.delivery_id
    AND e.id = o.event_id
 RETURNING o.delivery_id, o.endpoint_id, e.event_id::text, o.aggregate_id, e.payload,
           o.counted_attempts, extract(epoch FROM e.created_at)::float8 AS created_at
-"""
+""")
 
 # The one probe of a half-open breaker (the relay holds the probe's lease, see
-# outbox_relay.endpoint_health.lease_probe): `$1` the endpoint. The earliest pending delivery in
-# (endpoint, payment) order, due or not: while the breaker is not closed its cooldown is the
-# schedule, so recovery never waits for one delivery's own backoff.
-PROBE_CLAIM_SQL = """
+# outbox_relay.endpoint_health.lease_probe). The earliest pending delivery in (endpoint, payment)
+# order, due or not: while the breaker is not closed its cooldown is the schedule, so recovery
+# never waits for one delivery's own backoff.
+PROBE_CLAIM = Statement("""
 WITH probe AS (
     SELECT d.delivery_id
       FROM deliveries AS d
       JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
-     WHERE d.endpoint_id = $1
+     WHERE d.endpoint_id = :endpoint_id
        AND ep.state = 'ACTIVE'
        AND ep.url IS NOT NULL
        AND d.status = 'PENDING'
@@ -101,20 +103,21 @@ WITH probe AS (
        FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE deliveries AS o
-   SET locked_until = now() + make_interval(secs => $2),
-       claim_token = $3
+   SET locked_until = now() + make_interval(secs => :lease_seconds),
+       claim_token = :claim_token
   FROM probe, outbox_events AS e
  WHERE o.delivery_id = probe.delivery_id
    AND e.id = o.event_id
 RETURNING o.delivery_id, o.endpoint_id, e.event_id::text, o.aggregate_id, e.payload,
           o.counted_attempts, extract(epoch FROM e.created_at)::float8 AS created_at
-"""
+""")
 
-RECORD_SQL = """
+RECORD = Statement("""
 WITH attempt AS (
     SELECT *
-      FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[], $5::float8[], $6::int[],
-                  $7::text[], $8::int[], $9::int[], $10::bool[], $11::text[])
+      FROM unnest(:ids::bigint[], :claim_tokens::uuid[], :statuses::text[], :delays::float8[],
+                  :attempted_ats::float8[], :status_codes::int[], :errors::text[], :tries::int[],
+                  :durations_ms::int[], :counted::bool[], :signed_with::text[])
            AS a(id, claim_token, status, delay, attempted_at, status_code, error, tries,
                 duration_ms, counted, signed_with)
 ), written AS (
@@ -156,41 +159,41 @@ SELECT w.delivery_id,
                   AND later.status = 'PENDING'
                   AND later.event_id > w.event_id) AS unblocks
   FROM written AS w
-"""
+""")
 
-RELEASE_SQL = """
+RELEASE = Statement("""
 UPDATE deliveries AS o
    SET locked_until = NULL,
        claim_token = NULL
-  FROM unnest($1::bigint[], $2::uuid[]) AS c(id, claim_token)
+  FROM unnest(:ids::bigint[], :claim_tokens::uuid[]) AS c(id, claim_token)
  WHERE o.delivery_id = c.id
    AND o.claim_token = c.claim_token
-"""
+""")
 
 # The leases of claims whose answer never came (the connection broke while the claim ran): the
 # relay chose each claim's token before sending it, so once the database answers again it ends
 # exactly the leases that claim may have taken, instead of leaving them to run out.
-RELEASE_TOKENS_SQL = """
+RELEASE_TOKENS = Statement("""
 UPDATE deliveries
    SET locked_until = NULL,
        claim_token = NULL
- WHERE claim_token = ANY ($1::uuid[])
+ WHERE claim_token = ANY (:claim_tokens::uuid[])
    AND status = 'PENDING'
-"""
+""")
 
 # What became of attempts whose write found no row with their claim token: `mine`, already on
 # its row (a write whose commit reached the database, and on failover the standby, but whose
 # answer was lost, written again; each attempt's log entry carries its `at`, the attempt's own
 # time to the microsecond); `gone`, no row at all (deleted while in flight: its endpoint was
 # removed); neither: another relay took the delivery over when the lease ran out.
-RECORDED_ALREADY_SQL = """
+RECORDED_ALREADY = Statement("""
 SELECT a.id,
        d.delivery_id IS NULL AS gone,
        coalesce(d.attempt_log @> jsonb_build_array(
                     jsonb_build_object('at', to_timestamp(a.attempted_at))), false) AS mine
-  FROM unnest($1::bigint[], $2::float8[]) AS a(id, attempted_at)
+  FROM unnest(:ids::bigint[], :attempted_ats::float8[]) AS a(id, attempted_at)
   LEFT JOIN deliveries AS d ON d.delivery_id = a.id
-"""
+""")
 
 # Housekeeping (outbox_relay.housekeeping runs these in rounds of short statements).
 #
@@ -198,66 +201,66 @@ SELECT a.id,
 # deleted one's event comes back, as it may now be unused. The conditions are repeated outside
 # the sub-select so that a row changed meanwhile (put back in line by `outbox replay`, say) is
 # re-checked against its new version before it is deleted.
-DELETE_DELIVERED_SQL = """
+DELETE_DELIVERED = Statement("""
 DELETE FROM deliveries
  WHERE delivery_id = ANY (ARRAY(SELECT delivery_id
                                   FROM deliveries
                                  WHERE status = 'DELIVERED'
-                                   AND delivered_at < now() - make_interval(secs => $1)
+                                   AND delivered_at < now() - make_interval(secs => :keep_seconds)
                                  ORDER BY delivered_at
-                                 LIMIT $2))
+                                 LIMIT :limit))
    AND status = 'DELIVERED'
-   AND delivered_at < now() - make_interval(secs => $1)
+   AND delivered_at < now() - make_interval(secs => :keep_seconds)
 RETURNING event_id
-"""
+""")
 
-# The sweep: the next $3 events after id $1, in id order (the primary key), each saying whether it
-# is past retention and whether it is unused (no delivery left). It finds the unused events that
-# no deleted delivery led to: no endpoint wanted them, or `endpoints remove` dropped their
-# deliveries. A window has a fixed size however many of its events are still needed (pending or
-# dead deliveries), so a pass reads each old event once, instead of every batch reading again the
-# growing head of events kept (a search for "the oldest unused events" costs all the old events
-# on every batch: 250 ms a batch with 200,000 of them). Each event's deliveries are looked up
-# through the (event_id, endpoint_id) key, one probe per event: as NOT EXISTS the planner may
+# The sweep: the next `:limit` events after id `:after`, in id order (the primary key), each saying
+# whether it is past retention and whether it is unused (no delivery left). It finds the unused
+# events that no deleted delivery led to: no endpoint wanted them, or `endpoints remove` dropped
+# their deliveries. A window has a fixed size however many of its events are still needed (pending
+# or dead deliveries), so a pass reads each old event once, instead of every batch reading again
+# the growing head of events kept (a search for "the oldest unused events" costs all the old
+# events on every batch: 250 ms a batch with 200,000 of them). Each event's deliveries are looked
+# up through the (event_id, endpoint_id) key, one probe per event: as NOT EXISTS the planner may
 # choose to hash every delivery instead.
-SWEEP_EVENTS_SQL = """
+SWEEP_EVENTS = Statement("""
 SELECT w.id,
-       w.created_at < now() - make_interval(secs => $2) AS past_retention,
+       w.created_at < now() - make_interval(secs => :keep_seconds) AS past_retention,
        d.event_id IS NULL AS unused
   FROM (SELECT e.id, e.created_at
           FROM outbox_events AS e
-         WHERE e.id > $1
+         WHERE e.id > :after
          ORDER BY e.id
-         LIMIT $3) AS w
+         LIMIT :limit) AS w
   LEFT JOIN LATERAL (SELECT d.event_id
                        FROM deliveries AS d
                       WHERE d.event_id = w.id
                       LIMIT 1) AS d ON true
  ORDER BY w.id
-"""
+""")
 
 # Deleting unused events is two statements in one short transaction. First, lock those of these
 # events that are past retention and unused, skipping any locked elsewhere: `outbox replay
 # --since` holds the events it is adding deliveries for (FOR KEY SHARE), and its deliveries are
 # not visible here until it commits.
-LOCK_UNUSED_EVENTS_SQL = """
+LOCK_UNUSED_EVENTS = Statement("""
 SELECT e.id
   FROM outbox_events AS e
- WHERE e.id = ANY ($1::bigint[])
-   AND e.created_at < now() - make_interval(secs => $2)
+ WHERE e.id = ANY (:event_ids::bigint[])
+   AND e.created_at < now() - make_interval(secs => :keep_seconds)
    AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id)
  FOR UPDATE SKIP LOCKED
-"""
+""")
 
 # Then delete them, checking again with this statement's own snapshot, taken once the locks are
 # held: a delivery committed after the lock statement's snapshot but before it locked the event
 # (a replay that finished in between) is seen here and keeps its event; the locks keep any new
 # one out until the transaction ends.
-DELETE_UNUSED_EVENTS_SQL = """
+DELETE_UNUSED_EVENTS = Statement("""
 DELETE FROM outbox_events AS e
- WHERE e.id = ANY ($1::bigint[])
+ WHERE e.id = ANY (:event_ids::bigint[])
    AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id)
-"""
+""")
 
 
 @dataclass(slots=True)
@@ -338,7 +341,12 @@ async def claim_deliveries(
     payment; none while its breaker is not closed. `token`: the claim's token, chosen by the
     caller so that it can release the claim if the answer is lost."""
     token = token or uuid.uuid4()
-    rows = await conn.fetch(CLAIM_SQL, endpoint_id, limit, lease_seconds, token)
+    rows = await conn.fetch(
+        CLAIM.sql,
+        *CLAIM.args(
+            endpoint_id=endpoint_id, limit=limit, lease_seconds=lease_seconds, claim_token=token
+        ),
+    )
     return [_claimed(row, token) for row in rows]
 
 
@@ -349,10 +357,13 @@ async def claim_probe(
     lease_seconds: float,
     token: uuid.UUID | None = None,
 ) -> ClaimedEvent | None:
-    """Lease the delivery that probes a half-open breaker (PROBE_CLAIM_SQL); None when the
+    """Lease the delivery that probes a half-open breaker (PROBE_CLAIM); None when the
     endpoint has nothing to send. Its attempt does not count toward RELAY_MAX_ATTEMPTS."""
     token = token or uuid.uuid4()
-    row = await conn.fetchrow(PROBE_CLAIM_SQL, endpoint_id, lease_seconds, token)
+    row = await conn.fetchrow(
+        PROBE_CLAIM.sql,
+        *PROBE_CLAIM.args(endpoint_id=endpoint_id, lease_seconds=lease_seconds, claim_token=token),
+    )
     return None if row is None else _claimed(row, token, counted=False)
 
 
@@ -372,18 +383,19 @@ async def record_attempts(
     are made safe to store here (see `safe_text`, `safe_status_code`).
     """
     rows = await conn.fetch(
-        RECORD_SQL,
-        [r.id for r in records],
-        [r.claim_token for r in records],
-        [r.status for r in records],
-        [r.delay for r in records],
-        [r.attempted_at for r in records],
-        [safe_status_code(r.status_code) for r in records],
-        [safe_text(r.error) for r in records],
-        [r.tries for r in records],
-        [r.duration_ms for r in records],
-        [r.counted for r in records],
-        [r.signed_with for r in records],
+        RECORD.sql,
+        *RECORD.args(
+            ids=[r.id for r in records],
+            claim_tokens=[r.claim_token for r in records],
+            statuses=[r.status for r in records],
+            delays=[r.delay for r in records],
+            attempted_ats=[r.attempted_at for r in records],
+            status_codes=[safe_status_code(r.status_code) for r in records],
+            errors=[safe_text(r.error) for r in records],
+            tries=[r.tries for r in records],
+            durations_ms=[r.duration_ms for r in records],
+            counted=[r.counted for r in records],
+        ),
     )
     return [Written(row[0], row[1], row[2]) for row in rows]
 
@@ -391,19 +403,22 @@ async def record_attempts(
 async def release_claims(conn: asyncpg.Connection, claims: Sequence[tuple[int, uuid.UUID]]) -> int:
     """End leases without an attempt (shutdown): the deliveries are due again at once."""
     result = await conn.execute(
-        RELEASE_SQL, [claim[0] for claim in claims], [claim[1] for claim in claims]
+        RELEASE.sql,
+        *RELEASE.args(
+            ids=[claim[0] for claim in claims], claim_tokens=[claim[1] for claim in claims]
+        ),
     )
     return int(result.split()[-1])
 
 
 async def release_claim_tokens(conn: asyncpg.Connection, tokens: Sequence[uuid.UUID]) -> int:
     """End every lease taken by these claims (whose answers were lost): due again at once."""
-    result = await conn.execute(RELEASE_TOKENS_SQL, list(tokens))
+    result = await conn.execute(RELEASE_TOKENS.sql, *RELEASE_TOKENS.args(claim_tokens=list(tokens)))
     return int(result.split()[-1])
 
 
 class Fates(NamedTuple):
-    """What became of attempts not written (RECORDED_ALREADY_SQL), by delivery id."""
+    """What became of attempts not written (RECORDED_ALREADY), by delivery id."""
 
     mine: set[int]  # written already: the answer of an earlier write was lost
     gone: set[int]  # the delivery no longer exists (its endpoint was removed)
@@ -412,9 +427,11 @@ class Fates(NamedTuple):
 async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRecord]) -> Fates:
     """Which of these attempts are written on their rows already, and whose rows are gone."""
     rows = await conn.fetch(
-        RECORDED_ALREADY_SQL,
-        [r.id for r in records],
-        [storable_epoch(r.attempted_at) for r in records],
+        RECORDED_ALREADY.sql,
+        *RECORDED_ALREADY.args(
+            ids=[r.id for r in records],
+            attempted_ats=[storable_epoch(r.attempted_at) for r in records],
+        ),
     )
     return Fates({row[0] for row in rows if row[2]}, {row[0] for row in rows if row[1]})
 
@@ -425,7 +442,10 @@ async def delete_delivered_deliveries(
 ) -> list[int]:
     """Delete up to `limit` deliveries delivered more than `older_than_hours` ago; the event id
     of each one deleted."""
-    rows = await conn.fetch(DELETE_DELIVERED_SQL, older_than_hours * 3600, limit)
+    rows = await conn.fetch(
+        DELETE_DELIVERED.sql,
+        *DELETE_DELIVERED.args(keep_seconds=older_than_hours * 3600, limit=limit),
+    )
     return [row["event_id"] for row in rows]
 
 
@@ -434,7 +454,8 @@ async def select_event_window(
 ) -> list[asyncpg.Record]:
     """The next `limit` events after id `after`: `id`, `past_retention`, `unused`."""
     return await conn.fetch(  # type: ignore[no-any-return]
-        SWEEP_EVENTS_SQL, after, older_than_hours * 3600, limit
+        SWEEP_EVENTS.sql,
+        *SWEEP_EVENTS.args(after=after, keep_seconds=older_than_hours * 3600, limit=limit),
     )
 
 
@@ -443,12 +464,17 @@ async def lock_unused_events(
 ) -> list[int]:
     """In the caller's transaction: lock those of `event_ids` past retention that no delivery
     needs, skipping any another transaction holds; their ids."""
-    rows = await conn.fetch(LOCK_UNUSED_EVENTS_SQL, list(event_ids), older_than_hours * 3600)
+    rows = await conn.fetch(
+        LOCK_UNUSED_EVENTS.sql,
+        *LOCK_UNUSED_EVENTS.args(event_ids=list(event_ids), keep_seconds=older_than_hours * 3600),
+    )
     return [row["id"] for row in rows]
 
 
 async def delete_unused_events(conn: asyncpg.Connection, *, event_ids: Sequence[int]) -> int:
     """In the caller's transaction, after `lock_unused_events`: delete those of `event_ids` that
     still have no delivery; how many."""
-    result = await conn.execute(DELETE_UNUSED_EVENTS_SQL, list(event_ids))
+    result = await conn.execute(
+        DELETE_UNUSED_EVENTS.sql, *DELETE_UNUSED_EVENTS.args(event_ids=list(event_ids))
+    )
     return int(result.split()[-1])

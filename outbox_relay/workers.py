@@ -22,7 +22,7 @@ from outbox_relay.delivery import Try
 from outbox_relay.lanes import Lane
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from outbox_relay.recorder import Recorder
-from outbox_relay.schedule import Verdict, decide
+from outbox_relay.schedule import Verdict
 from outbox_relay.state import RelayState, error_text, wait_for
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Workers:
                     event, result, tries=1, attempted_at=attempted_at, started=started
                 )
                 if isinstance(result, Try)
-                else self._failed(event, result, started)
+                else self._failed(lane, event, result, attempted_at, started)
             )
             recorder.record(lane, record, event)
 
@@ -165,7 +165,7 @@ class Workers:
                 sleep=lambda seconds: wait_for(self.state.stop, seconds),
             )
             record = (
-                self._failed(event, raised, started)
+                self._failed(lane, event, raised, attempted_at, started)
                 if raised is not None
                 else lane.deliverer.attempt_record(
                     event, result, tries=tries, attempted_at=attempted_at, started=started
@@ -178,7 +178,7 @@ class Workers:
             logger.exception(
                 "quick retry raised", extra={"event_id": event.event_id, "endpoint": lane.name}
             )
-            record = self._failed(event, error, started)
+            record = self._failed(lane, event, error, attempted_at, started)
         finally:
             lane.waiting -= 1
         self.recorder.record(lane, record, event)
@@ -202,25 +202,13 @@ class Workers:
         lane.note_answer(result.verdict is Verdict.DELIVERED)
         return result
 
-    def _failed(self, event: ClaimedEvent, error: Exception, started: float) -> AttemptRecord:
-        """The attempt of a delivery whose sending raised: a bug, counted as a failed attempt."""
-        settings = self.state.settings
-        outcome, delay = decide(
-            Verdict.FAILED,
-            attempts=event.attempts + int(event.counted),
-            max_attempts=settings.relay_max_attempts,
-            schedule=settings.relay_retry_schedule,
-            counted=event.counted,
-        )
-        return AttemptRecord(
-            id=event.id,
-            claim_token=event.claim_token,
-            status=outcome.value,
-            delay=delay,
-            attempted_at=time.time(),
-            status_code=None,
-            error=f"relay error: {error_text(error)}",
-            tries=1,
-            duration_ms=round((time.monotonic() - started) * 1000),
-            counted=event.counted,
+    @staticmethod
+    def _failed(
+        lane: Lane, event: ClaimedEvent, error: Exception, attempted_at: float, started: float
+    ) -> AttemptRecord:
+        """The attempt of a delivery whose sending raised: a bug, counted as a failed attempt
+        (what the lane's deliverer makes of any failed try: `Deliverer.attempt_record`)."""
+        failure = Try(Verdict.FAILED, error=f"relay error: {error_text(error)}")
+        return lane.deliverer.attempt_record(
+            event, failure, tries=1, attempted_at=attempted_at, started=started
         )

@@ -1,11 +1,13 @@
 """Callback URLs: what the relay can send a callback to, and which addresses callbacks may reach.
 
 `parse_callback_url` is the one reading of an endpoint's URL. The relay's HTTP client builds its
-requests from what it returns, and the command line and the admin API check every URL they take
-with it (payment_service.endpoints.check_url), so a URL they accept is one the relay can use. It
-refuses what no request can be made to: a port outside 1-65535, an empty host, a broken IPv6
-bracket, raw non-ASCII or control characters in the path, a host that is not a DNS name or an IP
-address. Its messages name the part at fault and never repeat the URL, which may carry a password.
+requests from what it returns, and `check_callback_url` checks with it every URL the command line
+and the admin API take (payment_service.endpoints.check_url) and the settings seed
+(`NOTIFICATION_SERVICE_URL` + `NOTIFICATION_CALLBACK_PATH`, …), so a URL they accept is one the
+relay can use. It refuses what no request can be made to: a port outside 1-65535, an empty host, a
+broken IPv6 bracket, raw non-ASCII or control characters in the path, a host that is not a DNS
+name or an IP address. Its messages name the part at fault and never repeat the URL, which may
+carry a password; `shown_url` is how a URL is shown, without one.
 
 `NetworkPolicy` says which addresses callbacks may reach. The relay checks the address a name
 resolves to when it connects, so a name that resolves to one address at `endpoints add` and to
@@ -40,10 +42,27 @@ _LOOPBACK_NAMES = re.compile(r"(?:.+\.)?localhost\.?")
 _BROKEN_IPV6 = "a broken IPv6 address (it goes in [brackets], closed)"
 # This network (RFC 1122): 0.0.0.0 itself connects to the local host on Linux.
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+# What the loopback names resolve to.
+_LOOPBACK_ADDRESSES = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+LOOPBACK = "a loopback address"  # the kind of address refused in production only
 
 
 class CallbackURLError(ValueError):
-    """A URL no callback can be sent to; the message names the part at fault."""
+    """A URL no callback can be sent to, or that may not be an endpoint's; the message names the
+    part at fault."""
+
+
+class CallbackURLRefused(CallbackURLError):
+    """A URL whose host is an address callbacks may not reach (NetworkPolicy): `where` names the
+    host (and the address it is), `kind` what kind of address it is."""
+
+    def __init__(self, host: str, address: Address | None, kind: str) -> None:
+        self.where = host if address is None or host == str(address) else f"{host} ({address})"
+        self.kind = kind
+        super().__init__(
+            f"{self.where} is {kind}, where callbacks may not go: list its network in "
+            "ENDPOINT_ALLOWED_NETWORKS to allow it"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +97,6 @@ class CallbackURL:
             return ipaddress.ip_address(self.host)
         except ValueError:
             return None
-
-    def without_credentials(self) -> str:
-        """The URL as sent (no user, password or fragment), for logs."""
-        return f"{self.scheme}://{self.host_header}{self.target}"
 
 
 def parse_callback_url(url: str) -> CallbackURL:
@@ -119,6 +134,44 @@ def parse_callback_url(url: str) -> CallbackURL:
         has_credentials=bool(at),
         has_fragment="#" in url,
     )
+
+
+def check_callback_url(url: str, networks: NetworkPolicy | None = None) -> CallbackURL:
+    """A URL an endpoint may have: one the relay can send to (`parse_callback_url`), without
+    credentials or a fragment, at most MAX_URL_LENGTH characters; with `networks`, a host written
+    as an address (or `localhost`) must be one callbacks may reach (else CallbackURLRefused). A
+    name is checked where it is resolved, when the relay connects."""
+    if len(url) > MAX_URL_LENGTH:
+        raise CallbackURLError(f"longer than {MAX_URL_LENGTH} characters")
+    parsed = parse_callback_url(url)
+    if parsed.has_credentials:
+        raise CallbackURLError(
+            "credentials (user:password@) do not belong in it; receivers verify the callbacks' "
+            "signatures instead"
+        )
+    if parsed.has_fragment:
+        raise CallbackURLError("a fragment (#…) is never sent")
+    if networks is not None:
+        address = parsed.address
+        kind = None if address is None else networks.refusal(address)
+        if kind is not None:
+            raise CallbackURLRefused(parsed.host, address, kind)
+        if networks.refuses_name(parsed.host):
+            raise CallbackURLRefused(parsed.host, None, LOOPBACK)
+    return parsed
+
+
+def shown_url(url: str | None) -> str:
+    """A URL as logs and messages show it: as written, without a user name or password (what
+    stands between `://` and the last `@` of the authority); `(none)` for no URL. Any text is
+    shown, a URL the relay cannot use too (a row written by hand)."""
+    if url is None:
+        return "(none)"
+    scheme, sep, rest = url.partition("://")
+    # The authority ends where the path, the query or the fragment begins.
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    _userinfo, at, hostport = rest[:end].rpartition("@")
+    return f"{scheme}{sep}{hostport}{rest[end:]}" if sep and at else url
 
 
 def _host_and_port(hostport: str, *, default: int) -> tuple[str, int]:
@@ -197,7 +250,7 @@ class NetworkPolicy:
         ):
             return None
         if plain.is_loopback:
-            return None if self.allow_loopback else "a loopback address"
+            return None if self.allow_loopback else LOOPBACK
         if plain.is_link_local:
             return "a link-local address"
         if plain.is_unspecified or plain in _THIS_NETWORK:
@@ -207,9 +260,12 @@ class NetworkPolicy:
         return None
 
     def refuses_name(self, host: str) -> bool:
-        """Whether `host` is a name that always means loopback (`localhost`) and loopback is
-        refused: the check an address literal gets, for the names that are as good as one."""
-        return not self.allow_loopback and _LOOPBACK_NAMES.fullmatch(host) is not None
+        """Whether `host` is a name that always means loopback (`localhost`: 127.0.0.1 or ::1)
+        and callbacks may reach neither address: the check an address literal gets, for the names
+        that are as good as one."""
+        return _LOOPBACK_NAMES.fullmatch(host) is not None and all(
+            self.refusal(address) is not None for address in _LOOPBACK_ADDRESSES
+        )
 
 
 def network_policy(*, production: bool, allowed: tuple[Network, ...] = ()) -> NetworkPolicy:
@@ -219,11 +275,7 @@ def network_policy(*, production: bool, allowed: tuple[Network, ...] = ()) -> Ne
 
 def refusal_message(host: str, address: Address, kind: str) -> str:
     """Why a callback may not go to `address` (which `host` is or resolved to)."""
-    where = str(address) if host == str(address) else f"{host} ({address})"
-    return (
-        f"{where} is {kind}, where callbacks may not go: list its network in "
-        "ENDPOINT_ALLOWED_NETWORKS to allow it"
-    )
+    return str(CallbackURLRefused(host, address, kind))
 
 
 def parse_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:

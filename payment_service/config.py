@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import quote
 
 from pydantic import (
@@ -22,7 +22,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from payment_service.callback_urls import Network, NetworkPolicy, network_policy, parse_networks
+from payment_service.callback_urls import (
+    LOOPBACK,
+    CallbackURLError,
+    CallbackURLRefused,
+    Network,
+    NetworkPolicy,
+    check_callback_url,
+    network_policy,
+    parse_networks,
+)
 from payment_service.vocabulary import GATEWAY_METHODS, PAYMENT_METHODS, event_type_patterns
 
 STRIPE_TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")  # secret and restricted test-mode keys
@@ -160,6 +169,20 @@ def admin_key_problem(
 
 class ConfigurationError(Exception):
     """The configuration is invalid; the message names the variable."""
+
+
+# The services whose callback endpoint the settings describe (seeded as an endpoint of that name
+# by payment_service.endpoints.seed_from_settings): `notification` always, the others when their
+# *_CALLBACK_PATH is set.
+SEEDED_SERVICES = ("notification", "trip", "driver", "rider")
+
+
+class SeededURL(NamedTuple):
+    """A service's callback URL as the settings describe it, and the variables it comes from."""
+
+    service: str
+    url: str
+    source: str  # e.g. "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH"
 
 
 class Settings(BaseSettings):
@@ -434,6 +457,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _seeded_urls_pass_the_endpoint_check(self) -> Settings:
+        # A URL the endpoint check refuses would be seeded anyway, and then disabled by the relay
+        # (a URL it cannot send to) or refused at every delivery (an address callbacks may not
+        # reach): refused here instead, before anything starts.
+        for seeded in self.seeded_urls():
+            try:
+                check_callback_url(seeded.url, self.callback_networks)
+            except CallbackURLRefused as refused:
+                variable = f"{seeded.service.upper()}_SERVICE_URL"
+                where = " in production" if refused.kind == LOOPBACK else ""
+                raise ValueError(
+                    f"{seeded.source}: {refused.where} is {refused.kind}, where callbacks may not "
+                    f"go{where}: set {variable} to an address they may reach, or list its network "
+                    "in ENDPOINT_ALLOWED_NETWORKS"
+                ) from None
+            except CallbackURLError as error:
+                raise ValueError(f"{seeded.source}: {error}") from None
+        return self
+
     @property
     def has_database(self) -> bool:
         return bool(self.database_url or self.db_host)
@@ -466,7 +509,20 @@ class Settings(BaseSettings):
 
     @property
     def notification_url(self) -> str:
-        return str(self.notification_service_url).rstrip("/") + self.notification_callback_path
+        return self.seeded_urls()[0].url
+
+    def seeded_urls(self) -> list[SeededURL]:
+        """The callback URL of each service in SEEDED_SERVICES the settings describe, in order
+        (`notification` first): *_SERVICE_URL without its trailing '/', then *_CALLBACK_PATH."""
+        seeded = []
+        for service in SEEDED_SERVICES:
+            path: str | None = getattr(self, f"{service}_callback_path")
+            if path is not None:
+                base = str(getattr(self, f"{service}_service_url")).rstrip("/")
+                upper = service.upper()
+                source = f"{upper}_SERVICE_URL + {upper}_CALLBACK_PATH"
+                seeded.append(SeededURL(service, base + path, source))
+        return seeded
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -36,20 +36,20 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from payment_service import ENDPOINTS_CHANNEL, audit
 from payment_service.audit import Operator, Target
 from payment_service.callback_urls import (
-    MAX_URL_LENGTH,
     CallbackURLError,
+    CallbackURLRefused,
     NetworkPolicy,
+    check_callback_url,
     parse_callback_url,
-    refusal_message,
+    shown_url,
 )
-from payment_service.config import Settings
+from payment_service.config import SEEDED_SERVICES, Settings
 from payment_service.signing import SECRET_PREFIX, fingerprint, secret_key
 from payment_service.sql import Statement
 from payment_service.vocabulary import ENDPOINT_STATES, event_type_patterns
@@ -179,39 +179,16 @@ def check_name(name: str) -> str:
 
 
 def check_url(url: str, networks: NetworkPolicy | None = None) -> str:
-    """A URL the relay can send callbacks to (payment_service.callback_urls), without
-    credentials or a fragment, at most MAX_URL_LENGTH characters; with `networks`, a host written
-    as an address (or `localhost`) must be one callbacks may reach. The message never repeats
-    the URL: it may hold a password."""
-    if len(url) > MAX_URL_LENGTH:
-        raise InvalidEndpoint(
-            "url", f"invalid endpoint URL: longer than {MAX_URL_LENGTH} characters"
-        )
+    """A URL an endpoint may have (payment_service.callback_urls.check_callback_url, which the
+    settings' seeded URLs pass too): one the relay can send callbacks to, without credentials or
+    a fragment; with `networks`, a host written as an address (or `localhost`) must be one
+    callbacks may reach. The message never repeats the URL: it may hold a password."""
     try:
-        parsed = parse_callback_url(url)
+        check_callback_url(url, networks)
+    except CallbackURLRefused as refused:
+        raise InvalidEndpoint("url", f"refused endpoint URL: {refused}") from None
     except CallbackURLError as error:
         raise InvalidEndpoint("url", f"invalid endpoint URL: {error}") from None
-    if parsed.has_credentials:
-        raise InvalidEndpoint(
-            "url",
-            "invalid endpoint URL: credentials (user:password@) do not belong in it; receivers "
-            "verify the callbacks' signatures instead",
-        )
-    if parsed.has_fragment:
-        raise InvalidEndpoint("url", "invalid endpoint URL: a fragment (#…) is never sent")
-    if networks is not None:
-        address = parsed.address
-        kind = None if address is None else networks.refusal(address)
-        if kind is not None and address is not None:
-            raise InvalidEndpoint(
-                "url", f"refused endpoint URL: {refusal_message(parsed.host, address, kind)}"
-            )
-        if networks.refuses_name(parsed.host):
-            raise InvalidEndpoint(
-                "url",
-                f"refused endpoint URL: {parsed.host} is a loopback address, where callbacks may "
-                "not go: list its network in ENDPOINT_ALLOWED_NETWORKS to allow it",
-            )
     return url
 
 
@@ -275,34 +252,24 @@ class EndpointSeed:
 
 
 # The services seeded only when their *_CALLBACK_PATH is set (`notification` always is).
-OPTIONAL_SEEDS = ("trip", "driver", "rider")
+OPTIONAL_SEEDS = SEEDED_SERVICES[1:]
 
 
 def seeds_from_settings(settings: Settings) -> list[EndpointSeed]:
-    """The endpoints the integration guide's settings describe."""
-    seeds = [
-        EndpointSeed(
-            "notification",
-            settings.notification_url,
-            ("*",),
-            url_from="NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
-            types_from="the settings (every event type)",
-        )
-    ]
-    for name in OPTIONAL_SEEDS:
-        path: str | None = getattr(settings, f"{name}_callback_path")
-        if path is not None:
-            base = str(getattr(settings, f"{name}_service_url")).rstrip("/")
-            upper = name.upper()
-            seeds.append(
-                EndpointSeed(
-                    name,
-                    base + path,
-                    getattr(settings, f"{name}_event_types"),
-                    url_from=f"{upper}_SERVICE_URL + {upper}_CALLBACK_PATH",
-                    types_from=f"{upper}_EVENT_TYPES",
-                )
+    """The endpoints the integration guide's settings describe (Settings.seeded_urls, which the
+    settings have checked as `check_url` does)."""
+    seeds = []
+    for seeded in settings.seeded_urls():
+        if seeded.service == "notification":
+            types, types_from = ("*",), "the settings (every event type)"
+        else:
+            types = getattr(settings, f"{seeded.service}_event_types")
+            types_from = f"{seeded.service.upper()}_EVENT_TYPES"
+        seeds.append(
+            EndpointSeed(
+                seeded.service, seeded.url, types, url_from=seeded.source, types_from=types_from
             )
+        )
     return seeds
 
 
@@ -378,16 +345,6 @@ def _differences(endpoint: Endpoint, seed: EndpointSeed, secret: str | None) -> 
             _Difference("CALLBACK_SIGNING_SECRET", now, apart, f"rotate-secret {name} --secret …")
         )
     return found
-
-
-def shown_url(url: str | None) -> str:
-    """A URL as logs show it: without a user name or password."""
-    if url is None:
-        return "(none)"
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 # -- SQL ------------------------------------------------------------------------------------------
@@ -543,9 +500,6 @@ HASTEN = Statement(
        AND next_attempt_at > now()
     """
 )
-# Its compiled text, which outbox_relay.endpoint_health runs with the endpoint's id as its one
-# value by position, until that module moves to named values.
-HASTEN_SQL = HASTEN.sql
 
 
 # The audit log's action for each state set by hand (resume is `set_state`'s ACTIVE too).

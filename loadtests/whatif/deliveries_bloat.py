@@ -6,8 +6,8 @@ migrated, with four endpoints: `h1` and `h2` healthy (each claimed delivery reco
 `f` flapping (one in eight recorded as failed, due again 5 s later with its attempt log grown, as
 the relay does once its quick retries are spent: they wait in memory, not in the row) and `r`
 refusing (its breaker open: never claimed, its backlog grows). An inserter writes the API's
-fan-out at --rate events/s; each lane claims (the relay's CLAIM_SQL, 25 at a time) and records
-(RECORD_SQL) in a loop of its own. Every 5 s the claim of `h1` is EXPLAIN (ANALYZE, BUFFERS)ed in a
+fan-out at --rate events/s; each lane claims (the relay's CLAIM, 25 at a time) and records
+(RECORD) in a loop of its own. Every 5 s the claim of `h1` is EXPLAIN (ANALYZE, BUFFERS)ed in a
 transaction rolled back: its time and the buffers it touched (the work it did, whatever else the
 machine runs), beside the dead tuples autovacuum has yet to remove.
 
@@ -88,8 +88,9 @@ SELECT event.id, ep.endpoint_id, event.aggregate_id
 
 
 def statements(variant: str) -> tuple[str, str]:
-    """The relay's claim and record, naming the endpoint where the table is partitioned."""
-    claim, record = outbox.CLAIM_SQL, outbox.RECORD_SQL
+    """The relay's claim and record as sent (compiled to `$n`), naming the endpoint where the table
+    is partitioned."""
+    claim, record = outbox.CLAIM.sql, outbox.RECORD.sql
     if variant == "partitioned":
         claim = claim.replace(
             " WHERE o.delivery_id = due.delivery_id",

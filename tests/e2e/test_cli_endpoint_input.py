@@ -36,6 +36,7 @@ PRODUCTION = {
     "api_keys": "cli-tests:a-token-for-tests-only",
     "callback_signing_secret": SECRET,
     "gateway": "none",  # production's gateway rules are tested with the gateway's settings
+    "notification_service_url": "http://10.0.0.5:8085",  # production refuses a loopback one
 }
 
 
@@ -81,9 +82,11 @@ async def test_production_refuses_a_loopback_address_unless_listed(
 ) -> None:
     for url in ("http://127.0.0.1:9/t", "http://[::1]:9/t", "http://localhost:9/t"):
         refused = cli("endpoints", "add", "--name", "trip", "--url", url, env=PRODUCTION)
-        assert_one_line_refusal(refused, "a loopback address", "ENDPOINT_ALLOWED_NETWORKS")
+        assert_one_line_refusal(
+            refused, "refused endpoint URL", "a loopback address", "ENDPOINT_ALLOWED_NETWORKS"
+        )
         updated = cli("endpoints", "update", "notification", "--url", url, env=PRODUCTION)
-        assert_one_line_refusal(updated, "a loopback address")
+        assert_one_line_refusal(updated, "refused endpoint URL", "a loopback address")
     listed = {**PRODUCTION, "endpoint_allowed_networks": "127.0.0.0/8"}
     added = cli("endpoints", "add", "--name", "trip", "--url", "http://127.0.0.1:9/t", env=listed)
     assert added.returncode == 0, added.stderr

@@ -106,13 +106,24 @@ async def test_an_endpoint_the_relay_cannot_deliver_to_is_disabled_and_the_other
 async def test_production_refuses_a_loopback_receiver_at_delivery_time(
     conn: asyncpg.Connection, receiver: Receiver, relays: RelayLauncher
 ) -> None:
-    """The receiver is seeded from NOTIFICATION_SERVICE_URL (127.0.0.1): production refuses it on
-    every attempt, with a clear error, and nothing reaches it."""
+    """An endpoint whose URL is the receiver's loopback address, written into the table (by hand,
+    or by a version that let it in): production refuses it on every attempt, with a clear error,
+    and nothing reaches it.
+
+    Production's settings refuse a loopback NOTIFICATION_SERVICE_URL at start-up (test_config),
+    so the relay's own is ::1, which they list; the endpoint, set by an operator, no longer
+    follows them."""
+    await conn.execute(
+        "UPDATE endpoints SET url = $1, seeded = false WHERE name = 'notification'",
+        receiver.base_url + receiver.path,
+    )
     relay = relays.start(
         environment="production",
         api_keys="relay-tests:a-token-for-tests-only",
         callback_signing_secret=SECRET,
         gateway="none",
+        notification_service_url="http://[::1]:9",  # never sent to: the endpoint differs
+        endpoint_allowed_networks="::1",
         relay_retry_schedule="0.2",
         relay_max_attempts=50,
     )

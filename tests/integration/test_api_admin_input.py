@@ -60,6 +60,7 @@ async def test_production_refuses_a_loopback_address_unless_listed(
         "callback_signing_secret": SECRET,
         "admin_api_keys": (f"ops:{ADMIN_TOKEN}",),
         "gateway": "none",
+        "notification_service_url": "http://10.0.0.5:8085",  # production refuses a loopback one
     }
     strict = (await api_factory(**production)).new_client(headers=ADMIN)
     for url in ("http://127.0.0.1:9/t", "http://[::1]:9/t", "http://localhost:9/t"):

@@ -126,6 +126,25 @@ async def test_an_endpoint_changed_by_hand_stays_and_each_difference_is_a_warnin
     ]
 
 
+async def test_seeding_shows_a_url_no_check_let_in_without_its_password_and_goes_on(
+    db: asyncpg.Connection,
+) -> None:
+    """A row written by hand (or by an older version), which the relay DISABLEs: seeding warns
+    about it, its password not shown, rather than stopping `migrate`, `run` and every relay
+    start on a URL it cannot parse."""
+    await endpoints.seed_from_settings(db, seeding_settings())
+    await db.execute(
+        "UPDATE endpoints SET url = 'http://ops:pa55@[::1/n', seeded = false"
+        " WHERE name = 'notification'"
+    )
+    notes = await endpoints.seed_from_settings(db, seeding_settings())
+    assert [note.text for note in notes] == [
+        "endpoint notification differs from NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        "url http://[::1/n, the settings say http://127.0.0.1:9001/notifications (set by an "
+        "operator; `payment-service endpoints update notification --url …` to change it)"
+    ]
+
+
 async def test_a_seeded_endpoint_whose_callback_path_went_stays_with_a_warning(
     db: asyncpg.Connection,
 ) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -14,7 +18,10 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
+from outbox_relay.lanes import Lane
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from outbox_relay.schedule import JITTER
+from outbox_relay.workers import Workers
 from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key
@@ -329,3 +336,34 @@ async def test_a_malformed_answer_is_a_retryable_failure(deliverer: DelivererFac
     result = await deliver_to_raw(deliverer, chunked, quick_retries=0)
     assert (result.status, result.status_code, result.tries) == ("PENDING", None, 1)
     assert result.error == "connection error: invalid chunk size: b'-5'"
+
+
+def test_a_send_that_raised_is_a_failed_attempt_the_deliverer_decides_as_any_other(
+    deliverer: DelivererFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug while sending (not a receiver's failure: `send` never raises for one) makes a failed
+    attempt by the deliverer's own rule: rescheduled, DEAD once out of attempts, not counted
+    while probing a half-open breaker; logged as every failed attempt is."""
+    caplog.set_level(logging.WARNING, logger="outbox_relay.delivery")
+    lane = cast(Lane, SimpleNamespace(deliverer=deliverer()))  # all `_failed` uses of a lane
+    boom = RuntimeError("boom")
+    started = time.monotonic()
+    first = Workers._failed(lane, event(), boom, 1.7e9, started)
+    assert (
+        first.status,
+        first.status_code,
+        first.error,
+        first.tries,
+        first.counted,
+        first.attempted_at,
+    ) == ("PENDING", None, "relay error: RuntimeError: boom", 1, True, 1.7e9)
+    assert 30.0 * (1 - JITTER) <= first.delay <= 30.0 * (1 + JITTER)  # the first step
+    last = Workers._failed(lane, event(attempts=4), boom, 1.7e9, started)
+    assert (last.status, last.delay) == ("DEAD", 0.0)  # attempt 5 of RELAY_MAX_ATTEMPTS=5
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "delivery failed; rescheduled"),
+        (logging.ERROR, "delivery failed; event is dead"),
+    ]
+    probe = dataclasses.replace(event(attempts=4), counted=False)
+    probed = Workers._failed(lane, probe, boom, 1.7e9, started)
+    assert (probed.status, probed.counted) == ("PENDING", False)

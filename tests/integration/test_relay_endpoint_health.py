@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from outbox_relay.endpoint_health import LOCK_SQL, end_probe, lease_probe, record_health
+from outbox_relay.endpoint_health import LOCK, end_probe, lease_probe, record_health
 from outbox_relay.health import HealthPolicy
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.schedule import Verdict
@@ -280,7 +280,7 @@ async def test_a_relay_holding_an_endpoints_health_lock_never_holds_up_the_apis_
     it), the API's statement still writes that endpoint's deliveries: their foreign key's lock
     on the row does not wait for it (with a lock timeout, a wait would fail the write)."""
     async with other.transaction():
-        await other.fetchrow(LOCK_SQL, endpoint_id)
+        await other.fetchrow(LOCK.sql, *LOCK.args(endpoint_id=endpoint_id))
         async with db.transaction():
             await db.execute("SET LOCAL lock_timeout = '2s'")
             events = await insert_events(db, payments=3)

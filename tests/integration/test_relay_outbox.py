@@ -17,6 +17,7 @@ from payment_service import deliveries
 from payment_service.database import connect
 from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
+from payment_service.sql import Statement
 from tests.support.audit import OPERATOR
 from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until
@@ -250,9 +251,14 @@ async def purge_function_body(conn: asyncpg.Connection) -> str:
     return body
 
 
-async def _plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
+async def _explain(conn: asyncpg.Connection, sql: str, *args: object) -> str:
     rows = await conn.fetch("EXPLAIN " + sql, *args)
     return "\n".join(r[0] for r in rows)
+
+
+async def _plan(conn: asyncpg.Connection, statement: Statement, **values: object) -> str:
+    """The plan of a statement exactly as the relay sends it (its compiled text, values by name)."""
+    return await _explain(conn, statement.sql, *statement.args(**values))
 
 
 async def test_the_relays_statements_use_indexes_on_a_large_outbox(
@@ -280,32 +286,52 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
     delivery_id = await conn.fetchval(
         "SELECT delivery_id FROM deliveries WHERE event_id = $1", pending[0].id
     )
+    hour = 3600.0
     plans = {
-        "claim": await _plan(conn, outbox.CLAIM_SQL, notification, 100, 30.0, token),
+        "claim": await _plan(
+            conn,
+            outbox.CLAIM,
+            endpoint_id=notification,
+            limit=100,
+            lease_seconds=30.0,
+            claim_token=token,
+        ),
         "record": await _plan(
             conn,
-            outbox.RECORD_SQL,
-            [delivery_id],
-            [token],
-            ["DELIVERED"],
-            [0.0],
-            [time.time()],
-            [200],
-            [None],
-            [1],
-            [2],
-            [True],
-            ["0123456789ab"],
+            outbox.RECORD,
+            ids=[delivery_id],
+            claim_tokens=[token],
+            statuses=["DELIVERED"],
+            delays=[0.0],
+            attempted_ats=[time.time()],
+            status_codes=[200],
+            errors=[None],
+            tries=[1],
+            durations_ms=[2],
+            counted=[True],
+            signed_with=["0123456789ab"],
         ),
-        "probe": await _plan(conn, outbox.PROBE_CLAIM_SQL, notification, 30.0, token),
-        "release": await _plan(conn, outbox.RELEASE_SQL, [delivery_id], [token]),
-        "gauges": await _plan(conn, deliveries.BACKLOG.sql),
-        "delete delivered": await _plan(conn, outbox.DELETE_DELIVERED_SQL, 3600.0, 1000),
-        "sweep events": await _plan(conn, outbox.SWEEP_EVENTS_SQL, 0, 3600.0, 1000),
-        "lock unused events": await _plan(conn, outbox.LOCK_UNUSED_EVENTS_SQL, event_ids, 3600.0),
-        "delete unused events": await _plan(conn, outbox.DELETE_UNUSED_EVENTS_SQL, event_ids),
+        "probe": await _plan(
+            conn,
+            outbox.PROBE_CLAIM,
+            endpoint_id=notification,
+            lease_seconds=30.0,
+            claim_token=token,
+        ),
+        "release": await _plan(conn, outbox.RELEASE, ids=[delivery_id], claim_tokens=[token]),
+        "gauges": await _plan(conn, deliveries.BACKLOG),
+        "delete delivered": await _plan(
+            conn, outbox.DELETE_DELIVERED, keep_seconds=hour, limit=1000
+        ),
+        "sweep events": await _plan(
+            conn, outbox.SWEEP_EVENTS, after=0, keep_seconds=hour, limit=1000
+        ),
+        "lock unused events": await _plan(
+            conn, outbox.LOCK_UNUSED_EVENTS, event_ids=event_ids, keep_seconds=hour
+        ),
+        "delete unused events": await _plan(conn, outbox.DELETE_UNUSED_EVENTS, event_ids=event_ids),
         # the body of the function housekeeping calls (its `batch` is $1 there)
-        "delete keys": await _plan(conn, await purge_function_body(conn), 1000),
+        "delete keys": await _explain(conn, await purge_function_body(conn), 1000),
     }
     # Given a batch of event ids, the planner may hash this small table's deliveries rather than
     # probe them a thousand times; with millions it probes the (event_id, endpoint_id) key.

@@ -17,6 +17,7 @@ from payment_service.callback_urls import (
     network_policy,
     parse_callback_url,
     parse_networks,
+    shown_url,
 )
 from payment_service.config import ConfigurationError, load_settings
 from payment_service.endpoints import InvalidEndpoint
@@ -103,7 +104,6 @@ def test_what_the_relay_sends_to(
 def test_credentials_and_fragments_are_read_but_refused_as_input() -> None:
     parsed = parse_callback_url("https://user:pa55@h.example:8443/cb#top")
     assert parsed.has_credentials and parsed.has_fragment
-    assert parsed.without_credentials() == "https://h.example:8443/cb"
     with pytest.raises(InvalidEndpoint, match="credentials") as refused:
         endpoints.check_url("https://user:pa55@h.example/cb")
     assert "pa55" not in str(refused.value), "a refusal never repeats the URL"
@@ -111,6 +111,26 @@ def test_credentials_and_fragments_are_read_but_refused_as_input() -> None:
         endpoints.check_url("https://token@h.example/cb")
     with pytest.raises(InvalidEndpoint, match="fragment"):
         endpoints.check_url("https://h.example/cb#top")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (None, "(none)"),
+        ("https://user:pa55@h.example:8443/cb#top", "https://h.example:8443/cb#top"),
+        ("https://token@h.example/cb?a=b@c", "https://h.example/cb?a=b@c"),
+        ("http://u:p@ss@h/x", "http://h/x"),  # the last '@' of the authority ends the password
+        ("http://h.example/cb/@x", "http://h.example/cb/@x"),  # an '@' in the path is no user
+        ("http://Trips.Example:80/cb", "http://Trips.Example:80/cb"),  # as written
+        # rows no check let in (written by hand, or by an older version): shown, never an error
+        ("http://u:pa55@[::1/cb", "http://[::1/cb"),
+        ("http://u:pa55@h:99999/caf\u00e9", "http://h:99999/caf\u00e9"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_a_url_is_shown_without_its_credentials(url: str | None, shown: str) -> None:
+    """How logs, seeding's notes and the relay show an endpoint's URL (`shown_url`)."""
+    assert shown_url(url) == shown
 
 
 def test_url_length() -> None:
@@ -182,6 +202,18 @@ def test_a_literal_address_is_checked_when_the_endpoint_is_added() -> None:
     assert endpoints.check_url("http://127.0.0.1:8085/n", allowed)
 
 
+@pytest.mark.parametrize("listed", ["127.0.0.0/8", "::1"])
+def test_a_loopback_name_is_allowed_where_its_address_is_listed(listed: str) -> None:
+    """`localhost` resolves to 127.0.0.1 or ::1, and the relay sends to whichever address it may
+    reach: listing either network lets the name in, as the refusal's advice says."""
+    allowed = network_policy(production=True, allowed=parse_networks((listed,)))
+    assert endpoints.check_url("http://localhost:8085/n", allowed)
+    assert not allowed.refuses_name("api.localhost")
+    elsewhere = network_policy(production=True, allowed=parse_networks(("10.0.0.0/8",)))
+    with pytest.raises(InvalidEndpoint, match="localhost is a loopback address"):
+        endpoints.check_url("http://localhost:8085/n", elsewhere)
+
+
 def test_allowed_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENDPOINT_ALLOWED_NETWORKS", " 127.0.0.0/8, fd12::/16 ,::1")
     settings = load_settings()
@@ -202,6 +234,7 @@ def test_allowed_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         api_keys="app:a-token-for-tests-only",
         callback_signing_secret="whsec_" + "A" * 32,
         gateway="none",
+        notification_service_url="http://10.0.0.5:8085",
     )
     assert production.callback_networks == NetworkPolicy(allow_loopback=False)
 

@@ -13,6 +13,9 @@ import pytest
 from payment_service.config import ApiKey, ConfigurationError, Settings, load_settings
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+# Where production's notification service is: a platform service's private address (production
+# refuses the default, a loopback one); nothing here sends to it.
+NOTIFICATION_SERVICE_URL = "http://10.0.0.5:8085"
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +163,7 @@ def test_production_with_keys_and_secret_starts(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("GATEWAY", "none")  # a gateway's own secrets: test_config_gateway.py
     monkeypatch.setenv("API_KEYS", "k1")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
+    monkeypatch.setenv("NOTIFICATION_SERVICE_URL", NOTIFICATION_SERVICE_URL)
     settings = load_settings()
     assert settings.environment == "production"
     assert settings.callback_signing_secret == SECRET
@@ -347,6 +351,7 @@ def production(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
     monkeypatch.setenv("API_KEYS", "svc-a:caller-token-0123456789abcdefghijkl")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
     monkeypatch.setenv("GATEWAY", "none")  # the gateway's own production rules: test_config_gateway
+    monkeypatch.setenv("NOTIFICATION_SERVICE_URL", NOTIFICATION_SERVICE_URL)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
 
@@ -406,3 +411,133 @@ def test_a_token_in_both_key_lists_is_refused_in_every_environment(
         "invalid configuration: ADMIN_API_KEYS: entry 1's token is also API_KEYS entry 2's; "
         "give admins tokens of their own"
     ), message
+
+
+# -- the callback URLs the settings seed endpoints with -------------------------------------------
+def test_production_refuses_the_default_loopback_notification_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default NOTIFICATION_SERVICE_URL (http://localhost:8085) would be seeded as endpoint
+    `notification` and then refused at every delivery in production: it is refused at start-up,
+    in one line naming the variables, unless ENDPOINT_ALLOWED_NETWORKS lists loopback."""
+    production(monkeypatch)
+    monkeypatch.delenv("NOTIFICATION_SERVICE_URL")
+    assert refused() == (
+        "invalid configuration: NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: localhost "
+        "is a loopback address, where callbacks may not go in production: set "
+        "NOTIFICATION_SERVICE_URL to an address they may reach, or list its network in "
+        "ENDPOINT_ALLOWED_NETWORKS"
+    )
+    for listed in ("127.0.0.0/8", "::1"):
+        monkeypatch.setenv("ENDPOINT_ALLOWED_NETWORKS", listed)
+        assert load_settings().notification_url == "http://localhost:8085/notifications"
+    monkeypatch.delenv("ENDPOINT_ALLOWED_NETWORKS")
+    monkeypatch.setenv("ENVIRONMENT", "staging")  # outside production, local receivers are fine
+    assert load_settings().notification_url == "http://localhost:8085/notifications"
+
+
+@pytest.mark.parametrize(
+    ("service", "base"),
+    [
+        ("TRIP", "http://127.0.0.1:8081"),
+        ("DRIVER", "http://[::1]:8083"),
+        ("RIDER", "http://api.localhost:8084"),
+        ("NOTIFICATION", "http://[::ffff:127.0.0.1]:8085"),
+    ],
+)
+def test_production_refuses_any_seeded_loopback_url(
+    monkeypatch: pytest.MonkeyPatch, service: str, base: str
+) -> None:
+    production(monkeypatch, **{f"{service}_SERVICE_URL": base, f"{service}_CALLBACK_PATH": "/cb"})
+    message = refused()
+    assert message.startswith(
+        f"invalid configuration: {service}_SERVICE_URL + {service}_CALLBACK_PATH: "
+    ), message
+    assert "is a loopback address, where callbacks may not go in production: set " in message
+    assert f"set {service}_SERVICE_URL to an address they may reach" in message
+
+
+@pytest.mark.parametrize(
+    ("variables", "source", "words"),
+    [
+        (
+            {"NOTIFICATION_SERVICE_URL": "http://169.254.169.254"},
+            "NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
+            "169.254.169.254 is a link-local address, where callbacks may not go: set "
+            "NOTIFICATION_SERVICE_URL to an address they may reach, or list its network in "
+            "ENDPOINT_ALLOWED_NETWORKS",
+        ),
+        (
+            {"TRIP_SERVICE_URL": "http://0.0.0.0:8081", "TRIP_CALLBACK_PATH": "/t"},
+            "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH",
+            "0.0.0.0 is an unspecified address",
+        ),
+        (
+            {"NOTIFICATION_CALLBACK_PATH": "/caf\u00e9"},
+            "NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
+            "the character 'é' in the path or query: percent-encode it (e.g. %C3%A9)",
+        ),
+        (
+            {"NOTIFICATION_CALLBACK_PATH": "/n otifications"},
+            "NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH",
+            "a space: percent-encode it (%20)",
+        ),
+        (
+            {"DRIVER_CALLBACK_PATH": "/d\x1b[2J"},
+            "DRIVER_SERVICE_URL + DRIVER_CALLBACK_PATH",
+            "a control character",
+        ),
+        (
+            {"RIDER_CALLBACK_PATH": "/r#top"},
+            "RIDER_SERVICE_URL + RIDER_CALLBACK_PATH",
+            "a fragment (#…) is never sent",
+        ),
+        (
+            {"TRIP_CALLBACK_PATH": "/" + "t" * 2000},
+            "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH",
+            "longer than 2000 characters",
+        ),
+    ],
+    ids=["link-local", "unspecified", "raw-path", "space", "control", "fragment", "length"],
+)
+def test_a_seeded_url_the_endpoint_check_refuses_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], source: str, words: str
+) -> None:
+    """In every environment: such a URL would be seeded, then disabled by the relay (it cannot
+    send to it) or refused at each delivery. The line names the variables the URL comes from."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    message = refused()
+    assert message.startswith(f"invalid configuration: {source}: "), message
+    assert words in message, message
+
+
+def test_a_password_in_a_seeded_url_is_refused_and_never_repeated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFICATION_SERVICE_URL", "http://ops:hunter2-canary@10.0.0.5:8085")
+    message = refused()
+    assert message == (
+        "invalid configuration: NOTIFICATION_SERVICE_URL + NOTIFICATION_CALLBACK_PATH: "
+        "credentials (user:password@) do not belong in it; receivers verify the callbacks' "
+        "signatures instead"
+    )
+    assert "hunter2" not in message and "ops" not in message
+
+
+def test_only_the_services_whose_callback_path_is_set_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRIP_SERVICE_URL alone describes no endpoint (the trip service's other uses are not
+    callbacks), so it is not held to the callbacks' rules; with TRIP_CALLBACK_PATH it is."""
+    production(monkeypatch, TRIP_SERVICE_URL="http://127.0.0.1:8081")
+    assert [seeded.service for seeded in load_settings().seeded_urls()] == ["notification"]
+    monkeypatch.setenv("TRIP_CALLBACK_PATH", "/trips/payment-events")
+    assert "TRIP_SERVICE_URL + TRIP_CALLBACK_PATH" in refused()
+    monkeypatch.setenv("TRIP_SERVICE_URL", "http://trips.internal:8081/")
+    assert [(s.service, s.url, s.source) for s in load_settings().seeded_urls()] == [
+        ("notification", "http://10.0.0.5:8085/notifications", "NOTIFICATION_SERVICE_URL + "
+         "NOTIFICATION_CALLBACK_PATH"),
+        ("trip", "http://trips.internal:8081/trips/payment-events", "TRIP_SERVICE_URL + "
+         "TRIP_CALLBACK_PATH"),
+    ]  # fmt: skip

@@ -22,6 +22,7 @@ def production(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
     monkeypatch.setenv("ENVIRONMENT", "production")
     monkeypatch.setenv("API_KEYS", "k1")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", CALLBACK_SECRET)
+    monkeypatch.setenv("NOTIFICATION_SERVICE_URL", "http://10.0.0.5:8085")  # not loopback
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
 
