@@ -395,6 +395,7 @@ async def record_attempts(
             tries=[r.tries for r in records],
             durations_ms=[r.duration_ms for r in records],
             counted=[r.counted for r in records],
+            signed_with=[r.signed_with for r in records],
         ),
     )
     return [Written(row[0], row[1], row[2]) for row in rows]
