@@ -1,4 +1,5 @@
-"""The admin API: subscribed endpoints over HTTP, and one event's deliveries.
+"""The admin API: subscribed endpoints over HTTP, one event's deliveries, and an operator's
+settlement of a PENDING payment.
 
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
@@ -23,12 +24,12 @@ from quart import Blueprint, Response, g, request
 from quart_schema import document_request, document_response
 from werkzeug.routing import BaseConverter
 
-from app import deliveries
+from app import deliveries, service
 from app.context import current_payment_app
 from app.errors import APIError
 from app.hooks import bearer_name, unauthorized
-from app.models import validate_model
-from app.routes import JSON, document_errors, json_body
+from app.models import Payment, Settle, validate_model
+from app.routes import JSON, answer_outcome, document_errors, json_body, payment_write
 from payment_service import endpoints
 from payment_service.endpoints import Endpoint, EndpointError, EndpointExists, EndpointNotFound
 
@@ -37,7 +38,14 @@ blueprint = Blueprint("admin", __name__)
 # What an endpoint may subscribe to, as the schema says it; payment_service.endpoints checks each
 # value again (AfterValidator), so the API takes exactly what the command line takes.
 EventTypePattern = Literal[
-    "*", "payment.*", "payment.succeeded", "payment.pending", "payment.failed", "payment.refunded"
+    "*",
+    "payment.*",
+    "payment.succeeded",
+    "payment.pending",
+    "payment.failed",
+    "payment.refunded",
+    "refund.*",
+    "refund.failed",
 ]
 Name = Annotated[
     str,
@@ -350,3 +358,19 @@ async def get_event_deliveries(event_id: uuid.UUID) -> Response:
     if body is None:
         raise APIError(404, "EVENT_NOT_FOUND", f"No event has the event_id {event_id}.")
     return Response(body, content_type=JSON)
+
+
+# -- payments -------------------------------------------------------------------------------------
+@blueprint.post("/payments/<payment_id:payment_id>/settlement")
+@document_request(Settle)
+@document_response(Payment, 200)
+@document_errors(400, 401, 404, 409, 413, 415, 422, 503)
+async def post_payment_settlement(payment_id: int) -> Response:
+    """An operator's decision on a PENDING payment: SUCCESS or FAILED (409 PAYMENT_NOT_PENDING
+    otherwise; 409 GATEWAY_CALL_IN_PROGRESS while a call to the gateway for it may be in
+    flight). Idempotent by its idempotency_key, scoped to the admin key's name. The payment's
+    charge waiting at the gateway, if any, is closed: check what the gateway holds first
+    (`payment-service gateway review`)."""
+    route = "/admin/payments/{payment_id}/settlement"
+    outcome = await payment_write(payment_id, Settle, route, service.settle_payment)
+    return answer_outcome(outcome, route)

@@ -19,9 +19,10 @@ from werkzeug.routing import BaseConverter, Rule
 from app.admin import EndpointNameConverter
 from app.context import PaymentApp
 from app.errors import PROBLEM_CONTENT_TYPE
-from app.hooks import scope_of
+from app.hooks import ANY_SCOPE, scope_of
 from app.models import INT64_MAX, amount_schema
 from app.routes import IDEMPOTENCY_KEY_HEADER, PaymentIdConverter
+from app.webhook import SIGNATURE_HEADER
 from payment_service import __version__
 from payment_service.config import Settings
 from payment_service.endpoints import NAME_PATTERN
@@ -71,7 +72,7 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)
         scope = scope_of(self._app.view_functions[rule.endpoint])
-        if scope is not None:
+        if scope is not None and scope != ANY_SCOPE:
             for operations in paths.values():
                 for operation in operations.values():
                     _scoped(operation, scope, bearer=self._app.config["BEARER"])
@@ -82,26 +83,45 @@ class ProblemAwareOpenAPI(OpenAPIProvider):
             document = super().schema()
             payments_prefix = self._app.config["API_PREFIX"] + "/payments"
             admin_prefix = self._app.config["API_PREFIX"] + "/admin/"
+            gateway_prefix = self._app.config["API_PREFIX"] + "/gateway/"
             for path, operations in document.get("paths", {}).items():
                 for method, operation in operations.items():
                     if path.startswith(admin_prefix):
-                        _admin(operation, body_optional=path.endswith("/rotate-secret"))
+                        _admin(
+                            operation,
+                            body_optional=path.endswith("/rotate-secret"),
+                            idempotent=path.startswith(admin_prefix + "payments/"),
+                        )
                     else:
+                        gone = "410" in map(str, operation.get("responses", {}))
+                        if gone:
+                            operation["deprecated"] = True
+                        if gone:
+                            _problems(operation)  # it takes nothing: no key, no body
+                            continue
                         _enforced(
-                            operation, method, open_route=not path.startswith(payments_prefix)
+                            operation,
+                            method,
+                            open_route=not path.startswith(payments_prefix),
+                            # The gateway's webhook is deduplicated by the event's own id and
+                            # signed.
+                            idempotent=not path.startswith(gateway_prefix),
                         )
             _replace(document, amount_schema(), amount_schema(self._app.config["MAX_AMOUNT"]))
             self._cached = document
         return self._cached
 
 
-def _enforced(operation: dict[str, Any], method: str, *, open_route: bool) -> None:
+def _enforced(
+    operation: dict[str, Any], method: str, *, open_route: bool, idempotent: bool
+) -> None:
     if open_route:
         operation["security"] = []
     if "requestBody" in operation:
         operation["requestBody"]["required"] = True
     if method == "post":
-        operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
+        header = IDEMPOTENCY_KEY_HEADER if idempotent else SIGNATURE_HEADER
+        operation["parameters"] = [*operation.get("parameters", []), header]
     _problems(operation)
 
 
@@ -117,13 +137,15 @@ def _scoped(operation: dict[str, Any], scope: str, *, bearer: bool) -> None:
         operation["security"] = [{"bearer": [scope]}]
 
 
-def _admin(operation: dict[str, Any], *, body_optional: bool) -> None:
-    """An admin route: the admin keys' scheme only, and no idempotency key (its changes are
-    idempotent or refused when repeated)."""
+def _admin(operation: dict[str, Any], *, body_optional: bool, idempotent: bool) -> None:
+    """An admin route: the admin keys' scheme only. The endpoints' routes take no idempotency
+    key (their changes are idempotent or refused when repeated); a payment's settlement does."""
     operation["security"] = [{ADMIN_SCHEME: []}]
     operation.setdefault("tags", []).append("admin")
     if "requestBody" in operation:
         operation["requestBody"]["required"] = not body_optional
+    if idempotent:
+        operation["parameters"] = [*operation.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
     _problems(operation)
 
 

@@ -17,7 +17,9 @@ event loop, each in a module of its own, sharing a `RelayState` (outbox_relay.st
   values: one bad row never holds back the others);
 - the listener (outbox_relay.listener) LISTENs on the outbox and endpoint channels and reconnects
   after a database restart;
-- housekeeping and the metric gauges run on timers (outbox_relay.timers).
+- housekeeping and the metric gauges run on timers (outbox_relay.timers);
+- with GATEWAY=stripe, the gateway worker (outbox_relay.gateway_worker) finishes the charges and
+  refunds that nobody finished, on a pool of its own.
 This module is the process: it builds the parts, runs each loop under a supervisor, and stops.
 
 Independence: an endpoint that is down, slow (answers after the timeout) or answers 500 must
@@ -57,6 +59,7 @@ from collections.abc import Awaitable, Callable
 
 from outbox_relay.claimer import Claimer
 from outbox_relay.endpoint_loop import EndpointLoop
+from outbox_relay.gateway_worker import GatewayWorker
 from outbox_relay.listener import ListenerLost, listen
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.recorder import Recorder
@@ -66,6 +69,7 @@ from outbox_relay.workers import Workers
 from payment_service import __version__
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, create_pool
+from payment_service.gateway.factory import gateway_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,10 @@ class Relay:
         self.workers = Workers(self.state, self.recorder)
         self.endpoints = EndpointLoop(self.state, self.workers)
         self.claimer = Claimer(self.state, self.recorder)
+        # Raises ConfigurationError (one line naming STRIPE_SECRET_KEY) for a gateway without a
+        # key, before anything starts.
+        gateway = gateway_from_settings(settings)
+        self.gateway_worker = GatewayWorker(self.state, gateway) if gateway else None
 
     def stop(self) -> None:
         state = self.state
@@ -136,11 +144,16 @@ class Relay:
             background.append(
                 asyncio.create_task(self._supervise("gauges", lambda: gauge_loop(state)))
             )
+        gateway_task = None
+        if self.gateway_worker is not None:
+            gateway_task = asyncio.create_task(self._supervise("gateway", self.gateway_worker.run))
         closers = self.endpoints.closers
         try:
             await state.stop.wait()
-            await self._drain(claimer, recorder)
+            await self._drain(claimer, recorder, gateway_task)
         finally:
+            if self.gateway_worker is not None:
+                await self.gateway_worker.close()
             for task in [*background, *closers]:
                 task.cancel()
             await asyncio.gather(*background, *closers, return_exceptions=True)
@@ -152,13 +165,21 @@ class Relay:
         logger.info("relay stopped", extra={"outcomes": dict(self.recorder.outcomes)})
         return 0
 
-    async def _drain(self, claimer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
-        """Stop claiming, let in-flight deliveries finish in the grace period, release the rest."""
+    async def _drain(
+        self,
+        claimer: asyncio.Task[None],
+        recorder: asyncio.Task[None],
+        gateway_task: asyncio.Task[None] | None,
+    ) -> None:
+        """Stop claiming, let in-flight deliveries (and gateway operations) finish in the grace
+        period, release the rest."""
         started = time.monotonic()
         grace = self.settings.relay_shutdown_grace_seconds
         deadline = started + grace
         drain_deadline = deadline - min(FINAL_WRITE_SECONDS, grace / 4)
-        await _finish_within(claimer, deadline=drain_deadline)
+        await _finish_within(
+            claimer, *([gateway_task] if gateway_task else []), deadline=drain_deadline
+        )
         workers: list[asyncio.Task[None]] = []
         for lane in self.state.all_lanes():
             self.workers.stop(lane)  # claimed but not started: back in line at once

@@ -27,8 +27,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
+    from payment_service.gateway.factory import check_gateway_settings
 
     settings = _database_settings()
+    check_gateway_settings(settings)  # before any worker starts: one line, not a traceback
     return serve(settings, host=args.host, port=args.port, workers=args.workers, server=args.server)
 
 
@@ -93,6 +95,12 @@ def cmd_notification_sink(args: argparse.Namespace) -> int:
 
     settings = _settings()
     return run_sink(settings, args)
+
+
+def cmd_gateway_review(args: argparse.Namespace) -> int:
+    from payment_cli.gateway_cli import gateway_review
+
+    return gateway_review(_database_settings(), as_json=args.json)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -241,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_endpoints_parser(commands)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="The payment gateway's operations.",
+        description="The payment gateway's operations.",
+    )
+    gateway_commands = gateway.add_subparsers(
+        dest="gateway_command", metavar="ACTION", required=True
+    )
+    review = add(
+        "review",
+        cmd_gateway_review,
+        "Charges and refunds whose outcome at the gateway stayed unknown after "
+        "GATEWAY_MAX_CHECKS checks (flagged for review), with what the gateway says about each "
+        "now. Decide a payment with POST /admin/payments/{id}/settlement.",
+        gateway_commands,
+    )
+    review.add_argument("--json", action="store_true", help="machine-readable output")
 
     check = add(
         "check",

@@ -31,8 +31,11 @@ SHUTDOWN_TIMEOUT_SECONDS = 15
 
 # Settings every test server starts from: nothing is read from the developer's environment or
 # .env that could change behaviour (API_KEYS, API_PREFIX, ...); a test overrides what it needs.
+# No payment gateway (payments are recorded as the request says): the tests of the gateway opt in
+# (tests/support/gateway.py, `gateway_settings`).
 BASE_OVERRIDES: dict[str, Any] = {
     "_env_file": None,
+    "gateway": "none",
     "api_keys": (),
     "async_methods": ("UPI",),
     "api_prefix": "",
@@ -44,6 +47,11 @@ BASE_OVERRIDES: dict[str, Any] = {
     "default_currency": "INR",
     "max_payment_amount": Decimal("1000000.00"),
 }
+
+# Settling a payment by hand is an admin action (ADMIN_API_KEYS): the tests' admin key.
+ADMIN_TOKEN = "admin-token-for-tests"
+ADMIN_KEYS = (f"ops:{ADMIN_TOKEN}",)
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 _keys = itertools.count(1)
 _trips = itertools.count(1001)
@@ -258,3 +266,14 @@ async def create_payment(client: httpx.AsyncClient, **fields: Any) -> dict[str, 
     response = await post_json(client, "/payments", payment_body(**fields))
     assert response.status_code in (200, 202), response.text
     return exact_json(response)
+
+
+async def settle(
+    client: httpx.AsyncClient, payment_id: int | str, status: str, **fields: Any
+) -> httpx.Response:
+    """An operator's settlement of a PENDING payment (the API must have ADMIN_KEYS), with a fresh
+    idempotency key; `fields` add to the body (gateway_reference, failure_reason, …)."""
+    body = {"idempotency_key": new_key("settle"), "status": status, **fields}
+    return await post_json(
+        client, f"/admin/payments/{payment_id}/settlement", body, headers=ADMIN_AUTH
+    )
