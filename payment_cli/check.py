@@ -94,7 +94,9 @@ def _key_record_check(subject: str, *, table: str, alias: str, id_column: str) -
                                      AND o.kind = '{kind}'
                                      AND o.phase = 'STARTED'))
                OR k.response_status NOT BETWEEN 200 AND 299
-               OR (k.response_data ->> '{id_column}') IS DISTINCT FROM {a}.{id_column}::text)
+               OR (k.response_status IS NOT NULL
+                   AND (k.response_data ->> '{id_column}')
+                       IS DISTINCT FROM {a}.{id_column}::text))
         """,
     )
 
@@ -397,20 +399,13 @@ CHECKS: tuple[Check, ...] = (
                         THEN 'status PENDING but its charge is DONE' END,
                    CASE WHEN p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
                              AND o.intent_id IS NULL
-                        THEN 'status ' || p.status || ' without a recorded intent' END,
-                   CASE WHEN p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
-                             AND p.gateway_reference IS DISTINCT FROM o.intent_id
-                             AND o.outcome = 'succeeded'
-                        THEN 'gateway_reference ' || coalesce(p.gateway_reference, 'null')
-                             || ' is not its intent ' || o.intent_id END
+                        THEN 'status ' || p.status || ' without a recorded intent' END
                ) AS detail
         FROM payments AS p
         JOIN gateway_operations AS o ON o.payment_id = p.payment_id AND o.kind = 'CHARGE'
         WHERE (p.status <> 'PENDING') <> (o.phase = 'DONE')
            OR (p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
-               AND (o.intent_id IS NULL
-                    OR (p.gateway_reference IS DISTINCT FROM o.intent_id
-                        AND o.outcome = 'succeeded')))
+               AND o.intent_id IS NULL)
         """,
     ),
     Check(

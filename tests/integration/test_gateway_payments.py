@@ -11,9 +11,13 @@ service says. Faults come from the fault proxy, in front of the gateway or of ou
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import secrets
 import time
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,7 +25,7 @@ import httpx
 import pytest
 
 from payment_cli.check import check_database
-from payment_service.gateway.embedded import EmbeddedGateway
+from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
 from tests.integration.conftest import ApiFactory
 from tests.support.api import (
     ADMIN_KEYS,
@@ -34,7 +38,9 @@ from tests.support.api import (
     post_json,
     settle,
 )
+from tests.support.commands import run_to_end
 from tests.support.database import outbox_rows
+from tests.support.environment import clean_env
 from tests.support.fault_proxy import (
     DROP_AFTER_FORWARD,
     HANG,
@@ -398,6 +404,7 @@ async def test_an_outcome_that_stays_unknown_is_flagged_for_review_never_failed(
     db: asyncpg.Connection,
     database_url: str,
     embedded_gateway: EmbeddedGateway,
+    tmp_path: Path,
 ) -> None:
     proxy.on(CONFIRM, DROP_AFTER_FORWARD)  # charged, the answer lost
     pending = await pay(behind_proxy, 202)
@@ -417,6 +424,27 @@ async def test_an_outcome_that_stays_unknown_is_flagged_for_review_never_failed(
 
     assert (await payment_row(db, pending["payment_id"]))["status"] == "PENDING"
     assert (await ledger_of(embedded_gateway, pending)).charged_intents == 1
+    # `gateway review` lists it with what the gateway says now (asked without the proxy).
+    listed = await asyncio.to_thread(
+        run_to_end,
+        ["gateway", "review", "--json"],
+        clean_env(
+            DATABASE_URL=database_url,
+            GATEWAY="stripe",
+            STRIPE_SECRET_KEY=EMBEDDED_API_KEY,
+            STRIPE_API_BASE=embedded_gateway.base_url,
+            STRIPE_API_FLAVOUR="localstripe",
+        ),
+        tmp_path,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (flagged,) = json.loads(listed.stdout)
+    assert (flagged["kind"], flagged["payment_id"], flagged["payment_status"]) == (
+        "charge",
+        pending["payment_id"],
+        "PENDING",
+    )
+    assert flagged["gateway_says"].startswith("intent SUCCEEDED"), flagged
     # The operator decides, after checking the gateway.
     decided = await settle(behind_proxy.client, pending["payment_id"], "SUCCESS")
     assert decided.status_code == 200, decided.text
@@ -759,3 +787,55 @@ async def test_concurrent_refunds_at_the_gateway_never_exceed_the_payment(
         assert_problem(refused, 400, "REFUND_EXCEEDS_REMAINING")
     assert (await ledger_of(embedded_gateway, payment)).refunded == 9000
     await assert_consistent(db)
+
+
+# -- secrets ---------------------------------------------------------------------------------------
+async def test_the_gateways_secrets_never_reach_a_log_an_answer_health_or_metrics(
+    api_factory: ApiFactory,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = f"sk_test_canary{secrets.token_hex(8)}"  # the embedded gateway takes any sk_ key
+    webhook_secret = f"whsec_canary{secrets.token_hex(8)}"
+    caplog.set_level(logging.DEBUG)
+    api = await api_factory(
+        **gateway_settings(
+            proxy.base_url,
+            gateway_timeout_seconds=1,
+            stripe_secret_key=key,
+            stripe_webhook_secret=webhook_secret,
+        ),
+        log_level="DEBUG",
+    )
+    proxy.on(CREATE, answer(401))  # the key refused: an unknown outcome, never a failure
+    refused_key = await post_json(api.client, "/payments", payment_body())
+    proxy.on(CONFIRM, HANG)  # a time-out
+    timed_out = await post_json(api.client, "/payments", payment_body())
+    charged = await post_json(api.client, "/payments", payment_body())
+    bad_signature = await api.client.post(
+        WEBHOOK_PATH,
+        content=b'{"id": "evt_1", "object": "event"}',
+        headers={"Stripe-Signature": "t=1,v1=00"},
+    )
+    body, headers = signed_event("evt_canary", "payment_intent.succeeded", {"id": "pi_x"})
+    not_an_event = await api.client.post(WEBHOOK_PATH, content=body, headers=headers)
+    proxy.release()
+    seen = [
+        refused_key,
+        timed_out,
+        charged,
+        bad_signature,
+        not_an_event,
+        await api.client.get("/health"),
+        await api.client.get("/metrics"),
+        await api.client.get("/openapi.json"),
+    ]
+
+    assert [r.status_code for r in seen[:5]] == [202, 202, 200, 400, 400], [r.text for r in seen]
+    shown = "".join(r.text + str(r.headers) for r in seen)
+    logged = "".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert caplog.records, "something was logged"
+    for secret in (key, webhook_secret):
+        assert secret not in shown
+        assert secret not in logged
+        assert secret not in repr(api.settings)

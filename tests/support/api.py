@@ -13,12 +13,13 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
@@ -277,3 +278,19 @@ async def settle(
     return await post_json(
         client, f"/admin/payments/{payment_id}/settlement", body, headers=ADMIN_AUTH
     )
+
+
+ApiFactory = Callable[..., Awaitable[RunningApi]]
+
+
+@pytest.fixture(name="api_factory")
+async def api_factory_fixture(database_url: str) -> AsyncIterator[ApiFactory]:
+    """`api_factory(**overrides)`: start the real app served on 127.0.0.1 against this test's
+    database, with Settings overrides (lower-case field names); every server it started is shut
+    down cleanly at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(*, database_url: str = database_url, **overrides: Any) -> RunningApi:
+            return await stack.enter_async_context(running_api(database_url, **overrides))
+
+        yield start
