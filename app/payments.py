@@ -257,14 +257,12 @@ async def stage_payment(
 async def select_payment_for_update(
     conn: asyncpg.Connection, *, payment_id: int
 ) -> asyncpg.Record | None:
-    """The payment's row, locked, with its charge at the gateway: `intent_id` (the intent it was
-    charged through; None when it was not charged at a gateway) and `charge_leased` (a call for
-    it may be in flight)."""
+    """The payment's row, locked, with `intent_id`: the intent of its charge at the gateway
+    (None when it was not charged at a gateway)."""
     return await conn.fetchrow(
         """
         SELECT p.payment_id, p.status, p.amount, p.refunded_amount, p.reserved_amount,
-               p.currency, o.intent_id,
-               coalesce(o.phase <> 'DONE' AND o.locked_until > now(), false) AS charge_leased
+               p.currency, o.intent_id
           FROM payments AS p
           LEFT JOIN gateway_operations AS o
                  ON o.payment_id = p.payment_id

@@ -43,7 +43,7 @@ from payment_service.gateway.factory import fallback_payment_method, gateway_fro
 from payment_service.gateway.interface import AmountNotRepresentable, Gateway
 from payment_service.money import charges
 from payment_service.money import refunds as gateway_refunds
-from payment_service.money.operations import Operation, lease_seconds
+from payment_service.money.operations import Operation, lease_seconds, lock_open_charge
 from payment_service.money.results import Answer, Decided, LeaseLost, Undecided
 from payment_service.money.schedule import check_delay
 
@@ -356,7 +356,7 @@ async def settle_payment(
                     payment_status=payment["status"],
                 ),
             )
-        if payment["charge_leased"]:
+        if await lock_open_charge(conn, payment_id=payment_id):
             # A call to the gateway for this payment may be in flight: deciding now could fail a
             # payment the gateway is charging. Nothing is stored: retry shortly.
             raise APIError(

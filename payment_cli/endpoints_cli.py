@@ -197,8 +197,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         return sub
 
     events_help = (
-        "comma-separated event types (payment.succeeded, payment.pending, payment.failed, "
-        "payment.refunded), prefixes such as 'payment.*', or '*'"
+        f"comma-separated event types ({', '.join(endpoints.EVENT_TYPES)}), prefixes such as "
+        "'payment.*', or '*'"
     )
     listing = action("list", cmd_list, "List endpoints: URL, event types, state, breaker.")
     listing.add_argument("--json", action="store_true", help="a JSON array (no secrets)")

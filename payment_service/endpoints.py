@@ -32,7 +32,13 @@ from payment_service import ENDPOINTS_CHANNEL
 from payment_service.config import Settings
 from payment_service.signing import SECRET_PREFIX
 
-EVENT_TYPES = ("payment.succeeded", "payment.pending", "payment.failed", "payment.refunded")
+EVENT_TYPES = (
+    "payment.succeeded",
+    "payment.pending",
+    "payment.failed",
+    "payment.refunded",
+    "refund.failed",
+)
 STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SECRET_BYTES = 32
@@ -147,7 +153,8 @@ def check_url(url: str) -> str:
 
 
 def check_event_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Exact event types, `payment.*`-style prefixes, or `*`; at least one; no duplicates."""
+    """Exact event types, `payment.*`-style prefixes (`refund.*` too), or `*`; at least one; no
+    duplicates."""
     cleaned = tuple(dict.fromkeys(t.strip() for t in types if t.strip()))
     if not cleaned:
         raise EndpointError("an endpoint subscribes to at least one event type (or '*')")

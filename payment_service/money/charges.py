@@ -109,9 +109,11 @@ async def make_charge(
             if not recorded:
                 # Never confirmed: an orphan that moves no money (reconciliation lists it).
                 return LEASE_LOST
+            leased = True  # recording the intent renewed the lease for the confirm
         else:
             intent = await gateway.retrieve(operation.intent_id)
-        return await _advance(pool, gateway, operation, intent, lease_seconds)
+            leased = False
+        return await _advance(pool, gateway, operation, intent, lease_seconds, leased=leased)
     except GatewayNotFound:
         # An intent we recorded that the gateway does not know: never a reason to fail a payment.
         return Undecided("the gateway does not find the intent", unknown=True)
@@ -128,8 +130,11 @@ async def _advance(
     operation: Operation,
     intent: Intent,
     lease_seconds: float,
+    *,
+    leased: bool,
 ) -> Verdict:
-    """Act on the intent's status until the gateway decides or has to be asked again."""
+    """Act on the intent's status until the gateway decides or has to be asked again. `leased`:
+    the lease was just renewed (no need to before the first call)."""
     canceled_because: tuple[str, str] | None = None  # (code, message) when we canceled it
     confirmed = False
     for _ in range(MAX_STEPS):
@@ -152,7 +157,7 @@ async def _advance(
             case IntentStatus.PROCESSING:
                 return Undecided("processing", unknown=False)
             case IntentStatus.REQUIRES_CONFIRMATION if not confirmed:
-                if not await _renew(pool, operation, lease_seconds):
+                if not (leased or await _renew(pool, operation, lease_seconds)):
                     return LEASE_LOST
                 confirmed = True
                 try:

@@ -230,6 +230,24 @@ async def release(conn: asyncpg.Connection, *, operation_id: int, claim_token: u
     )
 
 
+# Locks a payment's charge while it is not DONE, in the caller's transaction (an operator's
+# settlement): whether a call for it may be in flight (its lease runs). Holding the row lock keeps
+# a worker from claiming it, and a holder from renewing its lease, until the caller commits.
+LOCK_OPEN_CHARGE = """
+SELECT coalesce(locked_until > now(), false) AS leased
+  FROM gateway_operations
+ WHERE payment_id = $1
+   AND kind = 'CHARGE'
+   AND phase <> 'DONE'
+   FOR UPDATE
+"""
+
+
+async def lock_open_charge(conn: asyncpg.Connection, *, payment_id: int) -> bool:
+    """Lock the payment's charge if it is open; whether a call for it may be in flight."""
+    return bool(await conn.fetchval(LOCK_OPEN_CHARGE, payment_id))
+
+
 # -- the gateway worker's claim -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Operation:

@@ -765,6 +765,37 @@ async def test_a_refund_whose_answer_was_lost_is_found_not_made_twice(
     await assert_consistent(db)
 
 
+async def test_a_refund_in_progress_is_settled_by_the_gateways_refund_event(
+    behind_proxy: RunningApi,
+    proxy: FaultProxy,
+    db: asyncpg.Connection,
+    embedded_gateway: EmbeddedGateway,
+) -> None:
+    """Real Stripe announces refunds (the embedded gateway does not): a signed refund event for
+    a refund whose answer was lost settles it, found by our refund id in its metadata."""
+    payment = await pay(behind_proxy, amount=Decimal("40.00"))
+    proxy.on(REFUND, DROP_AFTER_FORWARD)
+    lost = await refund(behind_proxy, payment["payment_id"], "40.00")
+    assert lost.status_code == 202, lost.text
+    (made,) = (await ledger_of(embedded_gateway, payment)).refunds
+    body, headers = signed_event("evt_refund_1", "charge.refund.updated", made)
+
+    applied = await behind_proxy.client.post(WEBHOOK_PATH, content=body, headers=headers)
+
+    assert applied.status_code == 200 and applied.json()["outcome"] == "applied", applied.text
+    row = await db.fetchrow("SELECT status, gateway_refund_id FROM payment_refunds")
+    assert tuple(row) == ("REFUNDED", made["id"])
+    assert (await payment_row(db, payment["payment_id"]))["status"] == "REFUNDED"
+    assert await events_of(db, payment["payment_id"]) == [
+        ("payment.succeeded", 1),
+        ("payment.refunded", 2),
+    ]
+    repeated = await behind_proxy.client.post(WEBHOOK_PATH, content=body, headers=headers)
+    assert repeated.json()["outcome"] == "duplicate"
+    assert (await ledger_of(embedded_gateway, payment)).refunded == 4000
+    await assert_consistent(db)
+
+
 async def test_concurrent_refunds_at_the_gateway_never_exceed_the_payment(
     charging: RunningApi, db: asyncpg.Connection, embedded_gateway: EmbeddedGateway
 ) -> None:
