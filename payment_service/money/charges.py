@@ -259,9 +259,13 @@ FINISH_CHARGE = Statement(
 HAND_OVER_CHARGE = Statement(
     f"""
     WITH {HAND_OVER_OPERATION}, payment AS (
-        -- Its first event: a payment that has one was handed over already.
+        -- Its first event: a payment that has one was handed over already. Its intent, when one
+        -- was recorded, is its gateway_reference.
         UPDATE payments
-           SET event_sequence = event_sequence + 1
+           SET event_sequence = event_sequence + 1,
+               gateway_reference = (SELECT o.intent_id
+                                      FROM gateway_operations AS o
+                                     WHERE o.operation_id = :operation_id)
          WHERE payment_id = :payment_id
            AND status = 'PENDING'
            AND event_sequence = 0

@@ -62,25 +62,20 @@ STAGE_REFUND = """operation AS (
 
 # -- the holder's writes -------------------------------------------------------------------------
 # Records the intent a charge created, before it may be confirmed, and renews the lease for the
-# confirm. The payment shows it as its gateway_reference from now on.
+# confirm. (The payment shows it as its gateway_reference once its first answer is written: this
+# statement touches the operation only, so it never waits for the payment's row lock while
+# holding the operation's — the order every writer keeps is the payment's lock first.)
 RECORD_INTENT = Statement(
     """
-    WITH recorded AS (
-        UPDATE gateway_operations
-           SET intent_id = :intent_id,
-               locked_until = now() + make_interval(secs => :lease_seconds),
-               updated_at = now()
-         WHERE operation_id = :operation_id
-           AND claim_token = :claim_token
-           AND phase IN ('STARTED', 'PENDING', 'REVIEW')
-           AND intent_id IS NULL
-     RETURNING payment_id
-    )
-    UPDATE payments AS p
-       SET gateway_reference = :intent_id
-      FROM recorded
-     WHERE p.payment_id = recorded.payment_id
-    RETURNING p.payment_id
+    UPDATE gateway_operations
+       SET intent_id = :intent_id,
+           locked_until = now() + make_interval(secs => :lease_seconds),
+           updated_at = now()
+     WHERE operation_id = :operation_id
+       AND claim_token = :claim_token
+       AND phase IN ('STARTED', 'PENDING', 'REVIEW')
+       AND intent_id IS NULL
+    RETURNING operation_id
     """
 )
 

@@ -27,7 +27,6 @@ from payment_service.gateway.interface import (
     EventKind,
     Gateway,
     GatewayEvent,
-    GatewayNotFound,
     GatewayRefused,
     IntentStatus,
     RefundStatus,
@@ -125,7 +124,7 @@ async def _decision(gateway: Gateway, event: GatewayEvent) -> Decided | None:
         if intent.status == IntentStatus.FAILED:
             try:
                 intent = await gateway.retrieve(intent.id)
-            except GatewayNotFound:
+            except GatewayRefused:  # not found, or refused: nothing to decide from
                 return None
         if intent.status == IntentStatus.SUCCEEDED:
             return Decided("SUCCESS", intent.id)
