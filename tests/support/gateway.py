@@ -51,11 +51,15 @@ CARD_3DS = "4000002500003155"  # needs 3-D Secure: the intent requires action
 IBAN_OK = "DE89370400440532013000"
 IBAN_FAILING = "DE62370400440532013001"  # processing first, then failed
 
-_ids = itertools.count(1)
+# Far above the payment and refund ids of the tests' databases (each starts at 1), whose charges
+# through the API share the session's gateway too.
+FIRST_ID = 1_000_000_000
+_ids = itertools.count(FIRST_ID)
 
 
 class Ids:
-    """Fresh ids for this session: payments and refunds no other test uses."""
+    """Fresh ids for this session: payments and refunds no other test uses (the API's tests tell
+    their payments apart at the gateway by their references instead: `of_reference`)."""
 
     def payment(self) -> int:
         return next(_ids)
