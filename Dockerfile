@@ -17,16 +17,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 
-# Dependencies first, from pyproject alone, so a code change does not reinstall them. Only the
+# Dependencies first, from the runtime lock alone (every package pinned with its hashes: two
+# builds of one commit run the same code), so a code change does not reinstall them. Only the
 # runtime's: the embedded PostgreSQL of `payment-service run` is an extra (`embedded`) that a
 # container never needs, since its database is always a real server (DATABASE_URL or DB_*).
-COPY pyproject.toml ./
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
- && /opt/venv/bin/pip install --requirement requirements.txt
+COPY requirements/runtime.txt ./requirements.txt
+RUN /opt/venv/bin/pip install --require-hashes --requirement requirements.txt
 
-# The package itself, as a wheel (not editable): db/migrations goes in as
-# payment_service/sql_migrations (see pyproject), which is where migrations.py finds it here.
-COPY README.md ./
+# The package itself, as a wheel (not editable) and without resolving anything again: db/migrations
+# goes in as payment_service/sql_migrations (see pyproject), which is where migrations.py finds it.
+COPY pyproject.toml README.md LICENSE ./
 COPY db/migrations ./db/migrations
 COPY payment_service ./payment_service
 COPY payment_cli ./payment_cli

@@ -3,16 +3,43 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every package installed anywhere is pinned, with its hashes, in a lock file that `make lock`
+# writes from pyproject.toml: runtime (the image), dev (`make install`: runtime + the extras
+# embedded, dev, load) and bench (dev + bench). One pin per package across the three.
+LOCK_RUNTIME := requirements/runtime.txt
+LOCK_DEV     := requirements/dev.txt
+LOCK_BENCH   := requirements/bench.txt
 
-.PHONY: install run test test-fast lint format bench loadtest clean
+.PHONY: install lock run test test-fast lint format bench loadtest clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Runs again only when the lock or pyproject.toml changed: the dependencies exactly as locked,
+# then the project itself (editable) without resolving anything.
+$(STAMP): pyproject.toml $(LOCK_DEV)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load]'
+	$(BIN)/python -m pip install --quiet --require-hashes --requirement $(LOCK_DEV)
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	@touch $(STAMP)
+
+# Resolve the lock files again after a dependency changed in pyproject.toml, keeping every pin
+# that still fits (`make lock LOCK_ARGS=--upgrade` moves them all to the newest releases), then
+# install the result. Universal: one file serves every Python from 3.11 (pyproject's
+# requires-python) and every platform, with markers where they differ. uv reads no pip
+# configuration, so it is given the index pip is configured with, if any (else PyPI's default).
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --quiet --custom-compile-command "make lock" $(LOCK_ARGS)
+
+lock: install
+	index=$$($(BIN)/python -m pip config list | sed -n "s/^[^.]*\.index-url='\(.*\)'$$/\1/p" | tail -n 1); \
+	if [ -n "$$index" ]; then export UV_DEFAULT_INDEX="$$index"; fi; \
+	set -e; \
+	$(UV_COMPILE) --all-extras --output-file $(LOCK_BENCH); \
+	$(UV_COMPILE) --extra embedded --extra dev --extra load --constraint $(LOCK_BENCH) \
+		--output-file $(LOCK_DEV); \
+	$(UV_COMPILE) --constraint $(LOCK_BENCH) --output-file $(LOCK_RUNTIME)
+	$(MAKE) install
 
 run: install
 	$(BIN)/payment-service run
@@ -37,8 +64,8 @@ format: install
 # Side-by-side benchmarks (docs/benchmarks.md); BENCH_ARGS="--help" lists the knobs.
 BENCH_STAMP := $(VENV)/.installed-bench
 
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev,load,bench]'
+$(BENCH_STAMP): $(STAMP) $(LOCK_BENCH)
+	$(BIN)/python -m pip install --quiet --require-hashes --requirement $(LOCK_BENCH)
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

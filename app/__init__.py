@@ -1,4 +1,4 @@
-"""The HTTP API of the Payment Service (Quart on Hypercorn).
+"""The HTTP API of the Payment Service (Quart, served by Uvicorn or Hypercorn: app/server.py).
 
 `create_app(settings)` builds the application; nothing connects or reads the environment at import
 time. Its parts live in their own modules: the routes (`routes`), the admin API (`admin`, only

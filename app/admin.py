@@ -4,9 +4,9 @@ settlement of a PENDING payment.
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
 key>` (ADMIN_API_KEYS, separate from API_KEYS); anything else is 401. Handlers are thin: the
-endpoint SQL is payment_service.endpoints (which the command line uses too; every change NOTIFYs
-the relays), the deliveries query app.deliveries. A secret is shown only by POST /endpoints and
-rotate-secret.
+endpoints' SQL is payment_service.endpoints (every change NOTIFYs the relays), the deliveries'
+payment_service.deliveries; the command line uses both too. A secret is shown only by
+POST /endpoints and rotate-secret.
 """
 
 from __future__ import annotations
@@ -14,59 +14,112 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import asyncpg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, WithJsonSchema, model_validator
 from quart import Blueprint, Response, g, request
 from quart_schema import document_request, document_response
 from werkzeug.routing import BaseConverter
 
-from app import deliveries, service
+from app import service
 from app.context import current_payment_app
-from app.errors import APIError
+from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
 from app.models import Payment, Settle, validate_model
 from app.routes import JSON, answer_outcome, document_errors, json_body, payment_write
-from payment_service import endpoints
-from payment_service.endpoints import Endpoint, EndpointError, EndpointExists, EndpointNotFound
+from payment_service import deliveries, endpoints
+from payment_service.callback_urls import MAX_URL_LENGTH
+from payment_service.endpoints import (
+    Endpoint,
+    EndpointError,
+    EndpointExists,
+    EndpointNotFound,
+    InvalidEndpoint,
+)
+from payment_service.vocabulary import (
+    EVENT_TYPES,
+    MAX_EVENT_TYPES,
+    DeliveryStatus,
+    EndpointState,
+)
 
 blueprint = Blueprint("admin", __name__)
+# The `payment.*`-style prefixes of the event types (`refund.*` too).
+EVENT_PREFIXES = sorted({event_type.split(".")[0] + ".*" for event_type in EVENT_TYPES})
 
-# What an endpoint may subscribe to, as the schema says it; payment_service.endpoints checks each
-# value again (AfterValidator), so the API takes exactly what the command line takes.
-EventTypePattern = Literal[
-    "*",
-    "payment.*",
-    "payment.succeeded",
-    "payment.pending",
-    "payment.failed",
-    "payment.refunded",
-    "refund.*",
-    "refund.failed",
-]
+# What endpoints may have is checked once, by payment_service.endpoints (which the command line
+# uses too): each type below hands a string or list to that check (AfterValidator), with a schema
+# that says what the check enforces (WithJsonSchema, for /openapi.json).
+# What the URL check takes, as nearly as a pattern says it: a DNS name, an IPv4 address or an
+# IPv6 one in brackets; a port from 1 to 65535; a path and query in visible ASCII but `#`.
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+URL_PATTERN = (
+    rf"^https?://({_LABEL}(\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]+\])(:{_PORT})?"
+    r"([/?][\x21\x22\x24-\x7e]*)?$"
+)
 Name = Annotated[
     str,
     Strict(),
-    Field(pattern=endpoints.NAME_PATTERN.pattern),
+    WithJsonSchema({"type": "string", "pattern": endpoints.NAME_PATTERN.pattern, "maxLength": 63}),
     AfterValidator(endpoints.check_name),
 ]
-# No spaces or control characters (PostgreSQL's text takes no NUL).
 Url = Annotated[
     str,
     Strict(),
-    Field(max_length=2000, pattern=r"^https?://[^\s/?#\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*$"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "uri",
+            "maxLength": MAX_URL_LENGTH,
+            "pattern": URL_PATTERN,
+            "description": "http(s)://host[:port]/path, or an IP address as the host (IPv6 in "
+            "[brackets]): no credentials, no fragment, the path in ASCII (percent-encode the "
+            "rest). In production a host written as a loopback, link-local, unspecified or "
+            "multicast address is refused unless ENDPOINT_ALLOWED_NETWORKS lists it.",
+        }
+    ),
     AfterValidator(endpoints.check_url),
 ]
-EventTypes = Annotated[list[EventTypePattern], Field(min_length=1, max_length=10)]
+EventTypes = Annotated[
+    list[Annotated[str, Strict()]],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"enum": ["*", *EVENT_PREFIXES, *EVENT_TYPES]},
+            "minItems": 1,
+            "maxItems": MAX_EVENT_TYPES,
+        }
+    ),
+    AfterValidator(endpoints.check_event_types),
+]
 # `whsec_` + base64 of at least 24 bytes (Standard Webhooks).
 Secret = Annotated[
     str,
     Strict(),
-    Field(max_length=200, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$",
+            "maxLength": endpoints.MAX_SECRET_LENGTH,
+        }
+    ),
     AfterValidator(endpoints.check_secret),
+]
+Reason = Annotated[
+    str,
+    Strict(),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[^\x00-\x1f\x7f-\x9f]*$",
+            "maxLength": endpoints.MAX_REASON_LENGTH,
+        }
+    ),
+    AfterValidator(endpoints.check_reason),
 ]
 
 
@@ -98,6 +151,14 @@ class UpdateEndpoint(BaseModel):
         return self
 
 
+class StateReason(BaseModel):
+    """Why (shown with the endpoint); absent: the answer names who did it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: Reason | None = None
+
+
 class RotateSecret(BaseModel):
     """`secret` absent: a new one is generated. Every secret it replaced in the last 24 hours
     still signs (three in all at most)."""
@@ -112,7 +173,7 @@ class EndpointDocument(BaseModel):
     name: str
     url: str | None
     event_types: list[str]
-    state: Literal["ACTIVE", "PAUSED", "DISABLED"]
+    state: EndpointState
     state_reason: str | None
     breaker: Literal["closed", "open", "half_open"]
     consecutive_failures: int
@@ -130,6 +191,19 @@ class EndpointWithSecret(EndpointDocument):
     secret: str
 
 
+class Gap(BaseModel):
+    """What a DISABLED endpoint missed: events of its types written since, without a delivery
+    to it; `replay_command` sends them."""
+
+    disabled_at: datetime
+    missed_events: int
+    replay_command: str
+
+
+class EnabledEndpoint(EndpointDocument):
+    gap: Gap | None
+
+
 class EndpointList(BaseModel):
     data: list[EndpointDocument]
 
@@ -137,7 +211,8 @@ class EndpointList(BaseModel):
 class EndpointRemoved(BaseModel):
     name: str
     removed: Literal[True]
-    undelivered_removed: int
+    undelivered_removed: int  # pending and dead deliveries, deleted with it
+    delivered_kept: int  # its delivered deliveries, kept as history until retention
 
 
 class DeliveryAttempt(BaseModel):
@@ -153,7 +228,8 @@ class DeliveryAttempt(BaseModel):
 
 class Delivery(BaseModel):
     endpoint: str
-    status: Literal["PENDING", "DELIVERED", "DEAD"]
+    endpoint_removed: bool  # the endpoint was removed since; its delivered deliveries stay
+    status: DeliveryStatus
     attempts: int
     counted_attempts: int
     next_attempt_at: datetime | None
@@ -199,11 +275,13 @@ async def _endpoints() -> AsyncIterator[asyncpg.Connection]:
         raise APIError(404, "ENDPOINT_NOT_FOUND", str(error)) from None
     except EndpointExists as error:
         raise APIError(409, "ENDPOINT_EXISTS", str(error)) from None
+    except InvalidEndpoint as error:  # a check that needs the settings (where callbacks may go)
+        raise validation_error([{"field": error.field, "message": str(error)}]) from None
     except EndpointError as error:
         raise APIError(409, "ENDPOINT_CONFLICT", str(error)) from None
 
 
-M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret)
+M = TypeVar("M", CreateEndpoint, UpdateEndpoint, RotateSecret, StateReason)
 
 
 async def _body(model: type[M]) -> M:
@@ -248,6 +326,7 @@ async def post_endpoint() -> Response:
             url=model.url,
             event_types=tuple(model.event_types),
             secret=model.secret,
+            networks=current_payment_app().settings.callback_networks,
         )
     return _with_secret(added, 201)
 
@@ -275,6 +354,7 @@ async def patch_endpoint(name: str) -> Response:
             name,
             url=model.url,
             event_types=tuple(model.event_types) if model.event_types is not None else None,
+            networks=current_payment_app().settings.callback_networks,
         )
     return _answer(changed.public())
 
@@ -283,53 +363,85 @@ async def patch_endpoint(name: str) -> Response:
 @document_response(EndpointRemoved, 200)
 @document_errors(401, 404, 503)
 async def delete_endpoint(name: str) -> Response:
-    """Remove an endpoint with its deliveries (the undelivered ones are counted in the answer)."""
+    """Remove an endpoint. Its undelivered deliveries (pending, dead) go with it; its delivered
+    ones stay as history (GET /events/{event_id}/deliveries shows them) until retention."""
     async with _endpoints() as conn:
-        undelivered = await endpoints.delete_endpoint(conn, name)
-    return _answer({"name": name, "removed": True, "undelivered_removed": undelivered})
+        removed = await endpoints.delete_endpoint(conn, name)
+    return _answer(
+        {
+            "name": name,
+            "removed": True,
+            "undelivered_removed": removed.undelivered,
+            "delivered_kept": removed.delivered,
+        }
+    )
 
 
-# State changes by hand: (route, state, the endpoint's state_reason, the operation's summary).
-STATE_CHANGES = (
+# Pause and disable take an optional body `{"reason": …}`; without one, the reason names the
+# caller. (route, the change, the verb of the default reason, the operation's summary)
+HOLDS = (
     (
         "pause",
-        "PAUSED",
-        "paused by {caller}",
-        "Hold the endpoint's deliveries until resume; its new events still get deliveries.",
+        endpoints.pause,
+        "paused",
+        "Hold the endpoint's deliveries until resume; its new events still get deliveries. An "
+        'optional body `{"reason": …}` says why (shown with the endpoint).',
     ),
-    ("resume", "ACTIVE", None, "Deliver again, in order, what the endpoint held while paused."),
     (
         "disable",
-        "DISABLED",
-        "disabled by {caller}",
-        "Hold the endpoint's deliveries until enable; its new events get none (outbox replay "
-        "backfills them).",
-    ),
-    (
-        "enable",
-        "ACTIVE",
-        None,
-        "Deliver again, in order, what the endpoint held; the breaker closes.",
+        endpoints.disable,
+        "disabled",
+        "Hold the endpoint's deliveries until enable; its new events get none (enable names "
+        'them, and `outbox replay --since` sends them). An optional body `{"reason": …}` says '
+        "why.",
     ),
 )
 
 
-def _state_route(action: str, state: str, reason: str | None, summary: str) -> None:
-    async def change_state(name: str) -> Response:
+def _hold_route(
+    action: str, change: Callable[..., Awaitable[Endpoint]], verb: str, summary: str
+) -> None:
+    async def hold(name: str) -> Response:
+        model = StateReason() if _without_body() else await _body(StateReason)
+        reason = model.reason if model.reason is not None else f"{verb} by {g.caller}"
         async with _endpoints() as conn:
-            changed = await endpoints.set_state(
-                conn, name, state, reason=reason.format(caller=g.caller) if reason else None
-            )
+            changed = await change(conn, name, reason=reason)
         return _answer(changed.public())
 
-    change_state.__name__ = f"post_endpoint_{action}"
-    change_state.__doc__ = summary
-    view = document_errors(401, 404, 503)(document_response(EndpointDocument, 200)(change_state))
+    hold.__name__ = f"post_endpoint_{action}"
+    hold.__doc__ = summary
+    view = document_request(StateReason)(hold)
+    view = document_errors(400, 401, 404, 413, 415, 503)(
+        document_response(EndpointDocument, 200)(view)
+    )
     blueprint.post(f"/endpoints/<endpoint_name:name>/{action}")(view)
 
 
-for _change in STATE_CHANGES:
-    _state_route(*_change)
+for _hold in HOLDS:
+    _hold_route(*_hold)
+
+
+@blueprint.post("/endpoints/<endpoint_name:name>/resume")
+@document_response(EndpointDocument, 200)
+@document_errors(401, 404, 409, 503)
+async def post_endpoint_resume(name: str) -> Response:
+    """Deliver again, in order, what the endpoint held while paused. A DISABLED endpoint is
+    refused (409): enable it, which names the events it missed."""
+    async with _endpoints() as conn:
+        changed = await endpoints.resume(conn, name)
+    return _answer(changed.public())
+
+
+@blueprint.post("/endpoints/<endpoint_name:name>/enable")
+@document_response(EnabledEndpoint, 200)
+@document_errors(401, 404, 503)
+async def post_endpoint_enable(name: str) -> Response:
+    """Deliver again, in order, what the endpoint held; the breaker closes. After DISABLED,
+    `gap` says when it was disabled, how many events it missed since, and the command that
+    sends them; otherwise `gap` is null."""
+    async with _endpoints() as conn:
+        enabled, gap = await endpoints.enable(conn, name)
+    return _answer({**enabled.public(), "gap": None if gap is None else gap.public()})
 
 
 @blueprint.post("/endpoints/<endpoint_name:name>/rotate-secret")

@@ -1,4 +1,5 @@
-"""The ASGI entry point Hypercorn's workers load: `app.asgi:build()`.
+"""The ASGI entry point every worker of `serve` loads, under Uvicorn (the default) or Hypercorn:
+the factory `app.asgi:build`.
 
 Each worker process reads the settings from its environment and builds its own app and pool.
 """

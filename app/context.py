@@ -1,4 +1,10 @@
-"""The Quart application type of the API: settings, pool and metrics as typed attributes."""
+"""The Quart application type of the API: settings, pool and metrics as typed attributes.
+
+It also replaces parts of Quart that are not its public API (the HTTP connection class, whose
+`__call__` HandledInPlace re-implements, the session interface, the request class), so Quart is
+pinned to one minor version in pyproject.toml and tests/unit/test_quart_internals.py fails loudly
+when the installed Quart is another or one of those parts changed.
+"""
 
 from __future__ import annotations
 

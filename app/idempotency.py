@@ -195,22 +195,23 @@ async def insert_key_response(
     return StoredResponse(status, stored)
 
 
+KEY_ANSWER = Statement(
+    """
+    SELECT response_status, response_data
+      FROM idempotency_keys
+     WHERE key_hash = :key_hash
+       AND caller = :caller
+       AND expires_at > now()
+       AND response_status IS NOT NULL
+    """
+)
+
+
 async def select_key_answer(
     conn: asyncpg.Connection, *, key_hash: str, caller: str
 ) -> StoredResponse | None:
     """A key's stored answer, if it has one (live)."""
-    row = await conn.fetchrow(
-        """
-        SELECT response_status, response_data
-          FROM idempotency_keys
-         WHERE key_hash = $1
-           AND caller = $2
-           AND expires_at > now()
-           AND response_status IS NOT NULL
-        """,
-        key_hash,
-        caller,
-    )
+    row = await conn.fetchrow(KEY_ANSWER.sql, *KEY_ANSWER.args(key_hash=key_hash, caller=caller))
     return None if row is None else StoredResponse(row["response_status"], row["response_data"])
 
 

@@ -30,6 +30,7 @@ from pydantic import (
 
 from app.errors import APIError, validation_error
 from payment_service import exact_json
+from payment_service.vocabulary import PaymentMethod, PaymentStatus, RefundStatus
 
 INT64_MAX = 2**63 - 1
 MAX_BODY_BYTES = 64 * 1024
@@ -40,9 +41,6 @@ METADATA_MAX_KEYS = 50
 METADATA_MAX_BYTES = 8 * 1024
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 CENT = Decimal("0.01")
-
-PaymentMethod = Literal["CARD", "UPI", "WALLET", "CASH", "NETBANKING"]
-PaymentStatus = Literal["PENDING", "SUCCESS", "FAILED", "PARTIALLY_REFUNDED", "REFUNDED"]
 
 
 # -- pure parsing helpers ------------------------------------------------------------------------
@@ -390,9 +388,6 @@ def validate_model(model: type[M], data: dict[str, Any], **context: Any) -> M:
 
 
 # -- response documents (for /openapi.json; the bodies themselves are built in SQL) -------------
-RefundStatus = Literal["PENDING", "REFUNDED", "FAILED"]
-
-
 class Refund(BaseModel):
     refund_id: int
     payment_id: int
@@ -480,11 +475,9 @@ class Problem(BaseModel):
 
 
 class DatabaseNode(BaseModel):
-    """The database node this worker's pool reached (no credentials): after a failover, the
-    promoted standby's address."""
+    """What the database node this worker's pool reached is: the route is open to anyone, so it
+    names no address (the logs do: `database reached`)."""
 
-    address: str | None  # None over a Unix socket
-    port: int | None
     role: Literal["primary", "standby"]
 
 

@@ -18,10 +18,12 @@ import asyncpg
 
 from payment_service import OUTBOX_CHANNEL
 from payment_service.database import acquire
+from payment_service.sql import Statement
 
 logger = logging.getLogger(__name__)
 
 FAILURE_PAUSE_SECONDS = 1.0  # after a failed NOTIFY (database down): the relay polls meanwhile
+NOTIFY = Statement("SELECT pg_notify(:channel, '')")
 
 
 class OutboxNotifier:
@@ -50,7 +52,7 @@ class OutboxNotifier:
             self._pending.clear()
             try:
                 async with acquire(self._pool) as conn:
-                    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+                    await conn.execute(NOTIFY.sql, *NOTIFY.args(channel=OUTBOX_CHANNEL))
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the relay's poll covers a missed wake-up

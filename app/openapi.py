@@ -7,15 +7,22 @@ open routes need no key, the gateway's webhook declares its Stripe-Signature hea
 payment route names the API key scope it needs (its description, its bearer requirement, and its
 403). The old settlement route is documented as gone (410, deprecated). Error responses are
 documented as application/problem+json, as they are sent.
+
+/docs is Swagger UI on that document, with its script and stylesheet served by the service itself
+from the `swagger-ui-bundle-v2` package (under /docs/…): the page works without the internet, and
+no third-party host learns who reads it.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
-from quart_schema import QuartSchema
+from quart import Response, send_file, url_for
+from quart_schema import QuartSchema, hide
 from quart_schema.openapi import HttpSecurityScheme, Info, OpenAPIProvider
+from werkzeug.exceptions import NotFound
 from werkzeug.routing import BaseConverter, Rule
 
 from app.admin import EndpointNameConverter
@@ -30,6 +37,14 @@ from payment_service.config import Settings
 from payment_service.endpoints import NAME_PATTERN
 
 ADMIN_SCHEME = "admin"  # the admin routes' bearer scheme: ADMIN_API_KEYS, not API_KEYS
+DOCS_PATH = "/docs"
+# The files of Swagger UI that /docs loads, served from the installed package; nothing else there.
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+DOCS_ASSET_MAX_AGE_SECONDS = 86400  # versioned by the locked package: the same bytes all day
 
 
 def install_openapi(app: PaymentApp, settings: Settings) -> None:
@@ -48,14 +63,76 @@ def install_openapi(app: PaymentApp, settings: Settings) -> None:
         info=Info(title="Payment Service", version=__version__),
         security_schemes=schemes or None,
         security=[{"bearer": []}] if settings.api_keys else None,
+        swagger_ui_path=None,  # its page loads Swagger UI from a CDN: ours is below
         redoc_ui_path=None,
         scalar_ui_path=None,
         openapi_provider_class=ProblemAwareOpenAPI,
     )
+    install_docs_page(app)
     # QuartSchema wraps app.make_response so that a route may return a pydantic model; this
     # API's routes return Response objects or plain dicts, and the wrapper inspected every answer
     # (a pydantic TypeAdapter built for each dict): Quart's own make_response is put back.
     vars(app).pop("make_response", None)
+
+
+def _swagger_ui_folder() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(str(swagger_ui_path))
+
+
+_DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Payment Service API</title>
+  <link rel="stylesheet" href="{css}">
+  <link rel="icon" type="image/png" href="{icon}">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{js}"></script>
+  <script>
+    SwaggerUIBundle({{
+      url: "{document}",
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      presets: [SwaggerUIBundle.presets.apis],
+      layout: "BaseLayout"
+    }});
+  </script>
+</body>
+</html>
+"""
+
+
+def install_docs_page(app: PaymentApp) -> None:
+    """GET /docs, and the Swagger UI files it loads under /docs/<name>."""
+    folder = _swagger_ui_folder()
+
+    @app.get(DOCS_PATH)
+    @hide
+    async def docs() -> Response:
+        page = _DOCS_PAGE.format(
+            css=url_for("docs_asset", name="swagger-ui.css"),
+            icon=url_for("docs_asset", name="favicon-32x32.png"),
+            js=url_for("docs_asset", name="swagger-ui-bundle.js"),
+            document=url_for("openapi"),
+        )
+        return Response(page, content_type="text/html; charset=utf-8")
+
+    @app.get(DOCS_PATH + "/<name>")
+    @hide
+    async def docs_asset(name: str) -> Response:
+        content_type = DOCS_ASSETS.get(name)
+        if content_type is None:
+            raise NotFound()
+        return await send_file(
+            folder / name,
+            mimetype=content_type,
+            cache_timeout=DOCS_ASSET_MAX_AGE_SECONDS,
+            conditional=True,
+        )
 
 
 class ProblemAwareOpenAPI(OpenAPIProvider):

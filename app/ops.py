@@ -11,7 +11,7 @@ from quart_schema import document_response, hide
 from app.context import PaymentApp
 from app.models import DatabaseNode, Health, Liveness
 from payment_service import SERVICE_NAME, __version__
-from payment_service.database import NODE_SQL
+from payment_service.database import STANDBY_SQL
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,8 @@ def install_operational_routes(app: PaymentApp) -> None:
         node = None
         try:
             async with app.connection() as conn:
-                address, port, standby = await conn.fetchrow(
-                    NODE_SQL, timeout=HEALTH_TIMEOUT_SECONDS
-                )
-            node = DatabaseNode(
-                address=address, port=port, role="standby" if standby else "primary"
-            )
+                standby = await conn.fetchval(STANDBY_SQL, timeout=HEALTH_TIMEOUT_SECONDS)
+            node = DatabaseNode(role="standby" if standby else "primary")
         except Exception as error:  # any failure to answer is "unhealthy"
             logger.warning("health check failed", extra={"error": type(error).__name__})
             database = "unavailable"

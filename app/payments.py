@@ -192,16 +192,20 @@ async def insert_payment(
     return InsertResult(row["acquired"], row["body"])
 
 
+LIVE_PAYMENT_FOR_TRIP = Statement(
+    """
+    SELECT payment_id
+      FROM payments
+     WHERE trip_id = :trip_id
+       AND status <> 'FAILED'
+    """
+)
+
+
 async def select_live_payment_for_trip(conn: asyncpg.Connection, *, trip_id: int) -> int | None:
     """The trip's PENDING/SUCCESS/refunded payment, if any (FAILED ones do not count)."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """
-        SELECT payment_id
-          FROM payments
-         WHERE trip_id = $1
-           AND status <> 'FAILED'
-        """,
-        trip_id,
+        LIVE_PAYMENT_FOR_TRIP.sql, *LIVE_PAYMENT_FOR_TRIP.args(trip_id=trip_id)
     )
 
 
@@ -254,23 +258,27 @@ async def stage_payment(
     return StagedPayment(**dict(row))
 
 
+PAYMENT_FOR_UPDATE = Statement(
+    """
+    SELECT p.payment_id, p.status, p.amount, p.refunded_amount, p.reserved_amount,
+           p.currency, o.intent_id
+      FROM payments AS p
+      LEFT JOIN gateway_operations AS o
+             ON o.payment_id = p.payment_id
+            AND o.kind = 'CHARGE'
+     WHERE p.payment_id = :payment_id
+       FOR UPDATE OF p
+    """
+)
+
+
 async def select_payment_for_update(
     conn: asyncpg.Connection, *, payment_id: int
 ) -> asyncpg.Record | None:
     """The payment's row, locked, with `intent_id`: the intent of its charge at the gateway
     (None when it was not charged at a gateway)."""
     return await conn.fetchrow(
-        """
-        SELECT p.payment_id, p.status, p.amount, p.refunded_amount, p.reserved_amount,
-               p.currency, o.intent_id
-          FROM payments AS p
-          LEFT JOIN gateway_operations AS o
-                 ON o.payment_id = p.payment_id
-                AND o.kind = 'CHARGE'
-         WHERE p.payment_id = $1
-           FOR UPDATE OF p
-        """,
-        payment_id,
+        PAYMENT_FOR_UPDATE.sql, *PAYMENT_FOR_UPDATE.args(payment_id=payment_id)
     )
 
 
@@ -299,15 +307,19 @@ async def update_payment_settlement(
     return body  # type: ignore[no-any-return]
 
 
+PAYMENT_DOCUMENT = Statement(
+    """
+    SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
+      FROM payments AS p
+     WHERE p.payment_id = :payment_id
+    """
+)
+
+
 async def select_payment_document(conn: asyncpg.Connection, *, payment_id: int) -> str | None:
     """GET /payments/{id}: the payment with its refunds, oldest refund first."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """
-        SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
-          FROM payments AS p
-         WHERE p.payment_id = $1
-        """,
-        payment_id,
+        PAYMENT_DOCUMENT.sql, *PAYMENT_DOCUMENT.args(payment_id=payment_id)
     )
 
 

@@ -134,14 +134,18 @@ async def stage_refund(
     return StagedRefund(**dict(row))
 
 
+REFUNDS_DOCUMENT = Statement(
+    """
+    SELECT jsonb_build_object('payment_id', p.payment_id,
+                              'data', payment_refunds_json(p.payment_id))
+      FROM payments AS p
+     WHERE p.payment_id = :payment_id
+    """
+)
+
+
 async def select_refunds_document(conn: asyncpg.Connection, *, payment_id: int) -> str | None:
     """GET /payments/{id}/refunds: None when the payment does not exist."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """
-        SELECT jsonb_build_object('payment_id', p.payment_id,
-                                  'data', payment_refunds_json(p.payment_id))
-          FROM payments AS p
-         WHERE p.payment_id = $1
-        """,
-        payment_id,
+        REFUNDS_DOCUMENT.sql, *REFUNDS_DOCUMENT.args(payment_id=payment_id)
     )

@@ -1,11 +1,12 @@
 """The operations behind the write endpoints. Each owns its transactions.
 
 The common case of a new payment recorded at once (no gateway, or a method the gateway does not
-charge) is one statement (one round trip): `insert_payment` takes the key's advisory lock, writes
-payment + outbox event + key with its answer, and NOTIFYs. Anything unusual (the key already used
-or expired, the trip already charged, a reference collision) surfaces as a unique violation and
-takes the careful path: an explicit transaction that claims the key first and decides under its
-lock.
+charge) is one statement (one round trip): `insert_payment` takes the key's advisory lock and
+writes payment + outbox event + its deliveries + key with its answer. The relays are woken after
+the commit (the route pokes app.notifier), never by a NOTIFY inside the transaction, which would
+serialise every commit on the server. Anything unusual (the key already used or expired, the trip
+already charged, a reference collision) surfaces as a unique violation and takes the careful
+path: an explicit transaction that claims the key first and decides under its lock.
 
 A payment or refund charged at a gateway goes in phases (payment_service.money): staged in one
 transaction (the same fast and careful paths), made at the gateway with no transaction open,

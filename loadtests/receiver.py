@@ -1,11 +1,14 @@
-"""A fast callback receiver for relay benchmarks: answers every POST with 200 at once.
+"""A fast callback receiver for relay benchmarks: answers every POST at once, with 200.
 
 A bare asyncio protocol (on uvloop where installed) that parses HTTP/1.1 just enough — request
 line, `Content-Length`, the `webhook-id`/`Idempotency-Key` header — and keeps connections alive,
 so one core of it takes far more callbacks per second than the relay can send. It records the
 arrival time of every callback; the body is kept raw and parsed only when asked for.
 
-    python loadtests/receiver.py --port 8099 --dump arrivals.jsonl
+    python loadtests/receiver.py --port 8099 --dump arrivals.jsonl [--fail-rate 0.5]
+
+With `--fail-rate`, that share of the callbacks, drawn at random, is answered 500 instead (an
+endpoint in trouble for half its callbacks, the bench's mixed row); only 200s are recorded.
 
 Control endpoints (GET): `/__stats` (JSON counts), `/__reset` (forget everything so far).
 On SIGTERM/SIGINT it writes `--dump` (one JSON object per callback: arrival, event_id, payment_id,
@@ -24,27 +27,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+_FAILED = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 _MAX_HEAD_BYTES = 64 * 1024
 
 
 class Store:
-    def __init__(self) -> None:
+    def __init__(self, fail_rate: float = 0.0) -> None:
+        self.fail_rate = fail_rate
         self.reset()
 
     def reset(self) -> None:
         self.arrivals: list[float] = []
         self.ids: list[bytes] = []
         self.bodies: list[bytes] = []
+        self.failed = 0  # answered 500 (--fail-rate)
 
     def stats(self) -> dict[str, object]:
         return {
             "count": len(self.arrivals),
+            "failed": self.failed,
             "unique": len(set(self.ids)),
             "first": self.arrivals[0] if self.arrivals else None,
             "last": self.arrivals[-1] if self.arrivals else None,
@@ -107,6 +115,10 @@ class Receiver(asyncio.Protocol):
             del self.buffer[:total]
             if head.startswith(b"post "):
                 store = self.store
+                if store.fail_rate and random.random() < store.fail_rate:
+                    store.failed += 1
+                    transport.write(_FAILED)
+                    continue
                 store.arrivals.append(now)
                 store.ids.append(_header(head, b"webhook-id") or _header(head, b"idempotency-key"))
                 store.bodies.append(body)
@@ -130,9 +142,9 @@ class Receiver(asyncio.Protocol):
         )
 
 
-async def serve(host: str, port: int, dump: Path | None) -> None:
+async def serve(host: str, port: int, dump: Path | None, fail_rate: float) -> None:
     loop = asyncio.get_running_loop()
-    store = Store()
+    store = Store(fail_rate)
     server = await loop.create_server(lambda: Receiver(store), host, port, backlog=1024)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dump", type=Path, help="write every callback here on exit (JSON lines)")
+    parser.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of callbacks answered 500 (0 to 1)"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.dump))
+        asyncio.run(serve(args.host, args.port, args.dump, args.fail_rate))
     else:
-        uvloop.run(serve(args.host, args.port, args.dump))
+        uvloop.run(serve(args.host, args.port, args.dump, args.fail_rate))
     return 0
 
 

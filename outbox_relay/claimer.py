@@ -1,11 +1,13 @@
-"""The claimer: leases due deliveries and queues each on its endpoint's lane.
+"""The claimer: each lane leases its own endpoint's due deliveries and queues them (`run(lane)`).
 
-It claims (`FOR UPDATE SKIP LOCKED`, one short statement) with a budget per lane, when woken by a
-NOTIFY, by the poll timer, by a delivery that unblocks the next one of a payment, or by a lane
-that has room again. Endpoint health is wired in here: a lane whose endpoint's breaker is closed
-claims its budget (`_claim_budget`); an open breaker claims nothing (its deliveries wait, keeping
-their attempts); a half-open one sends one probe across all relays (`_probe`, `lease_probe`), the
-earliest pending delivery due or not, whose attempt does not count toward RELAY_MAX_ATTEMPTS.
+Each lane claims for itself, in a loop of its own, on a connection of its own pool: a claim that
+is slow or fails for one endpoint (its backlog, its bloat, a lock) never delays another's. A lane
+claims (`FOR UPDATE SKIP LOCKED`, one short statement) when woken by a NOTIFY, by the poll timer,
+by a delivery that unblocks the next one of a payment, or by having room again. Endpoint health is
+wired in here: a lane whose endpoint's breaker is closed claims its budget (`_claim_budget`); an
+open breaker claims nothing (its deliveries wait, keeping their attempts); a half-open one sends
+one probe across all relays (`_probe`, `lease_probe`), the earliest pending delivery due or not,
+whose attempt does not count toward RELAY_MAX_ATTEMPTS.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 
 import asyncpg
@@ -30,65 +31,56 @@ logger = logging.getLogger(__name__)
 
 
 class Claimer:
-    """The claim loop (`run`), until the relay stops."""
+    """The lanes' claim loops (`run`), each until its lane is retired or the relay stops."""
 
     def __init__(self, state: RelayState, recorder: Recorder) -> None:
         self.state = state
         self.recorder = recorder
 
-    async def run(self) -> None:
+    async def run(self, lane: Lane) -> None:
         state = self.state
         settings = state.settings
-        while not state.stop.is_set():
-            state.wake.clear()
-            budgets = {
-                lane.endpoint_id: budget
-                for lane in state.lanes.values()
-                if (budget := self._claim_budget(lane)) > 0
-            }
-            probing = [
-                lane for lane in state.lanes.values() if lane.endpoint.breaker == "half_open"
-            ]
-            if not budgets and not probing:  # no endpoint, or every lane full: wait
-                await wait_for(state.wake, settings.relay_poll_interval)
+        while not state.stop.is_set() and not lane.retired:
+            lane.wake.clear()
+            probing = lane.endpoint.breaker == "half_open"
+            budget = 0 if probing else self._claim_budget(lane)
+            if not probing and budget == 0:  # breaker open, or the lane holds enough: wait
+                await wait_for(lane.wake, settings.relay_poll_interval)
                 continue
             lease_deadline = time.monotonic() + settings.relay_lease_seconds
-            events: list[ClaimedEvent] = []
-            async with state.connection() as conn:
-                for half_open in probing:
-                    if (probe := await self._probe(conn, half_open)) is not None:
-                        events.append(probe)
-                if budgets:
-                    with self._claim_token() as token:
-                        events += await outbox.claim_deliveries(
+            async with lane.connection() as conn:
+                if probing:
+                    probe = await self._probe(conn, lane)
+                    events = [] if probe is None else [probe]
+                else:
+                    with self._claim_token(lane) as token:
+                        events = await outbox.claim_deliveries(
                             conn,
-                            budgets=budgets,
+                            lane.endpoint_id,
+                            limit=budget,
                             lease_seconds=settings.relay_lease_seconds,
                             token=token,
                         )
-            claimed: Counter[int] = Counter()
             for event in events:
-                claimed[event.endpoint_id] += 1
-                lane = state.lanes.get(event.endpoint_id)
-                if lane is None:  # retired while the claim ran: back in line
-                    self.recorder.release_unqueued(event)
+                if lane.retired:  # retired while the claim ran: back in line
+                    self.recorder.release(lane, event)
                     continue
                 lane.held += 1
                 lane.queue.put_nowait((event, lease_deadline))
             state.metrics.claimed.inc(len(events))
-            if all(claimed[endpoint_id] < n for endpoint_id, n in budgets.items()):
-                # every endpoint caught up: wait for news or the next poll
-                await wait_for(state.wake, settings.relay_poll_interval)
+            if probing or len(events) < budget:
+                # caught up (or probing): wait for news or the next poll
+                await wait_for(lane.wake, settings.relay_poll_interval)
 
     @contextlib.contextmanager
-    def _claim_token(self) -> Iterator[uuid.UUID]:
+    def _claim_token(self, lane: Lane) -> Iterator[uuid.UUID]:
         """A new claim's token. If the claim raises, it may have committed (on failover: reached
         the standby) with its answer lost: its leases are released rather than left to run out."""
         token = uuid.uuid4()
         try:
             yield token
         except BaseException:
-            self.recorder.claim_lost(token)
+            self.recorder.claim_lost(lane, token)
             raise
 
     def _claim_budget(self, lane: Lane) -> int:
@@ -105,7 +97,7 @@ class Claimer:
         the earliest pending delivery of the endpoint, due or not. None: no probe now (another
         relay's is in flight, the cooldown is not over, or nothing waits)."""
         settings = self.state.settings
-        if lane.endpoint.breaker != "half_open" or lane.held or lane.retired:
+        if lane.held or lane.waiting or lane.retired:
             return None
         if not await lease_probe(
             conn,
@@ -114,7 +106,7 @@ class Claimer:
             state_changes=self.state.metrics.endpoint_state_changes,
         ):
             return None
-        with self._claim_token() as token:
+        with self._claim_token(lane) as token:
             event = await outbox.claim_probe(
                 conn, lane.endpoint_id, lease_seconds=settings.relay_lease_seconds, token=token
             )

@@ -1,9 +1,12 @@
 """One attempt at delivering one event: a signed POST, a few quick retries, a verdict.
 
 The first try runs without tenacity (the common case is a 2xx and should cost nothing extra);
-only a retryable failure enters tenacity's loop, whose waits honour `Retry-After` and which stops
-early rather than outlive the event's lease or a shutdown. Each endpoint has its own `Deliverer`:
-its `CallbackClient` (keep-alive connections to its URL, see `outbox_relay.http`) and its signing
+only a retryable failure enters tenacity's loop (`retry_quickly`), whose waits honour
+`Retry-After` and which stops early rather than outlive the event's lease or a shutdown. The
+relay's workers (outbox_relay.workers) run the loop beside them, taking one of the lane's slots
+only while a try is on the wire (`send`): a delivery waiting out a quick retry holds no worker.
+`deliver` runs the three steps in one go. Each endpoint has its own `Deliverer`: its
+`CallbackClient` (keep-alive connections to its URL, see `outbox_relay.http`) and its signing
 keys, one `v1,…` signature per key in `webhook-signature` (Standard Webhooks: after a secret's
 rotation the new secret and those it replaced in the last 24 hours sign, so a receiver verifies
 with any of them).
@@ -11,9 +14,10 @@ with any of them).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tenacity import (
@@ -81,6 +85,11 @@ class Deliverer:
         self._schedule = schedule
         self._stopping = stopping
 
+    @property
+    def retries_quickly(self) -> bool:
+        """Whether a retryable failure is tried again at once (RELAY_QUICK_RETRIES > 0)."""
+        return self._quick_retries > 0
+
     async def deliver(self, event: ClaimedEvent, *, lease_deadline: float) -> AttemptRecord:
         """Make one attempt (with its quick retries) and say what the row becomes."""
         attempted_at = time.time()
@@ -88,7 +97,17 @@ class Deliverer:
         result = await self.send(event)
         tries = 1
         if result.verdict is Verdict.RETRYABLE and self._quick_retries:
-            result, tries = await self._retry_quickly(event, result, lease_deadline)
+            result, tries = await self.retry_quickly(event, result, lease_deadline=lease_deadline)
+        return self.attempt_record(
+            event, result, tries=tries, attempted_at=attempted_at, started=started
+        )
+
+    def attempt_record(
+        self, event: ClaimedEvent, result: Try, *, tries: int, attempted_at: float, started: float
+    ) -> AttemptRecord:
+        """What the attempt (its last try's `result`, after `tries` tries in all, the first at
+        `attempted_at`, epoch, and `started`, monotonic) makes of the row; logged unless
+        delivered."""
         counted = counts(result.verdict, counted=event.counted)
         attempts = event.attempts + int(counted)
         outcome, delay = decide(
@@ -168,15 +187,36 @@ class Deliverer:
             retry_after=parse_retry_after(answer.headers.get("retry-after")),
         )
 
-    async def _retry_quickly(
-        self, event: ClaimedEvent, first: Try, lease_deadline: float
+    async def retry_quickly(
+        self,
+        event: ClaimedEvent,
+        first: Try,
+        *,
+        lease_deadline: float,
+        send: Callable[[], Awaitable[Try | None]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> tuple[Try, int]:
-        """Retry a retryable failure a few times; the last result and the number of tries."""
-        already_tried = [first]
+        """Retry a retryable failure a few times; the last result and the number of tries.
+
+        `send` makes one try (by default `self.send(event)`); it may answer None to say that the
+        try cannot go now (the relay is stopping, the lane retired), which ends the retries with
+        the last result. `sleep` waits between tries.
+        """
+        send = send or (lambda: self.send(event))
+        last, tries, first_pending, gave_up = first, 1, True, False
 
         async def attempt() -> Try:
             # tenacity's first attempt is the try already made; the rest go out for real.
-            return already_tried.pop() if already_tried else await self.send(event)
+            nonlocal last, tries, first_pending, gave_up
+            if first_pending:
+                first_pending = False
+                return first
+            result = await send()
+            if result is None:
+                gave_up = True
+                return last
+            last, tries = result, tries + 1
+            return result
 
         def wait(state: RetryCallState) -> float:
             assert state.outcome is not None
@@ -187,17 +227,19 @@ class Deliverer:
             # Out of tries, shutting down, asked to wait longer than a quick retry would, or the
             # next try could end after the lease (another relay may then take the event).
             return (
-                state.attempt_number > self._quick_retries
+                gave_up
+                or state.attempt_number > self._quick_retries
                 or self._stopping()
                 or state.upcoming_sleep > self._quick_wait_limit
                 or time.monotonic() + state.upcoming_sleep + self._request_timeout > lease_deadline
             )
 
         retrying = AsyncRetrying(
+            sleep=sleep,
             retry=retry_if_result(lambda result: result.verdict is Verdict.RETRYABLE),
             wait=wait,
             stop=stop,
             retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
         )
         result: Try = await retrying(attempt)
-        return result, retrying.statistics["attempt_number"]
+        return result, tries

@@ -1,11 +1,15 @@
 """Endpoint health's SQL: the state machine of `outbox_relay.health` run on the `endpoints` row.
 
 Every relay records into the same row, so a change is made in a short transaction that locks the
-row (`SELECT … FOR UPDATE`), folds the attempts' verdicts in with the pure `apply`, and writes the
-result: two relays recording at once are serialised by the row lock, and neither loses the
-other's failures. The common case, successes on a healthy endpoint, is one statement without a
-transaction. Every state change is NOTIFYed on ENDPOINTS_CHANNEL (the relays reload their
-endpoints), logged as a warning and counted in `relay_endpoint_state_changes_total`.
+row (`SELECT … FOR NO KEY UPDATE`), folds the attempts' verdicts in with the pure `apply`, and
+writes the result: two relays recording at once are serialised by the row lock, and neither loses
+the other's failures. NO KEY: the lock an UPDATE of these columns takes anyway, which leaves the
+KEY SHARE lock of the API's fan-out (the foreign key of each delivery it writes) free, so a
+relay recording an endpoint's health never holds up the payments of every endpoint (FOR UPDATE
+did: each of the API's inserts waited for the health write of a flapping endpoint). The common
+case, successes on a healthy endpoint, is one statement without a transaction. Every state
+change is NOTIFYed on ENDPOINTS_CHANNEL (the relays reload their endpoints), logged as a warning
+and counted in `relay_endpoint_state_changes_total`.
 
 A half-open breaker lets one probe through across all relays: `lease_probe` takes the lease
 (`endpoints.probe_until`) under the same row lock; whoever gets True sends one delivery.
@@ -32,7 +36,7 @@ SELECT name, state, state_reason, consecutive_failures, breaker_open_until,
        breaker_cooldown_seconds, probe_until, failing_since, last_success_at, now() AS now
   FROM endpoints
  WHERE endpoint_id = $1
-   FOR UPDATE
+   FOR NO KEY UPDATE
 """
 
 WRITE_SQL = """

@@ -130,7 +130,7 @@ class GatewayWorker:
             case Decided():
                 await charges.finish_charge(self.pool, operation, verdict)
                 self._count(operation, "decided")
-                self.state.wake.set()  # its event is committed
+                self.state.wake_lanes()  # its event is committed
             case Undecided():
                 self._count(operation, "unknown" if verdict.unknown else "processing")
                 if operation.phase == "STARTED":
@@ -141,7 +141,7 @@ class GatewayWorker:
                         delay_seconds=self._delay(operation),
                         checked=True,
                     )
-                    self.state.wake.set()  # payment.pending is committed
+                    self.state.wake_lanes()  # payment.pending is committed
                 else:
                     await self._reschedule(operation, verdict.reason, unknown=verdict.unknown)
             case LeaseLost():
@@ -160,7 +160,7 @@ class GatewayWorker:
             case Decided():
                 await refunds.finish_refund(self.pool, operation, verdict)
                 self._count(operation, "decided")
-                self.state.wake.set()
+                self.state.wake_lanes()
             case Undecided():
                 self._count(operation, "unknown" if verdict.unknown else "processing")
                 if operation.phase == "STARTED":

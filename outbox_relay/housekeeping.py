@@ -33,12 +33,14 @@ import asyncpg
 
 from outbox_relay import outbox
 from outbox_relay.state import wait_for
+from payment_service.database import advisory_unlock, try_advisory_lock
+from payment_service.sql import Statement
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000  # rows per statement: deliveries and keys deleted, events swept
 MIN_REST_SECONDS = 0.005  # the least rest between rounds: other tasks and sessions get a turn
-PURGE_EXPIRED_KEYS_SQL = "SELECT purge_expired_idempotency_keys($1)"
+PURGE_EXPIRED_KEYS = Statement("SELECT purge_expired_idempotency_keys(:limit)")
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,12 @@ async def housekeep(
 ) -> HousekeepingResult:
     """One pass, unless another relay is doing one right now; it ends when nothing is left to
     delete, or at `stop`."""
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", outbox.HOUSEKEEPING_LOCK_ID):
+    if not await try_advisory_lock(conn, outbox.HOUSEKEEPING_LOCK_ID):
         return HousekeepingResult(ran=False)
     try:
         result = await _Pass(conn, retention_hours, batch_size, stop or asyncio.Event()).run()
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", outbox.HOUSEKEEPING_LOCK_ID)
+        await advisory_unlock(conn, outbox.HOUSEKEEPING_LOCK_ID)
     if result.deliveries_deleted or result.events_deleted or result.keys_deleted:
         logger.info(
             "housekeeping deleted old rows",
@@ -158,5 +160,5 @@ class _Pass:
 
 async def purge_expired_idempotency_keys(conn: asyncpg.Connection, *, limit: int) -> int:
     """Delete up to `limit` idempotency keys past their expiry; how many were deleted."""
-    deleted = await conn.fetchval(PURGE_EXPIRED_KEYS_SQL, limit)
+    deleted = await conn.fetchval(PURGE_EXPIRED_KEYS.sql, *PURGE_EXPIRED_KEYS.args(limit=limit))
     return int(deleted)

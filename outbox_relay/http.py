@@ -4,16 +4,29 @@ Why not httpx or aiohttp: their CPU per request was most of the relay's budget a
 (docs/benchmarks.md, section "Relay", has the measurements). This client does only what
 the relay needs: POST a body to one URL (http or https) and read the status, headers and a
 bounded body, treating every malformed answer as a failed attempt.
+
+Its requests are built from `parse_callback_url`, the reading of a URL that the command line and
+the admin API check endpoints with. It connects only to addresses its `NetworkPolicy` allows,
+checked on what the host resolves to at each new connection: a name that has come to resolve to
+a refused address (DNS rebinding) fails that attempt with `AddressRefused`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from payment_service.callback_urls import (
+    Address,
+    NetworkPolicy,
+    parse_callback_url,
+    refusal_message,
+)
 
 MAX_HEAD_BYTES = 64 * 1024  # of an answer's head, and of a chunked body's size lines and trailers
 # Of an answer's body kept. A longer body with a content-length is cut (its status stands) and its
@@ -34,6 +47,10 @@ class CallbackError(Exception):
 
 class ConnectFailed(CallbackError):
     """No connection to the receiver could be opened."""
+
+
+class AddressRefused(ConnectFailed):
+    """The host is, or resolves only to, addresses callbacks may not reach (NetworkPolicy)."""
 
 
 class TimedOut(CallbackError):
@@ -59,21 +76,25 @@ class Answer:
 class CallbackClient:
     """POSTs to one URL over a small pool of kept-alive connections."""
 
-    def __init__(self, url: str, *, max_connections: int, timeout: float, user_agent: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._host = parts.hostname
-        default_port = 443 if parts.scheme == "https" else 80
-        self._port = parts.port or default_port
-        host_header = f"[{self._host}]" if ":" in self._host else self._host
-        if self._port != default_port:
-            host_header += f":{self._port}"
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    def __init__(
+        self,
+        url: str,
+        *,
+        networks: NetworkPolicy,
+        max_connections: int,
+        timeout: float,
+        user_agent: str,
+    ) -> None:
+        """Raises CallbackURLError (a ValueError) for a URL no request can be made to."""
+        self.url = parse_callback_url(url)
+        self._host = self.url.host
+        self._port = self.url.port
+        self._networks = networks
         self._prefix = (
-            f"POST {target} HTTP/1.1\r\nhost: {host_header}\r\nuser-agent: {user_agent}\r\n"
+            f"POST {self.url.target} HTTP/1.1\r\nhost: {self.url.host_header}\r\n"
+            f"user-agent: {user_agent}\r\n"
         ).encode("latin-1")
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = ssl.create_default_context() if self.url.tls else None
         self._timeout = timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[Connection] = []
@@ -121,16 +142,50 @@ class CallbackClient:
         return None
 
     async def _connect(self) -> Connection:
-        try:
-            return await asyncio.open_connection(
-                self._host,
-                self._port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._ssl else None,
-                limit=MAX_HEAD_BYTES,
-            )
-        except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
-            raise ConnectFailed(str(error) or type(error).__name__) from None
+        """A new connection to the first allowed address of the host that accepts one."""
+        failure: OSError | None = None
+        for address in await self._addresses():
+            try:
+                return await asyncio.open_connection(
+                    str(address),
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                    limit=MAX_HEAD_BYTES,
+                )
+            except OSError as error:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+                failure = error
+        assert failure is not None
+        raise ConnectFailed(str(failure) or type(failure).__name__)
+
+    async def _addresses(self) -> list[Address]:
+        """The host's addresses (resolved now) that callbacks may reach, in the resolver's order;
+        AddressRefused when there is none."""
+        addresses = [self.url.address] if self.url.address is not None else []
+        if not addresses:
+            try:
+                found = await asyncio.get_running_loop().getaddrinfo(
+                    self._host, self._port, type=socket.SOCK_STREAM
+                )
+            except OSError as error:  # DNS: no such name, no answer
+                raise ConnectFailed(str(error) or type(error).__name__) from None
+            for *_, sockaddr in found:
+                address = ipaddress.ip_address(sockaddr[0])
+                if address not in addresses:
+                    addresses.append(address)
+        refused = []
+        allowed = []
+        for address in addresses:
+            kind = self._networks.refusal(address)
+            if kind is None:
+                allowed.append(address)
+            else:
+                refused.append((address, kind))
+        if not allowed:
+            if not refused:
+                raise ConnectFailed(f"{self._host} resolves to no address")
+            raise AddressRefused(refusal_message(self._host, *refused[0]))
+        return allowed
 
     async def _send(self, conn: Connection, request: bytes) -> Answer:
         reader, writer = conn

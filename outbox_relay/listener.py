@@ -1,9 +1,9 @@
 """The listener: LISTENs on the outbox and endpoint channels and wakes the part that has news.
 
-A NOTIFY on OUTBOX_CHANNEL wakes the claimer, one on ENDPOINTS_CHANNEL the endpoint loop. The
-LISTEN connection is its own (not pooled); an idle one is checked with SELECT 1, and a lost one
-raises `ListenerLost`, so that the supervisor waits the database out and listens again, catching
-up with whatever was committed or changed meanwhile.
+A NOTIFY on OUTBOX_CHANNEL wakes every lane's claim loop, one on ENDPOINTS_CHANNEL the endpoint
+loop. The LISTEN connection is its own (not pooled); an idle one is checked with SELECT 1, and a
+lost one raises `ListenerLost`, so that the supervisor waits the database out and listens again,
+catching up with whatever was committed or changed meanwhile.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ async def listen(state: RelayState) -> None:
     """Listen until the connection is lost (`ListenerLost`) or the task is cancelled."""
 
     def on_notification(*_args: Any) -> None:
-        state.wake.set()
+        state.wake_lanes()
 
     def on_endpoint_change(*_args: Any) -> None:
         state.endpoints_changed.set()
@@ -42,7 +42,7 @@ async def listen(state: RelayState) -> None:
         await conn.add_listener(ENDPOINTS_CHANNEL, on_endpoint_change)
         logger.info("listening for new events", extra={"channel": OUTBOX_CHANNEL})
         # catch up with whatever was committed or changed while not listening
-        state.wake.set()
+        state.wake_lanes()
         state.endpoints_changed.set()
         while True:
             await wait_for(lost, LISTENER_CHECK_SECONDS)

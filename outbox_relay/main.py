@@ -6,47 +6,57 @@ event loop, each in a module of its own, sharing a `RelayState` (outbox_relay.st
   start (`seed_from_settings`: with only NOTIFICATION_SERVICE_URL the relay behaves as before
   subscriptions), then reloads the endpoints every second and at once when a change is NOTIFYed
   on ENDPOINTS_CHANNEL;
-- each ACTIVE endpoint with a URL has a lane (outbox_relay.lanes): its own HTTP client, signing
-  keys, queue and workers (outbox_relay.workers), and its share of RELAY_CONCURRENCY;
-- the claimer (outbox_relay.claimer) leases due deliveries (`FOR UPDATE SKIP LOCKED`, one short
-  statement) with a budget per lane, when woken by a NOTIFY, by the poll timer, by a delivery
-  that unblocks the next one of a payment, or by a lane that has room again, and queues each on
-  its lane;
-- the recorder (outbox_relay.recorder) writes finished attempts back in batches, one statement
-  per batch, checking each row's claim token (row by row when the database refuses a batch's
-  values: one bad row never holds back the others);
+- each ACTIVE endpoint with a URL has a lane (outbox_relay.lanes), and everything below runs per
+  lane, started and stopped together by outbox_relay.lane_runner: its own connection pool, HTTP
+  client, signing keys, queue and workers (outbox_relay.workers), and its share of
+  RELAY_CONCURRENCY;
+- the lane's claim loop (outbox_relay.claimer) leases its endpoint's due deliveries (`FOR UPDATE
+  SKIP LOCKED`, one short statement) when woken by a NOTIFY, by the poll timer, by a delivery that
+  unblocks the next one of a payment, or by having room again, and queues them;
+- the lane's recorder (outbox_relay.recorder) writes its finished attempts back in batches, one
+  statement per batch, checking each row's claim token (row by row when the database refuses a
+  batch's values: one bad row never holds back the others), then feeds its endpoint's health;
 - the listener (outbox_relay.listener) LISTENs on the outbox and endpoint channels and reconnects
   after a database restart;
-- housekeeping and the metric gauges run on timers (outbox_relay.timers);
+- housekeeping and the metric gauges run on timers (outbox_relay.timers), on the relay's own
+  small pool with the endpoint loop;
 - with GATEWAY=stripe, the gateway worker (outbox_relay.gateway_worker) finishes the charges and
   refunds that nobody finished, on a pool of its own.
-This module is the process: it builds the parts, runs each loop under a supervisor, and stops.
+This module is the process: it builds the parts, runs each loop under a supervisor
+(`outbox_relay.state.supervise`), and stops.
 
-Independence: an endpoint that is down, slow (answers after the timeout) or answers 500 must
-never delay another's deliveries. Three things see to it:
+Independence: an endpoint that is down, slow (answers after the timeout) or answers 500 to some
+of its callbacks must never delay another's deliveries, however busy the API. Four things see to
+it:
 1. in flight: a lane sends at most its share of RELAY_CONCURRENCY (ceil(concurrency / lanes), at
-   least one) at once, with workers and a connection pool of its own, so a hanging endpoint holds
-   its own workers and never anyone else's;
-2. claiming: the claim statement takes a budget per endpoint (a LATERAL subquery each, read
-   through the per-endpoint index), and a lane is only given room when it has drained to its low
-   water mark, so one endpoint's backlog never fills a batch and a full lane never stops the
-   claimer from serving the others;
-3. order per (endpoint, payment) only: a delivery waits for an earlier PENDING delivery of the
+   least one) at once, with workers of its own, so a hanging endpoint holds its own workers and
+   never anyone else's; a retryable failure waits out its quick retry holding no worker and no
+   slot, so a flapping endpoint keeps sending (and draining) at the rate its receiver answers;
+   and a lane's slots shrink with the share of its tries that fail (Lane.in_flight_allowed), so
+   when the relay's CPU runs short the tries of a failing endpoint take less of it;
+2. claiming: each lane claims for itself, on its own connections, up to its own room (claimed
+   only once it has drained to its low water mark), so one endpoint's backlog never fills
+   another's claim, and a claim that is slow for one endpoint (its backlog, the bloat of its
+   rows) never delays another's;
+3. recording: each lane writes its own results and its endpoint's health on its own
+   connections, so one endpoint's churn never holds back another's writes;
+4. order per (endpoint, payment) only: a delivery waits for an earlier PENDING delivery of the
    same payment to the same endpoint, never for another endpoint's.
-Endpoint health (outbox_relay.health, outbox_relay.endpoint_health) is wired in two
-places:
+Endpoint health (outbox_relay.health, outbox_relay.endpoint_health) is wired in two places:
 - claiming (`Claimer._claim_budget`, `Claimer._probe`): a lane whose endpoint's breaker is
   closed claims its budget; an open breaker claims nothing (its deliveries wait, keeping their
   attempts); a half-open one sends one probe across all relays (`lease_probe`), the earliest
   pending delivery due or not, whose attempt does not count toward RELAY_MAX_ATTEMPTS;
-- recording (`Recorder._attempts_recorded`): each batch's written attempts go, per endpoint, to
-  `record_health`, which opens, reopens or closes the breaker, and disables the endpoint on 410
-  Gone (that delivery stays PENDING until `endpoints enable`) or after ENDPOINT_DISABLE_AFTER_HOURS
-  of failure. Every change is logged and counted there, and NOTIFYed, so every relay reloads the
+- recording (`Recorder._record_health`): each batch's written attempts go to `record_health`,
+  which opens, reopens or closes the breaker, and disables the endpoint on 410 Gone (that
+  delivery stays PENDING until `endpoints enable`) or after ENDPOINT_DISABLE_AFTER_HOURS of
+  failure. Every change is logged and counted there, and NOTIFYed, so every relay reloads the
   endpoint at once; a relay also logs each change it sees in the endpoints it reloads.
 
-A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claimer, let
-in-flight deliveries finish within RELAY_SHUTDOWN_GRACE_SECONDS, release the rest, and exit 0.
+A loop that fails is logged and restarted after a delay. SIGTERM/SIGINT stop the claim loops,
+let in-flight deliveries finish within RELAY_SHUTDOWN_GRACE_SECONDS, release the rest, and exit
+0; results (and lost claims) it could not write by then are counted in a warning, and their
+leases run out instead.
 """
 
 from __future__ import annotations
@@ -60,10 +70,11 @@ from collections.abc import Awaitable, Callable
 from outbox_relay.claimer import Claimer
 from outbox_relay.endpoint_loop import EndpointLoop
 from outbox_relay.gateway_worker import GatewayWorker
+from outbox_relay.lane_runner import LaneRunner
 from outbox_relay.listener import ListenerLost, listen
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.recorder import Recorder
-from outbox_relay.state import RelayState, error_text, wait_for
+from outbox_relay.state import RelayState, close_pool, supervise
 from outbox_relay.timers import gauge_loop, housekeeping_loop
 from outbox_relay.workers import Workers
 from payment_service import __version__
@@ -73,12 +84,10 @@ from payment_service.gateway.factory import gateway_from_settings
 
 logger = logging.getLogger(__name__)
 
-POOL_SIZE = 5  # claimer, recorder, endpoints, housekeeping, gauges
-RESTART_DELAY_SECONDS = 0.5  # first wait before a failed loop restarts; doubles up to the max
-MAX_RESTART_DELAY_SECONDS = 5.0
-HEALTHY_RUN_SECONDS = 30.0  # a loop that ran this long before failing restarts with the first delay
+# The relay's own pool: the endpoint loop, housekeeping, the gauges. Each lane has a pool of its
+# own for its claims and results (outbox_relay.lanes.LANE_POOL_SIZE).
+POOL_SIZE = 3
 FINAL_WRITE_SECONDS = 1.0  # part of the shutdown grace kept for writing the last results
-CLOSE_TIMEOUT_SECONDS = 2.0
 
 # Failures a loop waits out and logs as a warning: the database is away (restart, failover).
 _WAITED_OUT: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ListenerLost)
@@ -94,8 +103,9 @@ class Relay:
         self.state = RelayState(settings, self.metrics)
         self.recorder = Recorder(self.state)
         self.workers = Workers(self.state, self.recorder)
-        self.endpoints = EndpointLoop(self.state, self.workers)
         self.claimer = Claimer(self.state, self.recorder)
+        self.runner = LaneRunner(self.state, self.claimer, self.recorder, self.workers)
+        self.endpoints = EndpointLoop(self.state, self.runner)
         # Raises ConfigurationError (one line naming STRIPE_SECRET_KEY) for a gateway without a
         # key, before anything starts.
         gateway = gateway_from_settings(settings)
@@ -106,9 +116,8 @@ class Relay:
         if not state.stop.is_set():
             logger.info("stop requested; draining in-flight deliveries")
         state.stop.set()
-        state.wake.set()
         for lane in state.all_lanes():
-            lane.slot_freed.set()
+            self.runner.stop_claiming(lane)
 
     async def run(self) -> int:
         settings = self.settings
@@ -133,10 +142,8 @@ class Relay:
                 "lease_seconds": settings.relay_lease_seconds,
             },
         )
-        claimer = asyncio.create_task(self._supervise("claimer", self.claimer.run))
-        recorder = asyncio.create_task(self.recorder.run())
+        endpoints = asyncio.create_task(self._supervise("endpoints", self.endpoints.run))
         background = [
-            asyncio.create_task(self._supervise("endpoints", self.endpoints.run)),
             asyncio.create_task(self._supervise("listener", lambda: listen(state))),
             asyncio.create_task(self._supervise("housekeeping", lambda: housekeeping_loop(state))),
         ]
@@ -150,44 +157,60 @@ class Relay:
         closers = self.endpoints.closers
         try:
             await state.stop.wait()
-            await self._drain(claimer, recorder, gateway_task)
+            endpoints.cancel()  # no lane opens or retires while the lanes drain
+            await asyncio.gather(endpoints, return_exceptions=True)
+            await self._drain(gateway_task)
         finally:
             if self.gateway_worker is not None:
                 await self.gateway_worker.close()
+            endpoints.cancel()
             for task in [*background, *closers]:
                 task.cancel()
-            await asyncio.gather(*background, *closers, return_exceptions=True)
+            await asyncio.gather(endpoints, *background, *closers, return_exceptions=True)
+            leftovers = [
+                task
+                for lane in state.all_lanes()
+                for task in (lane.claiming, lane.recording, *self.workers.tasks(lane))
+                if task is not None and not task.done()
+            ]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
             for lane in state.all_lanes():
-                await lane.client.aclose()
-            await self._close_pool()
+                await self.runner.close_connections(lane)
+            await close_pool(state.pool)
             if metrics_server is not None:
                 self.metrics.shutdown(metrics_server)
         logger.info("relay stopped", extra={"outcomes": dict(self.recorder.outcomes)})
         return 0
 
-    async def _drain(
-        self,
-        claimer: asyncio.Task[None],
-        recorder: asyncio.Task[None],
-        gateway_task: asyncio.Task[None] | None,
-    ) -> None:
+    async def _drain(self, gateway_task: asyncio.Task[None] | None) -> None:
         """Stop claiming, let in-flight deliveries (and gateway operations) finish in the grace
-        period, release the rest."""
+        period, release the rest, write the results: every lane at once, each step within the
+        deadline."""
         started = time.monotonic()
         grace = self.settings.relay_shutdown_grace_seconds
         deadline = started + grace
         drain_deadline = deadline - min(FINAL_WRITE_SECONDS, grace / 4)
+        lanes = self.state.all_lanes()
         await _finish_within(
-            claimer, *([gateway_task] if gateway_task else []), deadline=drain_deadline
+            *(lane.claiming for lane in lanes if lane.claiming is not None),
+            *([gateway_task] if gateway_task is not None else []),
+            deadline=drain_deadline,
         )
-        workers: list[asyncio.Task[None]] = []
-        for lane in self.state.all_lanes():
+        for lane in lanes:
             self.workers.stop(lane)  # claimed but not started: back in line at once
-            workers += lane.workers
-        await _finish_within(*workers, deadline=drain_deadline)
-        self.recorder.close()
-        await _finish_within(recorder, deadline=max(deadline, time.monotonic() + 0.2))
-        unwritten = self.recorder.unwritten
+        await _finish_within(*(w for lane in lanes for w in lane.workers), deadline=drain_deadline)
+        # then the quick retries, those the last tries started included (a stop ends their wait)
+        await _finish_within(*(r for lane in lanes for r in lane.retries), deadline=drain_deadline)
+        for lane in lanes:
+            self.recorder.close(lane)
+        await _finish_within(
+            *(lane.recording for lane in lanes if lane.recording is not None),
+            deadline=max(deadline, time.monotonic() + 0.2),
+        )
+        # Results, releases and lost claims' tokens not written: their leases run out instead.
+        unwritten = sum(len(lane.unwritten) for lane in lanes)
         if unwritten:
             logger.warning(
                 "could not write every result before exiting; those leases run out instead",
@@ -197,49 +220,14 @@ class Relay:
             "drained", extra={"seconds": round(time.monotonic() - started, 3), "grace": grace}
         )
 
-    async def _close_pool(self) -> None:
-        pool = self.state.pool
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
-        except UNAVAILABLE_ERRORS:  # includes the timeout
-            pool.terminate()
-
     async def _supervise(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
-        """Run a loop until stop; when it fails, log it and start it again after a delay."""
-        delay = RESTART_DELAY_SECONDS
-        while not self.state.stop.is_set():
-            started = time.monotonic()
-            try:
-                await body()
-            except asyncio.CancelledError:
-                raise
-            except _WAITED_OUT as error:
-                logger.warning(
-                    "database unavailable; loop restarts after a delay",
-                    extra={"loop": name, "error": error_text(error), "retry_in_seconds": delay},
-                )
-            except Exception:
-                logger.exception(
-                    "relay loop crashed; it restarts after a delay",
-                    extra={"loop": name, "retry_in_seconds": delay},
-                )
-            else:
-                continue
-            self.metrics.loop_restarts.labels(name).inc()
-            await self._pause(delay)
-            # Back off while failures come one after another; start afresh after a good run.
-            ran_well = time.monotonic() - started > HEALTHY_RUN_SECONDS
-            delay = RESTART_DELAY_SECONDS if ran_well else min(delay * 2, MAX_RESTART_DELAY_SECONDS)
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once on stop."""
-        await wait_for(self.state.stop, seconds)
+        await supervise(self.state, name, body, waited_out=_WAITED_OUT)
 
 
 async def _finish_within(*tasks: asyncio.Task[None], deadline: float) -> None:
     """Wait for tasks until a monotonic deadline, then cancel what is left."""
+    if not tasks:
+        return
     _done, pending = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0))
     for task in pending:
         task.cancel()

@@ -8,12 +8,13 @@ from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from payment_service.vocabulary import ENDPOINT_STATES
+
 logger = logging.getLogger(__name__)
 
 # How a gauge of the database's backlog combines across processes: every relay sees the same.
 _BACKLOG: Final = "livemax"
 
-ENDPOINT_STATES = ("ACTIVE", "PAUSED", "DISABLED")
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -65,7 +66,9 @@ class RelayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.claimed = Counter("relay_claimed_events", "Events leased by this relay.", registry=r)
+        self.claimed = Counter(
+            "relay_claimed_deliveries", "Deliveries leased by this relay.", registry=r
+        )
         self.lost_leases = Counter(
             "relay_lost_leases",
             "Attempts whose result was not written: the lease ran out and another relay took over.",
@@ -81,6 +84,13 @@ class RelayMetrics:
             ["endpoint", "to"],
             registry=r,
         )
+        self.unservable_endpoints = Counter(
+            "relay_unservable_endpoints",
+            "Endpoints this relay DISABLED because it cannot deliver to them (a URL no request "
+            "can be made to), by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "relay_in_flight_deliveries",
             "Deliveries this relay has in flight.",
@@ -88,25 +98,26 @@ class RelayMetrics:
             registry=r,
         )
         self.pending = Gauge(
-            "outbox_pending_events",
-            "Events not yet delivered.",
+            "outbox_pending_deliveries",
+            "Deliveries not yet delivered, every endpoint.",
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
         self.oldest_pending_age = Gauge(
             "outbox_oldest_pending_age_seconds",
-            "Age of the oldest undelivered event (0 when none).",
+            "Age of the oldest undelivered delivery, every endpoint (0 when none).",
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
-        self.dead_events = Gauge(
-            "outbox_dead_events",
+        self.dead_deliveries = Gauge(
+            "outbox_dead_deliveries",
             "Deliveries given up on (DEAD), every endpoint.",
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
         # Per endpoint (label `endpoint`: its name). The totals above stay for dashboards and
-        # alerts written before subscriptions.
+        # alerts written before subscriptions. A metric's name says what it counts: deliveries
+        # (an event to one endpoint), not events; docs/operations.md lists the names renamed.
         self.endpoint_deliveries = Counter(
             "relay_endpoint_deliveries",
             "Delivery attempts by endpoint and outcome: delivered, rescheduled, dead, released.",
@@ -189,7 +200,7 @@ class RelayMetrics:
                 self.endpoint_state.labels(row.name, state).set(int(row.state == state))
         self.pending.set(sum(row.pending for row in rows))
         self.oldest_pending_age.set(max((row.oldest_age_seconds or 0 for row in rows), default=0))
-        self.dead_events.set(sum(row.dead for row in rows))
+        self.dead_deliveries.set(sum(row.dead for row in rows))
 
     def serve(self, host: str, port: int) -> Any | None:
         """Serve /metrics in a daemon thread; None (and a warning) when the port is taken."""

@@ -26,50 +26,46 @@ HOUSEKEEPING_LOCK_ID = 0x6F7574626F78686B
 
 ERROR_TEXT_LIMIT = 300  # characters of an error kept on the row and in its attempt log
 MIN_STATUS_CODE, MAX_STATUS_CODE = 100, 599  # what the CHECK on last_status_code allows
+MAX_EPOCH_SECONDS = 1e11  # about the year 5138; PostgreSQL's timestamps go further
 # Characters PostgreSQL text and jsonb reject (NUL), or UTF-8 cannot encode (lone surrogates).
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
-# The claim takes a budget per endpoint: `$1` endpoint ids, `$2` how many deliveries each may
-# lease now (the relay gives each endpoint room of its own, so one endpoint's backlog never fills a
-# batch: see outbox_relay.main). An endpoint that is not ACTIVE, has no URL or whose breaker is not
-# closed gets nothing, even when the relay's copy of it is a moment old (a half-open breaker's one
-# probe goes through PROBE_CLAIM_SQL). Each endpoint's deliveries are read through
-# deliveries_due_idx; order per (endpoint, payment) through deliveries_pending_aggregate_idx.
-# Order follows the EVENT's id (deliveries.event_id = outbox_events.id), not delivery_id: `outbox
-# replay --since` may add a delivery for an older event after a newer event's is already pending.
+# The claim of one endpoint's lane (each lane claims for itself, on its own connection: see
+# outbox_relay.lanes): `$1` the endpoint, `$2` how many deliveries it may lease now. An endpoint
+# that is not ACTIVE, has no URL or whose breaker is not closed gets nothing, even when the relay's
+# copy of it is a moment old (a half-open breaker's one probe goes through PROBE_CLAIM_SQL).
+# Read through deliveries_due_idx in its order; order per (endpoint, payment) through
+# deliveries_pending_aggregate_idx. Order follows the EVENT's id (deliveries.event_id =
+# outbox_events.id), not delivery_id: `outbox replay --since` may add a delivery for an older
+# event after a newer event's is already pending.
 CLAIM_SQL = """
-WITH budget AS (
-    SELECT b.endpoint_id, b.n
-      FROM unnest($1::bigint[], $2::int[]) AS b(endpoint_id, n)
-      JOIN endpoints AS ep ON ep.endpoint_id = b.endpoint_id
-     WHERE ep.state = 'ACTIVE'
-       AND ep.url IS NOT NULL
-       AND ep.breaker_open_until IS NULL
-       AND b.n > 0
-), due AS (
+WITH due AS (
     SELECT d.delivery_id
-      FROM budget AS b
-     CROSS JOIN LATERAL (
-        SELECT d.delivery_id
-          FROM deliveries AS d
-         WHERE d.endpoint_id = b.endpoint_id
-           AND d.status = 'PENDING'
-           AND d.next_attempt_at <= now()
-           -- not leased, or the lease of a relay that died has run out
-           AND (d.locked_until IS NULL OR d.locked_until < now())
-           -- order per (endpoint, payment): only the earliest pending delivery of a payment to
-           -- this endpoint may go; a DEAD one no longer blocks the ones after it. (A scalar
-           -- subquery, one index probe per candidate: as NOT EXISTS the planner may choose an
-           -- anti join that scans every pending delivery of the endpoint per candidate.)
-           AND d.event_id = (SELECT min(earliest.event_id)
-                               FROM deliveries AS earliest
-                              WHERE earliest.endpoint_id = d.endpoint_id
-                                AND earliest.aggregate_id = d.aggregate_id
-                                AND earliest.status = 'PENDING')
-         ORDER BY d.next_attempt_at, d.event_id
-         LIMIT b.n
-           FOR UPDATE OF d SKIP LOCKED
-     ) AS d
+      FROM deliveries AS d
+     WHERE d.endpoint_id = $1
+       AND d.status = 'PENDING'
+       AND d.next_attempt_at <= now()
+       -- not leased, or the lease of a relay that died has run out
+       AND (d.locked_until IS NULL OR d.locked_until < now())
+       -- order per (endpoint, payment): only the earliest pending delivery of a payment to this
+       -- endpoint may go; a DEAD one no longer blocks the ones after it. (A scalar subquery, one
+       -- index probe per candidate: as NOT EXISTS the planner may choose an anti join that scans
+       -- every pending delivery of the endpoint per candidate.)
+       AND d.event_id = (SELECT min(earliest.event_id)
+                           FROM deliveries AS earliest
+                          WHERE earliest.endpoint_id = d.endpoint_id
+                            AND earliest.aggregate_id = d.aggregate_id
+                            AND earliest.status = 'PENDING')
+       -- the endpoint, as it is now (evaluated once)
+       AND EXISTS (SELECT 1
+                     FROM endpoints AS ep
+                    WHERE ep.endpoint_id = $1
+                      AND ep.state = 'ACTIVE'
+                      AND ep.url IS NOT NULL
+                      AND ep.breaker_open_until IS NULL)
+     ORDER BY d.next_attempt_at, d.event_id
+     LIMIT $2
+       FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE deliveries AS o
    SET locked_until = now() + make_interval(secs => $3),
@@ -181,14 +177,18 @@ UPDATE deliveries
    AND status = 'PENDING'
 """
 
-# Which of these attempts are on their rows already: a write whose commit reached the database
-# (and, on failover, the standby) but whose answer was lost, and that is now written again. Each
-# attempt's log entry carries its `at` (the attempt's own time, to the microsecond).
+# What became of attempts whose write found no row with their claim token: `mine`, already on
+# its row (a write whose commit reached the database, and on failover the standby, but whose
+# answer was lost, written again; each attempt's log entry carries its `at`, the attempt's own
+# time to the microsecond); `gone`, no row at all (deleted while in flight: its endpoint was
+# removed); neither: another relay took the delivery over when the lease ran out.
 RECORDED_ALREADY_SQL = """
-SELECT d.delivery_id
+SELECT a.id,
+       d.delivery_id IS NULL AS gone,
+       coalesce(d.attempt_log @> jsonb_build_array(
+                    jsonb_build_object('at', to_timestamp(a.attempted_at))), false) AS mine
   FROM unnest($1::bigint[], $2::float8[]) AS a(id, attempted_at)
-  JOIN deliveries AS d ON d.delivery_id = a.id
- WHERE d.attempt_log @> jsonb_build_array(jsonb_build_object('at', to_timestamp(a.attempted_at)))
+  LEFT JOIN deliveries AS d ON d.delivery_id = a.id
 """
 
 # The relay's gauges, per endpoint (every few seconds): pending deliveries, the oldest one's age,
@@ -337,6 +337,13 @@ def safe_text(text: str | None, *, limit: int = ERROR_TEXT_LIMIT) -> str | None:
     return _UNSTORABLE.sub("\ufffd", text[:limit])
 
 
+def storable_epoch(seconds: float) -> float:
+    """An attempt's time (epoch seconds) as a row can hold it: itself, or the epoch when outside
+    what `to_timestamp` takes (it never is, coming from the clock; a refused one is written bare
+    with this, and looked for with it)."""
+    return seconds if 0 <= seconds < MAX_EPOCH_SECONDS else 0.0
+
+
 def safe_status_code(code: int | None) -> int | None:
     """An HTTP status code the row can hold: None for one outside 100-599."""
     return code if code is not None and MIN_STATUS_CODE <= code <= MAX_STATUS_CODE else None
@@ -344,16 +351,17 @@ def safe_status_code(code: int | None) -> int | None:
 
 async def claim_deliveries(
     conn: asyncpg.Connection,
+    endpoint_id: int,
     *,
-    budgets: dict[int, int],
+    limit: int,
     lease_seconds: float,
     token: uuid.UUID | None = None,
 ) -> list[ClaimedEvent]:
-    """Lease due deliveries, oldest first per endpoint: up to `budgets[endpoint_id]` for each
-    endpoint whose breaker is closed, at most one per (endpoint, payment). `token`: the claim's
-    token, chosen by the caller so that it can release the claim if the answer is lost."""
+    """Lease up to `limit` of an endpoint's due deliveries, oldest first, at most one per
+    payment; none while its breaker is not closed. `token`: the claim's token, chosen by the
+    caller so that it can release the claim if the answer is lost."""
     token = token or uuid.uuid4()
-    rows = await conn.fetch(CLAIM_SQL, list(budgets), list(budgets.values()), lease_seconds, token)
+    rows = await conn.fetch(CLAIM_SQL, endpoint_id, limit, lease_seconds, token)
     return [_claimed(row, token) for row in rows]
 
 
@@ -416,12 +424,21 @@ async def release_claim_tokens(conn: asyncpg.Connection, tokens: Sequence[uuid.U
     return int(result.split()[-1])
 
 
-async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRecord]) -> set[int]:
-    """The ids of the deliveries on which these very attempts are written already."""
+class Fates(NamedTuple):
+    """What became of attempts not written (RECORDED_ALREADY_SQL), by delivery id."""
+
+    mine: set[int]  # written already: the answer of an earlier write was lost
+    gone: set[int]  # the delivery no longer exists (its endpoint was removed)
+
+
+async def recorded_already(conn: asyncpg.Connection, records: Sequence[AttemptRecord]) -> Fates:
+    """Which of these attempts are written on their rows already, and whose rows are gone."""
     rows = await conn.fetch(
-        RECORDED_ALREADY_SQL, [r.id for r in records], [r.attempted_at for r in records]
+        RECORDED_ALREADY_SQL,
+        [r.id for r in records],
+        [storable_epoch(r.attempted_at) for r in records],
     )
-    return {row[0] for row in rows}
+    return Fates({row[0] for row in rows if row[2]}, {row[0] for row in rows if row[1]})
 
 
 async def select_endpoint_backlog(conn: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -1,11 +1,14 @@
-"""The recorder: writes finished attempts, releases and lost claims back to the database.
+"""The recorder: writes finished attempts, releases and lost claims back to the database, each
+lane on its own (`run(lane)`, on the lane's own connections).
 
 Workers hand it each result (`record`) or a delivery they did not send (`release`); the claimer
-hands it the token of a claim whose answer was lost (`claim_lost`). It writes whatever
-accumulated while its last write ran, one statement per batch, checking each row's claim token;
-when the database refuses a batch's values it writes the batch row by row, so one bad row never
-holds back the others. A write that fails is retried after a delay: a result is only lost if its
-lease runs out. The attempts written feed each endpoint's health (`record_health`).
+hands it the token of a claim whose answer was lost (`claim_lost`). Each lane's loop writes
+whatever accumulated for that lane while its last write ran, one statement per batch, checking
+each row's claim token; when the database refuses a batch's values it writes the batch row by row,
+so one bad row never holds back the others. A write that fails is retried after a delay: a result
+is only lost if its lease runs out. The attempts written feed the lane's endpoint's health
+(`record_health`). One endpoint's slow or failing writes never hold back another's: each lane
+writes its own results, on its own pool.
 """
 
 from __future__ import annotations
@@ -34,22 +37,12 @@ MAX_RETRY_DELAY_SECONDS = 5.0
 
 
 class Recorder:
-    """The results not written yet, and the loop (`run`) that writes them."""
+    """Takes the lanes' results, and runs each lane's loop (`run`) that writes them."""
 
     def __init__(self, state: RelayState) -> None:
         self.state = state
         self._health_policy = HealthPolicy.from_settings(state.settings)
-        self.records: list[AttemptRecord] = []
-        self.releases: list[tuple[int, uuid.UUID]] = []
-        # Tokens of claims whose answer was lost: their leases are ended once the database answers.
-        self.lost_claims: list[uuid.UUID] = []
-        self.results_ready = asyncio.Event()
-        self._closing = False
         self.outcomes: Counter[str] = Counter()  # for the exit log line
-
-    @property
-    def unwritten(self) -> int:
-        return len(self.records) + len(self.releases)
 
     # -- handed in by the workers and the claimer ---------------------------------------------
     def record(self, lane: Lane, record: AttemptRecord, event: ClaimedEvent) -> None:
@@ -67,153 +60,166 @@ class Recorder:
             metrics.rescheduled.inc()
             outcome = "rescheduled"
         metrics.endpoint_deliveries.labels(lane.name, outcome).inc()
-        self.records.append(record)
-        self._finished(lane)
+        lane.unwritten.records.append(record)
+        lane.unwritten.ready.set()
 
     def release(self, lane: Lane, event: ClaimedEvent) -> None:
+        """A claimed delivery not sent (stopping, retired, too late in its lease): back in line."""
         self.outcomes["RELEASED"] += 1
         self.state.metrics.released.inc()
         self.state.metrics.endpoint_deliveries.labels(lane.name, "released").inc()
-        self.releases.append((event.id, event.claim_token))
-        self._finished(lane)
+        lane.unwritten.releases.append((event.id, event.claim_token))
+        lane.unwritten.ready.set()
 
-    def release_unqueued(self, event: ClaimedEvent) -> None:
-        """A delivery claimed for a lane retired while the claim ran: back in line."""
-        self.releases.append((event.id, event.claim_token))
-        self.results_ready.set()
-
-    def claim_lost(self, token: uuid.UUID) -> None:
+    def claim_lost(self, lane: Lane, token: uuid.UUID) -> None:
         """A claim whose answer was lost may have committed: its leases are ended once the
         database answers, rather than left to run out."""
-        self.lost_claims.append(token)
-        self.results_ready.set()
+        lane.unwritten.lost_claims.append(token)
+        lane.unwritten.ready.set()
 
-    def _finished(self, lane: Lane) -> None:
-        self.results_ready.set()
-        lane.held -= 1
-        if lane.held == lane.low_water:  # room again: the claimer may serve this lane
-            self.state.wake.set()
-
-    def close(self) -> None:
-        """Write what is left, then return from `run`."""
-        self._closing = True
-        self.results_ready.set()
+    def close(self, lane: Lane) -> None:
+        """Write what is left of the lane's, then return from `run`."""
+        lane.unwritten.closing = True
+        lane.unwritten.ready.set()
 
     # -- writing ------------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Write finished attempts in batches: whatever accumulated while the last write ran."""
+    async def run(self, lane: Lane) -> None:
+        """Write the lane's finished attempts in batches: whatever accumulated while the last
+        write ran."""
+        todo = lane.unwritten
         delay = RETRY_DELAY_SECONDS
         while True:
-            await self.results_ready.wait()
-            self.results_ready.clear()
-            if not self.records and not self.releases and not self.lost_claims:
-                if self._closing:
+            await todo.ready.wait()
+            todo.ready.clear()
+            if not todo:
+                if todo.closing:
                     return
                 continue
             try:
-                await self.write_results()
+                await self.write_results(lane)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 # Keep the results and try again: a result is only lost if the lease runs out.
                 logger.warning(
                     "could not write delivery results; retrying",
-                    extra={"error": error_text(error), "retry_in_seconds": delay},
+                    extra={
+                        "endpoint": lane.name,
+                        "error": error_text(error),
+                        "retry_in_seconds": delay,
+                    },
                     exc_info=not isinstance(error, UNAVAILABLE_ERRORS),
                 )
-                self.results_ready.set()
+                todo.ready.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
             else:
                 delay = RETRY_DELAY_SECONDS
 
-    async def write_results(self) -> None:
-        wake = self.state.wake
-        async with self.state.connection() as conn:
-            if self.lost_claims:
-                tokens = list(self.lost_claims)
+    async def write_results(self, lane: Lane) -> None:
+        todo = lane.unwritten
+        written: list[Written] = []
+        batch: list[AttemptRecord] = []
+        async with lane.connection() as conn:
+            if todo.lost_claims:
+                tokens = list(todo.lost_claims)
                 released = await outbox.release_claim_tokens(conn, tokens)
-                del self.lost_claims[: len(tokens)]
+                del todo.lost_claims[: len(tokens)]
                 if released:
                     logger.info(
                         "released the leases of a claim whose answer was lost",
-                        extra={"deliveries": released},
+                        extra={"endpoint": lane.name, "deliveries": released},
                     )
-                wake.set()
-            if self.records:
-                batch, self.records = self.records, []
-                written, dropped = await self._record_attempts(conn, batch)
-                lost = len(batch) - len(written) - dropped
-                if lost:
-                    # An earlier try of this batch may have been written with its answer lost
-                    # (the connection broke after the commit): those rows are ours, not lost.
-                    done = {row.id for row in written}
-                    mine = await outbox.recorded_already(
-                        conn, [r for r in batch if r.id not in done]
-                    )
-                    lost -= len(mine)
-                    if mine:
-                        wake.set()  # a later delivery of the payment may be due now
-                if lost:
-                    self.state.metrics.lost_leases.inc(lost)
-                    logger.warning(
-                        "lease ran out before the result was written; another relay owns it",
-                        extra={"deliveries": lost},
-                    )
-                if any(row.unblocks for row in written):
-                    wake.set()
-                await self._attempts_recorded(conn, _by_endpoint(batch, written))
-            if self.releases:
-                claims, self.releases = self.releases, []
+                lane.wake.set()
+            if todo.records:
+                batch, todo.records = todo.records, []
+                written = await self._write_batch(lane, conn, batch)
+            if todo.releases:
+                claims, todo.releases = todo.releases, []
                 try:
                     await outbox.release_claims(conn, claims)
                 except BaseException:
-                    self.releases[:0] = claims
+                    todo.releases[:0] = claims
                     raise
-                wake.set()
+                lane.wake.set()
+        if written:
+            await self._record_health(lane, batch, written)
 
-    async def _attempts_recorded(
-        self, conn: asyncpg.Connection, attempts: dict[int, list[AttemptRecord]]
+    async def _write_batch(
+        self, lane: Lane, conn: asyncpg.Connection, batch: list[AttemptRecord]
+    ) -> list[Written]:
+        """Write a batch of the lane's results; the rows written. Those not written are looked
+        for: an earlier try of this batch written with its answer lost is ours, a row deleted
+        meanwhile (its endpoint removed) is gone, any other was taken over by another relay."""
+        written, dropped = await self._record_attempts(lane, conn, batch)
+        unwritten = len(batch) - len(written) - dropped
+        if unwritten:
+            done = {row.id for row in written}
+            fates = await outbox.recorded_already(conn, [r for r in batch if r.id not in done])
+            if fates.mine:
+                lane.wake.set()  # a later delivery of the payment may be due now
+            if fates.gone:
+                logger.info(
+                    "deliveries deleted while in flight (their endpoint was removed); "
+                    "their results are dropped",
+                    extra={"endpoint": lane.name, "deliveries": len(fates.gone)},
+                )
+            lost = unwritten - len(fates.mine) - len(fates.gone)
+            if lost:
+                self.state.metrics.lost_leases.inc(lost)
+                logger.warning(
+                    "lease ran out before the result was written; another relay owns it",
+                    extra={"endpoint": lane.name, "deliveries": lost},
+                )
+        if any(row.unblocks for row in written):
+            lane.wake.set()
+        return written
+
+    async def _record_health(
+        self, lane: Lane, batch: list[AttemptRecord], written: list[Written]
     ) -> None:
-        """Called with the attempts just written, by endpoint id, in the order they finished:
-        each endpoint's verdicts (one per attempt, quick retries counted once) feed its breaker
-        and state (`record_health`). The attempts are written already, so a failure here is
-        logged and the verdicts are lost, never the deliveries' results."""
-        for endpoint_id, records in attempts.items():
-            try:
+        """The attempts just written, in the order they finished, feed the endpoint's breaker and
+        state (`record_health`; one verdict per attempt, quick retries counted once). On a
+        connection of its own: a failure there is the pool's to judge (a server gone expires it),
+        then logged here; the verdicts are lost, never the deliveries' results."""
+        ids = {row.id for row in written}
+        verdicts = [recorded_verdict(r.status, r.status_code) for r in batch if r.id in ids]
+        try:
+            async with lane.connection() as conn:
                 await record_health(
                     conn,
-                    endpoint_id,
-                    [recorded_verdict(r.status, r.status_code) for r in records],
+                    lane.endpoint_id,
+                    verdicts,
                     policy=self._health_policy,
                     state_changes=self.state.metrics.endpoint_state_changes,
                 )
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                logger.warning(
-                    "could not record the endpoint's health",
-                    extra={"endpoint_id": endpoint_id, "error": error_text(error)},
-                    exc_info=not isinstance(error, UNAVAILABLE_ERRORS),
-                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.warning(
+                "could not record the endpoint's health",
+                extra={"endpoint": lane.name, "error": error_text(error)},
+                exc_info=not isinstance(error, UNAVAILABLE_ERRORS),
+            )
 
     async def _record_attempts(
-        self, conn: asyncpg.Connection, batch: list[AttemptRecord]
+        self, lane: Lane, conn: asyncpg.Connection, batch: list[AttemptRecord]
     ) -> tuple[list[Written], int]:
         """Write a batch; if the database refuses its values, write it row by row.
 
         Returns the rows written and how many were dropped. Whatever was not written when the
         database turns out to be unreachable goes back on the list, to be written later.
         """
+        todo = lane.unwritten
         try:
             return await outbox.record_attempts(conn, batch), 0
         except _REFUSED_VALUES as error:
             logger.error(
                 "the database refused a batch of delivery results; writing them one by one",
-                extra={"error": error_text(error), "results": len(batch)},
+                extra={"endpoint": lane.name, "error": error_text(error), "results": len(batch)},
             )
         except BaseException:
-            self.records[:0] = batch
+            todo.records[:0] = batch
             raise
         written: list[Written] = []
         dropped = 0
@@ -221,7 +227,7 @@ class Recorder:
             try:
                 row = await self._record_attempt(conn, record)
             except BaseException:
-                self.records[:0] = batch[index:]
+                todo.records[:0] = batch[index:]
                 raise
             if row is None:
                 dropped += 1
@@ -254,17 +260,6 @@ class Recorder:
         return written
 
 
-def _by_endpoint(
-    batch: list[AttemptRecord], written: list[Written]
-) -> dict[int, list[AttemptRecord]]:
-    """The written records of a batch, grouped by their delivery's endpoint."""
-    records = {record.id: record for record in batch}
-    grouped: dict[int, list[AttemptRecord]] = {}
-    for row in written:
-        grouped.setdefault(row.endpoint_id, []).append(records[row.id])
-    return grouped
-
-
 # The database (SQLSTATE classes 22 and 23) or the driver (encoding an argument: asyncpg raises a
 # ValueError) refused the values of a write. Writing the same values again cannot succeed.
 _REFUSED_VALUES: tuple[type[BaseException], ...] = (
@@ -277,13 +272,15 @@ MAX_DURATION_MS = 2**31 - 1
 
 
 def _bare(record: AttemptRecord, refused: BaseException, *, retry_in: float) -> AttemptRecord:
-    """The result with only values the database always takes: same outcome, no receiver details."""
+    """The result with only values the database always takes: same outcome, no receiver details.
+    It keeps the attempt's own time (as `storable_epoch` writes it), so that the bare record
+    written again after a lost answer is recognised as this relay's (`recorded_already`)."""
     return AttemptRecord(
         id=record.id,
         claim_token=record.claim_token,
         status=record.status,
         delay=record.delay if 0 <= record.delay <= MAX_RETRY_AFTER_SECONDS else retry_in,
-        attempted_at=time.time(),
+        attempted_at=outbox.storable_epoch(record.attempted_at),
         status_code=None,
         error=f"the database refused this attempt's details ({type(refused).__name__})",
         tries=min(max(record.tries, 1), MAX_TRIES),

@@ -35,6 +35,7 @@ import asyncpg
 
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect
+from payment_service.entry import printable
 from payment_service.sql import Statement
 
 EXAMPLES_PER_CHECK = 20
@@ -587,7 +588,9 @@ def render_text(report: Report, out: TextIO) -> None:
         if not result.ok:
             print(f"        {result.violations} {result.subject}(s) violate it:", file=out)
             for example in result.examples:
-                print(f"          {result.subject} {example['id']}: {example['detail']}", file=out)
+                # ids and details quote the data (a payload's refund_id, say): escaped
+                line = f"          {result.subject} {example['id']}: {example['detail']}"
+                print(printable(line), file=out)
             if result.violations > len(result.examples):
                 print(f"          … and {result.violations - len(result.examples)} more", file=out)
     failed = sum(not result.ok for result in report.checks)
@@ -616,7 +619,9 @@ def run_check(settings: Settings, as_json: bool = False) -> int:
     try:
         report = asyncio.run(_run(settings))
     except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
-        print(f"payment-service check: cannot read the database: {error}", file=sys.stderr)
+        print(
+            f"payment-service check: cannot read the database: {printable(error)}", file=sys.stderr
+        )
         return 2
     if as_json:
         print(report.to_json())

@@ -1,17 +1,22 @@
 """The `payment-service` command: one entry point for every process the service runs.
 
 Each subcommand imports what it needs when it runs, so `--help` is instant and the relay's
-commands never load the HTTP stack.
+commands never load the HTTP stack. A reader that goes away (`payment-service outbox dead | head
+-1`) ends any command quietly, as it would a Unix tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from outbox_relay import RELAY_DESCRIPTION
+from payment_cli.actions import Handler, add_action
 from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
+from payment_cli.gateway_cli import add_parser as add_gateway_parser
+from payment_cli.outbox_cli import add_parser as add_outbox_parser
 from payment_service import __version__
 from payment_service.entry import database_settings as _database_settings
 from payment_service.entry import run_command
@@ -52,55 +57,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_outbox_stats(args: argparse.Namespace) -> int:
-    from outbox_relay.admin import outbox_stats
-
-    return outbox_stats(_database_settings(), as_json=args.json)
-
-
-def cmd_outbox_dead(args: argparse.Namespace) -> int:
-    from outbox_relay.admin import outbox_dead
-
-    return outbox_dead(
-        _database_settings(), limit=args.limit, as_json=args.json, endpoint=args.endpoint
-    )
-
-
-def cmd_outbox_replay(args: argparse.Namespace) -> int:
-    from outbox_relay.admin import outbox_replay, outbox_replay_range
-
-    if args.since is not None or args.until is not None:
-        if args.event_id is not None or args.dead:
-            print("payment-service: --since/--until replace --event-id and --dead", file=sys.stderr)
-            return 2
-        if args.endpoint is None or args.since is None:
-            print("payment-service: a range replay needs --endpoint N --since T", file=sys.stderr)
-            return 2
-        return outbox_replay_range(
-            _database_settings(), endpoint=args.endpoint, since=args.since, until=args.until
-        )
-    if args.event_id is None and not args.dead:
-        print(
-            "payment-service: give --event-id ID, --dead, or --endpoint N --since T",
-            file=sys.stderr,
-        )
-        return 2
-    return outbox_replay(
-        _database_settings(), event_id=args.event_id, dead=args.dead, endpoint=args.endpoint
-    )
-
-
 def cmd_notification_sink(args: argparse.Namespace) -> int:
     from payment_cli.sink import run_sink
 
     settings = _settings()
     return run_sink(settings, args)
-
-
-def cmd_gateway_review(args: argparse.Namespace) -> int:
-    from payment_cli.gateway_cli import gateway_review
-
-    return gateway_review(_database_settings(), as_json=args.json)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -121,15 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(
-        name: str,
-        handler: Callable[[argparse.Namespace], int],
-        help_text: str,
-        parent: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
-    ) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        return sub
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        return add_action(commands, name, handler, help_text)
 
     run = add(
         "run",
@@ -164,43 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=60, help="seconds to wait for the database (default 60)"
     )
 
-    outbox = commands.add_parser(
-        "outbox", help="Operate the outbox.", description="Operate the outbox."
-    )
-    outbox_commands = outbox.add_subparsers(dest="outbox_command", metavar="ACTION", required=True)
-    stats = add(
-        "stats",
-        cmd_outbox_stats,
-        "Deliveries per endpoint: pending (in flight, due, retrying), delivered, dead, the "
-        "oldest pending age, breaker and state.",
-        outbox_commands,
-    )
-    stats.add_argument("--json", action="store_true", help="machine-readable output")
-    dead = add("dead", cmd_outbox_dead, "List dead deliveries, newest first.", outbox_commands)
-    dead.add_argument("--endpoint", metavar="N", help="only those to endpoint N")
-    dead.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    dead.add_argument("--json", action="store_true", help="machine-readable output")
-    replay = add(
-        "replay",
-        cmd_outbox_replay,
-        "Put dead deliveries back in line (--event-id ID | --dead, optionally for one "
-        "--endpoint), or send endpoint N every event of its types created in a time range again "
-        "(--endpoint N --since T [--until T]), received ones and ones it never had included.",
-        outbox_commands,
-    )
-    which = replay.add_mutually_exclusive_group()
-    which.add_argument("--event-id", help="the event_id (uuid) of one event with dead deliveries")
-    which.add_argument("--dead", action="store_true", help="every dead delivery")
-    replay.add_argument("--endpoint", metavar="N", help="only deliveries to endpoint N")
-    replay.add_argument(
-        "--since",
-        metavar="T",
-        help="ISO 8601 time with an offset (e.g. 2025-01-31T09:00:00+05:30): events created at "
-        "or after it",
-    )
-    replay.add_argument(
-        "--until", metavar="T", help="ISO 8601 time with an offset: events created before it"
-    )
+    add_outbox_parser(commands)
 
     sink = add(
         "notification-sink",
@@ -219,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--path",
         help="the callback path (default: that service's *_CALLBACK_PATH, else "
         "NOTIFICATION_CALLBACK_PATH)",
+    )
+    sink.add_argument(
+        "--secret",
+        metavar="WHSEC",
+        help="the endpoint's signing secret (whsec_…, as `endpoints add` printed it) to verify "
+        "signatures with (default CALLBACK_SIGNING_SECRET; neither: signatures are not checked)",
     )
     sink.add_argument(
         "--fail-first",
@@ -250,23 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_endpoints_parser(commands)
 
-    gateway = commands.add_parser(
-        "gateway",
-        help="The payment gateway's operations.",
-        description="The payment gateway's operations.",
-    )
-    gateway_commands = gateway.add_subparsers(
-        dest="gateway_command", metavar="ACTION", required=True
-    )
-    review = add(
-        "review",
-        cmd_gateway_review,
-        "Charges and refunds whose outcome at the gateway stayed unknown after "
-        "GATEWAY_MAX_CHECKS checks (flagged for review), with what the gateway says about each "
-        "now. Decide a payment with POST /admin/payments/{id}/settlement.",
-        gateway_commands,
-    )
-    review.add_argument("--json", action="store_true", help="machine-readable output")
+    add_gateway_parser(commands)
 
     check = add(
         "check",
@@ -278,9 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit code of a command whose output pipe closed: that of a process SIGPIPE ended (128 + 13).
+CLOSED_PIPE_EXIT = 141
+
+
+def _until_the_reader_goes(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a command; if its output pipe closes (`| head`), stop quietly with CLOSED_PIPE_EXIT."""
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+    except BrokenPipeError:
+        # What is still buffered can never be written; point stdout at /dev/null so that the
+        # interpreter's last flush has nothing to complain about.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE_EXIT
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: args.handler(args))
+    return run_command(lambda: _until_the_reader_goes(args.handler, args))
 
 
 if __name__ == "__main__":

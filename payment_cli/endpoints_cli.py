@@ -1,8 +1,9 @@
 """`payment-service endpoints …`: manage the subscribed endpoints from a terminal.
 
-Thin commands over payment_service.endpoints, which holds the SQL and the validation: each command
-parses its arguments, runs one function on one connection and prints the outcome. A secret is
-printed only by `add` and `rotate-secret`. Unknown endpoints and bad input exit 2 with one line
+Thin commands over payment_service.endpoints, which holds the SQL and the validation (the same
+checks the admin API makes): each command parses its arguments, runs one function on one
+connection and prints the outcome, every value from the database escaped (`printable`). A secret
+is printed only by `add` and `rotate-secret`. Unknown endpoints and bad input exit 2 with one line
 on stderr; running API and relay processes see every change within a second or two (NOTIFY).
 """
 
@@ -10,33 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
+from payment_cli.actions import Handler, add_action, fail
 from payment_service import endpoints
 from payment_service.config import Settings
 from payment_service.database import run_with_connection
-from payment_service.entry import PROGRAM
 from payment_service.entry import database_settings as _database_settings
-
-# How many undelivered deliveries go with an endpoint that `remove` deletes.
-UNDELIVERED_SQL = """
-SELECT count(*)
-  FROM deliveries AS d
-  JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
- WHERE n.name = $1
-   AND d.status <> 'DELIVERED'
-"""
+from payment_service.entry import printable
+from payment_service.vocabulary import EVENT_TYPES
 
 Action = Callable[[asyncpg.Connection], Awaitable[Any]]
-
-
-def _fail(message: str) -> int:
-    print(f"{PROGRAM}: {message}", file=sys.stderr)
-    return 2
 
 
 def _run(settings: Settings, action: Action) -> Any:
@@ -51,7 +39,7 @@ def _describe(endpoint: endpoints.Endpoint) -> str:
     state = endpoint.state + (f" ({endpoint.state_reason})" if endpoint.state_reason else "")
     types = ",".join(endpoint.event_types)
     url = endpoint.url or "(no URL yet)"
-    return f"{endpoint.name}: {url}  events {types}  {state}  breaker {endpoint.breaker}"
+    return printable(f"{endpoint.name}: {url}  events {types}  {state}  breaker {endpoint.breaker}")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -69,13 +57,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     types = _event_types(args.events) or ("*",)
+    settings = _database_settings()
 
     async def add(conn: asyncpg.Connection) -> endpoints.Endpoint:
         return await endpoints.insert_endpoint(
-            conn, name=args.name, url=args.url, event_types=types, secret=args.secret
+            conn,
+            name=args.name,
+            url=args.url,
+            event_types=types,
+            secret=args.secret,
+            networks=settings.callback_networks,
         )
 
-    endpoint: endpoints.Endpoint = _run(_database_settings(), add)
+    endpoint: endpoints.Endpoint = _run(settings, add)
     print(f"added {_describe(endpoint)}")
     print(f"signing secret (shown only now; give it to the receiver): {endpoint.secret}")
     return 0
@@ -83,46 +77,62 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_update(args: argparse.Namespace) -> int:
     if args.url is None and args.events is None:
-        return _fail("endpoints update: give --url and/or --events")
+        return fail("endpoints update: give --url and/or --events")
+
+    settings = _database_settings()
 
     async def update(conn: asyncpg.Connection) -> endpoints.Endpoint:
         return await endpoints.update_endpoint(
-            conn, args.name, url=args.url, event_types=_event_types(args.events)
+            conn,
+            args.name,
+            url=args.url,
+            event_types=_event_types(args.events),
+            networks=settings.callback_networks,
         )
 
-    print(f"updated {_describe(_run(_database_settings(), update))}")
+    print(f"updated {_describe(_run(settings, update))}")
     return 0
 
 
-def _state_command(
-    state: str, verb: str, refuse_from: str | None = None
-) -> Callable[[argparse.Namespace], int]:
-    """A command that sets an endpoint's state (`refuse_from`: a state it does not leave)."""
+Change = Callable[[asyncpg.Connection, argparse.Namespace], Awaitable[endpoints.Endpoint]]
+
+
+def _state_command(verb: str, change: Change) -> Handler:
+    """A command that changes an endpoint's state and prints it."""
 
     def command(args: argparse.Namespace) -> int:
-        async def change(conn: asyncpg.Connection) -> endpoints.Endpoint:
-            if refuse_from is not None:
-                current = await endpoints.select_endpoint(conn, args.name)
-                if current.state == refuse_from:
-                    raise endpoints.EndpointError(
-                        f"endpoint {args.name!r} is {refuse_from}"
-                        f" ({current.state_reason or 'no reason given'}): "
-                        f"`{PROGRAM} endpoints enable {args.name}` turns it back on"
-                    )
-            return await endpoints.set_state(
-                conn, args.name, state, reason=getattr(args, "reason", None)
-            )
+        async def run(conn: asyncpg.Connection) -> endpoints.Endpoint:
+            return await change(conn, args)
 
-        print(f"{verb} {_describe(_run(_database_settings(), change))}")
+        print(f"{verb} {_describe(_run(_database_settings(), run))}")
         return 0
 
     return command
 
 
-cmd_pause = _state_command("PAUSED", "paused")
-cmd_resume = _state_command("ACTIVE", "resumed", refuse_from="DISABLED")
-cmd_enable = _state_command("ACTIVE", "enabled")
-cmd_disable = _state_command("DISABLED", "disabled")
+cmd_pause = _state_command(
+    "paused", lambda conn, args: endpoints.pause(conn, args.name, reason=args.reason)
+)
+cmd_resume = _state_command("resumed", lambda conn, args: endpoints.resume(conn, args.name))
+cmd_disable = _state_command(
+    "disabled", lambda conn, args: endpoints.disable(conn, args.name, reason=args.reason)
+)
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    async def enable(conn: asyncpg.Connection) -> tuple[endpoints.Endpoint, endpoints.Gap | None]:
+        return await endpoints.enable(conn, args.name)
+
+    endpoint, gap = _run(_database_settings(), enable)
+    print(f"enabled {_describe(endpoint)}")
+    if gap is not None:
+        print(
+            f"it was DISABLED from {gap.disabled_at.isoformat()} and missed "
+            f"{gap.missed_events} event(s) written since (they got no delivery to it)"
+        )
+        if gap.missed_events:
+            print(f"to send them: {gap.replay_command}")
+    return 0
 
 
 def cmd_rotate_secret(args: argparse.Namespace) -> int:
@@ -140,34 +150,37 @@ def cmd_remove(args: argparse.Namespace) -> int:
     settings = _database_settings()
 
     async def undelivered(conn: asyncpg.Connection) -> int:
-        await endpoints.select_endpoint(conn, args.name)  # raises EndpointNotFound
-        return int(await conn.fetchval(UNDELIVERED_SQL, args.name))
+        return await endpoints.count_undelivered(conn, args.name)
 
     if not args.yes:
         waiting: int = _run(settings, undelivered)
-        return _fail(
+        return fail(
             f"endpoints remove: {args.name} has {waiting} undelivered deliveries, which would be "
-            "deleted with it; run again with --yes to remove it"
+            "deleted with it (its delivered ones stay as history); run again with --yes to "
+            "remove it"
         )
 
-    async def remove(conn: asyncpg.Connection) -> int:
+    async def remove(conn: asyncpg.Connection) -> endpoints.Removed:
         return await endpoints.delete_endpoint(conn, args.name)
 
-    gone: int = _run(settings, remove)
-    print(f"removed endpoint {args.name} and its {gone} undelivered deliveries")
+    gone: endpoints.Removed = _run(settings, remove)
+    print(
+        f"removed endpoint {args.name} and its {gone.undelivered} undelivered deliveries; "
+        f"its {gone.delivered} delivered ones stay as history until retention"
+    )
     return 0
 
 
-def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _guarded(command: Handler) -> Handler:
     """Bad input and unknown endpoints: one line on stderr, exit 2."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
         except endpoints.EndpointError as error:
-            return _fail(str(error))
+            return fail(str(error))
         except asyncpg.IntegrityConstraintViolationError as error:  # a CHECK of the table
-            return _fail(f"refused by the database: {error}")
+            return fail(f"refused by the database: {error}")
 
     return run
 
@@ -185,20 +198,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     actions = group.add_subparsers(dest="endpoints_command", metavar="ACTION", required=True)
 
-    def action(
-        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
-    ) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=_guarded(handler))
-        return sub
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        return add_action(actions, name, _guarded(handler), help_text)
 
     def named(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("name", help="the endpoint's name")
         return sub
 
     events_help = (
-        f"comma-separated event types ({', '.join(endpoints.EVENT_TYPES)}), prefixes such as "
-        "'payment.*', or '*'"
+        f"comma-separated event types ({', '.join(EVENT_TYPES)}), prefixes such as 'payment.*', "
+        "or '*'"
     )
     listing = action("list", cmd_list, "List endpoints: URL, event types, state, breaker.")
     listing.add_argument("--json", action="store_true", help="a JSON array (no secrets)")
@@ -224,7 +233,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action(
             "enable",
             cmd_enable,
-            "Enable a DISABLED endpoint (or any): breaker closed, kept deliveries go, in order.",
+            "Enable a DISABLED endpoint (or any): breaker closed, kept deliveries go, in order. "
+            "Says what it missed while DISABLED and the `outbox replay` command that sends it.",
         )
     )
     disable = named(
@@ -243,6 +253,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rotate.add_argument("--secret", help="the new secret, whsec_… (default: a new one)")
 
     remove = named(
-        action("remove", cmd_remove, "Delete an endpoint and its undelivered deliveries.")
+        action(
+            "remove",
+            cmd_remove,
+            "Delete an endpoint and its undelivered deliveries (its delivered ones stay as "
+            "history until retention).",
+        )
     )
     remove.add_argument("--yes", action="store_true", help="really delete (required)")

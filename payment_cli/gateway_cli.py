@@ -9,6 +9,7 @@ now, asked afresh (when a gateway is configured), so that an operator can decide
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -16,8 +17,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from payment_cli.actions import add_action
 from payment_service.config import Settings
 from payment_service.database import connect
+from payment_service.entry import database_settings
 from payment_service.gateway.factory import gateway_from_settings
 from payment_service.gateway.interface import Gateway, GatewayError
 from payment_service.money import operations
@@ -121,3 +124,26 @@ def gateway_review(settings: Settings, *, as_json: bool = False) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    return gateway_review(database_settings(), as_json=args.json)
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `gateway` and its actions to the `payment-service` parser."""
+    gateway = commands.add_parser(
+        "gateway",
+        help="The payment gateway's operations.",
+        description="The payment gateway's operations.",
+    )
+    actions = gateway.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
+    review = add_action(
+        actions,
+        "review",
+        cmd_review,
+        "Charges and refunds whose outcome at the gateway stayed unknown after "
+        "GATEWAY_MAX_CHECKS checks (flagged for review), with what the gateway says about each "
+        "now. Decide a payment with POST /admin/payments/{id}/settlement.",
+    )
+    review.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,8 +1,9 @@
 """`payment-service notification-sink`: a stand-in Notification Service for demos and tests.
 
 It receives the relay's callbacks on NOTIFICATION_CALLBACK_PATH, verifies their Standard Webhooks
-signature when CALLBACK_SIGNING_SECRET is set (401 otherwise), dedupes on `webhook-id`, and prints
-one JSON line per callback. `--fail-first`, `--fail-rate`, `--status` and `--delay` make it answer
+signature with `--secret` (an added endpoint's own secret) or else CALLBACK_SIGNING_SECRET when
+either is set (401 when it does not match), dedupes on `webhook-id`, and prints one JSON line per
+callback. `--fail-first`, `--fail-rate`, `--status` and `--delay` make it answer
 errors or slowly, to watch the relay retry.
 
 The HTTP/1.1 server underneath (`HttpServer`) is deliberately tiny: keep-alive, Content-Length
@@ -28,6 +29,8 @@ from http import HTTPStatus
 from typing import TextIO
 
 from payment_service.config import Settings
+from payment_service.endpoints import EndpointError, check_secret
+from payment_service.entry import printable
 from payment_service.signing import secret_key, verify
 
 logger = logging.getLogger(__name__)
@@ -254,8 +257,14 @@ class Sink:
         )
         if body is not None:
             # The event exactly as sent (no float round trip for amounts); a JSON body's raw
-            # newlines can only be whitespace, so the line stays one line.
-            event = body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+            # newlines and tabs can only be whitespace, so the line stays one line, and any other
+            # control character is escaped (`printable`): a body cannot drive the terminal.
+            event = printable(
+                body.decode("utf-8", "replace")
+                .replace("\r", " ")
+                .replace("\n", " ")
+                .replace("\t", " ")
+            )
             line = line[:-1] + f', "event": {event}}}'
         self.options.out.write(line + "\n")
         self.options.out.flush()
@@ -274,14 +283,16 @@ def run_sink(settings: Settings, args: argparse.Namespace) -> int:
     if status is not None and not 200 <= status <= 599:
         print("payment-service: --status must be an HTTP status code (200-599)", file=sys.stderr)
         return 2
+    secret = args.secret or settings.callback_signing_secret
+    try:
+        signing_key = secret_key(check_secret(secret)) if secret else None
+    except EndpointError as error:
+        print(f"payment-service: --secret: {error}", file=sys.stderr)
+        return 2
     options = SinkOptions(
         name=args.name,
         path=args.path or callback_path(settings, args.name),
-        signing_key=(
-            secret_key(settings.callback_signing_secret)
-            if settings.callback_signing_secret
-            else None
-        ),
+        signing_key=signing_key,
         fail_first=max(args.fail_first, 0),
         fail_rate=min(max(args.fail_rate, 0.0), 1.0),
         status=status,

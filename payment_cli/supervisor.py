@@ -1,10 +1,12 @@
 """`payment-service run`: the one-command local service.
 
 Starts an embedded PostgreSQL when no database is configured (data kept under
-PAYMENT_SERVICE_DATA_DIR), applies migrations, starts the embedded gateway when GATEWAY=stripe and
-no STRIPE_SECRET_KEY is configured (its address, a test key and a webhook secret of this run are
-given to the children), then runs the API and the relay as child processes, restarting one that
-dies (the gateway too). SIGINT/SIGTERM stop the children, then the database.
+PAYMENT_SERVICE_DATA_DIR, on a port it keeps across restarts; the DATABASE_URL that reaches it is
+printed, as a line to paste into another terminal), applies migrations, starts the embedded gateway
+when GATEWAY=stripe and no STRIPE_SECRET_KEY is configured (its address, a test key and a webhook
+secret of this run are given to the children), then runs the API and the relay as child
+processes, restarting one that dies (the gateway too). SIGINT/SIGTERM stop the children, then the
+database.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from types import FrameType
 from payment_service import MULTIPROCESS_DIRECTORY_VARIABLE, endpoints
 from payment_service.config import Settings
 from payment_service.database import wait_for_database
-from payment_service.embedded import EmbeddedPostgres
+from payment_service.embedded import EmbeddedPostgres, port_free
 from payment_service.gateway.embedded import EmbeddedGateway, EmbeddedGatewayError
 from payment_service.migrations import migrate
 from payment_service.process import die_with_parent
@@ -32,6 +33,9 @@ from payment_service.process import die_with_parent
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "payments"
+# The embedded server's port on its first start (unless taken); it keeps its port from then on, so
+# the DATABASE_URL that `run` prints stays right across restarts.
+EMBEDDED_PORT = 54320
 STOP_GRACE_SECONDS = 20
 RESTART_DELAY_SECONDS = 2.0
 MAX_RESTARTS_PER_MINUTE = 5
@@ -118,16 +122,6 @@ def start_embedded_gateway(
     return gateway
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 @dataclass
 class Prepared:
     """What `prepare_database` did: migrations applied, endpoints seeded (and what seeding found
@@ -167,7 +161,7 @@ def prepare_database(dsn: str, settings: Settings, *, wait: float = 60) -> Prepa
 
 def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0.1") -> int:
     port = settings.service_port
-    if not _port_free(host, port):
+    if not port_free(host, port):
         say(f"port {port} on {host} is in use; stop what uses it or set SERVICE_PORT")
         return 1
 
@@ -178,7 +172,7 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         say("using the configured database")
     else:
         data_dir = settings.payment_service_data_dir.resolve()
-        embedded = EmbeddedPostgres(data_dir / "postgres")
+        embedded = EmbeddedPostgres(data_dir / "postgres", preferred_port=EMBEDDED_PORT)
         say(f"starting the embedded PostgreSQL (data in {data_dir / 'postgres'})")
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +187,9 @@ def run_all(settings: Settings, *, with_relay: bool = True, host: str = "127.0.0
         embedded.ensure_database(EMBEDDED_DATABASE)
         dsn = embedded.dsn(EMBEDDED_DATABASE)
         env["DATABASE_URL"] = dsn
-        say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port}")
+        say(f"embedded PostgreSQL is up on 127.0.0.1:{embedded.port} (the same at every start)")
+        say("to use it from another terminal (payment-service endpoints, outbox, check, psql):")
+        print(f"    export DATABASE_URL={dsn}", file=sys.stderr, flush=True)
 
     gateway: EmbeddedGateway | None = None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -21,9 +22,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-PAYMENT_METHODS = ("CARD", "UPI", "WALLET", "CASH", "NETBANKING")
-# Charged at the gateway unless GATEWAY_METHODS says otherwise; the rest are recorded at once.
-GATEWAY_METHODS = ("CARD", "UPI", "WALLET", "NETBANKING")
+from payment_service.callback_urls import Network, NetworkPolicy, network_policy, parse_networks
+from payment_service.vocabulary import GATEWAY_METHODS, PAYMENT_METHODS, event_type_patterns
+
 STRIPE_TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")  # secret and restricted test-mode keys
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # API_KEYS: `name:token`; a bare token is named DEFAULT_CALLER. Names are stored with idempotency
@@ -205,6 +206,9 @@ class Settings(BaseSettings):
     driver_event_types: Annotated[tuple[str, ...], NoDecode] = ("*",)
     rider_event_types: Annotated[tuple[str, ...], NoDecode] = ("*",)
     callback_signing_secret: str | None = Field(default=None, repr=False)
+    # Networks callbacks may reach although they are loopback (in production), link-local,
+    # unspecified or multicast: comma-separated CIDRs (payment_service.callback_urls).
+    endpoint_allowed_networks: Annotated[tuple[Network, ...], NoDecode] = ()
 
     api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(default=(), repr=False)
     # `name:token` pairs for /admin/…; empty: the admin API answers 404.
@@ -300,15 +304,20 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
-    def _api_keys(cls, value: object, info: ValidationInfo) -> object:
+    def _parsed_csv(cls, value: object, parse: Callable[[tuple[str, ...]], object]) -> object:
         # Before-validators run last-defined first: split here too, whatever the order.
         value = cls._split_csv(value)
         if isinstance(value, tuple | list) and all(isinstance(entry, str) for entry in value):
-            # An admin key may do every admin thing: scopes there would only mislead.
-            return parse_api_keys(tuple(value), scoped=info.field_name == "api_keys")
+            return parse(tuple(value))
         return value
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: object, info: ValidationInfo) -> object:
+        # An admin key may do every admin thing: scopes there would only mislead.
+        scoped = info.field_name == "api_keys"
+        return cls._parsed_csv(value, lambda entries: parse_api_keys(entries, scoped=scoped))
 
     @field_validator("async_methods")
     @classmethod
@@ -318,6 +327,11 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown payment method(s) {unknown}; use {list(PAYMENT_METHODS)}")
         return methods
+
+    @field_validator("endpoint_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        return cls._parsed_csv(value, parse_networks)
 
     @field_validator("default_currency")
     @classmethod
@@ -349,12 +363,7 @@ class Settings(BaseSettings):
     @field_validator("trip_event_types", "driver_event_types", "rider_event_types")
     @classmethod
     def _event_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from payment_service.endpoints import EndpointError, check_event_types
-
-        try:
-            return check_event_types(value)
-        except EndpointError as error:
-            raise ValueError(str(error)) from None
+        return event_type_patterns(value)
 
     @field_validator("callback_signing_secret")
     @classmethod
@@ -458,6 +467,13 @@ class Settings(BaseSettings):
         where = ",".join(f"{host}:{self.db_port}" for host in hosts)
         options = "?target_session_attrs=read-write" if len(hosts) > 1 else ""
         return f"postgresql://{auth}@{where}/{quote(self.db_name, safe='')}{options}"
+
+    @property
+    def callback_networks(self) -> NetworkPolicy:
+        """Where callbacks may go: loopback only outside production, plus the listed networks."""
+        return network_policy(
+            production=self.environment == "production", allowed=self.endpoint_allowed_networks
+        )
 
     @property
     def notification_url(self) -> str:

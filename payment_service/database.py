@@ -17,6 +17,7 @@ from tenacity import (
 )
 
 from payment_service import exact_json
+from payment_service.sql import Statement
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class _Link:
 
 _link = _Link()
 NODE_SQL = "SELECT host(inet_server_addr()), inet_server_port(), pg_is_in_recovery()"
+STANDBY_SQL = "SELECT pg_is_in_recovery()"
 
 
 def note_unavailable(error: BaseException) -> None:
@@ -250,14 +252,15 @@ def acquire(
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
-    """A pool `reset` that returns a connection as it is (the API's pool uses it).
+    """A pool `reset` that returns a connection as it is (the API's pools and the relay lanes'
+    use it).
 
     asyncpg's default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) costs a
     round trip on every release: a tenth of the API's CPU per request in a py-spy profile. The
-    API's connections leave no session state behind (no SET, cursors, LISTEN or session advisory
-    locks: only transaction-scoped ones); asyncpg still rolls back a transaction left open before
-    calling this. The relay keeps the default: its housekeeping holds a session advisory lock,
-    which a failed unlock must not leave on a pooled connection.
+    API's and the lanes' connections leave no session state behind (no SET, cursors, LISTEN or
+    session advisory locks: only transaction-scoped ones); asyncpg still rolls back a transaction
+    left open before calling this. The relay's own pool keeps the default: its housekeeping holds
+    a session advisory lock, which a failed unlock must not leave on a pooled connection.
     """
 
 
@@ -329,3 +332,18 @@ async def wait_for_database(dsn: str, *, timeout: float = 60) -> asyncpg.Connect
         with attempt:
             return await connect(dsn)
     raise AssertionError("unreachable")
+
+
+# A session-level advisory lock: one process at a time does something (migrate, housekeeping).
+TRY_ADVISORY_LOCK = Statement("SELECT pg_try_advisory_lock(:key)")
+ADVISORY_UNLOCK = Statement("SELECT pg_advisory_unlock(:key)")
+
+
+async def try_advisory_lock(conn: asyncpg.Connection, key: int) -> bool:
+    """Take the session's advisory lock `key` if no other session holds it; whether it did."""
+    return bool(await conn.fetchval(TRY_ADVISORY_LOCK.sql, *TRY_ADVISORY_LOCK.args(key=key)))
+
+
+async def advisory_unlock(conn: asyncpg.Connection, key: int) -> None:
+    """Release the session's advisory lock `key`."""
+    await conn.execute(ADVISORY_UNLOCK.sql, *ADVISORY_UNLOCK.args(key=key))

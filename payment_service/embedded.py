@@ -1,9 +1,11 @@
 """An embedded PostgreSQL server from the `pgserver` package's binaries.
 
 Used by `payment-service run` when no database is configured, and by the tests and benchmarks
-when no other PostgreSQL is offered. The server listens on 127.0.0.1 only, on a free port, with
-trust authentication; its data directory survives restarts. PostgreSQL refuses to run as root, so
-as root the server runs as the unprivileged `pgserver` user (created on first use).
+when no other PostgreSQL is offered. The server listens on 127.0.0.1 only, with trust
+authentication; its data directory survives restarts, and so does its port: the one it listened
+on last time (remembered in the data directory, so a DATABASE_URL someone saved keeps working),
+else the caller's preferred one, else any free one. PostgreSQL refuses to run as root, so as root
+the server runs as the unprivileged `pgserver` user (created on first use).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_USER = "pgserver"
 START_TIMEOUT_SECONDS = 60
+PORT_FILE = "payment_service.port"  # in the data directory: the port the server last listened on
 
 
 def _bin_dir() -> Path:
@@ -52,18 +55,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens on host:port now (the port can be bound)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class EmbeddedPostgres:
-    """One PostgreSQL cluster in `data_dir`: `start()`, `stop()`, `dsn()`."""
+    """One PostgreSQL cluster in `data_dir`: `start()`, `stop()`, `dsn()`.
+
+    `port` fixes the port; without it the server takes the one it had last time, else
+    `preferred_port`, else a free one (skipping one that is taken now).
+    """
 
     def __init__(
         self,
         data_dir: Path,
         *,
         port: int | None = None,
+        preferred_port: int | None = None,
         settings: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.preferred_port = preferred_port
         self.settings = tuple(settings)
         self.bin_dir = _bin_dir()
         self._as_root = os.geteuid() == 0
@@ -159,12 +179,26 @@ class EmbeddedPostgres:
             # A server left over from an unclean stop: reuse it only if we know its port.
             self.port = self.port or self._port_from_pidfile()
             if self.port:
+                self._remember_port()
                 return
             self.stop()
-        self.port = self.port or free_port()
+        if self.port is not None:
+            self._start_on(self.port)
+        else:
+            self.port = self._choose_port()
+            try:
+                self._start_on(self.port)
+            except RuntimeError:
+                # The port was taken between the check and the start (another server starting
+                # at the same moment): any free one will do.
+                self.port = free_port()
+                self._start_on(self.port)
+        self._remember_port()
+
+    def _start_on(self, port: int) -> None:
         options = [
             "-h 127.0.0.1",
-            f"-p {self.port}",
+            f"-p {port}",
             "-k ''",  # no Unix socket: paths under deep folders are too long for one
             *(f"-c {setting}" for setting in self.settings),
         ]
@@ -182,6 +216,23 @@ class EmbeddedPostgres:
             " ".join(options),
             timeout=START_TIMEOUT_SECONDS + 10,
         )
+
+    def _choose_port(self) -> int:
+        for candidate in (self.remembered_port(), self.preferred_port):
+            if candidate and port_free("127.0.0.1", candidate):
+                return candidate
+        return free_port()
+
+    def remembered_port(self) -> int | None:
+        """The port the server listened on when it last started (None: never started here)."""
+        try:
+            return int((self.data_dir / PORT_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _remember_port(self) -> None:
+        if self.port != self.remembered_port():
+            (self.data_dir / PORT_FILE).write_text(f"{self.port}\n")
 
     def _port_from_pidfile(self) -> int | None:
         try:

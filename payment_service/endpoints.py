@@ -7,6 +7,14 @@ through these functions; the API's write statement reads the table to fan an eve
 relay reads it to deliver. Every change NOTIFYs ENDPOINTS_CHANNEL, so running relays reload at
 once (they also reload every second).
 
+What an endpoint may have is checked here (`check_name`, `check_url`, `check_event_types`,
+`check_secret`, `check_reason`), once for the command line and the admin API; a URL passes only
+if the relay can send to it (payment_service.callback_urls).
+
+Removing an endpoint (`delete_endpoint`) deletes what it was never delivered and keeps its
+delivered deliveries as history (`endpoint_id` NULL, its name in `removed_endpoint`) until
+housekeeping deletes them with the rest.
+
 Seeding: the integration guide's settings (`NOTIFICATION_SERVICE_URL`, `TRIP_SERVICE_URL` with
 `TRIP_CALLBACK_PATH`, …, `CALLBACK_SIGNING_SECRET`) describe endpoints `notification`, `trip`,
 `driver`, `rider`. `seed_from_settings` (at `migrate`, `run` and a relay's start) creates those
@@ -29,18 +37,21 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from payment_service import ENDPOINTS_CHANNEL
+from payment_service.callback_urls import (
+    MAX_URL_LENGTH,
+    CallbackURLError,
+    NetworkPolicy,
+    parse_callback_url,
+    refusal_message,
+)
 from payment_service.config import Settings
 from payment_service.signing import SECRET_PREFIX
+from payment_service.sql import Statement
+from payment_service.vocabulary import ENDPOINT_STATES, event_type_patterns
 
-EVENT_TYPES = (
-    "payment.succeeded",
-    "payment.pending",
-    "payment.failed",
-    "payment.refunded",
-    "refund.failed",
-)
-STATES = ("ACTIVE", "PAUSED", "DISABLED")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MAX_SECRET_LENGTH = 200  # characters of `whsec_…`
+MAX_REASON_LENGTH = 500  # characters of a pause or disable reason
 SECRET_BYTES = 32
 PREVIOUS_SECRET_SECONDS = 24 * 3600  # `rotate-secret`: a retired secret signs this long
 # The current secret and those retired in the last PREVIOUS_SECRET_SECONDS, newest first, at most
@@ -51,6 +62,14 @@ MAX_BREAKER_COOLDOWN_SECONDS = 600.0
 
 class EndpointError(ValueError):
     """A request about endpoints that cannot be carried out; the message says why."""
+
+
+class InvalidEndpoint(EndpointError):
+    """A value an endpoint cannot have (`field` names it); the message says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class EndpointNotFound(EndpointError):
@@ -138,48 +157,91 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 
 
+# The checks of what an endpoint may have, the same for the command line and the admin API (whose
+# request models call them): each returns the value, or raises InvalidEndpoint naming the field.
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
-        raise EndpointError(
-            f"invalid endpoint name {name[:80]!r}: 1-63 lower-case letters, digits, '_' or '-'"
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidEndpoint(
+            "name",
+            f"invalid endpoint name {name[:80]!r}: 1-63 lower-case letters, digits, '_' or '-'",
         )
     return name
 
 
-def check_url(url: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
-        raise EndpointError(f"invalid endpoint URL {url[:200]!r}: use http(s)://host[:port]/path")
+def check_url(url: str, networks: NetworkPolicy | None = None) -> str:
+    """A URL the relay can send callbacks to (payment_service.callback_urls), without
+    credentials or a fragment, at most MAX_URL_LENGTH characters; with `networks`, a host written
+    as an address (or `localhost`) must be one callbacks may reach. The message never repeats
+    the URL: it may hold a password."""
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidEndpoint(
+            "url", f"invalid endpoint URL: longer than {MAX_URL_LENGTH} characters"
+        )
+    try:
+        parsed = parse_callback_url(url)
+    except CallbackURLError as error:
+        raise InvalidEndpoint("url", f"invalid endpoint URL: {error}") from None
+    if parsed.has_credentials:
+        raise InvalidEndpoint(
+            "url",
+            "invalid endpoint URL: credentials (user:password@) do not belong in it; receivers "
+            "verify the callbacks' signatures instead",
+        )
+    if parsed.has_fragment:
+        raise InvalidEndpoint("url", "invalid endpoint URL: a fragment (#…) is never sent")
+    if networks is not None:
+        address = parsed.address
+        kind = None if address is None else networks.refusal(address)
+        if kind is not None and address is not None:
+            raise InvalidEndpoint(
+                "url", f"refused endpoint URL: {refusal_message(parsed.host, address, kind)}"
+            )
+        if networks.refuses_name(parsed.host):
+            raise InvalidEndpoint(
+                "url",
+                f"refused endpoint URL: {parsed.host} is a loopback address, where callbacks may "
+                "not go: list its network in ENDPOINT_ALLOWED_NETWORKS to allow it",
+            )
     return url
 
 
 def check_event_types(types: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Exact event types, `payment.*`-style prefixes (`refund.*` too), or `*`; at least one; no
-    duplicates."""
-    cleaned = tuple(dict.fromkeys(t.strip() for t in types if t.strip()))
-    if not cleaned:
-        raise EndpointError("an endpoint subscribes to at least one event type (or '*')")
-    for pattern in cleaned:
-        if pattern == "*" or pattern in EVENT_TYPES:
-            continue
-        if pattern.endswith(".*") and any(t.startswith(pattern[:-1]) for t in EVENT_TYPES):
-            continue
-        raise EndpointError(
-            f"unknown event type {pattern[:80]!r}: use {', '.join(EVENT_TYPES)}, a prefix such "
-            "as 'payment.*', or '*'"
-        )
-    return cleaned
+    """Exact event types, `payment.*`-style prefixes, or `*`; at least one, at most
+    MAX_EVENT_TYPES; no duplicates (payment_service.vocabulary.event_type_patterns)."""
+    try:
+        return event_type_patterns(types)
+    except ValueError as error:
+        raise InvalidEndpoint("event_types", str(error)) from None
 
 
 def check_secret(secret: str) -> str:
+    """`whsec_` + base64 of at least 24 bytes (Standard Webhooks), at most MAX_SECRET_LENGTH
+    characters. The message never repeats the secret."""
     if not secret.startswith(SECRET_PREFIX):
-        raise EndpointError("a secret is 'whsec_' followed by base64 (Standard Webhooks)")
+        raise InvalidEndpoint(
+            "secret", "a secret is 'whsec_' followed by base64 (Standard Webhooks)"
+        )
+    if len(secret) > MAX_SECRET_LENGTH:
+        raise InvalidEndpoint("secret", f"a secret is at most {MAX_SECRET_LENGTH} characters")
     try:
         key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
     except ValueError:
-        raise EndpointError("the part of the secret after 'whsec_' is not valid base64") from None
+        raise InvalidEndpoint(
+            "secret", "the part of the secret after 'whsec_' is not valid base64"
+        ) from None
     if len(key) < 24:
-        raise EndpointError("a secret's key must be at least 24 random bytes")
+        raise InvalidEndpoint("secret", "a secret's key must be at least 24 random bytes")
     return secret
+
+
+def check_reason(reason: str) -> str:
+    """Why an endpoint is paused or disabled: shown by `list` and the admin API, so plain text
+    (no control characters), at most MAX_REASON_LENGTH characters."""
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidEndpoint("reason", f"a reason is at most {MAX_REASON_LENGTH} characters")
+    if re.search(r"[\x00-\x1f\x7f-\x9f]", reason):
+        raise InvalidEndpoint("reason", "a reason is one line of text, without control characters")
+    return reason
 
 
 def wants(event_types: tuple[str, ...], event_type: str) -> bool:
@@ -336,17 +398,39 @@ def _endpoint(row: asyncpg.Record) -> Endpoint:
     return Endpoint(**values)
 
 
+SELECT_ALL = Statement(f"SELECT {_COLUMNS} FROM endpoints ORDER BY name")
+SELECT_ONE = Statement(f"SELECT {_COLUMNS} FROM endpoints WHERE name = :name")
+# The endpoint, its row locked until the transaction ends.
+LOCK_ONE = Statement(f"SELECT {_COLUMNS} FROM endpoints WHERE name = :name FOR UPDATE")
+
+
 async def select_endpoints(conn: asyncpg.Connection) -> list[Endpoint]:
     """Every endpoint, by name."""
-    rows = await conn.fetch(f"SELECT {_COLUMNS} FROM endpoints ORDER BY name")
+    rows = await conn.fetch(SELECT_ALL.sql, *SELECT_ALL.args())
     return [_endpoint(row) for row in rows]
 
 
 async def select_endpoint(conn: asyncpg.Connection, name: str) -> Endpoint:
-    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1", name)
+    row = await conn.fetchrow(SELECT_ONE.sql, *SELECT_ONE.args(name=name))
     if row is None:
         raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
     return _endpoint(row)
+
+
+INSERT = Statement(
+    f"""
+    WITH added AS (
+        INSERT INTO endpoints (name, url, event_types, secret)
+        VALUES (:name, :url, :event_types, :secret)
+        ON CONFLICT (name) DO NOTHING
+     RETURNING *
+    ), notified AS (
+        SELECT pg_notify(:channel, name) FROM added
+    )
+    SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
+      FROM added
+    """
+)
 
 
 async def insert_endpoint(
@@ -356,61 +440,62 @@ async def insert_endpoint(
     url: str,
     event_types: tuple[str, ...] = ("*",),
     secret: str | None = None,
+    networks: NetworkPolicy | None = None,
 ) -> Endpoint:
-    """Add an endpoint; it receives events written from now on (`secret` None: generated)."""
-    row = await conn.fetchrow(
-        f"""
-        WITH added AS (
-            INSERT INTO endpoints (name, url, event_types, secret)
-            VALUES ($1, $2, $3, $4)
-            ON CONFLICT (name) DO NOTHING
-         RETURNING *
-        ), notified AS (
-            SELECT pg_notify($5, name) FROM added
-        )
-        SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
-          FROM added
-        """,
-        check_name(name),
-        check_url(url),
-        list(check_event_types(event_types)),
-        check_secret(secret) if secret is not None else new_secret(),
-        ENDPOINTS_CHANNEL,
+    """Add an endpoint; it receives events written from now on (`secret` None: generated).
+    `networks`: where callbacks may go (`check_url`), given by the command line and the API."""
+    values = INSERT.args(
+        name=check_name(name),
+        url=check_url(url, networks),
+        event_types=list(check_event_types(event_types)),
+        secret=check_secret(secret) if secret is not None else new_secret(),
+        channel=ENDPOINTS_CHANNEL,
     )
+    row = await conn.fetchrow(INSERT.sql, *values)
     if row is None:
         raise EndpointExists(f"an endpoint named {name!r} exists already")
     return _endpoint(row)
 
 
-async def _change(
-    conn: asyncpg.Connection, name: str, assignments: str, *args: Any, where: str = "TRUE"
-) -> Endpoint:
-    """Run `UPDATE endpoints SET <assignments>` on one endpoint (args from $3), mark it changed by
-    hand, and NOTIFY. Raises EndpointNotFound, or EndpointError when `where` excludes the row."""
-    row = await conn.fetchrow(
+def _changing(assignments: str) -> Statement:
+    """`UPDATE endpoints SET <assignments>` of the endpoint named `:name`, marked changed by hand
+    (no longer as seeding made it), NOTIFYing `:channel`."""
+    return Statement(
         f"""
         WITH changed AS (
             UPDATE endpoints
                SET {assignments},
                    seeded = false,
                    updated_at = now()
-             WHERE name = $1
-               AND ({where})
+             WHERE name = :name
          RETURNING *
         ), notified AS (
-            SELECT pg_notify($2, name) FROM changed
+            SELECT pg_notify(:channel, name) FROM changed
         )
         SELECT {_COLUMNS}, (SELECT count(*) FROM notified) AS notified
           FROM changed
-        """,
-        name,
-        ENDPOINTS_CHANNEL,
-        *args,
+        """
+    )
+
+
+async def _change(
+    conn: asyncpg.Connection, change: Statement, name: str, **values: Any
+) -> Endpoint:
+    """Run one of the `_changing` statements on the endpoint named `name`; EndpointNotFound if
+    none."""
+    row = await conn.fetchrow(
+        change.sql, *change.args(name=name, channel=ENDPOINTS_CHANNEL, **values)
     )
     if row is None:
-        await select_endpoint(conn, name)  # raises EndpointNotFound
-        raise EndpointError(f"endpoint {name!r} is not in a state that allows this")
+        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
     return _endpoint(row)
+
+
+# What is not given (NULL) stays.
+UPDATE = _changing(
+    """url = coalesce(:url, url),
+               event_types = coalesce(:event_types, event_types)"""
+)
 
 
 async def update_endpoint(
@@ -419,62 +504,208 @@ async def update_endpoint(
     *,
     url: str | None = None,
     event_types: tuple[str, ...] | None = None,
+    networks: NetworkPolicy | None = None,
 ) -> Endpoint:
     """Change an endpoint's URL and/or event types (what is not given stays)."""
     return await _change(
         conn,
+        UPDATE,
         name,
-        "url = coalesce($3, url), event_types = coalesce($4, event_types)",
-        check_url(url) if url is not None else None,
-        list(check_event_types(event_types)) if event_types is not None else None,
+        url=check_url(url, networks) if url is not None else None,
+        event_types=list(check_event_types(event_types)) if event_types is not None else None,
     )
 
 
 # The endpoint's deliveries waiting out a backoff go now, in order, rather than hours later (their
-# schedule grew while the endpoint was down, paused or disabled): `$1` the endpoint. Run when
-# `set_state` makes an endpoint ACTIVE, and by the relay when a breaker closes.
-HASTEN_SQL = """
-UPDATE deliveries
-   SET next_attempt_at = now()
- WHERE endpoint_id = $1
-   AND status = 'PENDING'
-   AND next_attempt_at > now()
-"""
+# schedule grew while the endpoint was down, paused or disabled). Run when `set_state` makes an
+# endpoint ACTIVE, and by the relay when a breaker closes.
+HASTEN = Statement(
+    """
+    UPDATE deliveries
+       SET next_attempt_at = now()
+     WHERE endpoint_id = :endpoint_id
+       AND status = 'PENDING'
+       AND next_attempt_at > now()
+    """
+)
+# Its compiled text, which outbox_relay.endpoint_health runs with the endpoint's id as its one
+# value by position, until that module moves to named values.
+HASTEN_SQL = HASTEN.sql
 
 
 async def set_state(
     conn: asyncpg.Connection, name: str, state: str, *, reason: str | None = None
 ) -> Endpoint:
     """PAUSED/ACTIVE/DISABLED by hand. Enabling or resuming also closes the breaker, starts the
-    failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN_SQL):
+    failure count afresh and makes every waiting delivery of the endpoint due now (HASTEN):
     the operator says the receiver is back, so everything goes out at once, in order."""
-    if state not in STATES:
+    if state not in ENDPOINT_STATES:
         raise EndpointError(f"unknown state {state!r}")
     async with conn.transaction():
         changed = await _set_state(conn, name, state, reason)
         if state == "ACTIVE":
-            await conn.execute(HASTEN_SQL, changed.endpoint_id)
+            await conn.execute(HASTEN.sql, *HASTEN.args(endpoint_id=changed.endpoint_id))
     return changed
+
+
+async def pause(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+    """Hold the endpoint's deliveries until `resume`; its new events still get deliveries."""
+    return await set_state(
+        conn, name, "PAUSED", reason=None if reason is None else check_reason(reason)
+    )
+
+
+async def disable(conn: asyncpg.Connection, name: str, *, reason: str | None = None) -> Endpoint:
+    """Hold the endpoint's deliveries until `enable`; its new events get none (see `Gap`)."""
+    return await set_state(
+        conn, name, "DISABLED", reason=None if reason is None else check_reason(reason)
+    )
+
+
+async def resume(conn: asyncpg.Connection, name: str) -> Endpoint:
+    """Deliver again, in order, what a PAUSED endpoint held. A DISABLED one is refused: it
+    missed events, which `enable` names."""
+    async with conn.transaction():
+        current = await _lock(conn, name)
+        if current.state == "DISABLED":
+            raise EndpointError(
+                f"endpoint {name!r} is DISABLED ({current.state_reason or 'no reason given'}): "
+                f"enable it instead (`payment-service endpoints enable {name}`), which names the "
+                "events it missed"
+            )
+        return await set_state(conn, name, "ACTIVE")
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What an endpoint missed while DISABLED: the events of its types written since, which
+    got no delivery to it. `replay_command` sends them."""
+
+    name: str
+    disabled_at: datetime
+    missed_events: int
+
+    @property
+    def replay_command(self) -> str:
+        since = self.disabled_at.isoformat()
+        return f"payment-service outbox replay --endpoint {self.name} --since {since}"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "disabled_at": self.disabled_at.isoformat(),
+            "missed_events": self.missed_events,
+            "replay_command": self.replay_command,
+        }
+
+
+# The events an endpoint has no delivery for, of its types, written since a time (`Gap`).
+MISSED_EVENTS = Statement(
+    """
+    SELECT count(*)
+      FROM outbox_events AS e
+     WHERE e.created_at >= :since
+       AND endpoint_wants(:event_types, e.event_type)
+       AND NOT EXISTS (SELECT 1
+                         FROM deliveries AS d
+                        WHERE d.event_id = e.id
+                          AND d.endpoint_id = :endpoint_id)
+    """
+)
+
+
+async def enable(conn: asyncpg.Connection, name: str) -> tuple[Endpoint, Gap | None]:
+    """ACTIVE again, breaker closed, held deliveries due now (`set_state`). After DISABLED, also
+    the gap: when it was disabled and how many events it missed since (None otherwise). Refused
+    while its URL is one the relay cannot deliver to (it would only be disabled again)."""
+    async with conn.transaction():
+        current = await _lock(conn, name)
+        if current.url is not None:
+            try:
+                parse_callback_url(current.url)
+            except CallbackURLError as error:  # the relay would only disable it again
+                raise EndpointError(
+                    f"endpoint {name!r} has a URL the relay cannot deliver to ({error}): give it "
+                    f"another first (`payment-service endpoints update {name} --url …`)"
+                ) from None
+        gap = None
+        if current.state == "DISABLED":
+            values = MISSED_EVENTS.args(
+                endpoint_id=current.endpoint_id,
+                event_types=list(current.event_types),
+                since=current.state_changed_at,
+            )
+            missed = await conn.fetchval(MISSED_EVENTS.sql, *values)
+            gap = Gap(name, current.state_changed_at, int(missed))
+        return await set_state(conn, name, "ACTIVE"), gap
+
+
+async def _lock(conn: asyncpg.Connection, name: str) -> Endpoint:
+    """The endpoint, its row locked until the transaction ends; EndpointNotFound if none."""
+    row = await conn.fetchrow(LOCK_ONE.sql, *LOCK_ONE.args(name=name))
+    if row is None:
+        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
+    return _endpoint(row)
+
+
+# The relay's guard (outbox_relay.endpoint_loop): an endpoint it cannot deliver to is DISABLED
+# with the reason, unless it changed since the relay read it (`:url`: the URL it read).
+DISABLE_UNSERVABLE = Statement(
+    """
+    WITH disabled AS (
+        UPDATE endpoints
+           SET state = 'DISABLED',
+               state_reason = :reason,
+               state_changed_at = now(),
+               updated_at = now()
+         WHERE endpoint_id = :endpoint_id
+           AND url = :url
+           AND state = 'ACTIVE'
+     RETURNING name
+    )
+    SELECT count(*) FROM disabled, pg_notify(:channel, disabled.name) AS notified
+    """
+)
+
+
+async def disable_unservable(
+    conn: asyncpg.Connection, endpoint_id: int, *, url: str, reason: str
+) -> bool:
+    """DISABLE an endpoint the relay cannot deliver to at `url`; False when it has changed
+    (another URL, or no longer ACTIVE) or is gone."""
+    values = DISABLE_UNSERVABLE.args(
+        endpoint_id=endpoint_id, url=url, reason=reason, channel=ENDPOINTS_CHANNEL
+    )
+    done = await conn.fetchval(DISABLE_UNSERVABLE.sql, *values)
+    return bool(done)
+
+
+# A new state by hand; ACTIVE also closes the breaker and starts the failure count afresh.
+SET_STATE = _changing(
+    """state = :state,
+               state_reason = :reason,
+               state_changed_at = CASE WHEN state = :state THEN state_changed_at ELSE now() END,
+               consecutive_failures = CASE WHEN :state = 'ACTIVE' THEN 0
+                                           ELSE consecutive_failures END,
+               breaker_open_until = CASE WHEN :state = 'ACTIVE' THEN NULL
+                                         ELSE breaker_open_until END,
+               breaker_cooldown_seconds = CASE WHEN :state = 'ACTIVE' THEN 0
+                                               ELSE breaker_cooldown_seconds END,
+               probe_until = CASE WHEN :state = 'ACTIVE' THEN NULL ELSE probe_until END,
+               failing_since = CASE WHEN :state = 'ACTIVE' THEN NULL ELSE failing_since END"""
+)
 
 
 async def _set_state(
     conn: asyncpg.Connection, name: str, state: str, reason: str | None
 ) -> Endpoint:
-    return await _change(
-        conn,
-        name,
-        """state = $3,
-           state_reason = $4,
-           state_changed_at = CASE WHEN state = $3 THEN state_changed_at ELSE now() END,
-           consecutive_failures = CASE WHEN $3 = 'ACTIVE' THEN 0 ELSE consecutive_failures END,
-           breaker_open_until = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE breaker_open_until END,
-           breaker_cooldown_seconds = CASE WHEN $3 = 'ACTIVE' THEN 0
-                                           ELSE breaker_cooldown_seconds END,
-           probe_until = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE probe_until END,
-           failing_since = CASE WHEN $3 = 'ACTIVE' THEN NULL ELSE failing_since END""",
-        state,
-        reason,
-    )
+    return await _change(conn, SET_STATE, name, state=state, reason=reason)
+
+
+# A new secret; the current one is retired (the SQL function `retire_secret`, migration 0008).
+ROTATE_SECRET = _changing(
+    """previous_secrets = retire_secret(previous_secrets, secret, :secret, :keep_seconds),
+               secret = :secret"""
+)
 
 
 async def rotate_secret(
@@ -489,36 +720,75 @@ async def rotate_secret(
     goes first): rotating twice in a day never drops the secret receivers still verify with."""
     return await _change(
         conn,
+        ROTATE_SECRET,
         name,
-        """previous_secrets = retire_secret(previous_secrets, secret, $3, $4),
-           secret = $3""",
-        check_secret(secret) if secret is not None else new_secret(),
-        float(keep_previous_seconds),
+        secret=check_secret(secret) if secret is not None else new_secret(),
+        keep_seconds=float(keep_previous_seconds),
     )
 
 
-async def delete_endpoint(conn: asyncpg.Connection, name: str) -> int:
-    """Remove an endpoint and its deliveries; returns how many undelivered ones went with it."""
-    row = await conn.fetchrow(
-        """
-        WITH gone AS (
-            DELETE FROM endpoints WHERE name = $1 RETURNING endpoint_id, name
-        ), notified AS (
-            SELECT pg_notify($2, name) FROM gone
+@dataclass(frozen=True)
+class Removed:
+    undelivered: int  # deliveries never delivered (pending or dead), deleted with the endpoint
+    delivered: int  # delivered ones kept as history, under the endpoint's name, until retention
+
+
+# What removing an endpoint does to its deliveries: those never delivered go, the delivered ones
+# stay as history, under its name.
+COUNT_UNDELIVERED = Statement(
+    """
+    SELECT count(*)
+      FROM deliveries AS d
+      JOIN endpoints AS n ON n.endpoint_id = d.endpoint_id
+     WHERE n.name = :name
+       AND d.status <> 'DELIVERED'
+    """
+)
+DELETE_UNDELIVERED = Statement(
+    "DELETE FROM deliveries WHERE endpoint_id = :endpoint_id AND status <> 'DELIVERED'"
+)
+KEEP_DELIVERED = Statement(
+    """
+    UPDATE deliveries
+       SET endpoint_id = NULL,
+           removed_endpoint = :name
+     WHERE endpoint_id = :endpoint_id
+    """
+)
+DELETE = Statement(
+    """
+    WITH gone AS (
+        DELETE FROM endpoints WHERE endpoint_id = :endpoint_id RETURNING name
+    )
+    SELECT pg_notify(:channel, name) FROM gone
+    """
+)
+
+
+async def count_undelivered(conn: asyncpg.Connection, name: str) -> int:
+    """How many deliveries `delete_endpoint` would delete with the endpoint (pending and dead);
+    EndpointNotFound if none has that name."""
+    await select_endpoint(conn, name)
+    return int(await conn.fetchval(COUNT_UNDELIVERED.sql, *COUNT_UNDELIVERED.args(name=name)))
+
+
+async def delete_endpoint(conn: asyncpg.Connection, name: str) -> Removed:
+    """Remove an endpoint. What it was never delivered goes with it; its delivered deliveries
+    stay, as history, with `endpoint_id` NULL and the endpoint's name in `removed_endpoint`,
+    until housekeeping deletes them with the rest (OUTBOX_RETENTION_HOURS)."""
+    async with conn.transaction():
+        endpoint = await _lock(conn, name)  # a concurrent delivery's write waits for us
+        endpoint_id = endpoint.endpoint_id
+        undelivered = await conn.execute(
+            DELETE_UNDELIVERED.sql, *DELETE_UNDELIVERED.args(endpoint_id=endpoint_id)
         )
-        SELECT (SELECT count(*) FROM notified) AS found,
-               (SELECT count(*)
-                  FROM deliveries AS d, gone
-                 WHERE d.endpoint_id = gone.endpoint_id
-                   AND d.status <> 'DELIVERED') AS undelivered
-        """,
-        name,
-        ENDPOINTS_CHANNEL,
-    )
-    assert row is not None
-    if not row["found"]:
-        raise EndpointNotFound(f"no endpoint named {name[:80]!r}")
-    return int(row["undelivered"])  # the statement's snapshot still sees the cascaded rows
+        delivered = await conn.execute(
+            KEEP_DELIVERED.sql, *KEEP_DELIVERED.args(endpoint_id=endpoint_id, name=endpoint.name)
+        )
+        await conn.execute(
+            DELETE.sql, *DELETE.args(endpoint_id=endpoint_id, channel=ENDPOINTS_CHANNEL)
+        )
+    return Removed(int(undelivered.split()[-1]), int(delivered.split()[-1]))
 
 
 async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> list[SeedNote]:
@@ -538,10 +808,8 @@ async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> li
         seeds = seeds_from_settings(settings)
         for seed in seeds:
             notes += await _seed(conn, seed, secret)
-        left = await conn.fetch(
-            "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY ($1)",
-            [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}],
-        )
+        unset = [name for name in OPTIONAL_SEEDS if name not in {seed.name for seed in seeds}]
+        left = await conn.fetch(SEEDED_AMONG.sql, *SEEDED_AMONG.args(names=unset))
         for row in left:
             name = row["name"]
             notes.append(
@@ -556,29 +824,54 @@ async def seed_from_settings(conn: asyncpg.Connection, settings: Settings) -> li
     return notes
 
 
+# Seeding's statements. Which of the endpoints `:names` seeding made and configured.
+SEEDED_AMONG = Statement(
+    "SELECT name FROM endpoints WHERE seeded AND url IS NOT NULL AND name = ANY (:names)"
+)
+# A missing endpoint, as the settings describe it.
+SEED = Statement(
+    """
+    WITH seeded AS (
+        INSERT INTO endpoints (name, url, event_types, secret, seeded)
+        VALUES (:name, :url, :event_types, :secret, true)
+        ON CONFLICT (name) DO NOTHING
+     RETURNING name
+    )
+    SELECT name FROM seeded, pg_notify(:channel, name) AS n
+    """
+)
+# An endpoint still as seeding made it (or not configured yet), made to follow the settings.
+FOLLOW = Statement(
+    """
+    WITH followed AS (
+        UPDATE endpoints
+           SET url = :url,
+               event_types = :event_types,
+               -- unsigned now: no signature at all; else the replaced secret signs a day more
+               previous_secrets = CASE WHEN :secret::text IS NULL THEN '[]'::jsonb
+                                       WHEN secret IS DISTINCT FROM :secret
+                                       THEN retire_secret(previous_secrets, secret, :secret,
+                                                          :keep_seconds)
+                                       ELSE previous_secrets END,
+               secret = :secret,
+               updated_at = now()
+         WHERE endpoint_id = :endpoint_id
+     RETURNING name
+    )
+    SELECT pg_notify(:channel, name) FROM followed
+    """
+)
+
+
 async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None) -> list[SeedNote]:
+    described = {"url": seed.url, "event_types": list(seed.event_types), "secret": secret}
     created = await conn.fetchval(
-        """
-        WITH seeded AS (
-            INSERT INTO endpoints (name, url, event_types, secret, seeded)
-            VALUES ($1, $2, $3, $4, true)
-            ON CONFLICT (name) DO NOTHING
-         RETURNING name
-        )
-        SELECT name FROM seeded, pg_notify($5, name) AS n
-        """,
-        seed.name,
-        seed.url,
-        list(seed.event_types),
-        secret,
-        ENDPOINTS_CHANNEL,
+        SEED.sql, *SEED.args(name=seed.name, **described, channel=ENDPOINTS_CHANNEL)
     )
     if created is not None:
         text = f"seeded endpoint {seed.name} from the settings: {shown_url(seed.url)}"
         return [SeedNote(seed.name, "created", text)]
-    row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM endpoints WHERE name = $1 FOR UPDATE", seed.name
-    )
+    row = await conn.fetchrow(LOCK_ONE.sql, *LOCK_ONE.args(name=seed.name))
     if row is None:  # removed by an operator since the insert found it: nothing to follow
         return []
     endpoint = _endpoint(row)
@@ -587,31 +880,13 @@ async def _seed(conn: asyncpg.Connection, seed: EndpointSeed, secret: str | None
         return []
     if endpoint.url is not None and not endpoint.seeded:
         return [difference.differs(seed.name) for difference in differences]
-    await conn.execute(
-        """
-        WITH followed AS (
-            UPDATE endpoints
-               SET url = $2,
-                   event_types = $3,
-                   -- unsigned now: no signature at all; else the replaced secret signs a day more
-                   previous_secrets = CASE WHEN $4::text IS NULL THEN '[]'::jsonb
-                                           WHEN secret IS DISTINCT FROM $4
-                                           THEN retire_secret(previous_secrets, secret, $4, $5)
-                                           ELSE previous_secrets END,
-                   secret = $4,
-                   updated_at = now()
-             WHERE endpoint_id = $1
-         RETURNING name
-        )
-        SELECT pg_notify($6, name) FROM followed
-        """,
-        endpoint.endpoint_id,
-        seed.url,
-        list(seed.event_types),
-        secret,
-        float(PREVIOUS_SECRET_SECONDS),
-        ENDPOINTS_CHANNEL,
+    values = FOLLOW.args(
+        endpoint_id=endpoint.endpoint_id,
+        **described,
+        keep_seconds=float(PREVIOUS_SECRET_SECONDS),
+        channel=ENDPOINTS_CHANNEL,
     )
+    await conn.execute(FOLLOW.sql, *values)
     if endpoint.url is None:
         text = f"configured endpoint {seed.name} from the settings: {shown_url(seed.url)}"
         return [SeedNote(seed.name, "configured", text)]

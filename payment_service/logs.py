@@ -18,8 +18,15 @@ from datetime import UTC, datetime
 from multiprocessing import util
 from typing import Any, TextIO
 
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# Attributes every LogRecord has; anything else on a record came from `extra=`. Uvicorn gives
+# its records a `color_message`: the message again with a terminal's colour codes, for its own
+# console formatter only.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 # How often the writer thread formats and writes what the request path buffered.
 WRITE_INTERVAL_SECONDS = 0.05
 

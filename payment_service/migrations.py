@@ -24,6 +24,9 @@ from pathlib import Path
 
 import asyncpg
 
+from payment_service.database import advisory_unlock, try_advisory_lock
+from payment_service.sql import Statement
+
 logger = logging.getLogger(__name__)
 
 # pg_advisory_lock key shared by every migrating process ("paymigr" in ASCII).
@@ -174,7 +177,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
             done.append(migration.version)
         return done
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        await advisory_unlock(conn, MIGRATION_LOCK_ID)
 
 
 async def _lock(conn: asyncpg.Connection) -> None:
@@ -184,21 +187,24 @@ async def _lock(conn: asyncpg.Connection) -> None:
     the lock holder waits for every older snapshot to end: the two would deadlock.
     """
     delay = LOCK_RETRY_SECONDS
-    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+    while not await try_advisory_lock(conn, MIGRATION_LOCK_ID):
         await asyncio.sleep(delay)
         delay = min(delay * 2, LOCK_RETRY_MAX_SECONDS)
 
 
+RECORD = Statement(
+    """
+    INSERT INTO schema_migrations (version, name, checksum)
+    VALUES (:version, :name, :checksum)
+    """
+)
+
+
 async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
-    await conn.execute(
-        """
-        INSERT INTO schema_migrations (version, name, checksum)
-        VALUES ($1, $2, $3)
-        """,
-        migration.version,
-        migration.name,
-        migration.checksum,
+    values = RECORD.args(
+        version=migration.version, name=migration.name, checksum=migration.checksum
     )
+    await conn.execute(RECORD.sql, *values)
 
 
 async def pending_check(conn: asyncpg.Connection) -> None:

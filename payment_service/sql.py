@@ -1,17 +1,23 @@
 """Named parameters for the SQL sent through asyncpg, so each statement reads on its own.
 
-asyncpg speaks PostgreSQL's positional `$1, $2, …`. A statement composed of fragments from several
-modules (the idempotency row's CTE, the payment's outbox event) could not be reviewed if its
-numbering spanned those modules, so such statements are written with named placeholders
-(`:key_hash`) and compiled once, at import, into the `$n` form by `Statement`: each name gets the
-number of its first appearance and every later use of the name reuses it. `Statement.args` maps
-keyword values to those positions; a missing or unknown name raises TypeError at the call, and a
-positional `$n` in the text raises ValueError at import, so the two styles never mix. The text sent
-is fixed at import, which keeps asyncpg's prepared-statement cache hitting.
+The rule: every statement the service sends is written with named placeholders (`:key_hash`) as a
+`Statement`, and run as `conn.fetch(S.sql, *S.args(key_hash=…))`; no module writes asyncpg's
+positional `$1, $2, …` itself. A value is then named where it is used, a statement composed of
+fragments from several modules (the idempotency row's CTE, the payment's outbox event) has no
+numbering spanning them, and a test that EXPLAINs a statement runs exactly what the code sends
+(`S.sql`, with `S.args(…)`). A few modules still write `$n`, until their turn comes: the relay's
+claim and record statements (outbox_relay/outbox.py), endpoint health
+(outbox_relay/endpoint_health.py), and the payments' and refunds' reads (app/payments.py,
+app/refunds.py).
+
+`Statement` compiles the text once, at import, into the `$n` form: each name gets the number of
+its first appearance and every later use of the name reuses it. `Statement.args` maps keyword
+values to those positions; a missing or unknown name raises TypeError at the call, and a positional
+`$n` in the text raises ValueError at import, so the two styles never mix in one statement. The text
+sent is fixed at import, which keeps asyncpg's prepared-statement cache hitting.
 
 Placeholders are recognised outside quoted text ('…', E'…', "…", $tag$…$tag$) and comments;
-`::type` casts are left alone. A statement that is one module's own may keep `$n`: the rule is only
-that no numbering spans modules.
+`::type` casts are left alone.
 """
 
 from __future__ import annotations

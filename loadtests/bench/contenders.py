@@ -185,7 +185,7 @@ def bench_server(
 @dataclass(frozen=True)
 class Shipped:
     """What compose and the Dockerfile run: `payment-service serve` with its defaults, the
-    settings' LOG_LEVEL (the access log on) and four subscribed endpoints (DESIGN §9).
+    settings' LOG_LEVEL (the access log on) and four subscribed endpoints.
     tests/unit/test_bench_shipped.py holds it to the CLI, the settings and docker-compose.yml."""
 
     server: str = "uvicorn"

@@ -1,11 +1,13 @@
 """Relay runs: draining pending deliveries to one or several endpoints, commit-to-callback latency
-(alone, and beside an endpoint that is down), the oldest pending delivery under load."""
+(alone, and beside an endpoint that is down), the oldest pending delivery under load, alone and
+beside endpoints in trouble (the mixed row)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from .processes import CpuMeter, Proc, fmt_cpu, free_port, http_json, wait_http
 RELAY_TEMPLATE_DB = "bench_relay_template"
 
 
-def start_receiver(bench: Bench, name: str) -> tuple[Proc, int, Path]:
+def start_receiver(bench: Bench, name: str, *, fail_rate: float = 0.0) -> tuple[Proc, int, Path]:
     port = free_port()
     dump = bench.workdir / f"{name}.jsonl"
     proc = Proc(
@@ -35,6 +37,8 @@ def start_receiver(bench: Bench, name: str) -> tuple[Proc, int, Path]:
             str(port),
             "--dump",
             str(dump),
+            "--fail-rate",
+            str(fail_rate),
         ],
         env=bench.env(),
         logs=bench.logs,
@@ -313,39 +317,80 @@ def bench_latency(bench: Bench, workers: int, *, down: bool = False) -> dict[str
 
 
 # -- oldest pending under full load ---------------------------------------------------------------
+PENDING_SQL = """
+SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)
+  FROM deliveries
+ WHERE status = 'PENDING'
+"""
+SAMPLE_SECONDS = 0.1
+
+
+class BacklogSampler:
+    """Reads a backlog (`sql`: one row, the pending count and the oldest one's age in seconds)
+    every SAMPLE_SECONDS in a thread of its own, from `start()` to `stop()`: `samples` holds
+    (monotonic time, count, age). `stop()` raises if the sampler failed: no samples must not
+    read as "no backlog"."""
+
+    def __init__(self, dsn: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self.dsn, self.sql, self.params = dsn, sql, params
+        self.samples: list[tuple[float, int, float]] = []
+        self._failures: list[Exception] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        if self._failures:
+            raise RuntimeError(f"the backlog sampler failed: {self._failures[0]!r}")
+
+    def _run(self) -> None:
+        try:
+            self._sample()
+        except Exception as error:  # reported by stop()
+            self._failures.append(error)
+
+    def _sample(self) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not self._stop.is_set():
+                cur.execute(self.sql, self.params)
+                count, age = cur.fetchone()
+                self.samples.append((time.monotonic(), int(count), float(age)))
+                self._stop.wait(SAMPLE_SECONDS)
+        conn.close()
+
+
+def under_load(stats: dict[str, Any], sampler: BacklogSampler, load_end: float) -> dict[str, Any]:
+    """The API's throughput and p99 under wrk, and the backlog sampled meanwhile: the oldest
+    pending delivery's age (p50, p99, max) and the most pending."""
+    during = [s for s in sampler.samples if s[0] <= load_end]
+    ages = [s[2] for s in during]
+    return {
+        "rps": (stats["requests"] - stats["status_errors"]) / (stats["duration_us"] / 1e6),
+        "p99_ms": stats["p99_us"] / 1000,
+        "age_max_s": max(ages, default=float("nan")),
+        "age_p50_s": percentile(ages, 50),
+        "age_p99_s": percentile(ages, 99),
+        "pending_max": max((s[1] for s in during), default=0),
+        "samples": len(during),
+    }
+
+
 def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
     db = "pending"
     dsn = bench.fresh_db(db)
     receiver, port, _dump = start_receiver(bench, "receiver-pending")
     service, base = start_service(bench, dsn, workers=workers, name="service-pending")
     relay_procs = [start_relay(bench, dsn, [local(port)], i) for i in range(relays)]
-    samples: list[tuple[float, int, float]] = []
-    failures: list[Exception] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            sample_backlog()
-        except Exception as error:  # reported below: no samples must not read as "no backlog"
-            failures.append(error)
-
-    def sample_backlog() -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                cur.execute(
-                    "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() -"
-                    " min(created_at)), 0) FROM deliveries WHERE status = 'PENDING'"
-                )
-                count, age = cur.fetchone()
-                samples.append((time.monotonic(), int(count), float(age)))
-                stop.wait(0.1)
-        conn.close()
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = BacklogSampler(dsn, PENDING_SQL)
     try:
         time.sleep(1.0)  # the relay connects and LISTENs
         sampler.start()
@@ -364,33 +409,25 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
         drained_at = None
         deadline = load_end + 60
         while time.monotonic() < deadline:
+            samples = sampler.samples
             if samples and samples[-1][0] > load_end and samples[-1][1] == 0:
                 drained_at = samples[-1][0]
                 break
             time.sleep(0.1)
     finally:
-        stop.set()
-        sampler.join(5)
-        for proc in relay_procs:
-            proc.stop(signal.SIGTERM)
-        service.stop(signal.SIGTERM)
-        receiver.stop(signal.SIGTERM)
-    bench.drop_db(db)
-    if failures:
-        raise RuntimeError(f"the backlog sampler failed: {failures[0]!r}")
-    during = [s for s in samples if s[0] <= load_end]
-    ages = [s[2] for s in during]
+        try:
+            sampler.stop()
+        finally:
+            for proc in relay_procs:
+                proc.stop(signal.SIGTERM)
+            service.stop(signal.SIGTERM)
+            receiver.stop(signal.SIGTERM)
+            bench.drop_db(db)
     result = {
         "workers": workers,
         "relays": relays,
-        "rps": (stats["requests"] - stats["status_errors"]) / (stats["duration_us"] / 1e6),
-        "p99_ms": stats["p99_us"] / 1000,
-        "age_max_s": max(ages, default=float("nan")),
-        "age_p50_s": percentile(ages, 50),
-        "age_p99_s": percentile(ages, 99),
-        "pending_max": max((s[1] for s in during), default=0),
+        **under_load(stats, sampler, load_end),
         "drain_after_load_s": (drained_at - load_end) if drained_at else None,
-        "samples": len(during),
         "cpu": cores,
     }
     print(
@@ -398,6 +435,133 @@ def bench_pending(bench: Bench, workers: int, relays: int) -> dict[str, Any]:
         f"{result['rps']:.0f} req/s; age p50 {result['age_p50_s']:.3f} s, p99 "
         f"{result['age_p99_s']:.3f} s, max {result['age_max_s']:.3f} s; pending max "
         f"{result['pending_max']}; cpu {fmt_cpu(cores)}",
+        flush=True,
+    )
+    return result
+
+
+# -- the mixed row: healthy endpoints beside a flapping and a refusing one ------------------------
+HEALTHY = ("notification", "trip")
+FLAPPING = "driver"  # answers 500 to half its callbacks, drawn at random
+REFUSING = "rider"  # its URL is a port nothing listens on
+DRAIN_SHARE = 0.75  # of the replayed backlog: the flapping endpoint's drain rate is measured on it
+
+# The healthy endpoints' pending deliveries and the oldest one's age. Cheap while they keep up:
+# it reads only their pending rows, never the flapping or the refusing endpoint's backlog.
+HEALTHY_BACKLOG_SQL = """
+SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(d.created_at)), 0)
+  FROM deliveries AS d
+  JOIN endpoints AS ep ON ep.endpoint_id = d.endpoint_id
+ WHERE ep.name = ANY (%s)
+   AND d.status = 'PENDING'
+"""
+
+
+def replay_everything(bench: Bench, dsn: str, endpoint: str, since: str) -> None:
+    """`payment-service outbox replay --endpoint ENDPOINT --since SINCE`: every event from then
+    on goes to the endpoint again."""
+    result = subprocess.run(
+        [
+            str(BIN / "payment-service"),
+            "outbox",
+            "replay",
+            "--endpoint",
+            endpoint,
+            "--since",
+            since,
+        ],
+        env=bench.env(DATABASE_URL=dsn),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"outbox replay failed: {result.stderr[-2000:]}")
+
+
+def bench_mixed(bench: Bench, workers: int) -> dict[str, Any]:
+    """The healthy endpoints' oldest pending delivery while the API runs flat out, four endpoints
+    subscribed to every event: two healthy, one answering 500 to half its callbacks (`driver`),
+    one refusing connections (`rider`); then how fast `driver` drains a backlog once the load
+    stops: every event of the load is sent to it again (`outbox replay --endpoint driver
+    --since <the load's start>`, as an operator would after an outage), and the callbacks its
+    receiver answers 200 are counted per second until three quarters of that backlog arrived (or
+    --mixed-drain-seconds pass)."""
+    db = "mixed"
+    dsn = bench.fresh_db(db)
+    add_endpoints(bench, db, 4)
+    healthy = [start_receiver(bench, f"receiver-mixed-{name}") for name in HEALTHY]
+    flapping, flapping_port, _ = start_receiver(bench, f"receiver-mixed-{FLAPPING}", fail_rate=0.5)
+    urls = [local(port) for _, port, _ in healthy] + [local(flapping_port), local(free_port())]
+    service, base = start_service(bench, dsn, workers=workers, name="service-mixed")
+    relay = start_relay(bench, dsn, urls, 0)
+    receivers = [proc for proc, _, _ in healthy] + [flapping]
+    sampler = BacklogSampler(dsn, HEALTHY_BACKLOG_SQL, (list(HEALTHY),))
+
+    def accepted() -> tuple[float, int]:
+        """Callbacks the flapping endpoint's receiver answered 200 so far."""
+        return time.monotonic(), http_json(local(flapping_port) + "/__stats")["count"]
+
+    try:
+        time.sleep(1.0)  # the relay connects, seeds the endpoints' URLs and LISTENs
+        load_start = bench.scalar(
+            db, """SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+        )
+        sampler.start()
+        stats, cores = bench.wrk(
+            base + "/payments",
+            bench.args.duration,
+            "mixed",
+            {
+                "server": service.pids,
+                "postgres": bench.postgres_pids,
+                "relay": relay.pids,
+                "receiver": lambda: set().union(*(proc.pids() for proc in receivers)),
+            },
+        )
+        load_end = time.monotonic()
+        sampler.stop()
+        left = pending_deliveries(bench, db, FLAPPING)
+        replay_everything(bench, dsn, FLAPPING, load_start)
+        backlog = pending_deliveries(bench, db, FLAPPING)
+        # The drain's rate: until three quarters of the backlog arrived, or --mixed-drain-seconds
+        # passed. (With half the tries failing, one attempt in eight fails all three of its tries
+        # and waits out a durable retry, 5 s: the rest of the backlog measures that schedule.)
+        drain_start = drain_end = accepted()
+        deadline = drain_start[0] + bench.args.mixed_drain_seconds
+        while drain_end[0] < deadline and drain_end[1] - drain_start[1] < DRAIN_SHARE * backlog:
+            time.sleep(0.2)  # sampling a count, not synchronisation
+            drain_end = accepted()
+        refused_pending = pending_deliveries(bench, db, REFUSING)
+    finally:
+        try:
+            sampler.stop()
+        finally:
+            relay.stop(signal.SIGTERM)
+            service.stop(signal.SIGTERM)
+            stop_all(receivers)
+            bench.drop_db(db)
+    drained = drain_end[1] - drain_start[1]
+    result = {
+        "workers": workers,
+        **under_load(stats, sampler, load_end),
+        "flapping_left": left,  # pending at the end of the load
+        "flapping_backlog": backlog,  # pending once the load's events were replayed to it
+        "flapping_drained": drained,
+        "flapping_drain_per_s": drained / (drain_end[0] - drain_start[0]),
+        "refused_pending": refused_pending,
+        "cpu": cores,
+    }
+    print(
+        f"  mixed ({workers} API workers, 1 relay; {FLAPPING} answers 500 to half, {REFUSING} "
+        f"refuses): {result['rps']:.0f} req/s; healthy endpoints' oldest pending p50 "
+        f"{result['age_p50_s']:.3f} s, p99 {result['age_p99_s']:.3f} s, max "
+        f"{result['age_max_s']:.3f} s, pending max {result['pending_max']}; {FLAPPING}: "
+        f"{left} pending at the end of the load, a backlog of {backlog} replayed, "
+        f"{drained} delivered at {result['flapping_drain_per_s']:.0f}/s; {REFUSING}: "
+        f"{refused_pending} pending; "
+        f"cpu {fmt_cpu(cores)}",
         flush=True,
     )
     return result

@@ -16,6 +16,9 @@ contender its own freshly migrated database, and measures:
 - the oldest pending delivery's age while the API runs flat out beside a relay;
 - the delete rate the relay's housekeeping sustains while the API runs flat out, and the API's
   throughput then against without it.
+- the mixed row: the same with four endpoints, two healthy, one answering 500 to half its
+  callbacks and one refusing connections (the healthy ones' oldest pending age), then the
+  flapping endpoint's drain rate once the load stops.
 
 Every process it starts listens on 127.0.0.1, is stopped by PID, and every run is bounded in time.
 It prints a table and rewrites the generated part of docs/benchmarks.md. See --help.
@@ -47,10 +50,20 @@ from .load import HttpResult
 from .paths import BIN, DOC, REPORTS
 from .pgbench import PGBENCH_VARIANTS, bench_pgbench
 from .profiling import profile_service
-from .relay import bench_latency, bench_pending, bench_relay, build_relay_template
+from .relay import bench_latency, bench_mixed, bench_pending, bench_relay, build_relay_template
 from .report import machine_facts, print_table, render_markdown, write_doc
 
-SECTIONS = ("service", "seed", "pgbench", "relay", "latency", "pending", "housekeeping", "profile")
+SECTIONS = (
+    "service",
+    "seed",
+    "pgbench",
+    "relay",
+    "latency",
+    "pending",
+    "mixed",
+    "housekeeping",
+    "profile",
+)
 
 
 def ensure_wrk() -> None:
@@ -123,6 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(enough that housekeeping still has work when the measured run ends)",
     )
     parser.add_argument(
+        "--mixed-drain-seconds",
+        type=float,
+        default=30,
+        help="mixed row: how long the flapping endpoint's drain is measured after the load",
+    )
+    parser.add_argument(
         "--fsync",
         choices=("on", "off", "both"),
         default="both",
@@ -167,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_down": None,
         "pending": None,
         "housekeeping": None,
+        "mixed": None,
         "skipped": [],
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "connections": args.connections,
@@ -255,7 +275,7 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
     if "pgbench" in wanted:
         for script in (s for s in args.pgbench.split(",") if s):
             measure(f"pgbench {script}", functools.partial(bench_pgbench, bench, script))
-    needs_relay = wanted & {"relay", "latency", "pending", "housekeeping"}
+    needs_relay = wanted & {"relay", "latency", "pending", "mixed", "housekeeping"}
     if needs_relay and not relay_ready:
         missing = ", ".join(sorted(needs_relay))
         results["skipped"].append(f"{missing} (outbox_relay.main is missing)")
@@ -284,6 +304,13 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                 "pending",
                 lambda r: results.__setitem__("pending", r),
                 lambda: bench_pending(bench, best_workers, args.pending_relays),
+            )
+        if "mixed" in wanted and app_ready:
+            attempt(
+                results,
+                "mixed",
+                lambda r: results.__setitem__("mixed", r),
+                lambda: bench_mixed(bench, best_workers),
             )
         if "housekeeping" in wanted and app_ready:
             attempt(

@@ -22,10 +22,10 @@ from typing import Any
 import asyncpg
 
 from payment_service.sql import Statement
+from payment_service.vocabulary import OperationKind, OperationPhase
 
 # Time a lease adds to one call's time-out: the database round trips around the call, and clocks.
 LEASE_MARGIN_SECONDS = 4.0
-OPEN_PHASES = ("STARTED", "PENDING", "REVIEW")
 
 
 def lease_seconds(gateway_timeout_seconds: float) -> float:
@@ -228,19 +228,23 @@ async def release(conn: asyncpg.Connection, *, operation_id: int, claim_token: u
 # Locks a payment's charge while it is not DONE, in the caller's transaction (an operator's
 # settlement): whether a call for it may be in flight (its lease runs). Holding the row lock keeps
 # a worker from claiming it, and a holder from renewing its lease, until the caller commits.
-LOCK_OPEN_CHARGE = """
-SELECT coalesce(locked_until > now(), false) AS leased
-  FROM gateway_operations
- WHERE payment_id = $1
-   AND kind = 'CHARGE'
-   AND phase <> 'DONE'
-   FOR UPDATE
-"""
+LOCK_OPEN_CHARGE = Statement(
+    """
+    SELECT coalesce(locked_until > now(), false) AS leased
+      FROM gateway_operations
+     WHERE payment_id = :payment_id
+       AND kind = 'CHARGE'
+       AND phase <> 'DONE'
+       FOR UPDATE
+    """
+)
 
 
 async def lock_open_charge(conn: asyncpg.Connection, *, payment_id: int) -> bool:
     """Lock the payment's charge if it is open; whether a call for it may be in flight."""
-    return bool(await conn.fetchval(LOCK_OPEN_CHARGE, payment_id))
+    return bool(
+        await conn.fetchval(LOCK_OPEN_CHARGE.sql, *LOCK_OPEN_CHARGE.args(payment_id=payment_id))
+    )
 
 
 # -- the gateway worker's claim -------------------------------------------------------------------
@@ -249,8 +253,8 @@ class Operation:
     """An operation as its holder needs it: its own columns, its payment's, and its refund's."""
 
     operation_id: int
-    kind: str  # CHARGE | REFUND
-    phase: str
+    kind: OperationKind
+    phase: OperationPhase
     claim_token: uuid.UUID
     payment_id: int
     trip_id: int
@@ -454,4 +458,24 @@ async def set_gateway_event_outcome(
     await conn.execute(
         SET_GATEWAY_EVENT_OUTCOME.sql,
         *SET_GATEWAY_EVENT_OUTCOME.args(event_id=event_id, outcome=outcome, payment_id=payment_id),
+    )
+
+
+GATEWAY_EVENT_STORED = Statement("SELECT 1 FROM gateway_events WHERE event_id = :event_id")
+
+
+async def gateway_event_stored(conn: asyncpg.Connection, *, event_id: str) -> bool:
+    """Whether this gateway event was stored already (a repeat)."""
+    return bool(
+        await conn.fetchval(GATEWAY_EVENT_STORED.sql, *GATEWAY_EVENT_STORED.args(event_id=event_id))
+    )
+
+
+REFUND_STATUS = Statement("SELECT status FROM payment_refunds WHERE refund_id = :refund_id")
+
+
+async def refund_status(conn: asyncpg.Connection, *, refund_id: int) -> str | None:
+    """A refund's status (in the caller's transaction, under its payment's row lock)."""
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        REFUND_STATUS.sql, *REFUND_STATUS.args(refund_id=refund_id)
     )

@@ -95,12 +95,14 @@ HAND_OVER_OPERATION = """handed AS (
            AND phase = 'STARTED'
     )"""
 
-LOCK_PAYMENT = "SELECT status FROM payments WHERE payment_id = $1 FOR UPDATE"
+LOCK_PAYMENT = Statement("SELECT status FROM payments WHERE payment_id = :payment_id FOR UPDATE")
 
 
 async def lock_payment(conn: asyncpg.Connection, payment_id: int) -> str | None:
     """Lock the payment's row for the caller's transaction; its status (None: no such payment)."""
-    return await conn.fetchval(LOCK_PAYMENT, payment_id)  # type: ignore[no-any-return]
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        LOCK_PAYMENT.sql, *LOCK_PAYMENT.args(payment_id=payment_id)
+    )
 
 
 async def write_result(

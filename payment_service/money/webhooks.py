@@ -95,7 +95,7 @@ async def apply_event(pool: asyncpg.Pool, gateway: Gateway, event: GatewayEvent)
 
 
 async def _stored(conn: asyncpg.Connection, event_id: str) -> bool:
-    return bool(await conn.fetchval("SELECT 1 FROM gateway_events WHERE event_id = $1", event_id))
+    return await operations.gateway_event_stored(conn, event_id=event_id)
 
 
 async def _operation_of(
@@ -163,9 +163,8 @@ async def _write(conn: asyncpg.Connection, operation: Operation, decision: Decid
             return FINAL_ALREADY
         await charges.write_charge_result(conn, operation, decision)
         return APPLIED
-    refund_status = await conn.fetchval(
-        "SELECT status FROM payment_refunds WHERE refund_id = $1", operation.refund_id
-    )
+    assert operation.refund_id is not None
+    refund_status = await operations.refund_status(conn, refund_id=operation.refund_id)
     if refund_status != "PENDING":
         return FINAL_ALREADY
     await refunds.write_refund_result(conn, operation, decision)

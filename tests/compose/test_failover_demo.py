@@ -24,7 +24,7 @@ from tests.support import REPO_ROOT
 DEMO = REPO_ROOT / "deploy" / "failover" / "demo.py"
 DEMO_TIMEOUT_SECONDS = 1500  # a first build installs every dependency; a run takes ~1.5 min
 COMMAND_TIMEOUT_SECONDS = 180
-# What a client may see during a failover (DESIGN.md §8): never a 500.
+# What a client may see during a failover: never a 500.
 ALLOWED_ANSWERS = {"200", "409", "503", "connection error"}
 
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_SECONDS + 600)

@@ -1,14 +1,17 @@
 """`payment-service run` as a real process: with no database configured it starts an
 embedded PostgreSQL under PAYMENT_SERVICE_DATA_DIR, migrates, serves on SERVICE_PORT with the relay
-beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a restart."""
+beside it, stops everything on Ctrl-C (SIGINT), and keeps the data across a restart — and the
+database's address, which it prints as a line to paste (`export DATABASE_URL=…`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
+import asyncpg
 import httpx
 
 from payment_service.embedded import EmbeddedPostgres, free_port
@@ -41,6 +44,13 @@ async def stop_with_ctrl_c(run: Service, port: int, data_dir: Path) -> None:
     assert postgres_stopped(data_dir), "Ctrl-C stops the embedded PostgreSQL too"
 
 
+def printed_database_url(run: Service) -> str:
+    """The DATABASE_URL of the `export DATABASE_URL=…` line `run` printed."""
+    found = re.findall(r"^\s*export DATABASE_URL=(\S+)$", run.stderr(), re.M)
+    assert len(found) == 1, run.stderr()[-4000:]
+    return str(found[0])
+
+
 async def test_run_with_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
     with scratch_dir("payments-e2e-run-") as scratch:
         await run_twice(tmp_path, scratch / "data")
@@ -68,10 +78,18 @@ async def run_twice(tmp_path: Path, data_dir: Path) -> None:
                 assert created.status_code == 200, created.text
                 first_answer = created.content
             assert any(data_dir.rglob("PG_VERSION")), "the database lives in the data dir"
+            database_url = printed_database_url(run)
+            # The printed line reaches the database `run` uses, from another process.
+            conn = await asyncpg.connect(database_url)
+            try:
+                assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+            finally:
+                await conn.close()
             await stop_with_ctrl_c(run, port, data_dir)
 
         with service(["run"], env, tmp_path, "run-2") as run:
             await run.wait_http(base + "/health", timeout=START_TIMEOUT_SECONDS)
+            assert printed_database_url(run) == database_url, "the same address after a restart"
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
                 payment_id = json.loads(first_answer)["payment_id"]
                 fetched = await client.get(f"/payments/{payment_id}")

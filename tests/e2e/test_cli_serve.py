@@ -110,11 +110,14 @@ async def test_serve_answers_and_stops_cleanly(
         assert code == 0, api.output()[-3000:]
         assert "Traceback" not in api.output()
         assert await port_closed(port)
-        # Logs are JSON lines on stdout, one of them the access log of that request.
-        lines = [line for line in api.stdout_path.read_text().splitlines() if line.strip()]
+        # Logs are JSON lines on stdout, one of them the access log of that request; none
+        # carries a terminal's colour codes (Uvicorn hands its records a `color_message`).
+        stdout = api.stdout_path.read_text()
+        lines = [line for line in stdout.splitlines() if line.strip()]
         records = [json.loads(line) for line in lines if line.startswith("{")]
         assert records, "JSON logs on stdout"
         assert any("/v1/payments" in json.dumps(record) for record in records)
+        assert "\x1b" not in stdout and "\\u001b" not in stdout, stdout[:2000]
 
 
 async def fresh_connection(method: str, url: str, **kwargs: Any) -> httpx.Response:

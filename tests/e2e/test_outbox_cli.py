@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from payment_service import OUTBOX_CHANNEL, endpoints
+from payment_service import OUTBOX_CHANNEL, deliveries, endpoints
 from payment_service.database import connect
+from payment_service.sql import Statement
 from tests.support.commands import outbox_command
 from tests.support.database import EventRow, fan_out, insert_events
 from tests.support.waiting import wait_until
@@ -238,15 +239,15 @@ async def test_replay_since_refuses_bad_input(
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-async def _plan(conn: asyncpg.Connection, sql: str, *args: object) -> str:
-    return "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + sql, *args))
+async def _plan(conn: asyncpg.Connection, statement: Statement, **values: object) -> str:
+    """The plan of `statement` as it runs: its compiled text, its values by name."""
+    rows = await conn.fetch("EXPLAIN " + statement.sql, *statement.args(**values))
+    return "\n".join(row[0] for row in rows)
 
 
 async def test_the_commands_statements_use_indexes(conn: asyncpg.Connection) -> None:
     """EXPLAIN `dead`, `replay --dead` and `replay --since` over 30,000 delivered deliveries
     of older events."""
-    from outbox_relay import admin
-
     await insert_events(conn, payments=10_000, events_per_payment=3)
     await conn.execute("UPDATE deliveries SET status = 'DELIVERED', delivered_at = now()")
     await conn.execute("UPDATE outbox_events SET created_at = now() - interval '1 day'")
@@ -254,10 +255,18 @@ async def test_the_commands_statements_use_indexes(conn: asyncpg.Connection) -> 
     await conn.execute("ANALYZE outbox_events; ANALYZE deliveries")
     since = await conn.fetchval("SELECT now() - interval '1 hour'")
     plans = {
-        "dead": await _plan(conn, admin.DEAD_SQL, None, 50),
-        "replay --dead": await _plan(conn, admin.REPLAY_DEAD_SQL, None, None, OUTBOX_CHANNEL),
+        "dead": await _plan(conn, deliveries.DEAD, endpoint_id=None, limit=50),
+        "replay --dead": await _plan(
+            conn, deliveries.REPLAY_DEAD, event_id=None, endpoint_id=None, channel=OUTBOX_CHANNEL
+        ),
         "replay --since": await _plan(
-            conn, admin.REPLAY_RANGE_SQL, 1, since, None, ["*"], OUTBOX_CHANNEL
+            conn,
+            deliveries.REPLAY_RANGE,
+            endpoint_id=1,
+            since=since,
+            until=None,
+            event_types=["*"],
+            channel=OUTBOX_CHANNEL,
         ),
     }
     for name, plan in plans.items():

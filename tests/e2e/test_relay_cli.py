@@ -17,15 +17,18 @@ import httpx
 import pytest
 
 from outbox_relay.http import CallbackClient
+from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.endpoints import select_endpoint, update_endpoint
 from payment_service.signing import secret_key, sign
-from tests.support.commands import service_command
+from tests.support.commands import module_command, service_command
 from tests.support.database import insert_events, status_counts
 from tests.support.environment import CALLBACK_PATH, SECRET, minimal_environment
 from tests.support.processes import RelayLauncher
 from tests.support.receiver import Receiver, answer_status
 from tests.support.waiting import wait_until
+
+LOCAL = NetworkPolicy(allow_loopback=True)  # the tests' receivers are on 127.0.0.1
 
 
 class Sink:
@@ -110,7 +113,11 @@ async def test_the_notification_sink_verifies_dedupes_and_prints_each_event(
     event_id = events[0].event_id
     body = json.dumps(stored[event_id], default=str).encode()
     client = CallbackClient(
-        sink.base_url + CALLBACK_PATH, max_connections=1, timeout=5, user_agent="test"
+        sink.base_url + CALLBACK_PATH,
+        networks=LOCAL,
+        max_connections=1,
+        timeout=5,
+        user_agent="test",
     )
     now = int(time.time())
     signed = [
@@ -222,14 +229,31 @@ async def test_relay_metrics_and_housekeeping(
 
         async def gauges_refreshed() -> bool:
             text = await metrics()
-            return "outbox_dead_events 2.0" in text and "outbox_pending_events 0.0" in text
+            return "outbox_dead_deliveries 2.0" in text and "outbox_pending_deliveries 0.0" in text
 
         await wait_until(gauges_refreshed, timeout=20, interval=0.5)
         text = await metrics()
     assert 'relay_deliveries_total{outcome="delivered"} 5.0' in text
     assert 'relay_deliveries_total{outcome="dead"} 2.0' in text
     assert "relay_delivery_duration_seconds_count 7.0" in text
+    assert "relay_claimed_deliveries_total 7.0" in text  # one attempt each: max attempts 1
     assert "relay_event_delivery_lag_seconds_count 5.0" in text
     assert "outbox_oldest_pending_age_seconds 0.0" in text
     relay.send(signal.SIGTERM)
     assert await relay.wait_exit(timeout=15) == 0
+
+
+def test_relay_help_says_it_delivers_to_every_endpoint(tmp_path: Path) -> None:
+    """Both spellings of the relay describe what it does since subscriptions: every endpoint, not
+    one service."""
+    for command in (
+        service_command("relay", "--help"),
+        module_command("outbox_relay", "--help"),
+    ):
+        shown = subprocess.run(
+            command, env=minimal_environment(), cwd=tmp_path, capture_output=True, text=True,
+            timeout=30, check=True,
+        ).stdout  # fmt: skip
+        text = " ".join(shown.split())
+        assert "every subscribed endpoint" in text, shown
+        assert "Notification Service" not in text, shown

@@ -14,8 +14,14 @@ import httpx
 import pytest
 
 from payment_service.embedded import free_port
-from payment_service.endpoints import insert_endpoint, select_endpoint, set_state
-from tests.support.database import DELIVERY_ROWS, EventRow, insert_events, status_counts
+from payment_service.endpoints import select_endpoint, set_state
+from tests.support.database import (
+    DELIVERY_ROWS,
+    EventRow,
+    insert_events,
+    recorded,
+    status_counts,
+)
 from tests.support.processes import RelayLauncher, RelayProcess, dump_logs
 from tests.support.receiver import (
     Answer,
@@ -25,6 +31,7 @@ from tests.support.receiver import (
     answer_ok,
     answer_status,
     assert_ordered_per_payment,
+    subscribed,
 )
 from tests.support.waiting import wait_for
 
@@ -106,7 +113,7 @@ async def test_the_breaker_opens_probes_after_its_cooldown_and_closes_and_nothin
     receiver.policy = answer_ok
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn) == {"DELIVERED": 3}
+    await recorded(conn, {"DELIVERED": 3})
     breakers = changes(relay, "breaker")
     assert breakers[:3] == ["open", "half_open", "open"] and breakers[-1] == "closed", breakers
 
@@ -155,7 +162,7 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
     await set_state(conn, "notification", "ACTIVE")  # = `endpoints enable notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn) == {"DELIVERED": 10}
+    await recorded(conn, {"DELIVERED": 10})
     assert receiver.accepted_counts() == {e.event_id: 1 for e in events}
     await wait_for(
         lambda: ("ACTIVE", "closed") in seen(relay), timeout=10, what="the relay to see enable"
@@ -166,12 +173,8 @@ async def test_410_disables_the_endpoint_and_enable_delivers_everything_in_order
 @pytest.fixture
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second endpoint that stays ACTIVE: the yardstick for 'nothing arrived meanwhile'."""
-    receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip")
-    try:
+    async with subscribed(conn, "trip") as receiver:
         yield receiver
-    finally:
-        await receiver.close()
 
 
 async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_in_order(
@@ -199,5 +202,5 @@ async def test_a_paused_endpoint_receives_nothing_until_resumed_then_everything_
     await set_state(conn, "notification", "ACTIVE")  # = `endpoints resume notification`
     await wait_for(lambda: everything_at(receiver, events), timeout=30, what="every event")
     assert_ordered_per_payment(receiver, events)
-    assert await status_counts(conn, "notification") == {"DELIVERED": 30}
+    await recorded(conn, {"DELIVERED": 30}, "notification")
     assert ("ACTIVE", "closed") in seen(relay)

@@ -13,7 +13,6 @@ import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from payment_service.endpoints import (
-    insert_endpoint,
     rotate_secret,
     select_endpoint,
     update_endpoint,
@@ -26,6 +25,7 @@ from tests.support.receiver import (
     answer_ok,
     answer_status,
     assert_ordered_per_payment,
+    subscribed,
 )
 from tests.support.waiting import wait_for
 
@@ -35,12 +35,8 @@ TRIP_SECRET = new_signing_secret()
 @pytest.fixture
 async def trip(conn: asyncpg.Connection) -> AsyncIterator[Receiver]:
     """A second receiver, subscribed as endpoint `trip` with a secret of its own."""
-    receiver = await Receiver(path="/trip").start()
-    await insert_endpoint(conn, name="trip", url=receiver.base_url + "/trip", secret=TRIP_SECRET)
-    try:
+    async with subscribed(conn, "trip", secret=TRIP_SECRET) as receiver:
         yield receiver
-    finally:
-        await receiver.close()
 
 
 def assert_sequence_grows(receiver: Receiver, events: list[EventRow]) -> None:

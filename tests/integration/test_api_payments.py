@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
+from payment_service.vocabulary import PAYMENT_METHODS
 from tests.support.api import (
     EVENT_FIELDS,
     PAYMENT_FIELDS,
@@ -179,7 +180,7 @@ async def test_largest_int64_trip_id_is_accepted(client: httpx.AsyncClient) -> N
     assert exact_json(response)["trip_id"] == 2**63 - 1
 
 
-@pytest.mark.parametrize("method", ["CARD", "UPI", "WALLET", "CASH", "NETBANKING"])
+@pytest.mark.parametrize("method", PAYMENT_METHODS)
 async def test_every_method_is_accepted(api_factory: Any, method: str) -> None:
     api: RunningApi = await api_factory(async_methods=())
     response = await post_json(api.client, "/payments", payment_body(method=method))

@@ -177,7 +177,7 @@ async def test_add_pause_enable_rotate_remove(db: asyncpg.Connection) -> None:
     assert rotated.signing_secrets() == [rotated.secret, added.secret]
     assert rotated.secret != added.secret
 
-    assert await endpoints.delete_endpoint(db, "driver") == 0
+    assert await endpoints.delete_endpoint(db, "driver") == endpoints.Removed(0, 0)
     with pytest.raises(EndpointNotFound):
         await endpoints.select_endpoint(db, "driver")
 

@@ -15,12 +15,15 @@ from outbox_relay import outbox
 from outbox_relay.delivery import Deliverer
 from outbox_relay.http import CallbackClient
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
+from payment_service.callback_urls import NetworkPolicy
 from payment_service.embedded import free_port
 from payment_service.signing import secret_key
 from tests.support.environment import CALLBACK_PATH, SECRET, new_signing_secret
 from tests.support.receiver import OK, Delivery, Receiver, Reply, answer_status
 
 BODY = b'{"event_id": "%s", "amount": 150.50, "status": "SUCCESS", "reference": "PAY-1"}'
+
+LOCAL = NetworkPolicy(allow_loopback=True)  # the tests' receivers are on 127.0.0.1
 
 
 def event(attempts: int = 0) -> ClaimedEvent:
@@ -44,7 +47,9 @@ DelivererFactory = Callable[..., Deliverer]
 def deliverer(receiver: Receiver) -> DelivererFactory:
     def make(*, url: str = receiver.base_url + CALLBACK_PATH, **overrides: object) -> Deliverer:
         timeout = float(overrides.get("request_timeout", 0.5))  # type: ignore[arg-type]
-        client = CallbackClient(url, max_connections=4, timeout=timeout, user_agent="test")
+        client = CallbackClient(
+            url, networks=LOCAL, max_connections=4, timeout=timeout, user_agent="test"
+        )
         options: dict[str, object] = {
             "signing_keys": [secret_key(SECRET)],
             "request_timeout": timeout,

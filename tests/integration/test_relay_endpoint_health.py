@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from outbox_relay.endpoint_health import end_probe, lease_probe, record_health
+from outbox_relay.endpoint_health import LOCK_SQL, end_probe, lease_probe, record_health
 from outbox_relay.health import HealthPolicy
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.schedule import Verdict
@@ -268,3 +268,21 @@ async def test_enable_closes_the_breaker_and_starts_the_count_afresh(
 async def test_an_endpoint_removed_meanwhile_is_no_error(db: asyncpg.Connection) -> None:
     assert await record_health(db, 10**9, [FAILED], policy=POLICY) is None
     assert not await lease_probe(db, 10**9, lease_seconds=30)
+
+
+async def test_a_relay_holding_an_endpoints_health_lock_never_holds_up_the_apis_fan_out(
+    db: asyncpg.Connection, other: asyncpg.Connection, endpoint_id: int
+) -> None:
+    """While one relay folds an endpoint's verdicts in (its row locked, as `record_health` locks
+    it), the API's statement still writes that endpoint's deliveries: their foreign key's lock
+    on the row does not wait for it (with a lock timeout, a wait would fail the write)."""
+    async with other.transaction():
+        await other.fetchrow(LOCK_SQL, endpoint_id)
+        async with db.transaction():
+            await db.execute("SET LOCAL lock_timeout = '2s'")
+            events = await insert_events(db, payments=3)
+    assert len(events) == 3
+    written = await db.fetchval(
+        "SELECT count(*) FROM deliveries WHERE endpoint_id = $1", endpoint_id
+    )
+    assert written == 3

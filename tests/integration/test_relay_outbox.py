@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from outbox_relay import outbox
-from outbox_relay.admin import replay_range
 from outbox_relay.outbox import AttemptRecord, ClaimedEvent
 from payment_service.database import connect
+from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
 from tests.support.database import claim, insert_events, set_endpoint_url
 from tests.support.waiting import wait_until
@@ -279,7 +279,7 @@ async def test_the_relays_statements_use_indexes_on_a_large_outbox(
         "SELECT delivery_id FROM deliveries WHERE event_id = $1", pending[0].id
     )
     plans = {
-        "claim": await _plan(conn, outbox.CLAIM_SQL, [notification], [100], 30.0, token),
+        "claim": await _plan(conn, outbox.CLAIM_SQL, notification, 100, 30.0, token),
         "record": await _plan(
             conn,
             outbox.RECORD_SQL,
@@ -335,9 +335,8 @@ async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
     only: a delivery waiting at one endpoint does not hold back the same event at another."""
     trip = (await insert_endpoint(conn, name="trip", url="http://127.0.0.1:9/trip")).endpoint_id
     events = await insert_events(conn, payments=50, events_per_payment=2)
-    got = await outbox.claim_deliveries(
-        conn, budgets={notification: 40, trip: 5}, lease_seconds=LEASE
-    )
+    got = await outbox.claim_deliveries(conn, notification, limit=40, lease_seconds=LEASE)
+    got += await outbox.claim_deliveries(conn, trip, limit=5, lease_seconds=LEASE)
     per_endpoint = {
         endpoint: [e.event_id for e in got if e.endpoint_id == endpoint]
         for endpoint in (notification, trip)
@@ -350,17 +349,13 @@ async def test_each_endpoint_is_claimed_within_its_own_budget_and_order(
     written = await outbox.record_attempts(conn, [record(trip_head, "DELIVERED")])
     assert written == [(trip_head.id, trip, True)]
     second = next(e.event_id for e in events if e.payment_id == events[0].payment_id and e.seq == 2)
-    again = await outbox.claim_deliveries(
-        conn, budgets={notification: 100, trip: 100}, lease_seconds=LEASE
-    )
+    again = await claim(conn, 100, LEASE)
     assert second in {e.event_id for e in again if e.endpoint_id == trip}
     assert second not in {e.event_id for e in again if e.endpoint_id == notification}
     # a paused endpoint gets nothing, whatever budget the relay's older copy of it asks for
     await conn.execute("UPDATE endpoints SET state = 'PAUSED' WHERE endpoint_id = $1", trip)
     await conn.execute("UPDATE deliveries SET locked_until = NULL, claim_token = NULL")
-    paused = await outbox.claim_deliveries(
-        conn, budgets={notification: 0, trip: 100}, lease_seconds=LEASE
-    )
+    paused = await outbox.claim_deliveries(conn, trip, limit=100, lease_seconds=LEASE)
     assert paused == []
 
 
@@ -415,11 +410,11 @@ async def test_a_claim_whose_answer_was_lost_is_released_by_its_token(
     await insert_events(conn, payments=3)
     lost, kept = uuid.uuid4(), uuid.uuid4()
     taken = await outbox.claim_deliveries(
-        conn, budgets={notification: 2}, lease_seconds=LEASE, token=lost
+        conn, notification, limit=2, lease_seconds=LEASE, token=lost
     )
     assert {e.claim_token for e in taken} == {lost} and len(taken) == 2
     other = await outbox.claim_deliveries(
-        conn, budgets={notification: 5}, lease_seconds=LEASE, token=kept
+        conn, notification, limit=5, lease_seconds=LEASE, token=kept
     )
     assert len(other) == 1
 
@@ -448,9 +443,9 @@ async def test_an_attempt_written_before_its_answer_was_lost_is_recognised(
     retried = await outbox.record_attempts(conn, [written_before, record(second, "DELIVERED")])
 
     assert [w.id for w in retried] == [second.id]
-    assert await outbox.recorded_already(conn, [written_before]) == {first.id}
+    assert await outbox.recorded_already(conn, [written_before]) == ({first.id}, set())
     someone_elses = record(first, "DELIVERED", attempted_at=written_before.attempted_at - 1)
-    assert await outbox.recorded_already(conn, [someone_elses]) == set()
+    assert await outbox.recorded_already(conn, [someone_elses]) == (set(), set())
     assert (
         await conn.fetchval("SELECT attempts FROM deliveries WHERE delivery_id = $1", first.id) == 1
     )

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from outbox_relay.admin import replay_range
 from outbox_relay.housekeeping import housekeep
 from payment_service.database import connect
+from payment_service.deliveries import replay_range
 from payment_service.endpoints import insert_endpoint
 from tests.support.database import insert_events, set_endpoint_url, waiting_for_a_lock
 from tests.support.waiting import wait_for

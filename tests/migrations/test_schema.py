@@ -162,27 +162,6 @@ async def test_outbox_event_needs_a_payment_and_a_known_type(db: asyncpg.Connect
     assert event_id is not None, "event_id has a default"
 
 
-async def test_the_event_types_the_code_lists_are_the_ones_the_schema_takes(
-    db: asyncpg.Connection,
-) -> None:
-    """One list of event types (payment_service.endpoints.EVENT_TYPES): the outbox's CHECK takes
-    each of them, and the admin API's schema offers each of them."""
-    from typing import get_args
-
-    from app.admin import EventTypePattern
-    from payment_service.endpoints import EVENT_TYPES
-
-    payment_id = await insert_payment(db)
-    for event_type in EVENT_TYPES:
-        await db.execute(
-            "INSERT INTO outbox_events (event_type, aggregate_id, payload) VALUES ($1, $2, '{}')",
-            event_type,
-            payment_id,
-        )
-    exact = {pattern for pattern in get_args(EventTypePattern) if not pattern.endswith("*")}
-    assert exact == set(EVENT_TYPES)
-
-
 async def test_a_key_is_answered_whole_and_refunds_never_exceed_what_is_left(
     db: asyncpg.Connection,
 ) -> None:

@@ -37,6 +37,7 @@ import pytest
 
 from payment_service.embedded import EmbeddedPostgres
 from payment_service.migrations import migrate
+from tests.support.waiting import wait_for
 
 
 @dataclass
@@ -350,6 +351,18 @@ async def status_counts(conn: asyncpg.Connection, endpoint: str | None = None) -
     return {r["status"]: r["n"] for r in rows}
 
 
+async def recorded(
+    conn: asyncpg.Connection, counts: dict[str, int], endpoint: str | None = None
+) -> None:
+    """Wait until the deliveries' statuses are `counts` (to every endpoint, or to the one named):
+    a receiver sees a callback before the relay records its answer."""
+
+    async def reached() -> bool:
+        return await status_counts(conn, endpoint) == counts
+
+    await wait_for(reached, timeout=30, what=f"deliveries recorded as {counts}")
+
+
 async def claims_outstanding(conn: asyncpg.Connection) -> int:
     """Deliveries leased right now (or whose lease was never ended)."""
     return await conn.fetchval(
@@ -358,13 +371,18 @@ async def claims_outstanding(conn: asyncpg.Connection) -> int:
 
 
 async def claim(conn: asyncpg.Connection, limit: int, lease_seconds: float = 30.0) -> list[Any]:
-    """The relay's claim with a budget of `limit` for every endpoint: its ClaimedEvents."""
+    """Every endpoint's claim, as each lane makes it, with a budget of `limit` each: their
+    ClaimedEvents, endpoint by endpoint."""
     from outbox_relay import outbox
 
-    endpoint_ids = [r[0] for r in await conn.fetch("SELECT endpoint_id FROM endpoints")]
-    return await outbox.claim_deliveries(
-        conn, budgets=dict.fromkeys(endpoint_ids, limit), lease_seconds=lease_seconds
-    )
+    claimed = []
+    for endpoint_id in [
+        r[0] for r in await conn.fetch("SELECT endpoint_id FROM endpoints ORDER BY endpoint_id")
+    ]:
+        claimed += await outbox.claim_deliveries(
+            conn, endpoint_id, limit=limit, lease_seconds=lease_seconds
+        )
+    return claimed
 
 
 async def set_endpoint_url(conn: asyncpg.Connection, url: str, name: str = "notification") -> int:

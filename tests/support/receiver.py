@@ -24,6 +24,7 @@ never needs to misbehave the ways the tests make this one misbehave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -33,10 +34,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import pytest
 from standardwebhooks import Webhook
 
 from payment_cli.sink import HttpResponse, encode_response
+from payment_service.endpoints import insert_endpoint
 from tests.support.environment import CALLBACK_PATH, SECRET
 
 if TYPE_CHECKING:
@@ -406,6 +409,20 @@ def assert_ordered_per_payment(receiver: Receiver, events: list[EventRow]) -> No
                 "was accepted"
             )
     assert set(by_id) <= set(first_request)
+
+
+@contextlib.asynccontextmanager
+async def subscribed(
+    conn: asyncpg.Connection, name: str, *, policy: Policy = answer_ok, secret: str | None = None
+) -> AsyncIterator[Receiver]:
+    """A receiver on 127.0.0.1 at path `/name`, subscribed as endpoint `name` (every event type;
+    signed with `secret`, or a secret of its own); closed at the end."""
+    receiver = await Receiver(path=f"/{name}", policy=policy).start()
+    await insert_endpoint(conn, name=name, url=receiver.base_url + receiver.path, secret=secret)
+    try:
+        yield receiver
+    finally:
+        await receiver.close()
 
 
 @pytest.fixture(name="receiver")

@@ -1,4 +1,4 @@
-"""`make bench` measures what compose and the Dockerfile ship (DESIGN §9): its `SHIPPED` is the
+"""`make bench` measures what compose and the Dockerfile ship: its `SHIPPED` is the
 server, workers and LOG_LEVEL that `payment-service serve` runs with in both."""
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def test_the_shipped_log_level_is_the_settings_default() -> None:
 
 
 def test_the_image_installs_the_shipped_server() -> None:
-    # The image installs the runtime dependencies, and the shipped server is one of them.
-    assert "['project']['dependencies']" in _dockerfile()
+    # The image installs the runtime lock, and the shipped server is a runtime dependency in it.
+    assert "COPY requirements/runtime.txt " in _dockerfile()
     runtime = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.split("[")[0].split(">")[0] == SHIPPED.server for d in runtime)
+    locked = (REPO_ROOT / "requirements" / "runtime.txt").read_text()
+    assert re.search(rf"^{SHIPPED.server}==", locked, re.M), "the image installs it, pinned"

@@ -363,6 +363,7 @@ def production(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
     monkeypatch.setenv("GATEWAY", "none")
     monkeypatch.setenv("API_KEYS", "svc-a:caller-token-0123456789abcdefghijkl")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY", "none")  # the gateway's own production rules: test_config_gateway
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
 

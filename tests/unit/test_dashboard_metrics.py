@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from app.metrics import Metrics
-from outbox_relay.metrics import RelayMetrics
+from outbox_relay.metrics import EndpointGauges, RelayMetrics
 from tests.support.prometheus import ALERTS, DEPLOY
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "payment-service.json"
@@ -95,3 +95,36 @@ def test_the_dashboard_shows_what_an_operator_needs() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] in uids, panel["title"]
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def exported_states() -> set[str]:
+    """The `state` label values of `outbox_endpoint_state`, as a relay exports them."""
+    metrics = RelayMetrics()
+    metrics.set_backlog([EndpointGauges("trip", 0, None, 0, "ACTIVE", "closed")])
+    return {
+        sample.labels["state"]
+        for family in metrics.registry.collect()
+        if family.name == "outbox_endpoint_state"
+        for sample in family.samples
+    }
+
+
+def alert_test_series() -> list[str]:
+    tests = yaml.safe_load((ALERTS.parent / "alerts_test.yml").read_text())["tests"]
+    return [series["series"] for test in tests for series in test.get("input_series", [])]
+
+
+def test_queries_name_endpoint_states_as_the_relay_exports_them() -> None:
+    """`outbox_endpoint_state{state="…"}` matches only a state the relay writes (ACTIVE, PAUSED,
+    DISABLED): a query for another spelling is silently empty, and its alert never fires."""
+    states = exported_states()
+    assert states == {"ACTIVE", "PAUSED", "DISABLED"}
+    texts = dashboard_queries() + alert_queries() + alert_test_series()
+    asked = {
+        match
+        for text in texts
+        for selector in re.findall(r"outbox_endpoint_state\{([^}]*)\}", text)
+        for match in re.findall(r'\bstate\s*=\s*"([^"]*)"', selector)
+    }
+    assert asked, "no query names an endpoint state?"
+    assert asked <= states, f"states the relay never exports: {sorted(asked - states)}"

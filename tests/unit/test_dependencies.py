@@ -4,6 +4,7 @@ only the tests use belongs to the `dev` extra, not in every production image."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 import tomllib
 
@@ -30,11 +31,21 @@ def _imported_top_level_modules() -> set[str]:
     return modules
 
 
+def _distributions_imported() -> set[str]:
+    """The distributions (normalised as _requirement_name does) whose modules the service imports:
+    a distribution's name is not always its module's (swagger-ui-bundle-v2 is swagger_ui_bundle)."""
+    owners = importlib.metadata.packages_distributions()
+    imported = _imported_top_level_modules()
+    return imported | {
+        _requirement_name(dist) for module in imported for dist in owners.get(module, [])
+    }
+
+
 def test_every_runtime_dependency_is_imported_by_the_service() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     runtime = {_requirement_name(r) for r in project["project"]["dependencies"]}
 
-    unused = runtime - _imported_top_level_modules()
+    unused = runtime - _distributions_imported()
 
     assert unused == set(), f"move to the dev extra (or drop): {sorted(unused)}"
     dev = {_requirement_name(r) for r in project["project"]["optional-dependencies"]["dev"]}

@@ -22,13 +22,14 @@ from outbox_relay.schedule import (
 )
 from payment_service.config import Settings
 
-DESIGN_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
+# The schedule the README and .env.example describe (seconds).
+README_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
 
 
-def test_default_schedule_is_the_designs() -> None:
+def test_default_schedule_is_the_documented_one() -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.relay_retry_schedule == DESIGN_SCHEDULE
-    assert settings.relay_max_attempts == len(DESIGN_SCHEDULE) + 1
+    assert settings.relay_retry_schedule == README_SCHEDULE
+    assert settings.relay_max_attempts == len(README_SCHEDULE) + 1
 
 
 @pytest.mark.parametrize(
@@ -61,9 +62,9 @@ def test_classify(status: int, verdict: Verdict) -> None:
 
 @pytest.mark.parametrize("attempts", range(1, 12))
 def test_delay_follows_the_schedule_within_jitter(attempts: int) -> None:
-    base = DESIGN_SCHEDULE[attempts - 1]
+    base = README_SCHEDULE[attempts - 1]
     delays = [
-        retry_delay(attempts, DESIGN_SCHEDULE, rng=random.Random(seed)) for seed in range(200)
+        retry_delay(attempts, README_SCHEDULE, rng=random.Random(seed)) for seed in range(200)
     ]
     assert all(base * (1 - JITTER) <= d <= base * (1 + JITTER) for d in delays)
     assert len(set(delays)) > 100  # actually jittered
@@ -71,16 +72,16 @@ def test_delay_follows_the_schedule_within_jitter(attempts: int) -> None:
 
 def test_the_last_step_repeats_and_attempt_zero_is_the_first_step() -> None:
     rng = random.Random(1)
-    assert 0.9 * 86400 <= retry_delay(30, DESIGN_SCHEDULE, rng=rng) <= 1.1 * 86400
-    assert 4.5 <= retry_delay(0, DESIGN_SCHEDULE, rng=rng) <= 5.5
+    assert 0.9 * 86400 <= retry_delay(30, README_SCHEDULE, rng=rng) <= 1.1 * 86400
+    assert 4.5 <= retry_delay(0, README_SCHEDULE, rng=rng) <= 5.5
     assert 1.8 <= retry_delay(7, (2.0,), rng=rng) <= 2.2
 
 
 def test_retry_after_is_honoured_when_longer_and_capped() -> None:
     rng = random.Random(2)
-    assert retry_delay(1, DESIGN_SCHEDULE, retry_after=120, rng=rng) == 120
-    assert retry_delay(1, DESIGN_SCHEDULE, retry_after=1, rng=rng) <= 5.5  # shorter: schedule wins
-    capped = retry_delay(1, DESIGN_SCHEDULE, retry_after=10 * MAX_RETRY_AFTER_SECONDS, rng=rng)
+    assert retry_delay(1, README_SCHEDULE, retry_after=120, rng=rng) == 120
+    assert retry_delay(1, README_SCHEDULE, retry_after=1, rng=rng) <= 5.5  # shorter: schedule wins
+    capped = retry_delay(1, README_SCHEDULE, retry_after=10 * MAX_RETRY_AFTER_SECONDS, rng=rng)
     assert capped == MAX_RETRY_AFTER_SECONDS
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import tokenize
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,43 @@ def test_the_apis_statements_are_numbered_in_one_piece(statement: Statement) -> 
     numbers = {int(n) for n in re.findall(r"\$(\d+)", statement.sql)}
     assert numbers == set(range(1, len(statement.names) + 1))
     assert len(set(statement.names)) == len(statement.names)
+
+
+# The modules that still write asyncpg's `$n` themselves, until their turn (payment_service/sql.py
+# says so); every other module's statements are `Statement`s with named placeholders.
+STILL_POSITIONAL = {
+    "outbox_relay/endpoint_health.py",
+    "outbox_relay/outbox.py",
+}
+PACKAGES = ("app", "outbox_relay", "payment_cli", "payment_service")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def positional_placeholders(path: Path) -> list[str]:
+    """The `$n` in the string literals of a module (its SQL), as `line: text`."""
+    found = []
+    with path.open("rb") as source:
+        for token in tokenize.tokenize(source.readline):
+            if token.type == tokenize.STRING and re.search(r"\$[0-9]", token.string):
+                found.append(f"{token.start[0]}: {token.string.strip()[:60]}")
+    return found
+
+
+def test_statements_are_written_with_named_placeholders() -> None:
+    modules = [
+        path
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path.relative_to(ROOT).as_posix() != "payment_service/sql.py"  # says what `$n` is
+    ]
+    assert len(modules) > 50
+    positional = {
+        path.relative_to(ROOT).as_posix(): found
+        for path in modules
+        if (found := positional_placeholders(path))
+    }
+    assert set(positional) - STILL_POSITIONAL == set(), (
+        "write these statements with :names (payment_service.sql.Statement): "
+        f"{ {name: positional[name] for name in set(positional) - STILL_POSITIONAL} }"
+    )
+    assert STILL_POSITIONAL - set(positional) == set(), "converted: take them off STILL_POSITIONAL"
