@@ -1,4 +1,5 @@
-"""The admin API: subscribed endpoints over HTTP, one event's deliveries, and the audit log.
+"""The admin API: subscribed endpoints over HTTP, one event's deliveries, replays, the audit
+log, and an operator's settlement of a PENDING payment.
 
 Registered by `create_app` only when ADMIN_API_KEYS is set, under `{API_PREFIX}/admin`; without
 it every /admin path answers 404, as if absent. Every route needs `Authorization: Bearer <admin
@@ -34,11 +35,12 @@ from quart import Blueprint, Response, g, request
 from quart_schema import document_querystring, document_request, document_response
 from werkzeug.routing import BaseConverter
 
+from app import service
 from app.context import current_payment_app
 from app.errors import APIError, validation_error
 from app.hooks import bearer_name, unauthorized
-from app.models import INT64_MAX, validate_model
-from app.routes import JSON, document_errors, json_body
+from app.models import INT64_MAX, Payment, Settle, validate_model
+from app.routes import JSON, answer_outcome, document_errors, json_body, payment_write
 from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
 from payment_service.callback_urls import MAX_URL_LENGTH
@@ -57,6 +59,8 @@ from payment_service.vocabulary import (
 )
 
 blueprint = Blueprint("admin", __name__)
+# The `payment.*`-style prefixes of the event types (`refund.*` too).
+EVENT_PREFIXES = sorted({event_type.split(".")[0] + ".*" for event_type in EVENT_TYPES})
 
 # What endpoints may have is checked once, by payment_service.endpoints (which the command line
 # uses too): each type below hands a string or list to that check (AfterValidator), with a schema
@@ -97,7 +101,7 @@ EventTypes = Annotated[
     WithJsonSchema(
         {
             "type": "array",
-            "items": {"enum": ["*", "payment.*", *EVENT_TYPES]},
+            "items": {"enum": ["*", *EVENT_PREFIXES, *EVENT_TYPES]},
             "minItems": 1,
             "maxItems": MAX_EVENT_TYPES,
         }
@@ -693,3 +697,19 @@ async def get_audit() -> Response:
             before_id=query.starting_after,
         )
     return _answer({"data": [entry.public() for entry in page.entries], "has_more": page.has_more})
+
+
+# -- payments -------------------------------------------------------------------------------------
+@blueprint.post("/payments/<payment_id:payment_id>/settlement")
+@document_request(Settle)
+@document_response(Payment, 200)
+@document_errors(400, 401, 404, 409, 413, 415, 422, 503)
+async def post_payment_settlement(payment_id: int) -> Response:
+    """An operator's decision on a PENDING payment: SUCCESS or FAILED (409 PAYMENT_NOT_PENDING
+    otherwise; 409 GATEWAY_CALL_IN_PROGRESS while a call to the gateway for it may be in
+    flight). Idempotent by its idempotency_key, scoped to the admin key's name. The payment's
+    charge waiting at the gateway, if any, is closed: check what the gateway holds first
+    (`payment-service gateway review`)."""
+    route = "/admin/payments/{payment_id}/settlement"
+    outcome = await payment_write(payment_id, Settle, route, service.settle_payment)
+    return answer_outcome(outcome, route)

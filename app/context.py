@@ -21,6 +21,7 @@ from quart.wrappers import Request
 
 from app.metrics import Metrics
 from app.notifier import OutboxNotifier
+from app.service import Charging
 from payment_service.config import Settings
 from payment_service.database import PooledConnection, acquire
 
@@ -98,6 +99,7 @@ class HandledInPlace(ASGIHTTPConnection):
 class PaymentApp(Quart):
     settings: Settings
     metrics: Metrics
+    charging: Charging | None = None  # the payment gateway; None with GATEWAY=none
     session_interface = NoSessions()
     asgi_http_class = HandledInPlace
     request_class = PaymentRequest

@@ -30,6 +30,8 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 _SCOPE_ATTRIBUTE = "payment_service_scope"
+# A route that any valid key may call, whatever its scopes (a route that is gone, say).
+ANY_SCOPE = "*"
 
 
 def bearer_key(authorization: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
@@ -115,7 +117,7 @@ def install_request_hooks(app: PaymentApp) -> None:
             # No rule matched: the 404 or 405 follows, whatever the key may do.
             if key.scopes is not None and (rule := current.url_rule) is not None:
                 scope = scope_of(views[rule.endpoint])
-                if scope is None or scope not in key.scopes:
+                if scope != ANY_SCOPE and (scope is None or scope not in key.scopes):
                     raise insufficient_scope(scope)
         refuse_empty_segments(current.scope["path"])
 

@@ -1,9 +1,12 @@
 """Idempotency keys: hashing, request fingerprints, claiming a key, storing and replaying answers.
 
-A key's row is written in the same transaction as the operation it guards, together with the
-final answer, so a row never exists without its answer and a 5xx (rolled back) stores nothing.
-While an operation runs, its transaction holds `pg_try_advisory_xact_lock(lock_id)`; a concurrent
-request with the same key fails to take it and is answered 409 at once.
+A key's row is written in the same transaction as the operation it guards. An operation decided
+in that transaction stores its answer with it, so a 5xx (rolled back) stores nothing. One that
+goes to the payment gateway stores the key without an answer (the operation is staged, its calls
+are made after the commit), and its answer is filled in by the transaction that writes the
+gateway's result (payment_service.money): until then the key is in progress. While an operation's
+transaction runs, it holds `pg_try_advisory_xact_lock(lock_id)`; a concurrent request with the
+same key fails to take it, or finds the key in progress, and is answered 409 at once.
 
 Keys are scoped per caller (the `API_KEYS` name; `default` when auth is off): the row's primary
 key and the advisory lock are of (caller, key), so two callers sending the same key never replay,
@@ -21,6 +24,7 @@ import asyncpg
 from app.errors import APIError
 from payment_service import exact_json
 from payment_service.config import DEFAULT_CALLER
+from payment_service.money.fragments import STORE_ANSWER
 from payment_service.sql import Statement
 
 RETRY_AFTER_SECONDS = "1"
@@ -69,9 +73,10 @@ class Guard:
         }
 
 
-# Fragments of the statements that take a key and store its answer in the operation's own
-# statement (here, app.payments, app.refunds). Their placeholders are named (payment_service.sql)
-# and filled from `Guard.params()`, plus `lock_id` (IdempotencyKey.lock_id) for TRY_LOCK.
+# Fragments of the statements that take a key in the operation's own statement (here,
+# app.payments, app.refunds; the answer stored with it is payment_service.money.fragments'
+# STORE_ANSWER). Their placeholders are named (payment_service.sql) and filled from
+# `Guard.params()`, plus `lock_id` (IdempotencyKey.lock_id) for TRY_LOCK.
 
 # The CTE `lock` (column `acquired`): the key's transaction-scoped advisory lock, without waiting.
 TRY_LOCK = "lock AS (SELECT pg_try_advisory_xact_lock(:lock_id) AS acquired)"
@@ -81,16 +86,18 @@ KEY_HAS_ROW = (
     "EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = :key_hash AND caller = :caller)"
 )
 
-# The CTE that stores the operation's answer with its key. It reads the CTE `answer` (columns
-# status, body).
-STORE_ANSWER = """stored AS (
+
+# The CTE `taken_key`: the key taken without an answer (its operation goes to the gateway), for
+# each row of the CTE `source` (one).
+def take_key(source: str) -> str:
+    return f"""taken_key AS (
         INSERT INTO idempotency_keys
-               (key_hash, caller, request_path, request_fingerprint, response_status,
-                response_data, expires_at)
+               (key_hash, caller, request_path, request_fingerprint, expires_at)
         SELECT :key_hash, :caller, :request_path, :request_fingerprint,
-               answer.status, answer.body, now() + make_interval(secs => :ttl_seconds)
-          FROM answer
+               now() + make_interval(secs => :ttl_seconds)
+          FROM {source}
     )"""
+
 
 # Takes the key: its lock, and its live row if any. An expired row is deleted (only under the
 # lock), so that the key counts as new.
@@ -155,9 +162,9 @@ def request_path(method: str, route: str) -> str:
 async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | None:
     """Take the key for this transaction: None when it is free, the stored answer when it is not.
 
-    Raises 409 IDEMPOTENCY_KEY_IN_PROGRESS when another transaction holds it, and 422
-    IDEMPOTENCY_KEY_REUSED when it was used for another request. An expired row is deleted so
-    that the key counts as new.
+    Raises 409 IDEMPOTENCY_KEY_IN_PROGRESS when another transaction holds it or its operation is
+    still at the gateway (the key has no answer yet), and 422 IDEMPOTENCY_KEY_REUSED when it was
+    used for another request. An expired row is deleted so that the key counts as new.
     """
     row = await conn.fetchrow(
         CLAIM_KEY.sql,
@@ -172,6 +179,8 @@ async def claim_key(conn: asyncpg.Connection, guard: Guard) -> StoredResponse | 
         return None
     if row["request_path"] != guard.path or row["request_fingerprint"] != guard.fingerprint:
         raise key_reused()
+    if row["response_status"] is None:
+        raise key_in_progress()
     return StoredResponse(row["response_status"], row["response_data"])
 
 
@@ -184,6 +193,26 @@ async def insert_key_response(
         *STORE_DECIDED_ANSWER.args(**guard.params(), status=status, body=body),
     )
     return StoredResponse(status, stored)
+
+
+KEY_ANSWER = Statement(
+    """
+    SELECT response_status, response_data
+      FROM idempotency_keys
+     WHERE key_hash = :key_hash
+       AND caller = :caller
+       AND expires_at > now()
+       AND response_status IS NOT NULL
+    """
+)
+
+
+async def select_key_answer(
+    conn: asyncpg.Connection, *, key_hash: str, caller: str
+) -> StoredResponse | None:
+    """A key's stored answer, if it has one (live)."""
+    row = await conn.fetchrow(KEY_ANSWER.sql, *KEY_ANSWER.args(key_hash=key_hash, caller=caller))
+    return None if row is None else StoredResponse(row["response_status"], row["response_data"])
 
 
 def key_in_progress() -> APIError:

@@ -1,5 +1,6 @@
 """The API process's resources: the database pool and the outbox notifier open when the server
-starts serving and close when it stops. Nothing connects at import time or in `create_app`.
+starts serving and close when it stops, and so does the gateway's HTTP client (it connects on its
+first call). Nothing connects at import time or in `create_app`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def install_lifecycle(app: PaymentApp) -> None:
 
     @app.after_serving
     async def close_pool() -> None:
+        if app.charging is not None:
+            await app.charging.gateway.close()
         if app._notifier is not None:
             await app._notifier.stop()
             app._notifier = None

@@ -294,6 +294,28 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# The gateway's ids of a payer's saved payment method and of the payer (Stripe's shapes).
+GatewayPaymentMethod = Annotated[
+    str,
+    Strict(),
+    Field(
+        pattern=r"^pm_[A-Za-z0-9_]{1,250}$",
+        description=(
+            "The gateway's id of the payer's saved payment method (pm_…). Without it, a test or "
+            "embedded gateway charges GATEWAY_TEST_PAYMENT_METHOD; a live one answers 400."
+        ),
+    ),
+]
+GatewayCustomer = Annotated[
+    str,
+    Strict(),
+    Field(
+        pattern=r"^cus_[A-Za-z0-9_]{1,250}$",
+        description="The gateway's id of the payer (cus_…), whose saved method is charged.",
+    ),
+]
+
+
 class CreatePayment(_Request):
     idempotency_key: IdempotencyKey | None = Field(
         default=None, description="Or the Idempotency-Key header; one of them is required."
@@ -303,6 +325,8 @@ class CreatePayment(_Request):
     amount: Amount
     currency: Currency | None = None
     metadata: Metadata | None = None
+    payment_method: GatewayPaymentMethod | None = None
+    customer: GatewayCustomer | None = None
 
     @field_validator("amount")
     @classmethod
@@ -370,6 +394,9 @@ class Refund(BaseModel):
     amount: MoneyOut
     status: RefundStatus
     metadata: dict[str, Any]
+    gateway_reference: str | None  # the gateway's id of the refund
+    failure_code: str | None  # FAILED: the gateway's code, e.g. charge_already_refunded
+    failure_message: str | None
     created_at: datetime
 
 
@@ -383,8 +410,12 @@ class Payment(BaseModel):
     reference: str = Field(pattern=r"^PAY-[0-9]{8}-[0-9a-f]{8}$")
     refunded_amount: MoneyOut
     metadata: dict[str, Any]
-    gateway_reference: str | None
+    gateway_reference: str | None  # the gateway's id of the charge (its intent)
     failure_reason: str | None
+    # FAILED: the gateway's code (card_declined, authentication_required, …) and its message;
+    # manual_settlement when an operator failed it.
+    failure_code: str | None
+    failure_message: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -398,15 +429,21 @@ class PaymentWithRefunds(Payment):
 
 
 class RefundResult(BaseModel):
+    """A refund's answer: REFUNDED (200), FAILED when the gateway refused it (200, with its code
+    and message; the amount may be refunded again), PENDING while the gateway decides (202)."""
+
     payment_id: int
     refund_id: int
     refund_amount: MoneyOut
     currency: str
-    status: Literal["REFUNDED"]
+    status: RefundStatus
     timestamp: datetime
     payment_status: PaymentStatus
     refunded_amount: MoneyOut
-    remaining_amount: MoneyOut
+    remaining_amount: MoneyOut  # neither refunded nor reserved by a refund in progress
+    failure_code: str | None = None
+    failure_message: str | None = None
+    message: str | None = None
 
 
 class RefundList(BaseModel):

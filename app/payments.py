@@ -4,30 +4,38 @@ The write statements are single statements with data-modifying CTEs: the payment
 one delivery per subscribed endpoint and the idempotency row with its answer go to PostgreSQL in
 one round trip and are atomic even without an explicit transaction. The relay is woken after the
 commit (app.notifier), not inside. They are composed of named fragments (the key's in
-app.idempotency, the payment's outbox event and its deliveries here, which app.refunds uses too)
+app.idempotency and payment_service.money.fragments, the payment's outbox event and its
+deliveries in payment_service.money.fragments too)
 and compiled once at import (payment_service.sql), so each reads on its own and no `$n` spans
 modules. Documents are built by the SQL functions of the schema (`payment_json`,
 `payment_event_json`, `payment_refunds_json`) and come back as jsonb text, sent as is.
+
+A charge at the gateway is staged instead (STAGE_CHARGE): the payment PENDING, without an event,
+its gateway operation leased to this request, its key taken without an answer. What follows is
+payment_service.money.charges.
 """
 
 from __future__ import annotations
 
 import functools
 import secrets
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from app.idempotency import KEY_HAS_ROW, STORE_ANSWER, TRY_LOCK, Guard
+from app.idempotency import KEY_HAS_ROW, TRY_LOCK, Guard, take_key
+from payment_service.money.fragments import (
+    EVENT_FOR_STATUS,
+    PAYMENT_EVENT,
+    STORE_ANSWER,
+    answer_key,
+)
+from payment_service.money.operations import STAGE_CHARGE
 from payment_service.sql import Statement
-
-EVENT_FOR_STATUS = {
-    "SUCCESS": "payment.succeeded",
-    "PENDING": "payment.pending",
-    "FAILED": "payment.failed",
-}
 
 
 @dataclass(frozen=True)
@@ -40,34 +48,6 @@ def new_reference_suffix() -> str:
     """The random part of `PAY-YYYYMMDD-<8 hex>`; the date comes from the database clock."""
     return secrets.token_hex(4)
 
-
-# The CTEs `event` and `fan_out`: the outbox event of a payment whose statement changed it, and
-# its deliveries. They read the CTE `payment`, whose columns are `p` (the payment's new row) and
-# `event_fields` (jsonb added to the payload: a refund's fields, else '{}'), and take the
-# placeholder `:event_type`. The payload's `sequence` is the row's `event_sequence`: 1 for a new
-# payment, and every statement that changes a payment's state increments it in the same UPDATE
-# that this event reads back.
-# `fan_out` writes one delivery per endpoint subscribed to the event's type, in the
-# same statement, so the event and its deliveries commit together. It reads `endpoints` each time
-# (no cache): an endpoint added a moment ago gets this event. PAUSED endpoints get theirs and hold
-# them until resumed; DISABLED ones get none (`outbox replay --endpoint N --since T` backfills).
-PAYMENT_EVENT = """event AS (
-        INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-        SELECT e.event_id, :event_type::text, (payment.p).payment_id,
-               payment_event_json(payment.p, e.event_id, :event_type::text)
-               || payment.event_fields
-          FROM payment
-         CROSS JOIN (SELECT gen_random_uuid() AS event_id) AS e
-     RETURNING id, event_type, aggregate_id
-    ), fan_out AS (
-        INSERT INTO deliveries (event_id, endpoint_id, aggregate_id)
-        SELECT event.id, endpoint.endpoint_id, event.aggregate_id
-          FROM event
-          JOIN endpoints AS endpoint
-            ON endpoint.state IN ('ACTIVE', 'PAUSED')
-           AND endpoint_wants(endpoint.event_types, event.event_type)
-         ORDER BY endpoint.endpoint_id
-    )"""
 
 # POST /payments in one statement: the key's lock, the payment, its event and the key's answer.
 INSERT_PAYMENT = Statement(
@@ -100,25 +80,76 @@ INSERT_PAYMENT = Statement(
     """
 )
 
-# Settles a PENDING payment (locked by the caller): status, outbox event, the key's answer.
+# A charge at the gateway, staged (phase 1 of payment_service.money.charges): the key's lock, the
+# payment PENDING with no event yet (event_sequence 0: its first event makes it 1), its gateway
+# operation leased to this request for its first call (:lease_seconds, :claim_token), and the key
+# taken without an answer. The same probes as INSERT_PAYMENT send races to the careful path.
+STAGE_PAYMENT = Statement(
+    f"""
+    WITH {TRY_LOCK}, taken AS (
+        SELECT {KEY_HAS_ROW}
+               OR EXISTS (SELECT 1 FROM payments WHERE trip_id = :trip_id AND status <> 'FAILED')
+               AS taken
+    ), payment AS (
+        INSERT INTO payments
+               (trip_id, amount, currency, method, status, reference, idempotency_hash,
+                caller, metadata, event_sequence)
+        SELECT :trip_id, :amount, :currency, :method, 'PENDING',
+               'PAY-' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD') || '-' || :reference_suffix,
+               :key_hash, :caller, :metadata, 0
+          FROM lock, taken
+         WHERE lock.acquired
+           AND NOT taken.taken
+     RETURNING payments AS p
+    ), {STAGE_CHARGE}, {take_key("payment")}
+    SELECT lock.acquired,
+           (SELECT operation_id FROM operation) AS operation_id,
+           (SELECT (payment.p).payment_id FROM payment) AS payment_id,
+           (SELECT (payment.p).reference FROM payment) AS reference,
+           (SELECT (payment.p).created_at FROM payment) AS created_at
+      FROM lock
+    """
+)
+
+# An operator's decision on a PENDING payment (locked by the caller): status, outbox event, the
+# answer of the operator's key. A charge of the payment still waiting at the gateway is closed
+# with it (the caller made sure no call is in flight), and the key of the request that staged it
+# answered, if it had no answer yet.
 SETTLE_PAYMENT = Statement(
     f"""
     WITH payment AS (
         UPDATE payments
            SET status = :status,
-               gateway_reference = :gateway_reference,
+               gateway_reference = coalesce(:gateway_reference, gateway_reference),
                failure_reason = :failure_reason,
+               failure_code = :failure_code,
+               failure_message = :failure_reason,
                event_sequence = event_sequence + 1,
                updated_at = now()
          WHERE payment_id = :payment_id
      RETURNING payments AS p, '{{}}'::jsonb AS event_fields
-    ), {PAYMENT_EVENT}, answer AS (
+    ), {PAYMENT_EVENT}, closed AS (
+        UPDATE gateway_operations AS o
+           SET phase = 'DONE',
+               outcome = 'settled by ' || :caller || ': ' || :status,
+               locked_until = NULL,
+               claim_token = NULL,
+               updated_at = now()
+          FROM payment
+         WHERE o.payment_id = :payment_id
+           AND o.kind = 'CHARGE'
+           AND o.phase <> 'DONE'
+     RETURNING 200 AS status, payment_json(payment.p) AS body, o.key_hash, o.caller,
+               (payment.p).created_at AS claimed_at
+    ), {answer_key("closed")}, answer AS (
         SELECT 200 AS status, payment_json(payment.p) AS body
           FROM payment
     ), {STORE_ANSWER}
     SELECT body FROM answer
     """
 )
+# failure_code of a payment an operator settled FAILED.
+MANUAL_FAILURE_CODE = "manual_settlement"
 
 
 async def insert_payment(
@@ -161,30 +192,93 @@ async def insert_payment(
     return InsertResult(row["acquired"], row["body"])
 
 
+LIVE_PAYMENT_FOR_TRIP = Statement(
+    """
+    SELECT payment_id
+      FROM payments
+     WHERE trip_id = :trip_id
+       AND status <> 'FAILED'
+    """
+)
+
+
 async def select_live_payment_for_trip(conn: asyncpg.Connection, *, trip_id: int) -> int | None:
     """The trip's PENDING/SUCCESS/refunded payment, if any (FAILED ones do not count)."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """
-        SELECT payment_id
-          FROM payments
-         WHERE trip_id = $1
-           AND status <> 'FAILED'
-        """,
-        trip_id,
+        LIVE_PAYMENT_FOR_TRIP.sql, *LIVE_PAYMENT_FOR_TRIP.args(trip_id=trip_id)
     )
+
+
+@dataclass(frozen=True)
+class StagedPayment:
+    acquired: bool  # False: another transaction holds the key
+    operation_id: int | None  # None when nothing was written (key stored or trip charged)
+    payment_id: int | None = None
+    reference: str | None = None
+    created_at: datetime | None = None
+
+
+async def stage_payment(
+    conn: asyncpg.Connection,
+    *,
+    guard: Guard,
+    trip_id: int,
+    amount: Decimal,
+    currency: str,
+    method: str,
+    metadata: dict[str, Any],
+    payment_method: str,
+    customer: str | None,
+    saved_method: bool,
+    lease_seconds: float,
+    claim_token: uuid.UUID,
+) -> StagedPayment:
+    """Stage a charge at the gateway (STAGE_PAYMENT); nothing is written when the key's lock is
+    taken, the key stored or the trip charged, and a race raises UniqueViolationError, as in
+    `insert_payment`."""
+    row = await conn.fetchrow(
+        STAGE_PAYMENT.sql,
+        *STAGE_PAYMENT.args(
+            **guard.params(),
+            lock_id=guard.key.lock_id,
+            trip_id=trip_id,
+            amount=amount,
+            currency=currency,
+            method=method,
+            reference_suffix=new_reference_suffix(),
+            metadata=metadata,
+            payment_method=payment_method,
+            customer=customer,
+            saved_method=saved_method,
+            lease_seconds=lease_seconds,
+            claim_token=claim_token,
+        ),
+    )
+    assert row is not None
+    return StagedPayment(**dict(row))
+
+
+PAYMENT_FOR_UPDATE = Statement(
+    """
+    SELECT p.payment_id, p.status, p.amount, p.refunded_amount, p.reserved_amount,
+           p.currency, o.intent_id
+      FROM payments AS p
+      LEFT JOIN gateway_operations AS o
+             ON o.payment_id = p.payment_id
+            AND o.kind = 'CHARGE'
+     WHERE p.payment_id = :payment_id
+       FOR UPDATE OF p
+    """
+)
 
 
 async def select_payment_for_update(
     conn: asyncpg.Connection, *, payment_id: int
 ) -> asyncpg.Record | None:
+    """The payment's row, locked, with `intent_id`: the intent of its charge at the gateway
+    (None when it was not charged at a gateway)."""
     return await conn.fetchrow(
-        """
-        SELECT payment_id, status, amount, refunded_amount, currency
-          FROM payments
-         WHERE payment_id = $1
-           FOR UPDATE
-        """,
-        payment_id,
+        PAYMENT_FOR_UPDATE.sql, *PAYMENT_FOR_UPDATE.args(payment_id=payment_id)
     )
 
 
@@ -197,7 +291,7 @@ async def update_payment_settlement(
     gateway_reference: str | None,
     failure_reason: str | None,
 ) -> str:
-    """Settle a PENDING payment (locked by the caller): status, outbox event, stored answer."""
+    """Settle a PENDING payment (locked by the caller): see SETTLE_PAYMENT."""
     body = await conn.fetchval(
         SETTLE_PAYMENT.sql,
         *SETTLE_PAYMENT.args(
@@ -207,20 +301,25 @@ async def update_payment_settlement(
             status=status,
             gateway_reference=gateway_reference,
             failure_reason=failure_reason,
+            failure_code=MANUAL_FAILURE_CODE if status == "FAILED" else None,
         ),
     )
     return body  # type: ignore[no-any-return]
 
 
+PAYMENT_DOCUMENT = Statement(
+    """
+    SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
+      FROM payments AS p
+     WHERE p.payment_id = :payment_id
+    """
+)
+
+
 async def select_payment_document(conn: asyncpg.Connection, *, payment_id: int) -> str | None:
     """GET /payments/{id}: the payment with its refunds, oldest refund first."""
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """
-        SELECT payment_json(p) || jsonb_build_object('refunds', payment_refunds_json(p.payment_id))
-          FROM payments AS p
-         WHERE p.payment_id = $1
-        """,
-        payment_id,
+        PAYMENT_DOCUMENT.sql, *PAYMENT_DOCUMENT.args(payment_id=payment_id)
     )
 
 

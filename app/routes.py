@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from werkzeug.routing import BaseConverter
 from app import payments, refunds, service
 from app.context import current_payment_app
 from app.errors import PROBLEM_CONTENT_TYPE, APIError
-from app.hooks import declare_scope
+from app.hooks import ANY_SCOPE, declare_scope
 from app.idempotency import Guard, IdempotencyKey, fingerprint, request_path
 from app.models import (
     DRAIN_BODY_BYTES,
@@ -60,14 +61,15 @@ def document_errors(*statuses: int) -> Callable[[F], F]:
 
 
 def requires(scope: str) -> Callable[[F], F]:
-    """The scope an API key needs for the route (one of SCOPES; a key without scopes may do
-    everything): checked by the request hook before the body is read, 403 documented."""
-    if scope not in SCOPES:
+    """The scope an API key needs for the route (one of SCOPES, or ANY_SCOPE: any key; a key
+    without scopes may do everything): checked by the request hook before the body is read, 403
+    documented."""
+    if scope not in SCOPES and scope != ANY_SCOPE:
         raise ValueError(f"unknown scope {scope!r}")
 
     def decorator(func: F) -> F:
         declare_scope(func, scope)
-        return document_errors(403)(func)
+        return func if scope == ANY_SCOPE else document_errors(403)(func)
 
     return decorator
 
@@ -94,8 +96,8 @@ class BodyTooLarge(APIError):
     """413 PAYLOAD_TOO_LARGE, decided without keeping the body: from Content-Length before a
     byte is read, or as soon as a chunked body passes MAX_BODY_BYTES."""
 
-    def __init__(self, body: Body) -> None:
-        detail = f"The body is larger than {MAX_BODY_BYTES} bytes."
+    def __init__(self, body: Body, limit: int = MAX_BODY_BYTES) -> None:
+        detail = f"The body is larger than {limit} bytes."
         super().__init__(413, "PAYLOAD_TOO_LARGE", detail)
         self._body = body
 
@@ -132,6 +134,17 @@ async def json_body() -> dict[str, Any]:
             raise BodyTooLarge(body)
         parts.append(chunk)
     return parse_json_object(b"".join(parts))
+
+
+async def _drop_body() -> None:
+    """Read what the client sends and keep none of it (up to MAX_BODY_BYTES, past which Quart
+    refuses it): an answer sent over an unread body could reset the connection before the
+    client reads it."""
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge(request.body)
 
 
 # RFC 8941 sf-string (the Idempotency-Key draft's form): printable ASCII in quotes, with \" and
@@ -214,7 +227,7 @@ def _guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: 
     )
 
 
-def _answer(outcome: service.Outcome, route: str) -> Response:
+def answer_outcome(outcome: service.Outcome, route: str) -> Response:
     app = current_payment_app()
     response = Response(
         outcome.body,
@@ -237,13 +250,28 @@ def _answer(outcome: service.Outcome, route: str) -> Response:
 @document_response(PendingPayment, 202)
 @document_errors(*ERRORS_POST)
 async def post_payment() -> Response:
-    """Charge a trip. Safe to retry with the same idempotency key."""
+    """Charge a trip. Safe to retry with the same idempotency key.
+
+    200: the gateway decided (`status` SUCCESS, or FAILED with `failure_code` and
+    `failure_message`); 202: not decided yet (PENDING; poll the payment)."""
     app = current_payment_app()
     settings = app.settings
     data = await json_body()
     key = _idempotency_key(data)
     model = validate_model(CreatePayment, data, max_amount=settings.max_payment_amount)
     currency = model.currency or settings.default_currency
+    charging = app.charging if app.charging and model.method in app.charging.methods else None
+    payment_method = None
+    if charging is not None:
+        payment_method = model.payment_method or charging.fallback_payment_method
+        if payment_method is None:
+            raise APIError(
+                400,
+                "PAYMENT_METHOD_REQUIRED",
+                "Name the payer's payment method (payment_method, the gateway's pm_… id).",
+            )
+        if problem := service.amount_problem(model.amount, currency):
+            raise APIError(400, "AMOUNT_NOT_REPRESENTABLE", problem)
     guard = _guard(key, "/payments", {}, model, currency=currency)
     outcome = await service.create_payment(
         app.pool,
@@ -251,43 +279,59 @@ async def post_payment() -> Response:
         guard=guard,
         currency=currency,
         asynchronous=model.method in settings.async_methods,
+        charging=charging,
+        payment_method=payment_method,
     )
-    if not outcome.replayed and outcome.status < 300:
-        app.metrics.payments_created_of("PENDING" if outcome.status == 202 else "SUCCESS").inc()
-    return _answer(outcome, "/payments")
+    if not outcome.replayed and outcome.created is not None:
+        app.metrics.payments_created_of(outcome.created).inc()
+    return answer_outcome(outcome, "/payments")
 
 
 @blueprint.post("/payments/<payment_id:payment_id>/refunds")
 @requires("refunds:write")
 @document_request(CreateRefund)
 @document_response(RefundResult, 200)
+@document_response(RefundResult, 202)
 @document_errors(404, *ERRORS_POST)
 async def post_refund(payment_id: int) -> Response:
-    """Refund all or part of a payment. Several partial refunds may add up to the amount."""
+    """Refund all or part of a payment. Several partial refunds may add up to the amount.
+
+    200: REFUNDED, or FAILED when the gateway refused it (its amount may be refunded again);
+    202: PENDING while the gateway decides."""
     app = current_payment_app()
-    outcome = await _payment_write(
-        payment_id, CreateRefund, "/payments/{payment_id}/refunds", service.refund_payment
+    outcome = await payment_write(
+        payment_id,
+        CreateRefund,
+        "/payments/{payment_id}/refunds",
+        functools.partial(service.refund_payment, charging=app.charging),
     )
-    if not outcome.replayed and outcome.status == 200:
+    if not outcome.replayed and outcome.status in (200, 202):
         app.metrics.refunds_created.inc()
-    return _answer(outcome, "/payments/{payment_id}/refunds")
+    return answer_outcome(outcome, "/payments/{payment_id}/refunds")
 
 
 @blueprint.post("/payments/<payment_id:payment_id>/settlement")
-@requires("payments:settle")  # the gateway's verdict on money, not the charging service's
-@document_request(Settle)
-@document_response(PaymentDocument, 200)
-@document_errors(404, *ERRORS_POST)
+@requires(ANY_SCOPE)
+@document_errors(401, 404, 410)
 async def post_settlement(payment_id: int) -> Response:
-    """Settle an asynchronous (PENDING) payment with the gateway's verdict."""
-    route = "/payments/{payment_id}/settlement"
-    return _answer(await _payment_write(payment_id, Settle, route, service.settle_payment), route)
+    """Gone: payments settle from the gateway itself (its webhook, or the gateway worker asking
+    it). An operator's manual decision is POST /admin/payments/{payment_id}/settlement."""
+    await _drop_body()
+    prefix = current_payment_app().settings.api_prefix
+    raise APIError(
+        410,
+        "SETTLEMENT_MOVED",
+        "This route is gone: payments settle from the payment gateway. An operator decides a "
+        f"PENDING payment with POST {prefix}/admin/payments/{payment_id}/settlement "
+        "(ADMIN_API_KEYS).",
+        location=f"{prefix}/admin/payments/{payment_id}/settlement",
+    )
 
 
 M = TypeVar("M", CreateRefund, Settle)
 
 
-async def _payment_write(
+async def payment_write(
     payment_id: int,
     model_type: type[M],
     route: str,

@@ -19,7 +19,9 @@ event loop, each in a module of its own, sharing a `RelayState` (outbox_relay.st
 - the listener (outbox_relay.listener) LISTENs on the outbox and endpoint channels and reconnects
   after a database restart;
 - housekeeping and the metric gauges run on timers (outbox_relay.timers), on the relay's own
-  small pool with the endpoint loop.
+  small pool with the endpoint loop;
+- with GATEWAY=stripe, the gateway worker (outbox_relay.gateway_worker) finishes the charges and
+  refunds that nobody finished, on a pool of its own.
 This module is the process: it builds the parts, runs each loop under a supervisor
 (`outbox_relay.state.supervise`), and stops.
 
@@ -67,6 +69,7 @@ from collections.abc import Awaitable, Callable
 
 from outbox_relay.claimer import Claimer
 from outbox_relay.endpoint_loop import EndpointLoop
+from outbox_relay.gateway_worker import GatewayWorker
 from outbox_relay.lane_runner import LaneRunner
 from outbox_relay.listener import ListenerLost, listen
 from outbox_relay.metrics import RelayMetrics
@@ -77,6 +80,7 @@ from outbox_relay.workers import Workers
 from payment_service import __version__
 from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, create_pool
+from payment_service.gateway.factory import gateway_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,10 @@ class Relay:
         self.claimer = Claimer(self.state, self.recorder)
         self.runner = LaneRunner(self.state, self.claimer, self.recorder, self.workers)
         self.endpoints = EndpointLoop(self.state, self.runner)
+        # Raises ConfigurationError (one line naming STRIPE_SECRET_KEY) for a gateway without a
+        # key, before anything starts.
+        gateway = gateway_from_settings(settings)
+        self.gateway_worker = GatewayWorker(self.state, gateway) if gateway else None
 
     def stop(self) -> None:
         state = self.state
@@ -143,13 +151,18 @@ class Relay:
             background.append(
                 asyncio.create_task(self._supervise("gauges", lambda: gauge_loop(state)))
             )
+        gateway_task = None
+        if self.gateway_worker is not None:
+            gateway_task = asyncio.create_task(self._supervise("gateway", self.gateway_worker.run))
         closers = self.endpoints.closers
         try:
             await state.stop.wait()
             endpoints.cancel()  # no lane opens or retires while the lanes drain
             await asyncio.gather(endpoints, return_exceptions=True)
-            await self._drain()
+            await self._drain(gateway_task)
         finally:
+            if self.gateway_worker is not None:
+                await self.gateway_worker.close()
             endpoints.cancel()
             for task in [*background, *closers]:
                 task.cancel()
@@ -171,9 +184,10 @@ class Relay:
         logger.info("relay stopped", extra={"outcomes": dict(self.recorder.outcomes)})
         return 0
 
-    async def _drain(self) -> None:
-        """Stop claiming, let in-flight deliveries finish in the grace period, release the rest,
-        write the results: every lane at once, each step within the deadline."""
+    async def _drain(self, gateway_task: asyncio.Task[None] | None) -> None:
+        """Stop claiming, let in-flight deliveries (and gateway operations) finish in the grace
+        period, release the rest, write the results: every lane at once, each step within the
+        deadline."""
         started = time.monotonic()
         grace = self.settings.relay_shutdown_grace_seconds
         deadline = started + grace
@@ -181,6 +195,7 @@ class Relay:
         lanes = self.state.all_lanes()
         await _finish_within(
             *(lane.claiming for lane in lanes if lane.claiming is not None),
+            *([gateway_task] if gateway_task is not None else []),
             deadline=drain_deadline,
         )
         for lane in lanes:

@@ -149,6 +149,21 @@ class RelayMetrics:
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
+        # The gateway worker (outbox_relay.gateway_worker; only with GATEWAY=stripe).
+        self.gateway_review = Gauge(
+            "gateway_review_payments",
+            "Charges and refunds whose outcome at the gateway stayed unknown after "
+            "GATEWAY_MAX_CHECKS checks: flagged for an operator (payment-service gateway review).",
+            multiprocess_mode=_BACKLOG,
+            registry=r,
+        )
+        self.gateway_checks = Counter(
+            "gateway_checks",
+            "Operations the gateway worker took up, by kind (charge, refund) and what it learnt: "
+            "decided, processing, unknown, lease_lost.",
+            ["kind", "result"],
+            registry=r,
+        )
         self._endpoints_shown: set[str] = set()
 
     def set_backlog(self, rows: list[Backlog]) -> None:

@@ -61,11 +61,13 @@ def _key_record_check(subject: str, *, table: str, alias: str, id_column: str) -
     """`<subject>_idempotency`: each young row has the claim of its key made in its transaction,
     answering 2xx with this row. One query for payments and refunds alike (names from constants)."""
     a = alias
+    kind = "CHARGE" if subject == "payment" else "REFUND"  # its gateway operation's kind
     return Check(
         f"{subject}_idempotency",
         subject,
         f"each {subject} younger than IDEMPOTENCY_KEY_TTL has its idempotency record: the claim "
-        f"of its key made in the same transaction, answering 2xx with this {subject}",
+        f"of its key made in the same transaction, answering 2xx with this {subject} (or not "
+        f"answering yet while the {subject} is being made at the gateway)",
         # Young rows only; one primary-key probe each.
         f"""
         SELECT {a}.{id_column} AS id,
@@ -73,6 +75,8 @@ def _key_record_check(subject: str, *, table: str, alias: str, id_column: str) -
                     WHEN k.created_at <> {a}.created_at
                         THEN 'its key was claimed again at ' || k.created_at
                              || ' before expiring'
+                    WHEN k.response_status IS NULL
+                        THEN 'its key has no answer, and nothing is being made at the gateway'
                     ELSE 'its idempotency record answers ' || k.response_status
                          || ' with {subject} '
                          || coalesce(k.response_data ->> '{id_column}', 'none')
@@ -83,8 +87,17 @@ def _key_record_check(subject: str, *, table: str, alias: str, id_column: str) -
         WHERE {a}.created_at > :keys_since
           AND (k.key_hash IS NULL
                OR k.created_at <> {a}.created_at
+               OR (k.response_status IS NULL
+                   -- a key without its answer yet: only while its operation is being made
+                   AND NOT EXISTS (SELECT 1
+                                   FROM gateway_operations AS o
+                                   WHERE o.{id_column} = {a}.{id_column}
+                                     AND o.kind = '{kind}'
+                                     AND o.phase = 'STARTED'))
                OR k.response_status NOT BETWEEN 200 AND 299
-               OR (k.response_data ->> '{id_column}') IS DISTINCT FROM {a}.{id_column}::text)
+               OR (k.response_status IS NOT NULL
+                   AND (k.response_data ->> '{id_column}')
+                       IS DISTINCT FROM {a}.{id_column}::text))
         """,
     )
 
@@ -94,8 +107,8 @@ CHECKS: tuple[Check, ...] = (
         "payment_events",
         "payment",
         "each payment has the events of its state changes, once each and in order: "
-        "payment.succeeded or payment.pending at creation, payment.succeeded or payment.failed "
-        "at settlement",
+        "payment.pending when it was answered PENDING, then payment.succeeded or "
+        "payment.failed when decided (a charge still being made at the gateway has none yet)",
         # One scan of the outbox grouped by payment, hash-joined to payments.
         """
         SELECT payment_id AS id, detail
@@ -116,10 +129,17 @@ CHECKS: tuple[Check, ...] = (
                        CASE WHEN e.last_pending > e.first_settled
                             THEN 'settlement event before the payment.pending event' END,
                        CASE WHEN e.first_refunded < e.last_charge
-                            THEN 'payment.refunded event before the charge event' END,
-                       -- Required events, for state changes younger than the retention.
-                       CASE WHEN p.status IN ('PENDING', 'FAILED') AND p.created_at > :events_since
+                            THEN 'refund event before the charge event' END,
+                       -- Required events, for state changes younger than the retention. A
+                       -- payment whose charge is still being made at the gateway (its request
+                       -- has not answered) has no event yet.
+                       CASE WHEN p.status = 'PENDING' AND p.created_at > :events_since
                                  AND coalesce(e.pending, 0) = 0
+                                 AND NOT EXISTS (SELECT 1
+                                                 FROM gateway_operations AS o
+                                                 WHERE o.payment_id = p.payment_id
+                                                   AND o.kind = 'CHARGE'
+                                                   AND o.phase = 'STARTED')
                             THEN 'no payment.pending event' END,
                        CASE WHEN p.status = 'FAILED' AND p.updated_at > :events_since
                                  AND coalesce(e.failed, 0) = 0
@@ -137,8 +157,11 @@ CHECKS: tuple[Check, ...] = (
                        max(id) FILTER (WHERE event_type = 'payment.pending')    AS last_pending,
                        min(id) FILTER (WHERE event_type IN ('payment.succeeded', 'payment.failed'))
                                                                                 AS first_settled,
-                       max(id) FILTER (WHERE event_type <> 'payment.refunded')  AS last_charge,
-                       min(id) FILTER (WHERE event_type = 'payment.refunded')   AS first_refunded
+                       max(id) FILTER (WHERE event_type NOT IN ('payment.refunded',
+                                                                 'refund.failed'))
+                                                                                AS last_charge,
+                       min(id) FILTER (WHERE event_type IN ('payment.refunded', 'refund.failed'))
+                                                                                AS first_refunded
                 FROM outbox_events
                 GROUP BY aggregate_id
             ) AS e ON e.aggregate_id = p.payment_id
@@ -149,32 +172,38 @@ CHECKS: tuple[Check, ...] = (
     Check(
         "refund_events",
         "refund",
-        "each refund has exactly one payment.refunded event, and each payment.refunded event "
-        "names a refund of its payment",
-        # Refunds full-outer-joined to the refund events grouped by (payment, refund). The join
-        # compares text, so a payload whose refund_id is not a number is reported, not an error.
+        "each refund has exactly one event of its result (payment.refunded when REFUNDED, "
+        "refund.failed when FAILED, none while PENDING), and each such event names a refund of "
+        "its payment",
+        # Refunds full-outer-joined to the refund events grouped by (payment, refund, type). The
+        # join compares text, so a payload whose refund_id is not a number is reported, not an
+        # error.
         """
         SELECT coalesce(r.refund_id::text, e.refund_id, 'null') AS id,
                CASE WHEN r.refund_id IS NULL
-                        THEN e.events || ' payment.refunded event(s) of payment '
+                        THEN e.events || ' ' || e.event_type || ' event(s) of payment '
                              || e.aggregate_id || ' name no refund of that payment'
                     WHEN e.events > 1
-                        THEN e.events || ' payment.refunded events'
-                    WHEN r.status <> 'REFUNDED'
-                        THEN 'a payment.refunded event for a refund with status ' || r.status
-                    ELSE 'no payment.refunded event'
+                        THEN e.events || ' ' || e.event_type || ' events'
+                    WHEN e.event_type IS NOT NULL
+                        THEN 'a ' || e.event_type || ' event for a refund with status ' || r.status
+                    ELSE 'no ' || r.expected || ' event'
                END AS detail
-        FROM payment_refunds AS r
+        FROM (SELECT refund_id, payment_id, status, created_at,
+                     CASE status WHEN 'REFUNDED' THEN 'payment.refunded'
+                                 WHEN 'FAILED' THEN 'refund.failed' END AS expected
+              FROM payment_refunds) AS r
         FULL JOIN (
-            SELECT aggregate_id, payload ->> 'refund_id' AS refund_id, count(*) AS events
+            SELECT aggregate_id, payload ->> 'refund_id' AS refund_id, event_type,
+                   count(*) AS events
             FROM outbox_events
-            WHERE event_type = 'payment.refunded'
-            GROUP BY 1, 2
+            WHERE event_type IN ('payment.refunded', 'refund.failed')
+            GROUP BY 1, 2, 3
         ) AS e ON e.aggregate_id = r.payment_id AND e.refund_id = r.refund_id::text
         WHERE r.refund_id IS NULL
            OR e.events > 1
-           OR (r.status <> 'REFUNDED' AND e.events IS NOT NULL)
-           OR (r.status = 'REFUNDED' AND e.events IS NULL AND r.created_at > :events_since)
+           OR (e.event_type IS NOT NULL AND e.event_type IS DISTINCT FROM r.expected)
+           OR (r.expected IS NOT NULL AND e.event_type IS NULL AND r.created_at > :events_since)
         """,
     ),
     Check(
@@ -337,6 +366,93 @@ CHECKS: tuple[Check, ...] = (
         WHERE k.detail IS NOT NULL
         """,
     ),
+    Check(
+        "keys_in_progress",
+        "idempotency key",
+        "an idempotency key without an answer belongs to a charge or refund still being made at "
+        "the gateway (its operation STARTED)",
+        # Keys are few; one index probe each on the operation's key.
+        """
+        SELECT k.caller || ':' || left(k.key_hash, 16) || '…' AS id,
+               'no answer, and no charge or refund of it is being made (STARTED)' AS detail
+        FROM idempotency_keys AS k
+        WHERE k.response_status IS NULL
+          AND NOT EXISTS (SELECT 1
+                          FROM gateway_operations AS o
+                          WHERE o.key_hash = k.key_hash
+                            AND o.caller = k.caller
+                            AND o.created_at = k.created_at
+                            AND o.phase = 'STARTED')
+        """,
+    ),
+    Check(
+        "gateway_charges",
+        "payment",
+        "each payment charged at the gateway is decided (not PENDING) exactly when its charge is "
+        "DONE, and a payment that the gateway charged has the intent it recorded before "
+        "confirming it",
+        """
+        SELECT p.payment_id AS id,
+               concat_ws('; ',
+                   CASE WHEN p.status <> 'PENDING' AND o.phase <> 'DONE'
+                        THEN 'status ' || p.status || ' but its charge is ' || o.phase END,
+                   CASE WHEN p.status = 'PENDING' AND o.phase = 'DONE'
+                        THEN 'status PENDING but its charge is DONE' END,
+                   CASE WHEN p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
+                             AND o.intent_id IS NULL
+                        THEN 'status ' || p.status || ' without a recorded intent' END
+               ) AS detail
+        FROM payments AS p
+        JOIN gateway_operations AS o ON o.payment_id = p.payment_id AND o.kind = 'CHARGE'
+        WHERE (p.status <> 'PENDING') <> (o.phase = 'DONE')
+           OR (p.status IN ('SUCCESS', 'PARTIALLY_REFUNDED', 'REFUNDED')
+               AND o.intent_id IS NULL)
+        """,
+    ),
+    Check(
+        "gateway_refunds",
+        "refund",
+        "each refund is PENDING exactly while it is being made at the gateway (its operation "
+        "not DONE), and one the gateway made has the gateway's id",
+        """
+        SELECT r.refund_id AS id,
+               CASE WHEN o.operation_id IS NULL
+                        THEN 'status PENDING without a refund at the gateway'
+                    WHEN r.status = 'PENDING'
+                        THEN 'status PENDING but its operation is DONE'
+                    WHEN o.phase <> 'DONE'
+                        THEN 'status ' || r.status || ' but its operation is ' || o.phase
+                    ELSE 'status REFUNDED without the gateway''s id of it'
+               END AS detail
+        FROM payment_refunds AS r
+        LEFT JOIN gateway_operations AS o ON o.refund_id = r.refund_id AND o.kind = 'REFUND'
+        WHERE (r.status = 'PENDING' AND (o.operation_id IS NULL OR o.phase = 'DONE'))
+           OR (r.status <> 'PENDING' AND o.phase <> 'DONE')
+           OR (r.status = 'REFUNDED' AND o.operation_id IS NOT NULL
+               AND r.gateway_refund_id IS NULL)
+        """,
+    ),
+    Check(
+        "refund_reservations",
+        "payment",
+        "each payment's reserved_amount is the sum of its refunds still being made (PENDING), "
+        "and refunded_amount + reserved_amount never exceeds its amount",
+        """
+        SELECT p.payment_id AS id,
+               'PENDING refunds sum to ' || coalesce(r.total, 0) || ', reserved_amount is '
+               || p.reserved_amount || ', refunded_amount ' || p.refunded_amount
+               || ', amount ' || p.amount AS detail
+        FROM payments AS p
+        LEFT JOIN (
+            SELECT payment_id, sum(amount) AS total
+            FROM payment_refunds
+            WHERE status = 'PENDING'
+            GROUP BY payment_id
+        ) AS r ON r.payment_id = p.payment_id
+        WHERE coalesce(r.total, 0) <> p.reserved_amount
+           OR p.refunded_amount + p.reserved_amount > p.amount
+        """,
+    ),
 )
 
 SUMMARY_SQL = """
@@ -348,6 +464,8 @@ SELECT (SELECT count(*) FROM payments)         AS payments,
        (SELECT count(*) FROM deliveries)       AS deliveries,
        (SELECT count(*) FROM deliveries WHERE status = 'PENDING') AS deliveries_pending,
        (SELECT count(*) FROM deliveries WHERE status = 'DEAD')    AS deliveries_dead,
+       (SELECT count(*) FROM gateway_operations WHERE phase <> 'DONE') AS gateway_open,
+       (SELECT count(*) FROM gateway_operations WHERE phase = 'REVIEW') AS gateway_review,
        now()                                   AS checked_at
 """
 
@@ -444,7 +562,8 @@ def render_text(report: Report, out: TextIO) -> None:
         f"payment-service check at {report.checked_at}: {s['payments']} payments, "
         f"{s['refunds']} refunds, {s['idempotency_keys']} idempotency keys, {s['events']} events, "
         f"{s['deliveries']} deliveries to {s['endpoints']} endpoints ({s['deliveries_pending']} "
-        f"pending, {s['deliveries_dead']} dead)",
+        f"pending, {s['deliveries_dead']} dead), {s['gateway_open']} charges and refunds open at "
+        f"the gateway ({s['gateway_review']} flagged for review)",
         file=out,
     )
     print(

@@ -16,6 +16,7 @@ from outbox_relay import RELAY_DESCRIPTION
 from payment_cli.actions import Handler, add_action
 from payment_cli.audit_cli import add_parser as add_audit_parser
 from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
+from payment_cli.gateway_cli import add_parser as add_gateway_parser
 from payment_cli.outbox_cli import add_parser as add_outbox_parser
 from payment_service import __version__
 from payment_service.entry import database_settings as _database_settings
@@ -32,8 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.server import serve
+    from payment_service.gateway.factory import check_gateway_settings
 
     settings = _database_settings()
+    check_gateway_settings(settings)  # before any worker starts: one line, not a traceback
     return serve(settings, host=args.host, port=args.port, workers=args.workers, server=args.server)
 
 
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_endpoints_parser(commands)
     add_audit_parser(commands)
+
+    add_gateway_parser(commands)
 
     check = add(
         "check",

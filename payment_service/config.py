@@ -41,10 +41,16 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 DEFAULT_CALLER = "default"
 _CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # What a key may do, when API_KEYS gives it scopes: `name[scope+scope]:token`. A key without
-# scopes may do everything (as every key could before scopes). payments:settle is apart from
-# payments:write: settling declares what the gateway did with the money, which a service that
-# charges trips must not decide about its own payments.
-SCOPES = ("payments:read", "payments:write", "refunds:write", "payments:settle")
+# scopes may do everything (as every key could before scopes). Settling a payment by hand is no
+# caller's business any more: payments settle from the gateway, and an operator's decision is an
+# admin action (ADMIN_API_KEYS); the scope that allowed it is refused with a line saying so.
+SCOPES = ("payments:read", "payments:write", "refunds:write")
+REMOVED_SCOPES = {
+    "payments:settle": (
+        "settling a payment is an admin action now (ADMIN_API_KEYS, POST "
+        "/admin/payments/{id}/settlement): remove the scope"
+    ),
+}
 # A name cannot hold '[' or ':', so the first '[' before any ':' opens the scopes; the token is
 # everything after "]:" (it may hold ':', '[' and ']' itself).
 _SCOPED_ENTRY = re.compile(r"(?P<name>[^:\[]*)\[(?P<scopes>[^\]]*)\]:(?P<token>.*)", re.DOTALL)
@@ -68,6 +74,8 @@ def _scopes(number: int, listed: str) -> frozenset[str]:
             "everything)"
         )
     for position, scope in enumerate(scopes, start=1):
+        if scope in REMOVED_SCOPES:
+            raise ValueError(f"entry {number}: scope {scope} is gone: {REMOVED_SCOPES[scope]}")
         if scope not in SCOPES:
             raise ValueError(
                 f"entry {number}: scope {position} is not one of {', '.join(SCOPES)} "
@@ -283,6 +291,9 @@ class Settings(BaseSettings):
     gateway_test_payment_method: str = Field(default="pm_card_visa", min_length=1)
     # Checks of an unknown outcome before the payment is flagged for review (never failed).
     gateway_max_checks: int = Field(default=12, ge=1, le=1000)
+    # Seconds before the gateway worker first asks about an undecided charge or refund; the wait
+    # doubles with each check, up to an hour.
+    gateway_check_interval: float = Field(default=5, gt=0, le=3600)
 
     @field_validator("db_host")
     @classmethod

@@ -134,6 +134,10 @@ def configure_logging(level: str = "INFO", *, queued: bool = False) -> None:
     # Hypercorn's own loggers are replaced by our access log; keep its errors.
     for name in ("hypercorn.access",):
         logging.getLogger(name).disabled = True
+    # The gateway's SDK logs every request and answer at INFO (two lines per call, in its own
+    # logfmt): the service logs what it decided instead. Its warnings stay; LOG_LEVEL=DEBUG
+    # shows the rest.
+    logging.getLogger("stripe").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def _start(writer: _Writer) -> None:

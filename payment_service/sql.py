@@ -5,8 +5,7 @@ The rule: every statement the service sends is written with named placeholders (
 positional `$1, $2, …` itself. A value is then named where it is used, a statement composed of
 fragments from several modules (the idempotency row's CTE, the payment's outbox event) has no
 numbering spanning them, and a test that EXPLAINs a statement runs exactly what the code sends
-(`S.sql`, with `S.args(…)`). Two modules still write `$n`, until their turn comes: the payments'
-and refunds' reads (app/payments.py, app/refunds.py).
+(`S.sql`, with `S.args(…)`). A unit test fails when a module writes `$n` again.
 
 `Statement` compiles the text once, at import, into the `$n` form: each name gets the number of
 its first appearance and every later use of the name reuses it. `Statement.args` maps keyword

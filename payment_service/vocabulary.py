@@ -5,7 +5,8 @@ order messages and documents show them. The migrations repeat them as CHECK cons
 SQL cannot import; tests/migrations/test_vocabulary.py reads those constraints from a migrated
 database and fails when a list here and its constraint disagree.
 
-What an endpoint's event types may be (exact types, `payment.*`-style prefixes, `*`) is here too,
+What an endpoint's event types may be (exact types, `payment.*`-style prefixes (`refund.*` too),
+`*`) is here too,
 as a pure check: the settings (`TRIP_EVENT_TYPES`, …) and payment_service.endpoints both use it,
 and it needs nothing but the list of event types.
 """
@@ -23,11 +24,15 @@ GATEWAY_METHODS: tuple[PaymentMethod, ...] = ("CARD", "UPI", "WALLET", "NETBANKI
 PaymentStatus = Literal["PENDING", "SUCCESS", "FAILED", "PARTIALLY_REFUNDED", "REFUNDED"]
 PAYMENT_STATUSES: tuple[PaymentStatus, ...] = get_args(PaymentStatus)
 
-RefundStatus = Literal["REFUNDED", "FAILED"]
+# A refund made at the gateway is PENDING until the gateway decides: REFUNDED, or FAILED (refused).
+RefundStatus = Literal["PENDING", "REFUNDED", "FAILED"]
 REFUND_STATUSES: tuple[RefundStatus, ...] = get_args(RefundStatus)
 
-# What happened to a payment: an outbox event's type, the callbacks' `type`.
-EventType = Literal["payment.succeeded", "payment.pending", "payment.failed", "payment.refunded"]
+# What happened to a payment: an outbox event's type, the callbacks' `type`. refund.failed: a
+# refund the gateway refused (its amount may be refunded again).
+EventType = Literal[
+    "payment.succeeded", "payment.pending", "payment.failed", "payment.refunded", "refund.failed"
+]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 # A delivery (one event to one endpoint): PENDING until DELIVERED, or DEAD once given up on.
@@ -36,6 +41,14 @@ DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
 
 EndpointState = Literal["ACTIVE", "PAUSED", "DISABLED"]
 ENDPOINT_STATES: tuple[EndpointState, ...] = get_args(EndpointState)
+
+# A charge or a refund at the payment gateway (payment_service.money.operations), and where it
+# stands: STARTED (its calls in progress), PENDING (waiting for the gateway to decide), DONE,
+# REVIEW (its outcome stayed unknown: an operator decides).
+OperationKind = Literal["CHARGE", "REFUND"]
+OPERATION_KINDS: tuple[OperationKind, ...] = get_args(OperationKind)
+OperationPhase = Literal["STARTED", "PENDING", "DONE", "REVIEW"]
+OPERATION_PHASES: tuple[OperationPhase, ...] = get_args(OperationPhase)
 
 MAX_EVENT_TYPES = 10  # patterns per endpoint: more than the event types and prefixes there are
 

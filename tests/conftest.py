@@ -3,6 +3,7 @@
 - `postgres_server`, `template_database`, `database_url`, `empty_database_url`, `db`, `conn`:
   the session's PostgreSQL and this test's own migrated (or empty) database
   (tests/support/database.py says where the server comes from);
+- `api_factory`: the real API served on 127.0.0.1 with settings overrides (tests/support/api.py);
 - `receiver`: the test receiver on 127.0.0.1 (tests/support/receiver.py);
 - `relays`: relay processes against this test's database and receiver (tests/support/processes.py);
 - `embedded_gateway` (session) and `ids`: a real localstripe process on 127.0.0.1 and fresh ids
@@ -18,6 +19,7 @@ import os
 import pytest
 
 from tests.support.browser import browser, browser_session  # noqa: F401 - fixtures
+from tests.support.api import api_factory_fixture  # noqa: F401 - fixture
 from tests.support.database import (  # noqa: F401 - fixtures
     announcements,
     conn_fixture,

@@ -6,18 +6,27 @@ from payment_service.config import STRIPE_TEST_KEY_PREFIXES, ConfigurationError,
 from payment_service.gateway.interface import Gateway
 
 
-def gateway_from_settings(settings: Settings) -> Gateway | None:
-    """The gateway to charge at; None with GATEWAY=none (payments are recorded only).
-
-    Raises `ConfigurationError` naming STRIPE_SECRET_KEY when a gateway is wanted without one.
-    """
-    if settings.gateway == "none":
-        return None
-    if settings.stripe_secret_key is None:
+def check_gateway_settings(settings: Settings) -> None:
+    """Raise `ConfigurationError` naming STRIPE_SECRET_KEY when a gateway is wanted without one:
+    what `serve` and `relay` check before they start anything."""
+    if settings.gateway == "stripe" and settings.stripe_secret_key is None:
         raise ConfigurationError(
             "STRIPE_SECRET_KEY is not set: set it, set GATEWAY=none to record payments without "
             "charging them, or use 'payment-service run', which starts an embedded gateway"
         )
+
+
+def gateway_from_settings(settings: Settings) -> Gateway | None:
+    """The gateway to charge at; None with GATEWAY=none (payments are recorded only).
+
+    Raises `ConfigurationError` naming STRIPE_SECRET_KEY when a gateway is wanted without one.
+    The client it makes connects on its first call; close it (`Gateway.close`) in the event loop
+    that used it.
+    """
+    check_gateway_settings(settings)
+    if settings.gateway == "none":
+        return None
+    assert settings.stripe_secret_key is not None
     # Imported here: the SDK is loaded only by a process that charges.
     from payment_service.gateway.stripe_adapter import StripeGateway
 

@@ -26,13 +26,18 @@ WEBHOOK_SENT = 'webhook "payment_intent.succeeded"'
 
 
 def run_env(tmp_path: Path, database_url: str, port: int, **variables: str) -> dict[str, str]:
+    """`run`'s environment with a gateway wanted (GATEWAY=stripe, its default), unless
+    `variables` say otherwise."""
     return clean_env(
-        DATABASE_URL=database_url,
-        SERVICE_PORT=str(port),
-        RELAY_METRICS_PORT=str(free_port()),
-        NOTIFICATION_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
-        PAYMENT_SERVICE_DATA_DIR=str(tmp_path / "data"),
-        **variables,
+        **{
+            "GATEWAY": "stripe",
+            "DATABASE_URL": database_url,
+            "SERVICE_PORT": str(port),
+            "RELAY_METRICS_PORT": str(free_port()),
+            "NOTIFICATION_SERVICE_URL": f"http://127.0.0.1:{free_port()}",
+            "PAYMENT_SERVICE_DATA_DIR": str(tmp_path / "data"),
+        }
+        | variables
     )
 
 

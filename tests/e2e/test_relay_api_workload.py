@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from payment_service.embedded import free_port
+from tests.support.api import ADMIN_AUTH, ADMIN_KEYS
 from tests.support.commands import service_command
 from tests.support.database import EventRow
 from tests.support.environment import minimal_environment
@@ -40,7 +41,11 @@ def api(tmp_path: Path, database_url: str) -> Iterator[str]:
     """`payment-service serve` on 127.0.0.1; its base URL."""
     port = free_port()
     env = minimal_environment(
-        database_url=database_url, async_methods="UPI", environment="test", log_level="WARNING"
+        database_url=database_url,
+        async_methods="UPI",
+        admin_api_keys=",".join(ADMIN_KEYS),  # asynchronous payments are settled by an operator
+        environment="test",
+        log_level="WARNING",
     )
     with (tmp_path / "api.log").open("wb") as log:
         process = subprocess.Popen(
@@ -90,7 +95,7 @@ async def card_flow(http: httpx.AsyncClient, trip: int, refunds: list[str | None
 
 
 async def async_flow(http: httpx.AsyncClient, trip: int, outcome: str, refund: bool) -> None:
-    """An asynchronous payment (202, PENDING), settled by the gateway, maybe refunded."""
+    """An asynchronous payment (202, PENDING), settled by an operator, maybe refunded."""
     response = await http.post(
         "/payments",
         json={
@@ -104,12 +109,13 @@ async def async_flow(http: httpx.AsyncClient, trip: int, outcome: str, refund: b
     payment_id = response.json()["payment_id"]
     await ok(
         await http.post(
-            f"/payments/{payment_id}/settlement",
+            f"/admin/payments/{payment_id}/settlement",
             json={
                 "idempotency_key": key("settle"),
                 "status": outcome,
                 "gateway_reference": f"gw-{trip}",
             },
+            headers=ADMIN_AUTH,
         )
     )
     if refund:

@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 
 from payment_service.endpoints import insert_endpoint
-from tests.support.api import key_hash
+from tests.support.api import ADMIN_AUTH, ADMIN_KEYS, key_hash
 from tests.support.audit import OPERATOR
 from tests.support.commands import run_check
 from tests.support.database import DELIVERY_ROWS, OWN_DATABASE_NAME, FaultDatabase
@@ -64,6 +64,8 @@ BASE_ENVIRONMENT: dict[str, object] = {
     "RELAY_RETRY_SCHEDULE": "1,2,4",
     # Likewise an endpoint's breaker, once open, probes after 2 s rather than 30 s.
     "ENDPOINT_BREAKER_COOLDOWN_SECONDS": 2,
+    # Asynchronous payments are settled by an operator (the admin API).
+    "ADMIN_API_KEYS": ",".join(ADMIN_KEYS),
 }
 
 
@@ -326,7 +328,7 @@ class LoadGenerator:
             settle = await self._request(
                 "settle",
                 f"{prefix}-settle",
-                f"/payments/{payment_id}/settlement",
+                f"/admin/payments/{payment_id}/settlement",
                 {"status": outcome, "gateway_reference": f"gw-{prefix}"},
             )
             if not settle.succeeded:
@@ -358,8 +360,11 @@ class LoadGenerator:
             base_url = next(self._urls)
             answer = Answer(sent_at=loop.time(), received_at=0.0, base_url=base_url)
             try:
+                admin = ADMIN_AUTH if path.startswith("/admin/") else {}
                 response = await self._http.post(
-                    base_url + path, content=content, headers={"Content-Type": "application/json"}
+                    base_url + path,
+                    content=content,
+                    headers={"Content-Type": "application/json", **admin},
                 )
             except httpx.TransportError as error:
                 answer.error = type(error).__name__
@@ -440,7 +445,7 @@ async def assert_clients_got_what_the_database_holds(
             assert row["trip_id"] == op.body["trip_id"], dict(row)
             assert row["amount"] == Decimal(op.body["amount"]), dict(row)
         elif op.kind == "settle":
-            payment_id = int(op.path.split("/")[2])
+            payment_id = int(op.path.split("/")[3])  # /admin/payments/{id}/settlement
             row = next(r for r in payments.values() if r["payment_id"] == payment_id)
             assert row["status"] != "PENDING", dict(row)
             assert (row["status"] == "FAILED") == (op.body["status"] == "FAILED"), dict(row)

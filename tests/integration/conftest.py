@@ -1,7 +1,8 @@
 """Fixtures for the API tests: the real app served by Hypercorn on 127.0.0.1 against this test's
 migrated database (`database_url` from tests/conftest.py).
 
-- `api_factory(**overrides)` starts a server with Settings overrides (lower-case field names:
+- `api_factory(**overrides)` (tests/support/api.py, for every test) starts a server with
+  Settings overrides (lower-case field names:
   `api_keys=("k1",)`, `api_prefix="/v1"`, `idempotency_key_ttl=1`, ...) and returns a
   `RunningApi` (`.client` is an `httpx.AsyncClient` on its base URL); every server it started is
   shut down cleanly at the end of the test.
@@ -11,26 +12,12 @@ migrated database (`database_url` from tests/conftest.py).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
 import httpx
 import pytest
 
-from tests.support.api import RunningApi, running_api
+from tests.support.api import ApiFactory, RunningApi
 
-ApiFactory = Callable[..., Awaitable[RunningApi]]
-
-
-@pytest.fixture
-async def api_factory(database_url: str) -> AsyncIterator[ApiFactory]:
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(*, database_url: str = database_url, **overrides: Any) -> RunningApi:
-            return await stack.enter_async_context(running_api(database_url, **overrides))
-
-        yield start
+__all__ = ["ApiFactory"]  # tests import it from here
 
 
 @pytest.fixture

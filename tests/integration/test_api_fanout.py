@@ -11,7 +11,9 @@ import asyncpg
 import httpx
 
 from payment_service import endpoints
+from tests.integration.conftest import ApiFactory
 from tests.support.api import (
+    ADMIN_KEYS,
     PAYMENT_FIELDS,
     assert_replay,
     create_payment,
@@ -19,6 +21,7 @@ from tests.support.api import (
     new_key,
     payment_body,
     post_json,
+    settle,
 )
 from tests.support.audit import OPERATOR
 
@@ -70,24 +73,24 @@ async def refund(client: httpx.AsyncClient, payment_id: int, amount: str) -> htt
     return response
 
 
-async def settle(client: httpx.AsyncClient, payment_id: int, status: str) -> httpx.Response:
-    body = {"idempotency_key": new_key("settle"), "status": status}
-    response = await post_json(client, f"/payments/{payment_id}/settlement", body)
+async def settled(client: httpx.AsyncClient, payment_id: int, status: str) -> httpx.Response:
+    response = await settle(client, payment_id, status)
     assert response.status_code == 200, response.text
     return response
 
 
 async def test_each_write_fans_out_to_the_endpoints_whose_types_match(
-    client: httpx.AsyncClient, db: asyncpg.Connection
+    api_factory: ApiFactory, db: asyncpg.Connection
 ) -> None:
+    client = (await api_factory(admin_api_keys=ADMIN_KEYS)).client
     await subscribe(db)
 
     charged = await create_payment(client, method="CARD", amount=Decimal("100.00"))
     await refund(client, charged["payment_id"], "40.00")
     pending = await create_payment(client, method="UPI")
-    await settle(client, pending["payment_id"], "SUCCESS")
+    await settled(client, pending["payment_id"], "SUCCESS")
     failed = await create_payment(client, method="UPI")
-    await settle(client, failed["payment_id"], "FAILED")
+    await settled(client, failed["payment_id"], "FAILED")
 
     assert await deliveries_of(db, charged["payment_id"]) == [
         *expected("payment.succeeded", *ALL_TYPES),

@@ -15,7 +15,10 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.integration.conftest import ApiFactory
 from tests.support.api import (
+    ADMIN_AUTH,
+    ADMIN_KEYS,
     RunningApi,
     advisory_lock_id,
     assert_problem,
@@ -258,18 +261,21 @@ async def test_header_and_body_keys_that_differ_are_400(
 
 
 @pytest.mark.parametrize(
-    "path", ["/payments", "/payments/{id}/refunds", "/payments/{id}/settlement"]
+    "path", ["/payments", "/payments/{id}/refunds", "/admin/payments/{id}/settlement"]
 )
 async def test_missing_key_is_400_idempotency_key_missing(
-    client: httpx.AsyncClient, db: asyncpg.Connection, path: str
+    api_factory: ApiFactory, db: asyncpg.Connection, path: str
 ) -> None:
+    client = (await api_factory(admin_api_keys=ADMIN_KEYS)).client
     payment = exact_json(await post_json(client, "/payments", payment_body(method="UPI")))
     bodies: dict[str, dict[str, Any]] = {
         "/payments": {k: v for k, v in payment_body().items() if k != "idempotency_key"},
         "/payments/{id}/refunds": {"amount": Decimal("1.00")},
-        "/payments/{id}/settlement": {"status": "SUCCESS"},
+        "/admin/payments/{id}/settlement": {"status": "SUCCESS"},
     }
-    response = await post_json(client, path.format(id=payment["payment_id"]), bodies[path])
+    response = await post_json(
+        client, path.format(id=payment["payment_id"]), bodies[path], headers=ADMIN_AUTH
+    )
     assert_problem(response, 400, "IDEMPOTENCY_KEY_MISSING")
     assert await db.fetchval("SELECT count(*) FROM payments") == 1
     assert await db.fetchval("SELECT status FROM payments") == "PENDING"

@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration.conftest import ApiFactory
 from tests.support.api import (
+    ADMIN_KEYS,
     PAYMENT_FIELDS,
     assert_problem,
     create_payment,
@@ -17,6 +19,7 @@ from tests.support.api import (
     new_key,
     new_trip,
     post_json,
+    settle,
 )
 
 
@@ -123,14 +126,11 @@ async def test_list_default_limit_is_20(client: httpx.AsyncClient) -> None:
     assert page["has_more"] is True
 
 
-async def test_list_filters_by_trip_and_status(client: httpx.AsyncClient) -> None:
+async def test_list_filters_by_trip_and_status(api_factory: ApiFactory) -> None:
+    client = (await api_factory(admin_api_keys=ADMIN_KEYS)).client
     trip = new_trip()
     failed = await create_payment(client, trip_id=trip, method="UPI")
-    settled = await post_json(
-        client,
-        f"/payments/{failed['payment_id']}/settlement",
-        {"idempotency_key": new_key("s"), "status": "FAILED"},
-    )
+    settled = await settle(client, failed["payment_id"], "FAILED")
     assert settled.status_code == 200, settled.text
     charged = await create_payment(client, trip_id=trip, method="CARD")
     other = await create_payment(client)

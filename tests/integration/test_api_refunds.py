@@ -11,7 +11,9 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.integration.conftest import ApiFactory
 from tests.support.api import (
+    ADMIN_KEYS,
     EVENT_FIELDS,
     assert_problem,
     assert_replay,
@@ -21,6 +23,7 @@ from tests.support.api import (
     money_text,
     new_key,
     post_json,
+    settle,
 )
 from tests.support.database import outbox_rows
 
@@ -229,13 +232,10 @@ async def test_refund_of_pending_payment_is_not_refundable(
     assert await db.fetchval("SELECT count(*) FROM payment_refunds") == 0
 
 
-async def test_refund_of_failed_payment_is_not_refundable(client: httpx.AsyncClient) -> None:
+async def test_refund_of_failed_payment_is_not_refundable(api_factory: ApiFactory) -> None:
+    client = (await api_factory(admin_api_keys=ADMIN_KEYS)).client
     pending = await create_payment(client, method="UPI")
-    settled = await post_json(
-        client,
-        f"/payments/{pending['payment_id']}/settlement",
-        {"idempotency_key": new_key("settle"), "status": "FAILED", "failure_reason": "declined"},
-    )
+    settled = await settle(client, pending["payment_id"], "FAILED", failure_reason="declined")
     assert settled.status_code == 200, settled.text
     assert_problem(await refund(client, pending["payment_id"]), 400, "PAYMENT_NOT_REFUNDABLE")
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app import create_app
-from app.hooks import scope_of
+from app.hooks import ANY_SCOPE, scope_of
 from payment_service.config import SCOPES, load_settings
 from tests.integration.conftest import ApiFactory
 from tests.support.api import (
@@ -32,10 +32,10 @@ KEYS = (
     "trip[payments:write+payments:read]:tok-trip",
     "support[refunds:write + payments:read]:tok-support",
     "rider[payments:read]:tok-rider",
-    "gateway[payments:settle]:tok-gateway",
+    "reports[payments:read]:tok-reports",
     "ops:tok-ops",  # no scopes: everything, as every key could before scopes
 )
-TOKENS = {name: f"tok-{name}" for name in ("trip", "support", "rider", "gateway", "ops")}
+TOKENS = {name: f"tok-{name}" for name in ("trip", "support", "rider", "reports", "ops")}
 
 # Every payment route, the scope it needs, and a body that it would accept.
 ROUTES = [
@@ -44,13 +44,12 @@ ROUTES = [
     ("GET", "/payments/{id}", "payments:read"),
     ("GET", "/payments/{id}/refunds", "payments:read"),
     ("POST", "/payments/{id}/refunds", "refunds:write"),
-    ("POST", "/payments/{id}/settlement", "payments:settle"),
 ]
 MAY = {
     "trip": {"payments:write", "payments:read"},
     "support": {"refunds:write", "payments:read"},
     "rider": {"payments:read"},
-    "gateway": {"payments:settle"},
+    "reports": {"payments:read"},
     "ops": set(SCOPES),
 }
 
@@ -70,8 +69,6 @@ async def send(client: httpx.AsyncClient, method: str, path: str, caller: str) -
     body: dict[str, Any] = {"idempotency_key": new_key("scope")}
     if path == "/payments":
         body = payment_body()
-    elif path.endswith("/settlement"):
-        body["status"] = "SUCCESS"
     return await post_json(client, path, body, headers=auth(caller))
 
 
@@ -79,15 +76,10 @@ async def test_each_key_may_do_what_its_scopes_say_and_nothing_else(scoped: Runn
     client = scoped.client
     for caller, may in MAY.items():
         for method, template, scope in ROUTES:
-            # a fresh asynchronous (PENDING) payment, so that settlement and refunds can succeed
-            pending = await post_json(
-                client, "/payments", payment_body(method="UPI"), headers=auth("trip")
-            )
-            assert pending.status_code == 202, pending.text
-            path = template.replace("{id}", str(exact_json(pending)["payment_id"]))
-            if template.endswith("/refunds") and method == "POST":
-                settled = await send(client, "POST", path.replace("refunds", "settlement"), "ops")
-                assert settled.status_code == 200, settled.text
+            # a fresh payment, so that a refund can succeed
+            paid = await post_json(client, "/payments", payment_body(), headers=auth("trip"))
+            assert paid.status_code == 200, paid.text
+            path = template.replace("{id}", str(exact_json(paid)["payment_id"]))
             response = await send(client, method, path, caller)
             if scope in may:
                 assert response.status_code in (200, 202), (caller, method, path, response.text)
@@ -137,7 +129,7 @@ async def test_callers_share_payments_what_they_may_do_differs(scoped: RunningAp
 async def test_no_such_route_is_404_or_405_whatever_the_key_may_do(
     scoped: RunningApi, method: str, path: str, status: int
 ) -> None:
-    response = await scoped.client.request(method, path, headers=auth("gateway"))
+    response = await scoped.client.request(method, path, headers=auth("rider"))
     assert_problem(response, status)
 
 
@@ -161,7 +153,17 @@ def test_every_payment_route_declares_its_scope() -> None:
         (method, path.replace("{id}", "<payment_id:payment_id>")): scope
         for method, path, scope in ROUTES
     }
+    # The old settlement route is gone (410) for every key, whatever its scopes.
+    expected[("POST", "/payments/<payment_id:payment_id>/settlement")] = ANY_SCOPE
     assert declared == expected
+
+
+async def test_the_gone_settlement_route_answers_410_to_any_key(scoped: RunningApi) -> None:
+    for caller in TOKENS:
+        response = await send(scoped.client, "POST", "/payments/1/settlement", caller)
+        assert_problem(response, 410, "SETTLEMENT_MOVED")
+    no_key = await post_json(scoped.client, "/payments/1/settlement", {})
+    assert_problem(no_key, 401, "UNAUTHORIZED")
 
 
 async def test_the_openapi_document_names_each_routes_scope_and_its_403(

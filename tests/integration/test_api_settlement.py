@@ -1,5 +1,7 @@
-"""Asynchronous payments: 202 PENDING for ASYNC_METHODS, then the gateway's settlement
-SUCCESS or FAILED; only a PENDING payment settles; one outbox event per state change."""
+"""Asynchronous payments without a gateway: 202 PENDING for ASYNC_METHODS, then an operator's
+settlement SUCCESS or FAILED (POST /admin/payments/{id}/settlement, behind ADMIN_API_KEYS); only a
+PENDING payment settles; one outbox event per state change. The old unauthenticated
+POST /payments/{id}/settlement is gone: 410 with a pointer."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.integration.conftest import ApiFactory
 from tests.support.api import (
+    ADMIN_AUTH,
+    ADMIN_KEYS,
     EVENT_FIELDS,
     assert_problem,
     assert_replay,
@@ -20,16 +25,15 @@ from tests.support.api import (
     new_key,
     payment_body,
     post_json,
+    settle,
 )
 from tests.support.database import outbox_rows
 
 
-async def settle(client: httpx.AsyncClient, payment_id: int | str, **body: Any) -> httpx.Response:
-    return await post_json(
-        client,
-        f"/payments/{payment_id}/settlement",
-        {"idempotency_key": new_key("settle"), **body},
-    )
+@pytest.fixture
+async def client(api_factory: ApiFactory) -> httpx.AsyncClient:
+    """A client of an API with the tests' admin key (ADMIN_API_KEYS)."""
+    return (await api_factory(admin_api_keys=ADMIN_KEYS)).client
 
 
 async def test_async_method_is_accepted_pending(
@@ -72,9 +76,7 @@ async def test_sync_methods_are_not_pending(client: httpx.AsyncClient) -> None:
 async def test_settlement_success(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
     pending = await create_payment(client, method="UPI", amount=Decimal("99.99"))
 
-    response = await settle(
-        client, pending["payment_id"], status="SUCCESS", gateway_reference="gw-123"
-    )
+    response = await settle(client, pending["payment_id"], "SUCCESS", gateway_reference="gw-123")
 
     assert response.status_code == 200, response.text
     payment = exact_json(response)
@@ -82,6 +84,7 @@ async def test_settlement_success(client: httpx.AsyncClient, db: asyncpg.Connect
     assert payment["status"] == "SUCCESS"
     assert payment["amount"] == Decimal("99.99")
     assert payment["reference"] == pending["reference"]
+    assert payment["failure_code"] is None
     row = await db.fetchrow(
         "SELECT status, gateway_reference FROM payments WHERE payment_id = $1",
         pending["payment_id"],
@@ -105,13 +108,15 @@ async def test_settlement_failed_frees_the_trip(
 ) -> None:
     pending = await create_payment(client, method="UPI")
 
-    response = await settle(
-        client, pending["payment_id"], status="FAILED", failure_reason="declined"
-    )
+    response = await settle(client, pending["payment_id"], "FAILED", failure_reason="declined")
 
     assert response.status_code == 200, response.text
     payment = exact_json(response)
     assert payment["status"] == "FAILED"
+    assert (payment["failure_code"], payment["failure_message"]) == (
+        "manual_settlement",
+        "declined",
+    )
     assert (
         await db.fetchval(
             "SELECT failure_reason FROM payments WHERE payment_id = $1", pending["payment_id"]
@@ -133,19 +138,17 @@ async def test_only_pending_payments_settle(
 ) -> None:
     pending = await create_payment(client, method="UPI")
     card = await create_payment(client, method="CARD")
-    assert (await settle(client, pending["payment_id"], status="SUCCESS")).status_code == 200
+    assert (await settle(client, pending["payment_id"], "SUCCESS")).status_code == 200
     events_before = await db.fetchval("SELECT count(*) FROM outbox_events")
 
     assert_problem(
-        await settle(client, pending["payment_id"], status="FAILED"), 409, "PAYMENT_NOT_PENDING"
+        await settle(client, pending["payment_id"], "FAILED"), 409, "PAYMENT_NOT_PENDING"
     )
     assert_problem(
-        await settle(client, pending["payment_id"], status="SUCCESS"), 409, "PAYMENT_NOT_PENDING"
+        await settle(client, pending["payment_id"], "SUCCESS"), 409, "PAYMENT_NOT_PENDING"
     )
 
-    assert_problem(
-        await settle(client, card["payment_id"], status="SUCCESS"), 409, "PAYMENT_NOT_PENDING"
-    )
+    assert_problem(await settle(client, card["payment_id"], "SUCCESS"), 409, "PAYMENT_NOT_PENDING")
     assert await db.fetchval("SELECT count(*) FROM outbox_events") == events_before
     assert (
         await db.fetchval(
@@ -158,15 +161,57 @@ async def test_only_pending_payments_settle(
 async def test_settlement_replay(client: httpx.AsyncClient, db: asyncpg.Connection) -> None:
     pending = await create_payment(client, method="UPI")
     body = {"idempotency_key": new_key("settle"), "status": "SUCCESS"}
-    path = f"/payments/{pending['payment_id']}/settlement"
-    first = await post_json(client, path, body)
+    path = f"/admin/payments/{pending['payment_id']}/settlement"
+    first = await post_json(client, path, body, headers=ADMIN_AUTH)
     assert first.status_code == 200, first.text
-    assert_replay(first, await post_json(client, path, body))
+    assert_replay(first, await post_json(client, path, body, headers=ADMIN_AUTH))
     assert await db.fetchval("SELECT count(*) FROM outbox_events") == 2
 
 
 async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -> None:
-    assert_problem(await settle(client, 987654, status="SUCCESS"), 404, "PAYMENT_NOT_FOUND")
+    assert_problem(await settle(client, 987654, "SUCCESS"), 404, "PAYMENT_NOT_FOUND")
+
+
+async def test_settlement_needs_the_admin_key(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+    body = {"idempotency_key": new_key("settle"), "status": "SUCCESS"}
+    path = f"/admin/payments/{pending['payment_id']}/settlement"
+    assert_problem(await post_json(client, path, body), 401, "UNAUTHORIZED")
+    status = await db.fetchval(
+        "SELECT status FROM payments WHERE payment_id = $1", pending["payment_id"]
+    )
+    assert status == "PENDING"
+
+
+async def test_without_admin_keys_there_is_no_settlement(api_factory: ApiFactory) -> None:
+    client = (await api_factory()).client
+    pending = await create_payment(client, method="UPI")
+    assert_problem(await settle(client, pending["payment_id"], "SUCCESS"), 404, "NOT_FOUND")
+
+
+async def test_the_old_settlement_route_is_gone_with_a_pointer(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+
+    response = await post_json(
+        client,
+        f"/payments/{pending['payment_id']}/settlement",
+        {"idempotency_key": new_key("settle"), "status": "SUCCESS"},
+    )
+
+    problem = assert_problem(response, 410, "SETTLEMENT_MOVED")
+    assert problem["location"] == f"/admin/payments/{pending['payment_id']}/settlement"
+    assert "/admin/payments/" in problem["detail"]
+    assert (
+        await db.fetchval(
+            "SELECT status FROM payments WHERE payment_id = $1", pending["payment_id"]
+        )
+        == "PENDING"
+    )
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys") == 1, "only the charge's"
 
 
 @pytest.mark.parametrize(
@@ -185,7 +230,14 @@ async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -
 async def test_bad_settlement_bodies(client: httpx.AsyncClient, body: dict[str, Any]) -> None:
     pending = await create_payment(client, method="UPI")
     problem = assert_problem(
-        await settle(client, pending["payment_id"], **body), 400, "VALIDATION_ERROR"
+        await post_json(
+            client,
+            f"/admin/payments/{pending['payment_id']}/settlement",
+            {"idempotency_key": new_key("settle"), **body},
+            headers=ADMIN_AUTH,
+        ),
+        400,
+        "VALIDATION_ERROR",
     )
     assert error_fields(problem)
     fetched = exact_json(await client.get(f"/payments/{pending['payment_id']}"))

@@ -24,7 +24,7 @@ import pytest
 from payment_cli.check import CHECKS, Report, check_database
 from payment_service import endpoints
 from payment_service.embedded import free_port
-from tests.support.api import new_key, new_trip, post_json, running_api
+from tests.support.api import ADMIN_AUTH, ADMIN_KEYS, new_key, new_trip, post_json, running_api
 from tests.support.audit import OPERATOR
 from tests.support.commands import service_command
 from tests.support.database import FAN_OUT_SQL, insert_events
@@ -62,7 +62,8 @@ async def _fill_through_api(dsn: str) -> dict[str, Any]:
 
     async def post(path: str, body: dict[str, Any], expected: int) -> dict[str, Any]:
         key = new_key("check")
-        response = await post_json(api.client, path, {"idempotency_key": key, **body})
+        admin = ADMIN_AUTH if path.startswith("/admin/") else {}
+        response = await post_json(api.client, path, {"idempotency_key": key, **body}, admin)
         assert response.status_code == expected, response.text
         document: dict[str, Any] = response.json()
         ids["keys"][key] = document
@@ -74,7 +75,8 @@ async def _fill_through_api(dsn: str) -> dict[str, Any]:
         ids[name] = document["payment_id"]
         return int(document["payment_id"])
 
-    async with running_api(dsn) as api:  # UPI settles asynchronously there
+    # UPI settles asynchronously there, settled by an operator (the admin API).
+    async with running_api(dsn, admin_api_keys=ADMIN_KEYS) as api:
         await pay("charged", "CARD", "100.00")
         partial = await pay("partial", "CARD", "100.00")
         refund = await post(f"/payments/{partial}/refunds", {"amount": "30.00"}, 200)
@@ -86,9 +88,9 @@ async def _fill_through_api(dsn: str) -> dict[str, Any]:
         ids["full_refunds"] = [first["refund_id"], rest["refund_id"]]
         await pay("pending", "UPI", "10.00")
         settled = await pay("settled", "UPI", "20.00")
-        await post(f"/payments/{settled}/settlement", {"status": "SUCCESS"}, 200)
+        await post(f"/admin/payments/{settled}/settlement", {"status": "SUCCESS"}, 200)
         failed = await pay("failed", "UPI", "30.00")
-        await post(f"/payments/{failed}/settlement", {"status": "FAILED"}, 200)
+        await post(f"/admin/payments/{failed}/settlement", {"status": "FAILED"}, 200)
     return ids
 
 

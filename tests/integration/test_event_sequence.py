@@ -9,7 +9,8 @@ from decimal import Decimal
 import asyncpg
 import httpx
 
-from tests.support.api import create_payment, new_key, post_json
+from tests.integration.conftest import ApiFactory
+from tests.support.api import ADMIN_KEYS, create_payment, new_key, post_json, settle
 from tests.support.database import outbox_rows
 
 
@@ -41,16 +42,13 @@ async def test_a_charge_and_two_refunds_are_events_1_2_3(
 
 
 async def test_a_settlement_is_the_second_state_change(
-    client: httpx.AsyncClient, db: asyncpg.Connection
+    api_factory: ApiFactory, db: asyncpg.Connection
 ) -> None:
+    client = (await api_factory(admin_api_keys=ADMIN_KEYS)).client
     succeeded = await create_payment(client, method="UPI", amount=Decimal("40.00"))
     failed = await create_payment(client, method="UPI", amount=Decimal("40.00"))
     for payment, status in ((succeeded, "SUCCESS"), (failed, "FAILED")):
-        settled = await post_json(
-            client,
-            f"/payments/{payment['payment_id']}/settlement",
-            {"idempotency_key": new_key("settle"), "status": status},
-        )
+        settled = await settle(client, payment["payment_id"], status)
         assert settled.status_code == 200, settled.text
     assert (await refund(client, succeeded["payment_id"], "40.00")).status_code == 200
 

@@ -18,7 +18,9 @@ from payment_service.embedded import free_port
 
 async def supervise_once(dsn: str, query: str, *args: object) -> None:
     """Run one supervised relay loop that runs `query` on a fresh connection, then stops."""
-    relay = Relay(load_settings(_env_file=None, database_url=dsn, relay_metrics_port=0))
+    relay = Relay(
+        load_settings(_env_file=None, database_url=dsn, relay_metrics_port=0, gateway="none")
+    )
 
     async def loop() -> None:
         relay.stop()  # the supervisor logs this failure, then sees the stop and returns

@@ -160,3 +160,31 @@ async def test_outbox_event_needs_a_payment_and_a_known_type(db: asyncpg.Connect
         payment_id,
     )
     assert event_id is not None, "event_id has a default"
+
+
+async def test_a_key_is_answered_whole_and_refunds_never_exceed_what_is_left(
+    db: asyncpg.Connection,
+) -> None:
+    """Migration 0011: a key has both parts of its answer or neither (in progress), and the
+    amount reserved by refunds at the gateway plus what was refunded never exceeds the payment."""
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(
+            "INSERT INTO idempotency_keys (key_hash, request_path, request_fingerprint, "
+            "response_status, expires_at) VALUES ($1, 'POST:/payments', $1, 200, now())",
+            "1" * 64,
+        )
+    await db.execute(
+        "INSERT INTO idempotency_keys (key_hash, request_path, request_fingerprint, expires_at) "
+        "VALUES ($1, 'POST:/payments', $1, now())",
+        "2" * 64,
+    )
+    payment_id = await insert_payment(db, amount="10.00")
+    await db.execute(
+        "UPDATE payments SET reserved_amount = 4, refunded_amount = 6, "
+        "status = 'PARTIALLY_REFUNDED' WHERE payment_id = $1",
+        payment_id,
+    )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(
+            "UPDATE payments SET reserved_amount = 5 WHERE payment_id = $1", payment_id
+        )

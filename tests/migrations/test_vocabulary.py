@@ -20,6 +20,8 @@ LISTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("outbox_events", "event_type"): vocabulary.EVENT_TYPES,
     ("deliveries", "status"): vocabulary.DELIVERY_STATUSES,
     ("endpoints", "state"): vocabulary.ENDPOINT_STATES,
+    ("gateway_operations", "kind"): vocabulary.OPERATION_KINDS,
+    ("gateway_operations", "phase"): vocabulary.OPERATION_PHASES,
 }
 
 # Every CHECK constraint on one column of a table in the public schema, as PostgreSQL prints it

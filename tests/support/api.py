@@ -13,12 +13,13 @@ import json
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
@@ -31,8 +32,11 @@ SHUTDOWN_TIMEOUT_SECONDS = 15
 
 # Settings every test server starts from: nothing is read from the developer's environment or
 # .env that could change behaviour (API_KEYS, API_PREFIX, ...); a test overrides what it needs.
+# No payment gateway (payments are recorded as the request says): the tests of the gateway opt in
+# (tests/support/gateway.py, `gateway_settings`).
 BASE_OVERRIDES: dict[str, Any] = {
     "_env_file": None,
+    "gateway": "none",
     "api_keys": (),
     "async_methods": ("UPI",),
     "api_prefix": "",
@@ -44,6 +48,11 @@ BASE_OVERRIDES: dict[str, Any] = {
     "default_currency": "INR",
     "max_payment_amount": Decimal("1000000.00"),
 }
+
+# Settling a payment by hand is an admin action (ADMIN_API_KEYS): the tests' admin key.
+ADMIN_TOKEN = "admin-token-for-tests"
+ADMIN_KEYS = (f"ops:{ADMIN_TOKEN}",)
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 _keys = itertools.count(1)
 _trips = itertools.count(1001)
@@ -258,3 +267,30 @@ async def create_payment(client: httpx.AsyncClient, **fields: Any) -> dict[str, 
     response = await post_json(client, "/payments", payment_body(**fields))
     assert response.status_code in (200, 202), response.text
     return exact_json(response)
+
+
+async def settle(
+    client: httpx.AsyncClient, payment_id: int | str, status: str, **fields: Any
+) -> httpx.Response:
+    """An operator's settlement of a PENDING payment (the API must have ADMIN_KEYS), with a fresh
+    idempotency key; `fields` add to the body (gateway_reference, failure_reason, …)."""
+    body = {"idempotency_key": new_key("settle"), "status": status, **fields}
+    return await post_json(
+        client, f"/admin/payments/{payment_id}/settlement", body, headers=ADMIN_AUTH
+    )
+
+
+ApiFactory = Callable[..., Awaitable[RunningApi]]
+
+
+@pytest.fixture(name="api_factory")
+async def api_factory_fixture(database_url: str) -> AsyncIterator[ApiFactory]:
+    """`api_factory(**overrides)`: start the real app served on 127.0.0.1 against this test's
+    database, with Settings overrides (lower-case field names); every server it started is shut
+    down cleanly at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(*, database_url: str = database_url, **overrides: Any) -> RunningApi:
+            return await stack.enter_async_context(running_api(database_url, **overrides))
+
+        yield start

@@ -4,6 +4,8 @@ Two kinds, both free of anything the developer's shell or .env could add to the 
 - `clean_env(**variables)`: this process's environment without any of the service's
   variables, plus `variables` (names upper-cased, values as text);
 - `minimal_environment(**variables)`: nothing inherited but a plain PATH and locale.
+Both say GATEWAY=none unless `variables` name a GATEWAY: a process charges at a payment gateway
+only in the tests that ask for one.
 `relay_env` is the minimal one with what a relay test needs: this test database, the test receiver,
 the tests' signing secret and short timings.
 """
@@ -29,7 +31,7 @@ def new_signing_secret() -> str:
 
 
 def _as_variables(variables: dict[str, object]) -> dict[str, str]:
-    return {name.upper(): str(value) for name, value in variables.items()}
+    return {"GATEWAY": "none"} | {name.upper(): str(value) for name, value in variables.items()}
 
 
 def clean_env(**variables: object) -> dict[str, str]:

@@ -7,23 +7,37 @@
 - `read_ledger(...)`: everything the gateway holds (intents and refunds), read over its HTTP API
   with the tests' own client, never through the adapter under test; `GatewayLedger` counts it
   per payment id and refund id, from the metadata the service puts on each object.
+- `gateway_settings(base_url)`: the settings of an API or a relay that charges at the embedded
+  gateway (the tests run without a gateway unless they ask for one);
+- `running_worker(database_url, base_url)`: the relay's gateway worker, in the test's event loop;
+- `signed_event(...)`: a webhook body and headers signed as the gateway signs them;
 - `make_payment_method(...)`: a payment method from a raw test card number or IBAN;
 - `listening_addresses(port)`: where a TCP port is listened on, from /proc/net.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import itertools
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import stripe
 
+from outbox_relay.gateway_worker import GatewayWorker
+from outbox_relay.metrics import RelayMetrics
+from outbox_relay.state import RelayState
+from payment_service.config import load_settings
 from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
+from payment_service.gateway.factory import gateway_from_settings
 
 # A webhook secret for the tests only, in Stripe's format.
 WEBHOOK_SECRET = "whsec_tests-only-gateway-webhook-secret"
@@ -37,11 +51,15 @@ CARD_3DS = "4000002500003155"  # needs 3-D Secure: the intent requires action
 IBAN_OK = "DE89370400440532013000"
 IBAN_FAILING = "DE62370400440532013001"  # processing first, then failed
 
-_ids = itertools.count(1)
+# Far above the payment and refund ids of the tests' databases (each starts at 1), whose charges
+# through the API share the session's gateway too.
+FIRST_ID = 1_000_000_000
+_ids = itertools.count(FIRST_ID)
 
 
 class Ids:
-    """Fresh ids for this session: payments and refunds no other test uses."""
+    """Fresh ids for this session: payments and refunds no other test uses (the API's tests tell
+    their payments apart at the gateway by their references instead: `of_reference`)."""
 
     def payment(self) -> int:
         return next(_ids)
@@ -88,6 +106,28 @@ async def make_payment_method(
     return str(answer.json()["id"])
 
 
+def gateway_settings(base_url: str, **overrides: Any) -> dict[str, Any]:
+    """Settings overrides (lower-case names, as `running_api` takes them) that charge at the
+    embedded gateway at `base_url`, with short timings; `overrides` win."""
+    return {
+        "gateway": "stripe",
+        "stripe_secret_key": EMBEDDED_API_KEY,
+        "stripe_api_base": base_url,
+        "stripe_api_flavour": "localstripe",
+        "stripe_webhook_secret": WEBHOOK_SECRET,
+        "gateway_timeout_seconds": 5,
+        "gateway_check_interval": 0.2,
+        "gateway_max_checks": 3,
+        "relay_poll_interval": 0.1,
+        **overrides,
+    }
+
+
+def _intent_of(refund: dict[str, Any]) -> str | None:
+    intent = refund.get("payment_intent")
+    return intent.get("id") if isinstance(intent, dict) else intent
+
+
 @dataclass(frozen=True)
 class GatewayLedger:
     """What the gateway held when it was read: every intent and refund, as its JSON."""
@@ -119,6 +159,32 @@ class GatewayLedger:
 
     def refunded_minor_units(self, payment_id: int) -> int:
         return sum(int(r["amount"]) for r in self.refunds_of(payment_id))
+
+    def of_reference(self, reference: str) -> GatewayLedger:
+        """What the gateway holds for our payment with this reference (PAY-…, unique across the
+        tests' databases, whose payment ids all start at 1): its intents and their refunds."""
+        intents = [i for i in self.intents if i["metadata"].get("reference") == reference]
+        ids = {i["id"] for i in intents}
+        return GatewayLedger(intents, [r for r in self.refunds if _intent_of(r) in ids])
+
+    @property
+    def confirmed_intents(self) -> int:
+        """Intents confirmed (a charge was attempted through them)."""
+        return sum(1 for i in self.intents if i.get("latest_charge"))
+
+    @property
+    def charged_intents(self) -> int:
+        """Intents whose charge moved money or is moving it."""
+        return sum(
+            1
+            for i in self.intents
+            if i.get("latest_charge") and i["latest_charge"]["status"] in ("succeeded", "pending")
+        )
+
+    @property
+    def refunded(self) -> int:
+        """Minor units refunded."""
+        return sum(int(r["amount"]) for r in self.refunds if r["status"] == "succeeded")
 
 
 async def read_ledger(base_url: str) -> GatewayLedger:
@@ -183,3 +249,61 @@ def only_loopback(addresses: list[IpAddress]) -> bool:
         return address.is_loopback
 
     return bool(addresses) and all(loopback(a) for a in addresses)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    database_url: str, base_url: str, **overrides: Any
+) -> AsyncIterator[GatewayWorker]:
+    """The relay's gateway worker (outbox_relay.gateway_worker) against this database and the
+    gateway at `base_url`, run in the test's event loop until the block ends."""
+    settings = load_settings(
+        _env_file=None,
+        environment="test",
+        database_url=database_url,
+        **gateway_settings(base_url, **overrides),
+    )
+    gateway = gateway_from_settings(settings)
+    assert gateway is not None
+    state = RelayState(settings, RelayMetrics())
+    worker = GatewayWorker(state, gateway)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        state.stop.set()
+        await asyncio.wait_for(task, 30)
+        await worker.close()
+
+
+async def intent_json(base_url: str, intent_id: str) -> dict[str, Any]:
+    """The intent as the gateway holds it (the object its events carry)."""
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=10) as client:
+        answer = await client.get(f"/v1/payment_intents/{intent_id}")
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def signed_event(
+    event_id: str,
+    event_type: str,
+    obj: dict[str, Any],
+    *,
+    secret: str = WEBHOOK_SECRET,
+    created: int | None = None,
+    signed_at: int | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A webhook as the gateway sends it: an event around `obj`, signed with `secret`."""
+    created = int(time.time()) if created is None else created
+    event = {
+        "id": event_id,
+        "object": "event",
+        "type": event_type,
+        "created": created,
+        "data": {"object": obj},
+    }
+    body = json.dumps(event)
+    header = stripe.WebhookSignature.generate_signature_header(
+        body, secret, timestamp=int(time.time()) if signed_at is None else signed_at
+    )
+    return body.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}

@@ -224,14 +224,28 @@ def test_keys_may_be_given_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "API_KEYS",
         "trip[payments:write+payments:read]:tok1, support[ refunds:write + payments:read ]:tok2,"
-        "reader:tok3,gateway[payments:settle]:a:b]:c[d",
+        "reader:tok3,rider[payments:read]:a:b]:c[d",
     )
     assert load_settings().api_keys == (
         ApiKey("trip", "tok1", frozenset({"payments:write", "payments:read"})),
         ApiKey("support", "tok2", frozenset({"refunds:write", "payments:read"})),
         ApiKey("reader", "tok3"),  # no scopes: everything, as before scopes
-        ApiKey("gateway", "a:b]:c[d", frozenset({"payments:settle"})),  # the token after "]:"
+        ApiKey("rider", "a:b]:c[d", frozenset({"payments:read"})),  # the token after "]:"
     )
+
+
+def test_the_settle_scope_is_refused_with_where_settlement_went(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Settling a payment by hand became an admin action: a key still given the old scope
+    stops the start with a line that says so, rather than silently granting nothing."""
+    monkeypatch.setenv("API_KEYS", "trip[payments:write]:tok1,gateway[payments:settle]:tok2")
+    message = refused()
+    assert message.startswith(
+        "invalid configuration: API_KEYS: entry 2: scope payments:settle is gone: settling a "
+        "payment is an admin action now (ADMIN_API_KEYS"
+    ), message
+    assert "tok2" not in message
 
 
 def test_admin_keys_take_no_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,7 +361,10 @@ STRONG_ADMIN_TOKEN = "Zq3vR8xK1mWb7tYc0pLf5nHd2sGj9uAe"  # 32 characters, all di
 
 
 def production(monkeypatch: pytest.MonkeyPatch, **variables: str) -> None:
+    """ENVIRONMENT=production with what it needs besides `variables`; no payment gateway (its own
+    production rules are tested in test_config_gateway.py)."""
     monkeypatch.setenv("ENVIRONMENT", "production")
+    monkeypatch.setenv("GATEWAY", "none")
     monkeypatch.setenv("API_KEYS", "svc-a:caller-token-0123456789abcdefghijkl")
     monkeypatch.setenv("CALLBACK_SIGNING_SECRET", SECRET)
     monkeypatch.setenv("GATEWAY", "none")  # the gateway's own production rules: test_config_gateway

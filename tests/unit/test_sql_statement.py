@@ -62,12 +62,6 @@ def test_the_apis_statements_are_numbered_in_one_piece(statement: Statement) -> 
     assert len(set(statement.names)) == len(statement.names)
 
 
-# The modules that still write asyncpg's `$n` themselves, until their turn (payment_service/sql.py
-# says so); every other module's statements are `Statement`s with named placeholders.
-STILL_POSITIONAL = {
-    "app/payments.py",
-    "app/refunds.py",
-}
 PACKAGES = ("app", "outbox_relay", "payment_cli", "payment_service")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,8 +89,6 @@ def test_statements_are_written_with_named_placeholders() -> None:
         for path in modules
         if (found := positional_placeholders(path))
     }
-    assert set(positional) - STILL_POSITIONAL == set(), (
-        "write these statements with :names (payment_service.sql.Statement): "
-        f"{ {name: positional[name] for name in set(positional) - STILL_POSITIONAL} }"
+    assert positional == {}, (
+        f"write these statements with :names (payment_service.sql.Statement): {positional}"
     )
-    assert STILL_POSITIONAL - set(positional) == set(), "converted: take them off STILL_POSITIONAL"
