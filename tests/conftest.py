@@ -18,8 +18,8 @@ import os
 
 import pytest
 
-from tests.support.browser import browser, browser_session  # noqa: F401 - fixtures
 from tests.support.api import api_factory_fixture  # noqa: F401 - fixture
+from tests.support.browser import browser, browser_session  # noqa: F401 - fixtures
 from tests.support.database import (  # noqa: F401 - fixtures
     announcements,
     conn_fixture,

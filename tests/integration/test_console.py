@@ -106,6 +106,7 @@ async def test_over_https_or_in_production_the_cookie_is_secure(api_factory: Api
         callback_signing_secret=SECRET,
         admin_api_keys=KEYS,
         gateway="none",
+        notification_service_url="http://10.0.0.5:8085",  # production refuses loopback
     )
     signed = await console(api).sign_in(TOKEN)
     assert signed.status_code == 303
