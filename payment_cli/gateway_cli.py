@@ -22,70 +22,24 @@ from payment_service.config import Settings
 from payment_service.database import connect
 from payment_service.entry import database_settings
 from payment_service.gateway.factory import gateway_from_settings
-from payment_service.gateway.interface import Gateway, GatewayError
-from payment_service.money import operations
-from payment_service.money.operations import Operation
-
-
-async def _what_the_gateway_says(gateway: Gateway | None, operation: Operation) -> str:
-    if gateway is None:
-        return "not asked: no gateway is configured here (STRIPE_SECRET_KEY)"
-    try:
-        if operation.kind == "CHARGE":
-            if operation.intent_id is None:
-                return "no intent was recorded: nothing was confirmed"
-            intent = await gateway.retrieve(operation.intent_id)
-            code = f" ({intent.failure_code})" if intent.failure_code else ""
-            return f"intent {intent.status.value}{code}, {intent.currency} {intent.amount}"
-        assert operation.intent_id is not None and operation.refund_id is not None
-        if operation.gateway_refund_id is not None:
-            refund = await gateway.retrieve_refund(operation.gateway_refund_id)
-        else:
-            found = await gateway.find_refund(operation.intent_id, operation.refund_id)
-            if found is None:
-                return "no refund was made"
-            refund = found
-        return f"refund {refund.id} {refund.status.value}, {refund.currency} {refund.amount}"
-    except GatewayError as error:
-        return f"unknown: {error}"
+from payment_service.money import review
 
 
 async def _review(settings: Settings) -> list[dict[str, Any]]:
     conn = await connect(settings.dsn())
     try:
-        rows = await operations.select_review(conn)
+        items = await review.select_review(conn)
     finally:
         await conn.close()
     gateway = None
     if settings.gateway == "stripe" and settings.stripe_secret_key is not None:
         gateway = gateway_from_settings(settings)
-    items = []
     try:
-        for row in rows:
-            operation = Operation.from_row(row)
-            items.append(
-                {
-                    "operation_id": operation.operation_id,
-                    "kind": operation.kind.lower(),
-                    "payment_id": operation.payment_id,
-                    "payment_status": row["payment_status"],
-                    "refund_id": operation.refund_id,
-                    "refund_status": row["refund_status"],
-                    "amount": operation.refund_amount or operation.amount,
-                    "currency": operation.currency,
-                    "intent_id": operation.intent_id,
-                    "gateway_refund_id": operation.gateway_refund_id,
-                    "checks": operation.checks,
-                    "last_error": row["last_error"],
-                    "staged_at": row["staged_at"],
-                    "next_check_at": row["next_check_at"],
-                    "gateway_says": await _what_the_gateway_says(gateway, operation),
-                }
-            )
+        asked = await review.ask_the_gateway(gateway, items)
     finally:
         if gateway is not None:
             await gateway.close()
-    return items
+    return [item.public() for item in asked]
 
 
 def _plain(value: Any) -> Any:
