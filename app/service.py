@@ -37,6 +37,8 @@ from app.idempotency import (
     select_key_answer,
 )
 from app.models import CreatePayment, CreateRefund, Settle
+from payment_service import audit
+from payment_service.audit import Operator, Target
 from payment_service.config import Settings
 from payment_service.database import acquire
 from payment_service.gateway.amounts import to_minor_units
@@ -337,9 +339,11 @@ def trip_already_charged(payment_id: int) -> APIError:
 
 
 async def settle_payment(
-    pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
+    pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard, operator: Operator
 ) -> Outcome:
-    """An operator's decision on a PENDING payment (POST /admin/payments/{id}/settlement)."""
+    """An operator's decision on a PENDING payment (POST /admin/payments/{id}/settlement, the
+    console's gateway review): recorded in the audit log (`payment.settle`, who, the status before
+    and after) in the transaction of the change; a replay of its key records nothing again."""
 
     async def decide(conn: asyncpg.Connection) -> Outcome:
         payment = await _claim_then_lock(conn, guard, payment_id)
@@ -366,13 +370,26 @@ async def settle_payment(
                 f"Payment {payment_id} is being charged at the gateway right now; retry shortly.",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
+        failure_reason = request.failure_reason if request.status == "FAILED" else None
         body = await payments.update_payment_settlement(
             conn,
             guard=guard,
             payment_id=payment_id,
             status=request.status,
             gateway_reference=request.gateway_reference,
-            failure_reason=request.failure_reason if request.status == "FAILED" else None,
+            failure_reason=failure_reason,
+        )
+        decided: dict[str, str] = {"status": request.status}
+        if request.gateway_reference is not None:
+            decided["gateway_reference"] = request.gateway_reference
+        await audit.record(
+            conn,
+            operator=operator,
+            action="payment.settle",
+            target=Target("payment", str(payment_id)),
+            before={"status": payment["status"]},
+            after=decided,
+            reason=request.reason or failure_reason,
         )
         return Outcome(200, body)
 
