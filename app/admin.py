@@ -701,6 +701,10 @@ async def get_audit() -> Response:
 
 
 # -- payments -------------------------------------------------------------------------------------
+# The settlement's route (its keys' request path), shared with the console's review decision.
+SETTLEMENT_ROUTE = "/admin/payments/{payment_id}/settlement"
+
+
 @blueprint.post("/payments/<payment_id:payment_id>/settlement")
 @document_request(Settle)
 @document_response(Payment, 200)
@@ -712,7 +716,6 @@ async def post_payment_settlement(payment_id: int) -> Response:
     audit log (`payment.settle`, with `reason` if given). The payment's charge waiting at the
     gateway, if any, is closed: check what the gateway holds first (`payment-service gateway
     review`, or the console's gateway review page)."""
-    route = "/admin/payments/{payment_id}/settlement"
     settle = functools.partial(service.settle_payment, operator=_operator())
-    outcome = await payment_write(payment_id, Settle, route, settle)
-    return answer_outcome(outcome, route)
+    outcome = await payment_write(payment_id, Settle, SETTLEMENT_ROUTE, settle)
+    return answer_outcome(outcome, SETTLEMENT_ROUTE)

@@ -210,8 +210,9 @@ def _idempotency_key(data: dict[str, Any]) -> str:
     return data["idempotency_key"]  # type: ignore[no-any-return]
 
 
-def _guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: Any) -> Guard:
-    """The key's guard; `decided` are body fields the request left to the service (the currency),
+def write_guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: Any) -> Guard:
+    """The key's guard, in the scope of `g.caller` (the API key's name, `admin:<name>`,
+    `console:<name>`); `decided` are body fields the request left to the service (the currency),
     fingerprinted with the values they took."""
     app = current_payment_app()
     body = model.model_dump(mode="json", exclude={"idempotency_key", "metadata"}, exclude_none=True)
@@ -272,7 +273,7 @@ async def post_payment() -> Response:
             )
         if problem := service.amount_problem(model.amount, currency):
             raise APIError(400, "AMOUNT_NOT_REPRESENTABLE", problem)
-    guard = _guard(key, "/payments", {}, model, currency=currency)
+    guard = write_guard(key, "/payments", {}, model, currency=currency)
     outcome = await service.create_payment(
         app.pool,
         model,
@@ -341,7 +342,7 @@ async def payment_write(
     data = await json_body()
     key = _idempotency_key(data)
     model = validate_model(model_type, data)
-    guard = _guard(key, route, {"payment_id": payment_id}, model)
+    guard = write_guard(key, route, {"payment_id": payment_id}, model)
     pool = current_payment_app().pool
     return await operation(pool, payment_id, model, guard=guard)
 

@@ -28,20 +28,31 @@ from payment_service.sql import Statement
 MAX_PAGE = 100
 NOT_ASKED = "not asked: no gateway is configured here (STRIPE_SECRET_KEY)"
 
-# Flagged operations, oldest first, in keyset pages of operation_id (the partial index
-# gateway_operations_review_idx holds exactly these rows).
-REVIEW_PAGE = Statement(
-    f"""
+_ITEM_SELECT = f"""
     SELECT {OPERATION_SELECT},
            o.last_error, o.next_check_at, o.created_at AS staged_at,
            p.status AS payment_status, r.status AS refund_status
       FROM gateway_operations AS o
       JOIN payments AS p ON p.payment_id = o.payment_id
-      LEFT JOIN payment_refunds AS r ON r.refund_id = o.refund_id
+      LEFT JOIN payment_refunds AS r ON r.refund_id = o.refund_id"""
+
+# Flagged operations, oldest first, in keyset pages of operation_id (the partial index
+# gateway_operations_review_idx holds exactly these rows).
+REVIEW_PAGE = Statement(
+    f"""{_ITEM_SELECT}
      WHERE o.phase = 'REVIEW'
        AND o.operation_id > :after
      ORDER BY o.operation_id
      LIMIT :limit
+    """
+)
+
+# A payment's charge still open (not DONE), flagged or not: what a decision on it is about.
+OPEN_CHARGE = Statement(
+    f"""{_ITEM_SELECT}
+     WHERE o.payment_id = :payment_id
+       AND o.kind = 'CHARGE'
+       AND o.phase <> 'DONE'
     """
 )
 
@@ -114,18 +125,24 @@ async def select_review_page(
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"a page holds 1 to {MAX_PAGE} operations")
     rows = await conn.fetch(REVIEW_PAGE.sql, *REVIEW_PAGE.args(after=after, limit=limit + 1))
-    items = [
-        ReviewItem(
-            operation=Operation.from_row(row),
-            payment_status=row["payment_status"],
-            refund_status=row["refund_status"],
-            last_error=row["last_error"],
-            staged_at=row["staged_at"],
-            next_check_at=row["next_check_at"],
-        )
-        for row in rows[:limit]
-    ]
-    return ReviewPage(items, has_more=len(rows) > limit)
+    return ReviewPage([_item(row) for row in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _item(row: asyncpg.Record) -> ReviewItem:
+    return ReviewItem(
+        operation=Operation.from_row(row),
+        payment_status=row["payment_status"],
+        refund_status=row["refund_status"],
+        last_error=row["last_error"],
+        staged_at=row["staged_at"],
+        next_check_at=row["next_check_at"],
+    )
+
+
+async def select_open_charge(conn: asyncpg.Connection, *, payment_id: int) -> ReviewItem | None:
+    """The payment's charge at the gateway while it is open (None: none, or it is DONE)."""
+    row = await conn.fetchrow(OPEN_CHARGE.sql, *OPEN_CHARGE.args(payment_id=payment_id))
+    return None if row is None else _item(row)
 
 
 async def select_review(conn: asyncpg.Connection) -> list[ReviewItem]:
