@@ -288,6 +288,17 @@ class GatewayAttention:
     def needs_attention(self) -> bool:
         return self.review > 0 or self.differences > 0
 
+    def summary(self) -> str:
+        """What needs attention, in words."""
+        parts = []
+        if self.review:
+            what = "charge or refund" if self.review == 1 else "charges or refunds"
+            parts.append(f"{self.review} {what} flagged for review")
+        if self.differences:
+            what = "difference" if self.differences == 1 else "differences"
+            parts.append(f"{self.differences} {what} in the last reconciliation")
+        return "; ".join(parts)
+
 
 @blueprint.get("/")
 async def overview() -> Response:
