@@ -214,17 +214,32 @@ def write_guard(key: str, route: str, params: dict[str, Any], model: Any, **deci
     """The key's guard, in the scope of `g.caller` (the API key's name, `admin:<name>`,
     `console:<name>`); `decided` are body fields the request left to the service (the currency),
     fingerprinted with the values they took."""
-    app = current_payment_app()
+    ttl = current_payment_app().settings.idempotency_key_ttl
+    return guard_for(key, g.caller, route, params, model, ttl_seconds=ttl, **decided)
+
+
+def guard_for(
+    key: str,
+    caller: str,
+    route: str,
+    params: dict[str, Any],
+    model: Any,
+    *,
+    ttl_seconds: int,
+    **decided: Any,
+) -> Guard:
+    """The guard of `key` in `caller`'s scope for a POST to `route` with this body (`model`):
+    what `write_guard` builds in a request, and the command line outside one."""
     body = model.model_dump(mode="json", exclude={"idempotency_key", "metadata"}, exclude_none=True)
     body.update(decided)
     metadata = getattr(model, "metadata", None)
     if metadata is not None:  # its numbers stay exact Decimals, not strings
         body["metadata"] = metadata
     return Guard(
-        key=IdempotencyKey.from_key(key, g.caller),  # the scope: set by the auth hook
+        key=IdempotencyKey.from_key(key, caller),  # the scope: set by the auth hook
         path=request_path("POST", route),
         fingerprint=fingerprint("POST", route, params, body),
-        ttl_seconds=app.settings.idempotency_key_ttl,
+        ttl_seconds=ttl_seconds,
     )
 
 

@@ -36,7 +36,7 @@ from app.idempotency import (
     key_in_progress,
     select_key_answer,
 )
-from app.models import CreatePayment, CreateRefund, Settle
+from app.models import CreatePayment, CreateRefund, Settle, validate_model
 from payment_service import audit
 from payment_service.audit import Operator, Target
 from payment_service.config import Settings
@@ -336,6 +336,20 @@ def trip_already_charged(payment_id: int) -> APIError:
         f"Trip already has payment {payment_id}; a trip is charged at most once.",
         payment_id=payment_id,
     )
+
+
+def operator_decision(
+    key: str, status: str, reason: str, gateway_reference: str | None = None
+) -> Settle:
+    """The settlement an operator decides outside the admin API (the console's review page,
+    `payment-service gateway settle`): `reason` goes to the audit log, and is a FAILED payment's
+    failure message too. Raises APIError 400 for a value the admin API would refuse."""
+    data: dict[str, Any] = {"idempotency_key": key, "status": status, "reason": reason}
+    if status == "FAILED":
+        data["failure_reason"] = reason
+    if gateway_reference:
+        data["gateway_reference"] = gateway_reference
+    return validate_model(Settle, data)
 
 
 async def settle_payment(

@@ -32,7 +32,6 @@ from app.console.session import COOKIE, CSRF_FIELD, IDLE_SECONDS, ConsoleSession
 from app.context import current_payment_app
 from app.errors import APIError
 from app.hooks import key_of_token
-from app.models import Settle, validate_model
 from app.routes import write_guard
 from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
@@ -631,14 +630,9 @@ async def post_decision(payment_id: int, status: str) -> Response:
     reason = form.get("reason", "").strip()
     if not reason:
         return await _refused(400, "Say why (the reason goes to the audit log).")
-    data: dict[str, Any] = {"idempotency_key": form.get("key", ""), "status": status}
-    data["reason"] = reason
-    if status == "FAILED":
-        data["failure_reason"] = reason
-    if form.get("gateway_reference", "").strip():
-        data["gateway_reference"] = form["gateway_reference"].strip()
+    reference = form.get("gateway_reference", "").strip() or None
     try:
-        model = validate_model(Settle, data)
+        model = service.operator_decision(form.get("key", ""), status, reason, reference)
         guard = write_guard(
             model.idempotency_key or "", SETTLEMENT_ROUTE, {"payment_id": payment_id}, model
         )
