@@ -119,6 +119,8 @@ async def test_the_review_page_and_a_manual_decision_audited(
     confirm = await signed_in.get(path)
     assert confirm.status_code == 200
     assert "Settle payment" in page_text(confirm.text) and INTENT in page_text(confirm.text)
+    assert "gateway: " + HOSTILE in page_text(confirm.text), "the gateway's error, as text"
+    assert script_elements(confirm.text) == 0 and "<img" not in confirm.text
     key = _field(confirm.text, "key")
     csrf = _field(confirm.text, "csrf")
 
