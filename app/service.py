@@ -395,7 +395,10 @@ async def settle_payment(
         )
         decided: dict[str, str] = {"status": request.status}
         if request.gateway_reference is not None:
-            decided["gateway_reference"] = request.gateway_reference
+            # Any text: one holding what looks like a signing secret is not recorded.
+            reference = request.gateway_reference
+            secret = audit.masked(reference) != reference
+            decided["gateway_reference"] = "(not recorded: like a secret)" if secret else reference
         await audit.record(
             conn,
             operator=operator,

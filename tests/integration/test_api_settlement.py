@@ -30,6 +30,7 @@ from tests.support.api import (
 )
 from tests.support.audit import audit_rows
 from tests.support.database import outbox_rows
+from tests.support.environment import new_signing_secret
 
 
 @pytest.fixture
@@ -210,6 +211,20 @@ async def test_settlements_are_audited_once_in_their_transaction(
     )
     assert listed.status_code == 200, listed.text
     assert [e["action"] for e in listed.json()["data"]] == ["payment.settle"]
+
+
+async def test_a_gateway_reference_like_a_secret_is_masked_in_the_audit_log(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+    secret = new_signing_secret()
+    response = await settle(client, pending["payment_id"], "SUCCESS", gateway_reference=secret)
+    assert response.status_code == 200, response.text
+    (row,) = await audit_rows(db, action="payment.settle")
+    assert secret not in row["after"] and json.loads(row["after"]) == {
+        "status": "SUCCESS",
+        "gateway_reference": "(not recorded: like a secret)",
+    }
 
 
 async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -> None:
