@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -526,3 +527,96 @@ async def _with_recorded(
         with contextlib.suppress(GatewayNotFound):
             found[recorded] = await retrieve(recorded)
     return list(found.values())
+
+
+# -- scheduled runs (the relay's gateway worker) --------------------------------------------------
+# The session advisory lock a scheduled run holds: one relay at a time runs a pass ("gwrecon").
+RECONCILE_LOCK_ID = 0x67777265636F6E
+# How far back before the last run's end a scheduled window starts: what was undecided then and
+# decided just after, and objects created at the gateway a little late, are compared again.
+OVERLAP = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class StoredReconciliation:
+    """One scheduled run, as `gateway_reconciliations` keeps it."""
+
+    id: int
+    started_at: datetime
+    finished_at: datetime
+    since: datetime
+    until: datetime
+    differences: int
+    report: dict[str, Any]
+
+
+LATEST = Statement(
+    """
+    SELECT id, started_at, finished_at, since, until, differences, report
+      FROM gateway_reconciliations
+     ORDER BY until DESC, id DESC
+     LIMIT 1
+    """
+)
+
+INSERT_RUN = Statement(
+    """
+    INSERT INTO gateway_reconciliations
+           (started_at, finished_at, since, until, differences, report)
+    VALUES (:started_at, :finished_at, :since, :until, :differences, (:report::text)::jsonb)
+    RETURNING id, started_at, finished_at, since, until, differences, report
+    """
+)
+
+
+def _stored(row: asyncpg.Record) -> StoredReconciliation:
+    report = row["report"]
+    return StoredReconciliation(
+        **{**dict(row), "report": json.loads(report) if isinstance(report, str) else report}
+    )
+
+
+async def latest_reconciliation(conn: asyncpg.Connection) -> StoredReconciliation | None:
+    """The last scheduled run (its `differences` is what the metric and the console show); None
+    before the first."""
+    row = await conn.fetchrow(LATEST.sql)
+    return _stored(row) if row is not None else None
+
+
+async def insert_reconciliation(
+    conn: asyncpg.Connection, result: Reconciliation, *, started_at: datetime, finished_at: datetime
+) -> StoredReconciliation:
+    """Store a scheduled run with its whole report."""
+    row = await conn.fetchrow(
+        INSERT_RUN.sql,
+        *INSERT_RUN.args(
+            started_at=started_at,
+            finished_at=finished_at,
+            since=result.since,
+            until=result.until,
+            differences=len(result.differences),
+            report=json.dumps(result.to_json()),
+        ),
+    )
+    assert row is not None
+    return _stored(row)
+
+
+def seconds_until_due(
+    latest: StoredReconciliation | None, *, now: datetime, interval_seconds: float
+) -> float:
+    """How long until the next scheduled run is due (0 or less: now) (pure)."""
+    if latest is None:
+        return 0.0
+    return (latest.started_at + timedelta(seconds=interval_seconds) - now).total_seconds()
+
+
+def next_window(
+    latest: StoredReconciliation | None, *, now: datetime, interval_seconds: float
+) -> tuple[datetime, datetime]:
+    """The window of the next scheduled run (pure): from the last run's end less OVERLAP (the
+    first run: one interval back) to now, at most MAX_WINDOW long."""
+    since = (
+        latest.until - OVERLAP if latest is not None else now - timedelta(seconds=interval_seconds)
+    )
+    return max(since, now - MAX_WINDOW), now

@@ -10,6 +10,7 @@ everything it holds was made here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,14 +22,20 @@ from typing import Any
 import asyncpg
 import pytest
 
+from outbox_relay.metrics import RelayMetrics
+from outbox_relay.reconciler import RETRY_SECONDS, Reconciler
+from outbox_relay.state import RelayState
+from payment_service.database import create_pool
+from payment_service.embedded import free_port
 from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
 from payment_service.gateway.interface import ChargeRequest
+from payment_service.money.reconcile import OVERLAP, latest_reconciliation
 from tests.integration.test_check import cloned_database
 from tests.integration.test_check_gateway import fill_through_the_gateway
 from tests.support.api import new_trip
 from tests.support.commands import Finished, run_to_end
 from tests.support.environment import clean_env
-from tests.support.gateway import gateway_adapter
+from tests.support.gateway import gateway_adapter, relay_settings
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +311,85 @@ def test_without_a_gateway_it_is_one_line_and_exit_2(database_url: str, tmp_path
         "payment-service: no gateway is configured (GATEWAY=none): there is nothing to "
         "reconcile with"
     ]
+
+
+# -- the relay's scheduled reconciliation ---------------------------------------------------------
+@contextlib.asynccontextmanager
+async def reconciler(case: Case, **overrides: Any) -> AsyncIterator[Reconciler]:
+    """A relay's scheduled reconciliation against the case's database and gateway (its pool and
+    adapter closed at the end)."""
+    settings = relay_settings(case.url, case.gateway.base_url, **overrides)
+    state = RelayState(settings, RelayMetrics())
+    state.pool = await create_pool(case.url, min_size=0, max_size=2)
+    adapter = gateway_adapter(case.gateway.base_url)
+    try:
+        yield Reconciler(state, adapter)
+    finally:
+        await adapter.close()
+        await state.pool.close()
+
+
+def differences_gauge(reconciler: Reconciler) -> float:
+    value = reconciler.state.metrics.registry.get_sample_value("gateway_reconciliation_differences")
+    assert value is not None
+    return value
+
+
+async def test_a_scheduled_run_is_stored_with_its_differences_and_shown_as_a_metric(
+    case: Case,
+) -> None:
+    await case.conn.execute(
+        "UPDATE payments SET status = 'FAILED' WHERE payment_id = $1", case.ids["charged"]
+    )
+    async with reconciler(case, gateway_reconcile_interval=3600) as scheduled:
+        assert await scheduled.attempt() == 3600
+        assert differences_gauge(scheduled) == 1
+        # Not due again before the interval: nothing more is stored.
+        assert 3500 < await scheduled.attempt() <= 3600
+    (run,) = await case.conn.fetch("SELECT * FROM gateway_reconciliations")
+    assert run["differences"] == 1
+    assert run["started_at"] <= run["finished_at"]
+    assert run["until"] - run["since"] == timedelta(seconds=3600)  # the first: one interval back
+    (difference,) = json.loads(run["report"])["differences"]
+    assert (difference["kind"], difference["payment_id"]) == (
+        "charged_at_gateway",
+        case.ids["charged"],
+    )
+
+    latest = await latest_reconciliation(case.conn)
+    assert latest is not None and (latest.id, latest.differences) == (run["id"], 1)
+
+
+async def test_the_next_run_starts_where_the_last_ended_with_an_overlap(case: Case) -> None:
+    async with reconciler(case, gateway_reconcile_interval=3600) as scheduled:
+        await scheduled.attempt()
+        await case.conn.execute(
+            "UPDATE gateway_reconciliations SET started_at = started_at - '2 hours'::interval"
+        )
+        await scheduled.attempt()
+        assert differences_gauge(scheduled) == 0
+    first, second = await case.conn.fetch("SELECT * FROM gateway_reconciliations ORDER BY id")
+    assert second["since"] == first["until"] - OVERLAP
+    assert (first["differences"], second["differences"]) == (0, 0)
+
+
+async def test_one_relay_runs_a_scheduled_pass(case: Case) -> None:
+    async with (
+        reconciler(case, gateway_reconcile_interval=3600) as one,
+        reconciler(case, gateway_reconcile_interval=3600) as other,
+    ):
+        await asyncio.gather(one.attempt(), other.attempt(), one.attempt(), other.attempt())
+        assert one.runs + other.runs == 1
+        # The relay that did not run it shows the stored run's count as well.
+        assert differences_gauge(one) == differences_gauge(other) == 0
+    assert await case.conn.fetchval("SELECT count(*) FROM gateway_reconciliations") == 1
+
+
+async def test_a_run_the_gateway_cuts_short_is_not_stored(case: Case, tmp_path: Path) -> None:
+    async with reconciler(case, gateway_reconcile_interval=3600) as scheduled:
+        scheduled.gateway = gateway_adapter(f"http://127.0.0.1:{free_port()}")  # nobody there
+        try:
+            assert await scheduled.attempt() == RETRY_SECONDS
+        finally:
+            await scheduled.gateway.close()
+    assert await case.conn.fetchval("SELECT count(*) FROM gateway_reconciliations") == 0
