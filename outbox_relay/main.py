@@ -86,10 +86,9 @@ from payment_service.gateway.factory import gateway_from_settings
 
 logger = logging.getLogger(__name__)
 
-# The relay's own pool: the endpoint loop, housekeeping, the gauges, the scheduled reconciliation
-# (which holds one while it lists the gateway). Each lane has a pool of its own for its claims and
-# results (outbox_relay.lanes.LANE_POOL_SIZE).
-POOL_SIZE = 4
+# The relay's own pool: the endpoint loop, housekeeping, the gauges. Each lane has a pool of its
+# own for its claims and results (outbox_relay.lanes.LANE_POOL_SIZE).
+POOL_SIZE = 3
 FINAL_WRITE_SECONDS = 1.0  # part of the shutdown grace kept for writing the last results
 
 # Failures a loop waits out and logs as a warning: the database is away (restart, failover).

@@ -2,10 +2,11 @@
 charges and refunds with the gateway's over the window since the previous run (with an overlap;
 payment_service.money.reconcile) and stores the run in `gateway_reconciliations`.
 
-Exactly one relay runs a given pass: each takes a session advisory lock, reads the last run, and
-runs only if the interval has passed since it started; the others skip. Every relay exports the
-last run's number of differences as `gateway_reconciliation_differences` (the alert
-GatewayReconciliationDifferences fires on it). A run the gateway or the database cut short is
+Exactly one relay runs a given pass: a relay that finds a pass due (the interval has passed
+since the last run started) opens a connection of its own, takes a session advisory lock on it,
+reads the last run again, and runs the pass only if it is still due; the others skip. Every
+relay exports the last run's number of differences as `gateway_reconciliation_differences` (the
+alert GatewayReconciliationDifferences fires on it). A run the gateway or the database cut short is
 logged and tried again after RETRY_SECONDS; nothing is stored for it. Runs only with
 GATEWAY=stripe and a non-zero interval.
 """
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from outbox_relay.state import RelayState, error_text, wait_for
-from payment_service.database import UNAVAILABLE_ERRORS, advisory_unlock, try_advisory_lock
+from payment_service.database import UNAVAILABLE_ERRORS, connect, try_advisory_lock
 from payment_service.gateway.interface import Gateway, GatewayError
 from payment_service.money import reconcile
 from payment_service.money.reconcile import StoredReconciliation
@@ -50,20 +51,22 @@ class Reconciler:
         self.attempts += 1
         try:
             async with self.state.connection() as conn:
+                rest = self._rest(await reconcile.latest_reconciliation(conn))
+            if rest > 0:
+                return rest
+            # Due: on a connection of its own, held while the gateway is listed (one an hour,
+            # outside the relay's small pool), whose session holds the lock.
+            conn = await connect(self.state.settings.dsn())
+            try:
                 if not await try_advisory_lock(conn, reconcile.RECONCILE_LOCK_ID):
-                    return await self._follow(conn)
-                try:
-                    latest = await reconcile.latest_reconciliation(conn)
-                    now = datetime.now(UTC)
-                    due = reconcile.seconds_until_due(
-                        latest, now=now, interval_seconds=self.interval_seconds
-                    )
-                    if due > 0:
-                        self._show(latest)
-                        return due
-                    stored = await self._pass(conn, latest, now)
-                finally:
-                    await advisory_unlock(conn, reconcile.RECONCILE_LOCK_ID)
+                    return MAX_REST_SECONDS  # another relay is running it
+                latest = await reconcile.latest_reconciliation(conn)
+                rest = self._rest(latest)  # that relay may have finished it meanwhile
+                if rest > 0:
+                    return rest
+                stored = await self._pass(conn, latest, datetime.now(UTC))
+            finally:
+                await conn.close()  # the lock goes with the session
         except GatewayError as error:
             logger.warning(
                 "scheduled reconciliation cut short: the gateway did not answer; trying again",
@@ -78,6 +81,13 @@ class Reconciler:
             return RETRY_SECONDS
         self._show(stored)
         return self.interval_seconds
+
+    def _rest(self, latest: StoredReconciliation | None) -> float:
+        """Show the last run's count; seconds until the next run is due."""
+        self._show(latest)
+        return reconcile.seconds_until_due(
+            latest, now=datetime.now(UTC), interval_seconds=self.interval_seconds
+        )
 
     async def _pass(
         self, conn: asyncpg.Connection, latest: StoredReconciliation | None, now: datetime
@@ -106,11 +116,6 @@ class Reconciler:
             },
         )
         return stored
-
-    async def _follow(self, conn: asyncpg.Connection) -> float:
-        """Another relay is running a pass: show the last stored one, look again later."""
-        self._show(await reconcile.latest_reconciliation(conn))
-        return MAX_REST_SECONDS
 
     def _show(self, latest: StoredReconciliation | None) -> None:
         if latest is not None:

@@ -4,10 +4,13 @@
 -- found and its whole report. `payment-service reconcile` runs the same comparison by hand and
 -- stores nothing.
 --
--- Exactly one relay runs a given pass: each takes a transaction-scoped advisory lock before it
--- reads the last run, and the one that finds the interval not yet elapsed does nothing.
+-- Exactly one relay runs a given pass: each takes a session advisory lock before it reads the
+-- last run, and runs the pass only when the interval has passed since that run started.
 --
--- A new table only: nothing in use changes.
+-- A new table, and an index on gateway_events for housekeeping, which deletes the webhooks older
+-- than GATEWAY_EVENTS_RETENTION_DAYS in short batches, oldest first. Building it locks out the
+-- webhook's inserts while it reads the table: that table holds a webhook or two per payment, and
+-- a repeated webhook the gateway could not deliver meanwhile is sent again.
 
 SET LOCAL lock_timeout = '5s';
 
@@ -25,3 +28,6 @@ CREATE TABLE gateway_reconciliations (
 
 -- The last run (the next window starts from its `until`; the console shows it).
 CREATE INDEX gateway_reconciliations_until_idx ON gateway_reconciliations (until DESC);
+
+-- Housekeeping's oldest-first batches of old webhooks.
+CREATE INDEX gateway_events_received_idx ON gateway_events (received_at);
