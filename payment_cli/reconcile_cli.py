@@ -20,11 +20,11 @@ from payment_service.config import Settings
 from payment_service.database import UNAVAILABLE_ERRORS, connect
 from payment_service.entry import PROGRAM, database_settings, printable
 from payment_service.gateway.factory import gateway_from_settings
-from payment_service.gateway.interface import GatewayError
+from payment_service.gateway.interface import GatewayError, GatewayOutcomeUnknown
 from payment_service.money.reconcile import Reconciliation, WindowError, check_window, reconcile
 
-# Exit code: the comparison could not be made (not a difference, not a usage error).
-UNREACHABLE_EXIT = 3
+# The exit code when nothing could be compared (neither a difference nor a usage error).
+NOT_COMPARED_EXIT = 3
 # Windows longer than this print their progress on stderr.
 PROGRESS_WINDOW = timedelta(days=1)
 
@@ -108,10 +108,16 @@ def run_reconcile(
     end = min(end, now)  # the gateway holds nothing from the future
     try:
         result = asyncio.run(_run(settings, start, end))
+    except GatewayOutcomeUnknown as error:
+        return fail(
+            f"the gateway did not answer ({error.reason}): nothing was compared", NOT_COMPARED_EXIT
+        )
     except GatewayError as error:
-        return fail(f"the gateway could not be listed: {error}", UNREACHABLE_EXIT)
+        return fail(
+            f"the gateway refused to list: {error}; nothing was compared", NOT_COMPARED_EXIT
+        )
     except UNAVAILABLE_ERRORS as error:
-        return fail(f"the database is not reachable: {error}", UNREACHABLE_EXIT)
+        return fail(f"the database is not reachable: {error}", NOT_COMPARED_EXIT)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:

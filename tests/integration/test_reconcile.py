@@ -393,3 +393,27 @@ async def test_a_run_the_gateway_cuts_short_is_not_stored(case: Case, tmp_path: 
         finally:
             await scheduled.gateway.close()
     assert await case.conn.fetchval("SELECT count(*) FROM gateway_reconciliations") == 0
+
+
+async def test_a_long_window_shows_its_progress_on_stderr(case: Case) -> None:
+    since = (datetime.now(UTC) - timedelta(days=3)).isoformat()
+    result = await asyncio.to_thread(
+        reconcile, case.url, case.gateway, case.cwd, "--since", since, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    progress = result.error_lines
+    assert progress[0] == "payment-service: listing the gateway, day 1 of 4"
+    assert progress[3] == "payment-service: listing the gateway, day 4 of 4"
+    assert progress[-1] == "payment-service: comparing 4 charges and 1 refunds with the gateway's"
+    assert json.loads(result.stdout)["consistent"] is True
+
+
+def test_a_gateway_that_does_not_answer_is_exit_3(database_url: str, tmp_path: Path) -> None:
+    nobody = EmbeddedGateway(port=free_port())  # never started: nothing listens there
+    since = (datetime.now(UTC) - timedelta(hours=12)).isoformat()
+    result = reconcile(database_url, nobody, tmp_path, "--since", since)
+    assert result.returncode == 3, result.stderr
+    assert result.error_lines == [
+        "payment-service: the gateway did not answer (connection): nothing was compared"
+    ]
+    assert result.stdout == ""
