@@ -17,8 +17,8 @@ Differences:
 - `several_confirmed_intents`: more than one intent of one payment was confirmed;
 - `refund_missing_at_gateway`: a refund we hold REFUNDED with no succeeded refund at the gateway;
 - `refunded_at_gateway`: a succeeded or pending gateway refund of a refund we hold FAILED;
-- `unknown_refund`: such a gateway refund that no refund of ours made (made outside the service,
-  or an id we do not know) on an intent of ours;
+- `unknown_refund`: such a gateway refund of an intent of ours that no refund of ours made (made
+  outside the service, or an id we do not know);
 - `refund_amount_mismatch`, `several_refunds`: as for charges.
 
 Not differences (notes): intents never confirmed or canceled (nothing moved through them: an
@@ -405,7 +405,11 @@ async def _refunds(
 ) -> None:
     of_refund = _grouped(gateway_refunds, lambda refund: refund.refund_id)
     # The gateway's side: refunds in the window that none of ours made.
-    strangers = [r for r in in_window if r.refund_id is None or r.refund_id not in refunds]
+    strangers = [
+        r
+        for r in in_window
+        if r.refund_id not in refunds or not _same_intent(refunds[r.refund_id], r)
+    ]
     ours_intents = {
         row["intent_id"]
         for row in await conn.fetch(
@@ -416,7 +420,7 @@ async def _refunds(
         )
     }
     for refund in strangers:
-        ours = refund.intent_id in ours_intents or refund.refund_id is not None
+        ours = refund.intent_id in ours_intents
         if ours and refund.status in MOVING_REFUND:
             result.add(
                 Finding(
@@ -440,10 +444,15 @@ async def _refunds(
             )
     # Our side: each refund against the gateway's.
     for refund_id, row in sorted(refunds.items()):
-        made = await _with_recorded(
-            of_refund.get(refund_id, {}), row["gateway_refund_id"], gateway.retrieve_refund
-        )
+        listed = {i: r for i, r in of_refund.get(refund_id, {}).items() if _same_intent(row, r)}
+        made = await _with_recorded(listed, row["gateway_refund_id"], gateway.retrieve_refund)
         _compare_refund(result, row, made)
+
+
+def _same_intent(row: asyncpg.Record, refund: Refund) -> bool:
+    """Whether a gateway refund naming our refund's id is of our refund's charge (another
+    deployment sharing the gateway's account numbers its refunds from 1 too)."""
+    return refund.intent_id is None or refund.intent_id == row["intent_id"]
 
 
 def _compare_refund(result: Reconciliation, row: asyncpg.Record, made: list[Refund]) -> None:

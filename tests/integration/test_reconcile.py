@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from outbox_relay.metrics import RelayMetrics
@@ -35,7 +36,7 @@ from tests.integration.test_check_gateway import fill_through_the_gateway
 from tests.support.api import new_trip
 from tests.support.commands import Finished, run_to_end
 from tests.support.environment import clean_env
-from tests.support.gateway import gateway_adapter, relay_settings
+from tests.support.gateway import AUTH, gateway_adapter, relay_settings
 
 
 @pytest.fixture(scope="module")
@@ -417,3 +418,33 @@ def test_a_gateway_that_does_not_answer_is_exit_3(database_url: str, tmp_path: P
         "payment-service: the gateway did not answer (connection): nothing was compared"
     ]
     assert result.stdout == ""
+
+
+async def test_a_refund_made_at_the_gateway_outside_the_service_is_a_difference(
+    database_url: str, tmp_path: Path
+) -> None:
+    gateway = EmbeddedGateway(log_path=tmp_path / "localstripe.log")
+    gateway.start()
+    try:
+        since = datetime.now(UTC) - timedelta(seconds=2)
+        ids = await fill_through_the_gateway(database_url, gateway)
+        conn = await asyncpg.connect(database_url)
+        try:
+            intent_id = await conn.fetchval(
+                "SELECT gateway_reference FROM payments WHERE payment_id = $1", ids["charged"]
+            )
+        finally:
+            await conn.close()
+        # Someone refunds 10.00 of the charge in the gateway's dashboard.
+        async with httpx.AsyncClient(base_url=gateway.base_url, headers=AUTH) as client:
+            made = await client.post(
+                "/v1/refunds", data={"payment_intent": intent_id, "amount": "1000"}
+            )
+        assert made.status_code == 200, made.text
+        code, report = await reconciled(database_url, gateway, tmp_path, since)
+    finally:
+        gateway.stop()
+    assert code == 1
+    assert [(d["kind"], d["intent_id"], d["gateway_refund_id"]) for d in report["differences"]] == [
+        ("unknown_refund", intent_id, made.json()["id"])
+    ]
