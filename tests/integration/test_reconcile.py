@@ -420,9 +420,10 @@ def test_a_gateway_that_does_not_answer_is_exit_3(database_url: str, tmp_path: P
     assert result.stdout == ""
 
 
-async def test_a_refund_made_at_the_gateway_outside_the_service_is_a_difference(
-    database_url: str, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def filled_gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Case]:
+    """A gateway of the test's own, and the test's database filled through the API at it (for a
+    test that changes the gateway: the module's is shared)."""
     gateway = EmbeddedGateway(log_path=tmp_path / "localstripe.log")
     gateway.start()
     try:
@@ -430,21 +431,62 @@ async def test_a_refund_made_at_the_gateway_outside_the_service_is_a_difference(
         ids = await fill_through_the_gateway(database_url, gateway)
         conn = await asyncpg.connect(database_url)
         try:
-            intent_id = await conn.fetchval(
-                "SELECT gateway_reference FROM payments WHERE payment_id = $1", ids["charged"]
-            )
+            yield Case(database_url, conn, {**ids, "since": since}, gateway, tmp_path)
         finally:
             await conn.close()
+    finally:
+        gateway.stop()
+
+
+async def test_a_refund_made_at_the_gateway_outside_the_service_is_a_difference(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with filled_gateway(database_url, tmp_path) as case:
+        intent_id = await case.conn.fetchval(
+            "SELECT gateway_reference FROM payments WHERE payment_id = $1", case.ids["charged"]
+        )
         # Someone refunds 10.00 of the charge in the gateway's dashboard.
-        async with httpx.AsyncClient(base_url=gateway.base_url, headers=AUTH) as client:
+        async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
             made = await client.post(
                 "/v1/refunds", data={"payment_intent": intent_id, "amount": "1000"}
             )
         assert made.status_code == 200, made.text
-        code, report = await reconciled(database_url, gateway, tmp_path, since)
-    finally:
-        gateway.stop()
+        code, report = await case.reconciled()
     assert code == 1
     assert [(d["kind"], d["intent_id"], d["gateway_refund_id"]) for d in report["differences"]] == [
         ("unknown_refund", intent_id, made.json()["id"])
     ]
+
+
+async def test_a_payment_confirmed_twice_at_the_gateway_is_a_difference(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with filled_gateway(database_url, tmp_path) as case:
+        payment = await case.conn.fetchrow(
+            "SELECT payment_id, reference FROM payments WHERE payment_id = $1",
+            case.ids["charged"],
+        )
+        # A second intent of the same payment, confirmed: charged twice.
+        async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
+            created = await client.post(
+                "/v1/payment_intents",
+                data={
+                    "amount": "100",
+                    "currency": "inr",
+                    "payment_method": "pm_card_visa",
+                    "metadata[payment_id]": str(payment["payment_id"]),
+                    "metadata[reference]": payment["reference"],
+                },
+            )
+            second = created.json()["id"]
+            confirmed = await client.post(f"/v1/payment_intents/{second}/confirm")
+        assert confirmed.json()["status"] == "succeeded", confirmed.text
+        code, report = await case.reconciled()
+    assert code == 1
+    kinds = {(d["kind"], d["payment_id"]) for d in report["differences"]}
+    assert ("several_confirmed_intents", payment["payment_id"]) in kinds
+    # Its amount is not the payment's either.
+    assert kinds == {
+        ("several_confirmed_intents", payment["payment_id"]),
+        ("amount_mismatch", payment["payment_id"]),
+    }
