@@ -14,6 +14,7 @@ GATEWAY=stripe and a non-zero interval.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 import asyncpg
@@ -37,6 +38,7 @@ class Reconciler:
         self.interval_seconds = state.settings.gateway_reconcile_interval
         self.attempts = 0  # passes tried (whether this relay ran them or another did)
         self.runs = 0  # passes this relay ran and stored
+        self._retry_at = 0.0  # monotonic: no pass before, after one cut short
 
     async def run(self) -> None:
         """A pass when one is due, until the relay stops."""
@@ -52,6 +54,7 @@ class Reconciler:
         try:
             async with self.state.connection() as conn:
                 rest = self._rest(await reconcile.latest_reconciliation(conn))
+            rest = max(rest, self._retry_at - time.monotonic())
             if rest > 0:
                 return rest
             # Due: on a connection of its own, held while the gateway is listed (one an hour,
@@ -72,15 +75,19 @@ class Reconciler:
                 "scheduled reconciliation cut short: the gateway did not answer; trying again",
                 extra={"error": str(error), "retry_seconds": RETRY_SECONDS},
             )
-            return RETRY_SECONDS
+            return self._retry_later()
         except UNAVAILABLE_ERRORS as error:
             logger.warning(
                 "scheduled reconciliation cut short: the database is unavailable; trying again",
                 extra={"error": error_text(error), "retry_seconds": RETRY_SECONDS},
             )
-            return RETRY_SECONDS
+            return self._retry_later()
         self._show(stored)
         return self.interval_seconds
+
+    def _retry_later(self) -> float:
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        return RETRY_SECONDS
 
     def _rest(self, latest: StoredReconciliation | None) -> float:
         """Show the last run's count; seconds until the next run is due."""
