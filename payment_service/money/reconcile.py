@@ -11,8 +11,8 @@ Differences:
   with no succeeded intent at the gateway;
 - `charged_at_gateway`: an intent that moved money (succeeded) or may still move it (processing)
   for a payment we hold FAILED;
-- `unknown_payment`: such an intent for a payment we do not know (no such id, no charge of ours
-  at the gateway, or another reference);
+- `unknown_payment`: such an intent for a payment we do not know (no such id, or no charge of
+  ours at the gateway);
 - `amount_mismatch`: the succeeded intent's amount or currency is not the payment's;
 - `several_confirmed_intents`: more than one intent of one payment was confirmed;
 - `refund_missing_at_gateway`: a refund we hold REFUNDED with no succeeded refund at the gateway;
@@ -25,7 +25,9 @@ Not differences (notes): intents never confirmed or canceled (nothing moved thro
 intent is created before it is confirmed, and a crash between the two leaves one), failed intents
 of a payment we do not know, payments and refunds still PENDING (undecided: the gateway worker or
 the webhook finishes them, and the review queue shows those whose outcome stays unknown), and
-objects at the gateway that were not made by this service.
+objects at the gateway that were not made by this service (no payment id of ours, or one of our
+ids with another payment's reference, or a refund of an intent we did not record: another
+deployment sharing the account).
 
 Payments recorded without a gateway (GATEWAY=none, CASH) have no charge at the gateway and are
 not compared. The window of our side is the staging time of each charge or refund; the gateway is
@@ -290,7 +292,18 @@ async def _charges(
             result.add(
                 Finding(Kind.NOT_OURS, "an intent without our payment id", intent_id=intent.id)
             )
-        elif charge is None or not _same_reference(charge, intent):
+        elif charge is not None and not _same_reference(charge, intent):
+            # Our payment id with another payment's reference: another deployment charging at
+            # the same account (test accounts are often shared), whose ids start at 1 too.
+            result.add(
+                Finding(
+                    Kind.NOT_OURS,
+                    f"an intent naming payment {intent.payment_id} with another reference",
+                    payment_id=intent.payment_id,
+                    intent_id=intent.id,
+                )
+            )
+        elif charge is None:
             if intent.status in MOVING_INTENT:
                 result.add(
                     Finding(

@@ -461,6 +461,36 @@ async def test_a_refund_made_at_the_gateway_outside_the_service_is_a_difference(
     ]
 
 
+async def confirmed_intent(case: Case, **metadata: str) -> str:
+    """An intent of 1.00 made and confirmed at the case's gateway directly, with `metadata`."""
+    async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
+        created = await client.post(
+            "/v1/payment_intents",
+            data={
+                "amount": "100",
+                "currency": "inr",
+                "payment_method": "pm_card_visa",
+                **{f"metadata[{name}]": value for name, value in metadata.items()},
+            },
+        )
+        intent_id = str(created.json()["id"])
+        confirmed = await client.post(f"/v1/payment_intents/{intent_id}/confirm")
+    assert confirmed.json()["status"] == "succeeded", confirmed.text
+    return intent_id
+
+
+async def test_another_deployments_intent_with_one_of_our_ids_is_a_note(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with filled_gateway(database_url, tmp_path) as case:
+        theirs = await confirmed_intent(
+            case, payment_id=str(case.ids["charged"]), reference="PAY-20260101-0000abcd"
+        )
+        code, report = await case.reconciled()
+    assert code == 0, report["differences"]
+    assert ("not_ours", theirs) in {(n["kind"], n["intent_id"]) for n in report["notes"]}
+
+
 async def test_a_payment_confirmed_twice_at_the_gateway_is_a_difference(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -470,20 +500,9 @@ async def test_a_payment_confirmed_twice_at_the_gateway_is_a_difference(
             case.ids["charged"],
         )
         # A second intent of the same payment, confirmed: charged twice.
-        async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
-            created = await client.post(
-                "/v1/payment_intents",
-                data={
-                    "amount": "100",
-                    "currency": "inr",
-                    "payment_method": "pm_card_visa",
-                    "metadata[payment_id]": str(payment["payment_id"]),
-                    "metadata[reference]": payment["reference"],
-                },
-            )
-            second = created.json()["id"]
-            confirmed = await client.post(f"/v1/payment_intents/{second}/confirm")
-        assert confirmed.json()["status"] == "succeeded", confirmed.text
+        await confirmed_intent(
+            case, payment_id=str(payment["payment_id"]), reference=payment["reference"]
+        )
         code, report = await case.reconciled()
     assert code == 1
     kinds = {(d["kind"], d["payment_id"]) for d in report["differences"]}
