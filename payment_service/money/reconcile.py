@@ -287,42 +287,10 @@ async def _charges(
     of_payment = _grouped(intents, lambda intent: intent.payment_id)
     # The gateway's side: intents in the window for payments we do not hold, or not as theirs.
     for intent in in_window:
-        charge = charges.get(intent.payment_id) if intent.payment_id is not None else None
-        if intent.payment_id is None:
-            result.add(
-                Finding(Kind.NOT_OURS, "an intent without our payment id", intent_id=intent.id)
-            )
-        elif charge is not None and not _same_reference(charge, intent):
-            # Our payment id with another payment's reference: another deployment charging at
-            # the same account (test accounts are often shared), whose ids start at 1 too.
-            result.add(
-                Finding(
-                    Kind.NOT_OURS,
-                    f"an intent naming payment {intent.payment_id} with another reference",
-                    payment_id=intent.payment_id,
-                    intent_id=intent.id,
-                )
-            )
-        elif charge is None:
-            if intent.status in MOVING_INTENT:
-                result.add(
-                    Finding(
-                        Kind.UNKNOWN_PAYMENT,
-                        f"intent {intent.status.value} ({intent.currency} {intent.amount}) for a "
-                        "payment we do not know",
-                        payment_id=intent.payment_id,
-                        intent_id=intent.id,
-                    )
-                )
-            else:
-                result.add(
-                    Finding(
-                        Kind.ORPHAN_INTENT,
-                        f"intent {intent.status.value} for a payment we do not know: nothing moved",
-                        payment_id=intent.payment_id,
-                        intent_id=intent.id,
-                    )
-                )
+        stranger = _stranger(intent, charges)
+        if stranger is not None:
+            kind, detail = stranger
+            result.add(Finding(kind, detail, payment_id=intent.payment_id, intent_id=intent.id))
     # Our side: each charge against its intents.
     for payment_id, charge in sorted(charges.items()):
         listed = {
@@ -331,6 +299,29 @@ async def _charges(
         _compare_charge(
             result, charge, await _with_recorded(listed, charge["intent_id"], gateway.retrieve)
         )
+
+
+def _stranger(intent: Intent, charges: dict[int, asyncpg.Record]) -> tuple[Kind, str] | None:
+    """What an intent in the window is when it is not one of the charges compared (pure)."""
+    charge = charges.get(intent.payment_id) if intent.payment_id is not None else None
+    if intent.payment_id is None:
+        return Kind.NOT_OURS, "an intent without our payment id"
+    if charge is not None and not _same_reference(charge, intent):
+        # Our payment id with another payment's reference: another deployment charging at the
+        # same account (test accounts are often shared), whose ids start at 1 too.
+        return Kind.NOT_OURS, f"an intent naming payment {intent.payment_id} with another reference"
+    if charge is not None:
+        return None
+    if intent.status in MOVING_INTENT:
+        return (
+            Kind.UNKNOWN_PAYMENT,
+            f"intent {intent.status.value} ({intent.currency} {intent.amount}) for a payment we "
+            "do not know",
+        )
+    return (
+        Kind.ORPHAN_INTENT,
+        f"intent {intent.status.value} for a payment we do not know: nothing moved",
+    )
 
 
 def _same_reference(charge: asyncpg.Record, intent: Intent) -> bool:
