@@ -5,10 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Every package installed anywhere is pinned, with its hashes, in a lock file that `make lock`
 # writes from pyproject.toml: runtime (the image), dev (`make install`: runtime + the extras
-# embedded, dev, load) and bench (dev + bench). One pin per package across the three.
+# embedded, dev, load) and bench (dev + bench). One pin per package across the three (and the
+# compose gateway image's lock).
 LOCK_RUNTIME := requirements/runtime.txt
 LOCK_DEV     := requirements/dev.txt
 LOCK_BENCH   := requirements/bench.txt
+# The compose `gateway` image's (localstripe alone), from its own list, with the same pins.
+LOCK_GATEWAY_IN := deploy/gateway/requirements.in
+LOCK_GATEWAY    := deploy/gateway/requirements.txt
 
 .PHONY: install lock run test test-fast lint format bench loadtest screenshots clean
 
@@ -39,6 +43,9 @@ lock: install
 	$(UV_COMPILE) --extra embedded --extra dev --extra load --constraint $(LOCK_BENCH) \
 		--output-file $(LOCK_DEV); \
 	$(UV_COMPILE) --constraint $(LOCK_BENCH) --output-file $(LOCK_RUNTIME)
+	$(BIN)/uv pip compile $(LOCK_GATEWAY_IN) --universal --python-version 3.11 --generate-hashes \
+		--quiet --custom-compile-command "make lock" $(LOCK_ARGS) --constraint $(LOCK_BENCH) \
+		--output-file $(LOCK_GATEWAY)
 	$(MAKE) install
 
 run: install

@@ -10,11 +10,14 @@ rows each, never a long lock or one transaction that grows with the backlog:
   no endpoint wanted, or whose deliveries `endpoints remove` dropped); it reads each old event
   once a pass, never the growing head of events kept for their pending or dead deliveries;
 - expired idempotency keys go, through the schema's `purge_expired_idempotency_keys`
-  (db/migrations/0005), so the relay carries no SQL of the API's table.
+  (db/migrations/0005), so the relay carries no SQL of the API's table;
+- the payment gateway's webhooks (`gateway_events`, each stored once by its id) received more
+  than GATEWAY_EVENTS_RETENTION_DAYS ago go, oldest first (payment_service.money.operations).
 Between rounds the pass rests as long as the round took, so it uses at most half of one
 connection's time and backs off as the database slows down; it stops at the relay's stop (the
 round in progress finishes its statements first). A pass ends once every kind is done: a short
-batch of deliveries and of keys, and a sweep that reached events not yet past retention.
+batch of deliveries, of keys and of webhooks, and a sweep that reached events not yet past
+retention.
 
 Unused events are locked (`SKIP LOCKED`) and then deleted after a fresh look, in one short
 transaction, so an `outbox replay --since` that is adding a delivery for an old event (it holds
@@ -34,6 +37,7 @@ import asyncpg
 from outbox_relay import outbox
 from outbox_relay.state import wait_for
 from payment_service.database import advisory_unlock, try_advisory_lock
+from payment_service.money import operations as gateway_operations
 from payment_service.sql import Statement
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class HousekeepingResult:
     deliveries_deleted: int = 0
     events_deleted: int = 0
     keys_deleted: int = 0
+    gateway_events_deleted: int = 0
     rounds: int = 0
     stopped: bool = False  # the pass ended at the stop event, with work left
 
@@ -57,24 +62,35 @@ async def housekeep(
     conn: asyncpg.Connection,
     *,
     retention_hours: float,
+    gateway_events_retention_days: float | None = None,
     batch_size: int = BATCH_SIZE,
     stop: asyncio.Event | None = None,
 ) -> HousekeepingResult:
     """One pass, unless another relay is doing one right now; it ends when nothing is left to
-    delete, or at `stop`."""
+    delete, or at `stop`. The gateway's webhooks are deleted only when their retention is
+    given."""
     if not await try_advisory_lock(conn, outbox.HOUSEKEEPING_LOCK_ID):
         return HousekeepingResult(ran=False)
     try:
-        result = await _Pass(conn, retention_hours, batch_size, stop or asyncio.Event()).run()
+        result = await _Pass(
+            conn, retention_hours, gateway_events_retention_days, batch_size,
+            stop or asyncio.Event(),
+        ).run()  # fmt: skip
     finally:
         await advisory_unlock(conn, outbox.HOUSEKEEPING_LOCK_ID)
-    if result.deliveries_deleted or result.events_deleted or result.keys_deleted:
+    if (
+        result.deliveries_deleted
+        or result.events_deleted
+        or result.keys_deleted
+        or result.gateway_events_deleted
+    ):
         logger.info(
             "housekeeping deleted old rows",
             extra={
                 "delivered_deliveries": result.deliveries_deleted,
                 "events": result.events_deleted,
                 "idempotency_keys": result.keys_deleted,
+                "gateway_events": result.gateway_events_deleted,
                 "rounds": result.rounds,
                 "stopped": result.stopped,
             },
@@ -87,11 +103,15 @@ class _Pass:
         self,
         conn: asyncpg.Connection,
         retention_hours: float,
+        gateway_events_retention_days: float | None,
         batch_size: int,
         stop: asyncio.Event,
     ) -> None:
         self.conn = conn
         self.retention_hours = retention_hours
+        self.gateway_events_retention_days = gateway_events_retention_days
+        self.gateway_events = 0
+        self.gateway_events_left = gateway_events_retention_days is not None
         self.batch_size = batch_size
         self.stop = stop
         self.deliveries = self.events = self.keys = self.rounds = 0
@@ -99,7 +119,7 @@ class _Pass:
         self.swept_to = 0  # the sweep's cursor: the last event id it read
 
     async def run(self) -> HousekeepingResult:
-        while self.deliveries_left or self.sweep_left or self.keys_left:
+        while self.deliveries_left or self.sweep_left or self.keys_left or self.gateway_events_left:
             if self.stop.is_set():
                 break
             started = time.monotonic()
@@ -112,6 +132,7 @@ class _Pass:
             deliveries_deleted=self.deliveries,
             events_deleted=self.events,
             keys_deleted=self.keys,
+            gateway_events_deleted=self.gateway_events,
             rounds=self.rounds,
             stopped=self.stop.is_set(),
         )
@@ -146,6 +167,13 @@ class _Pass:
             keys = await purge_expired_idempotency_keys(self.conn, limit=self.batch_size)
             self.keys += keys
             self.keys_left = keys == self.batch_size
+        if self.gateway_events_left:
+            assert self.gateway_events_retention_days is not None
+            deleted = await gateway_operations.delete_old_events(
+                self.conn, older_than_days=self.gateway_events_retention_days, limit=self.batch_size
+            )
+            self.gateway_events += deleted
+            self.gateway_events_left = deleted == self.batch_size
 
     async def _delete_unused_events(self, event_ids: Iterable[int]) -> int:
         unique = sorted(set(event_ids))

@@ -21,7 +21,8 @@ event loop, each in a module of its own, sharing a `RelayState` (outbox_relay.st
 - housekeeping and the metric gauges run on timers (outbox_relay.timers), on the relay's own
   small pool with the endpoint loop;
 - with GATEWAY=stripe, the gateway worker (outbox_relay.gateway_worker) finishes the charges and
-  refunds that nobody finished, on a pool of its own.
+  refunds that nobody finished, on a pool of its own, and every GATEWAY_RECONCILE_INTERVAL one
+  relay reconciles our charges and refunds with the gateway's (outbox_relay.reconciler).
 This module is the process: it builds the parts, runs each loop under a supervisor
 (`outbox_relay.state.supervise`), and stops.
 
@@ -73,6 +74,7 @@ from outbox_relay.gateway_worker import GatewayWorker
 from outbox_relay.lane_runner import LaneRunner
 from outbox_relay.listener import ListenerLost, listen
 from outbox_relay.metrics import RelayMetrics
+from outbox_relay.reconciler import Reconciler
 from outbox_relay.recorder import Recorder
 from outbox_relay.state import RelayState, close_pool, supervise
 from outbox_relay.timers import gauge_loop, housekeeping_loop
@@ -110,6 +112,11 @@ class Relay:
         # key, before anything starts.
         gateway = gateway_from_settings(settings)
         self.gateway_worker = GatewayWorker(self.state, gateway) if gateway else None
+        self.reconciler = (
+            Reconciler(self.state, gateway)
+            if gateway and settings.gateway_reconcile_interval > 0
+            else None
+        )
 
     def stop(self) -> None:
         state = self.state
@@ -150,6 +157,11 @@ class Relay:
         if metrics_server is not None:
             background.append(
                 asyncio.create_task(self._supervise("gauges", lambda: gauge_loop(state)))
+            )
+        if self.reconciler is not None:
+            # Cut short at the stop like housekeeping (a run holds nothing a restart cannot redo).
+            background.append(
+                asyncio.create_task(self._supervise("reconciliation", self.reconciler.run))
             )
         gateway_task = None
         if self.gateway_worker is not None:

@@ -157,6 +157,13 @@ class RelayMetrics:
             multiprocess_mode=_BACKLOG,
             registry=r,
         )
+        self.gateway_reconciliation_differences = Gauge(
+            "gateway_reconciliation_differences",
+            "Differences between our charges and refunds and the gateway's found by the last "
+            "scheduled reconciliation (payment-service reconcile names them).",
+            multiprocess_mode=_BACKLOG,
+            registry=r,
+        )
         self.gateway_checks = Counter(
             "gateway_checks",
             "Operations the gateway worker took up, by kind (charge, refund) and what it learnt: "

@@ -19,7 +19,10 @@ async def housekeeping_loop(state: RelayState) -> None:
     while not state.stop.is_set():
         async with state.connection() as conn:
             await housekeep(
-                conn, retention_hours=state.settings.outbox_retention_hours, stop=state.stop
+                conn,
+                retention_hours=state.settings.outbox_retention_hours,
+                gateway_events_retention_days=state.settings.gateway_events_retention_days,
+                stop=state.stop,
             )
         await wait_for(state.stop, state.settings.relay_housekeeping_interval)
 

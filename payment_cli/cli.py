@@ -18,6 +18,7 @@ from payment_cli.audit_cli import add_parser as add_audit_parser
 from payment_cli.endpoints_cli import add_parser as add_endpoints_parser
 from payment_cli.gateway_cli import add_parser as add_gateway_parser
 from payment_cli.outbox_cli import add_parser as add_outbox_parser
+from payment_cli.reconcile_cli import add_parser as add_reconcile_parser
 from payment_service import __version__
 from payment_service.entry import database_settings as _database_settings
 from payment_service.entry import run_command
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_parser(commands)
 
     add_gateway_parser(commands)
+    add_reconcile_parser(commands)
 
     check = add(
         "check",

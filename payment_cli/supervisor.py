@@ -119,6 +119,15 @@ def start_embedded_gateway(
         STRIPE_API_FLAVOUR="localstripe",
     )
     say(f"embedded gateway on {gateway.base_url} (log: {data_dir / 'gateway.log'})")
+    # Its key is the embedded gateway's fixed fake one (any sk_ key works there), not a secret;
+    # the webhook secret of this run is never printed.
+    say("to use it from another terminal (payment-service reconcile, gateway review):")
+    print(
+        f"    export GATEWAY=stripe STRIPE_API_BASE={gateway.base_url} "
+        f"STRIPE_SECRET_KEY={gateway.api_key} STRIPE_API_FLAVOUR=localstripe",
+        file=sys.stderr,
+        flush=True,
+    )
     return gateway
 
 

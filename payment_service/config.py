@@ -294,6 +294,13 @@ class Settings(BaseSettings):
     # Seconds before the gateway worker first asks about an undecided charge or refund; the wait
     # doubles with each check, up to an hour.
     gateway_check_interval: float = Field(default=5, gt=0, le=3600)
+    # Seconds between the relay's scheduled reconciliations with the gateway (one relay runs each;
+    # docs/gateway.md); 0 turns them off.
+    gateway_reconcile_interval: float = Field(default=3600, ge=0, le=7 * 86400)
+    # Days the gateway's webhooks are kept (gateway_events: stored once by event id) before the
+    # relay's housekeeping deletes them; a repeat older than this would be applied again, which
+    # changes nothing (forward-only).
+    gateway_events_retention_days: float = Field(default=30, gt=0, le=3650)
 
     @field_validator("db_host")
     @classmethod

@@ -27,7 +27,6 @@ from werkzeug.datastructures import MultiDict
 
 from app import payments, service
 from app.admin import SETTLEMENT_ROUTE
-from app.console.reconciliation import Reconciliation, last_reconciliation
 from app.console.session import COOKIE, CSRF_FIELD, IDLE_SECONDS, ConsoleSession, Sessions
 from app.context import current_payment_app
 from app.errors import APIError
@@ -37,6 +36,7 @@ from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
 from payment_service.endpoints import Endpoint, EndpointError, EndpointNotFound
 from payment_service.money import history, review
+from payment_service.money.reconcile import StoredReconciliation, latest_reconciliation
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class GatewayAttention:
     """The gateway's part of the overview: the review queue and the last reconciliation."""
 
     review: int  # operations flagged for review
-    reconciliation: Reconciliation | None  # None: never run
+    reconciliation: StoredReconciliation | None  # None: never run
 
     @property
     def differences(self) -> int:
@@ -304,7 +304,9 @@ async def overview() -> Response:
     async with current_payment_app().connection() as conn:
         found = await endpoints.select_endpoints(conn)
         backlog = {b.name: b for b in await deliveries.select_backlog(conn)}
-        gateway = GatewayAttention(await review.count_review(conn), await last_reconciliation(conn))
+        gateway = GatewayAttention(
+            await review.count_review(conn), await latest_reconciliation(conn)
+        )
     rows = attention_first(found, backlog)
     return await _page(
         "overview.html",

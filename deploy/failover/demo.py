@@ -108,6 +108,10 @@ def make_env_file(path: Path) -> None:
     ]
     lines += [f"{name}={free_port()}" for name in PUBLISHED_PORTS]
     lines.append(f"DB_PASS={secrets.token_urlsafe(24)}")
+    # The compose file's gateway signs its webhooks with this. The demo measures the database's
+    # failover: its payments are recorded without a gateway, as they were when it was measured.
+    lines.append(f"STRIPE_WEBHOOK_SECRET=whsec_{secrets.token_urlsafe(24)}")
+    lines.append("GATEWAY=none")
     # A lease far longer than the wait for deliveries: a claim the switch left stranded (its
     # leases neither used nor released) then fails the demo instead of hiding behind a 30 s lease.
     lines.append(f"RELAY_LEASE_SECONDS={RELAY_LEASE_SECONDS}")

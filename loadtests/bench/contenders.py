@@ -156,11 +156,13 @@ def bench_server(
     db: str,
     start: Callable[[str], tuple[Proc, str]],
     endpoints: int | None = None,
+    groups: dict[str, Callable[[], set[int]]] | None = None,
 ) -> HttpResult:
     """Start a server on a fresh database, load it with wrk, stop it.
 
     `endpoints`: the server runs the API's statement, with this many endpoints subscribed to every
     event type (no relay runs: their deliveries stay pending, as the events did before).
+    `groups`: other processes whose CPU is measured apart (the gateway's).
     """
     dsn = bench.fresh_db(db)
     if endpoints is not None:
@@ -173,7 +175,7 @@ def bench_server(
             kind,
             label,
             base + "/payments",
-            {"server": proc.pids},
+            {"server": proc.pids, **(groups or {})},
             db,
             fan_out=endpoints is not None,
         )

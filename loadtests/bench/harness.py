@@ -92,7 +92,8 @@ class Bench:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "RELAY_"))}
         env.pop("DATABASE_URL", None)
-        env.update({"PYTHONUNBUFFERED": "1", "ENVIRONMENT": "development"})
+        # No gateway unless a row asks for one (loadtests/bench/gateway.py): payments are recorded.
+        env.update({"PYTHONUNBUFFERED": "1", "ENVIRONMENT": "development", "GATEWAY": "none"})
         env.update(extra)
         return env
 

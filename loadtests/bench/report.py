@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .gateway import render_gateway
 from .load import HttpResult
 from .pgbench import PGBENCH_VARIANTS
 
@@ -248,6 +249,8 @@ def render_markdown(results: dict[str, Any], facts: dict[str, str], command: str
                 pending["age_max_s"] < TARGETS["oldest_pending_s"],
             )
         )
+    if results.get("gateway"):
+        out += render_gateway(results["gateway"])
     mixed = results.get("mixed")
     if mixed:
         out += render_mixed(mixed, results["connections"])
@@ -471,6 +474,13 @@ def print_table(results: dict[str, Any]) -> None:
         print(
             f"oldest pending under full load: max {pend['age_max_s']:.3f} s "
             f"(p99 {pend['age_p99_s']:.3f} s) at {pend['rps']:.0f} req/s"
+        )
+    if results.get("gateway"):
+        g = results["gateway"]
+        print(
+            f"through the embedded gateway: {g['rps'][1]:.0f} req/s ({g['rps_ratio']:.2f}x the "
+            f"{g['rps'][0]:.0f} without), API CPU {g['api_cpu_ms'][1]:.2f} ms/request "
+            f"({g['api_cpu_ratio']:.2f}x), gateway CPU {g['gateway_cpu_ms']:.2f} ms/request"
         )
     if results.get("mixed"):
         mixed = results["mixed"]

@@ -18,7 +18,9 @@ contender its own freshly migrated database, and measures:
   throughput then against without it.
 - the mixed row: the same with four endpoints, two healthy, one answering 500 to half its
   callbacks and one refusing connections (the healthy ones' oldest pending age), then the
-  flapping endpoint's drain rate once the load stops.
+  flapping endpoint's drain rate once the load stops;
+- POST /payments through the embedded gateway (localstripe), beside the same server without a
+  gateway, with the API's CPU per request apart from the gateway's (section `gateway`).
 
 Every process it starts listens on 127.0.0.1, is stopped by PID, and every run is bounded in time.
 It prints a table and rewrites the generated part of docs/benchmarks.md. See --help.
@@ -41,9 +43,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from payment_service.gateway.embedded import installed as embedded_gateway_installed
+
 from .chart import draw_chart
 from .contenders import SHIPPED, auto_servers, bench_floor, bench_seed, bench_service
 from .endpoints import ENDPOINT_NAMES, parse_counts
+from .gateway import bench_gateway
 from .harness import Bench
 from .housekeeping import bench_housekeeping
 from .load import HttpResult
@@ -62,6 +67,7 @@ SECTIONS = (
     "pending",
     "mixed",
     "housekeeping",
+    "gateway",
     "profile",
 )
 
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "pending": None,
         "housekeeping": None,
         "mixed": None,
+        "gateway": None,
         "skipped": [],
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "connections": args.connections,
@@ -318,6 +325,16 @@ def run_sections(bench: Bench, args: argparse.Namespace, wanted: set[str]) -> No
                 "housekeeping",
                 functools.partial(results.__setitem__, "housekeeping"),
                 functools.partial(bench_housekeeping, bench, best_workers, max(endpoint_counts)),
+            )
+    if "gateway" in wanted and app_ready:
+        if not embedded_gateway_installed():
+            results["skipped"].append("gateway (localstripe, the embedded extra, is missing)")
+        else:
+            attempt(
+                results,
+                "gateway",
+                functools.partial(results.__setitem__, "gateway"),
+                functools.partial(bench_gateway, bench),
             )
     if "profile" in wanted and app_ready:
         results["profile"] = profile_service(bench, SHIPPED)

@@ -454,3 +454,29 @@ async def refund_status(conn: asyncpg.Connection, *, refund_id: int) -> str | No
     return await conn.fetchval(  # type: ignore[no-any-return]
         REFUND_STATUS.sql, *REFUND_STATUS.args(refund_id=refund_id)
     )
+
+
+# -- housekeeping -----------------------------------------------------------------------------
+# The oldest webhooks received before the retention, a batch at a time (received_at's index).
+DELETE_OLD_EVENTS = Statement(
+    """
+    DELETE FROM gateway_events
+     WHERE event_id IN (SELECT event_id
+                          FROM gateway_events
+                         WHERE received_at < now() - make_interval(secs => :older_than_seconds)
+                         ORDER BY received_at
+                         LIMIT :limit
+                           FOR UPDATE SKIP LOCKED)
+    """
+)
+
+
+async def delete_old_events(conn: asyncpg.Connection, *, older_than_days: float, limit: int) -> int:
+    """Delete up to `limit` of the gateway's webhooks received more than `older_than_days` ago;
+    how many went. (A repeat of one arriving later is applied again: forward only, it changes
+    nothing.)"""
+    status = await conn.execute(
+        DELETE_OLD_EVENTS.sql,
+        *DELETE_OLD_EVENTS.args(older_than_seconds=older_than_days * 86400.0, limit=limit),
+    )
+    return int(status.split()[-1])

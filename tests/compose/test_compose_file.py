@@ -69,6 +69,35 @@ def test_images_are_overridable_and_the_password_has_no_default(compose: dict[st
     assert services["db"]["environment"]["POSTGRES_PASSWORD"].startswith("${DB_PASS:?")
 
 
+def test_the_app_charges_at_the_compose_gateway_with_its_webhook(compose: dict[str, Any]) -> None:
+    """By default the API and the relay charge at the `gateway` service (localstripe, built from
+    deploy/gateway), which sends its webhooks to the API signed with the API's secret; that
+    secret has no default; a setting in .env points them at another gateway."""
+    services = compose["services"]
+    gateway = services["gateway"]
+    assert gateway["image"] == "${GATEWAY_IMAGE:-payment-service-gateway:latest}"
+    assert gateway["build"] == {
+        "context": "./deploy/gateway",
+        "args": {"PYTHON_IMAGE": "${PYTHON_IMAGE:-python:3.12-slim}"},
+    }
+    assert (REPO_ROOT / "deploy" / "gateway" / "Dockerfile").is_file()
+    assert "ports" not in gateway, "inside the compose network only"
+    secret = gateway["environment"]["STRIPE_WEBHOOK_SECRET"]
+    assert secret.startswith("${STRIPE_WEBHOOK_SECRET:?")
+    assert gateway["environment"]["GATEWAY_WEBHOOK_URL"] == (
+        "http://api:${SERVICE_PORT:-8082}${API_PREFIX:-}/gateway/stripe/webhook"
+    )
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["GATEWAY"] == "${GATEWAY:-stripe}"
+        assert environment["STRIPE_API_BASE"] == "${STRIPE_API_BASE:-http://gateway:8420}"
+        assert environment["STRIPE_API_FLAVOUR"] == "${STRIPE_API_FLAVOUR:-localstripe}"
+        assert environment["STRIPE_SECRET_KEY"] == "${STRIPE_SECRET_KEY:-sk_test_embedded}"
+        assert environment["STRIPE_WEBHOOK_SECRET"] == secret
+    for name in ("api", "relay"):
+        assert services[name]["depends_on"]["gateway"] == {"condition": "service_healthy"}
+
+
 def test_everything_the_dockerfile_copies_is_in_the_build_context() -> None:
     """.dockerignore is an allow-list: a package the Dockerfile copies but the list leaves out
     fails only at `docker build`, which needs an engine; this finds it without one."""

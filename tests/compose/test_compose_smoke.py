@@ -1,9 +1,11 @@
 """Compose smoke test: the seed guide's workflow against `docker-compose up`, end to end.
 
 `docker-compose up -d --build` under a project name of its own, configured by a copy of
-.env.example with a password set, every port published on 127.0.0.1 only (free ports); then:
-health; create with `demo-client-1`; the repeat answers the same body; refund with
-`refund-demo-1`; eight concurrent creates with one key make one payment; the callbacks reach the
+.env.example with a password and a webhook secret set, every port published on 127.0.0.1 only
+(free ports); then: health; create with `demo-client-1`, charged at the compose gateway
+(localstripe), whose signed webhook reaches the API; the repeat answers the same body; refund
+with `refund-demo-1`, made at the gateway; `reconcile` in the API's container finds no
+difference; eight concurrent creates with one key make one payment; the callbacks reach the
 notification sink, and to the trip sink (endpoint `trip`, seeded from TRIP_CALLBACK_PATH and
 TRIP_EVENT_TYPES); `docker-compose restart` and `down` + `up` keep the data; `down -v` removes
 it. The images come from POSTGRES_IMAGE, PYTHON_IMAGE and PAYMENT_SERVICE_IMAGE when set (CI
@@ -24,6 +26,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,7 +42,7 @@ COMMAND_TIMEOUT_SECONDS = 180
 HEALTHY_TIMEOUT_SECONDS = 180
 CALLBACK_TIMEOUT_SECONDS = 60
 CONCURRENT_REQUESTS = 8
-RUNNING_SERVICES = {"db", "api", "relay", "notification-sink", "trip-sink"}
+RUNNING_SERVICES = {"db", "gateway", "api", "relay", "notification-sink", "trip-sink"}
 
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 600)
 
@@ -81,6 +84,10 @@ def _compose_command() -> list[str]:
     if configured := os.environ.get("COMPOSE"):
         return shlex.split(configured)
     return ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
+
+
+def _an_hour_ago() -> str:
+    return (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 
 
 def _free_port() -> int:
@@ -166,7 +173,11 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     # so whatever a developer keeps in the checkout's .env plays no part.
     env_file = tmp_path_factory.mktemp("compose") / "smoke.env"
     example = (REPO_ROOT / ".env.example").read_text(encoding="utf-8")
-    env_file.write_text(f"{example}\nDB_PASS={secrets.token_urlsafe(24)}\n", encoding="utf-8")
+    env_file.write_text(
+        f"{example}\nDB_PASS={secrets.token_urlsafe(24)}\n"
+        f"STRIPE_WEBHOOK_SECRET=whsec_{secrets.token_urlsafe(24)}\n",
+        encoding="utf-8",
+    )
     api_port = _free_port()
     # The service's own variables come from that file, not from this shell; only the published
     # ports are moved to free ones, so a developer's own stack can keep 8082.
@@ -225,6 +236,18 @@ async def test_seed_workflow(stack: Stack) -> None:
     assert payment["status"] == "SUCCESS"
     assert Decimal(str(payment["amount"])) == Decimal("150.00")
     payment_id = payment["payment_id"]
+    # Charged at the compose gateway: its intent, and its webhook verified and stored by the API.
+    assert payment["gateway_reference"].startswith("pi_"), payment
+
+    async def webhook_stored() -> bool:
+        stored = await stack.sql(
+            f"SELECT count(*) FROM gateway_events WHERE payment_id = {int(payment_id)}"
+        )
+        return stored != ["0"]
+
+    await stack.wait_for(
+        webhook_stored, "the gateway's webhook at the API", CALLBACK_TIMEOUT_SECONDS
+    )
 
     repeated = await stack.post("/payments", SEED_CREATE)
     assert repeated.status_code == 200, repeated.text
@@ -235,6 +258,14 @@ async def test_seed_workflow(stack: Stack) -> None:
     assert refund.status_code == 200, refund.text
     assert refund.json()["status"] == "REFUNDED"
     assert Decimal(str(refund.json()["refund_amount"])) == Decimal("50.00")
+    # Our charges and refunds and the gateway's agree (exit 0), compared inside the API's container.
+    report = json.loads(
+        await stack.compose(
+            "exec", "-T", "api", "payment-service", "reconcile", "--since", _an_hour_ago(), "--json"
+        )
+    )
+    assert report["consistent"] is True, report
+    assert report["compared"]["payments"] >= 1 and report["compared"]["refunds"] >= 1, report
 
     key = f"smoke-concurrent-{uuid.uuid4().hex}"
     body = json.dumps({"idempotency_key": key, "trip_id": 202, "method": "CARD", "amount": "75.25"})

@@ -86,6 +86,11 @@ async def test_run_starts_the_embedded_gateway_and_restarts_it(
         assert given["STRIPE_API_FLAVOUR"] == "localstripe"
         assert given["STRIPE_WEBHOOK_SECRET"].startswith("whsec_")
         assert given["STRIPE_WEBHOOK_SECRET"] not in run.output(), "the secret is never printed"
+        # What another terminal exports to reach it (`reconcile`, `gateway review`).
+        assert (
+            f"export GATEWAY=stripe STRIPE_API_BASE={base_url} "
+            f"STRIPE_SECRET_KEY={EMBEDDED_API_KEY} STRIPE_API_FLAVOUR=localstripe"
+        ) in run.stderr()
 
         # Its webhook points at the API (whose route comes with the gateway's integration).
         await charge_at(base_url)

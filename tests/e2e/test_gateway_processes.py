@@ -83,8 +83,21 @@ async def test_the_relay_finishes_a_charge_the_api_left_and_keeps_the_secrets(
         raise AssertionError(dump_logs([relay])) from None
     ledger = (await read_ledger(embedded_gateway.base_url)).of_reference(payment["reference"])
     assert (len(ledger.intents), ledger.confirmed_intents, ledger.charged_intents) == (1, 1, 1)
+    # Its scheduled reconciliation ran at start (GATEWAY_RECONCILE_INTERVAL), was stored, and its
+    # count is exported (the session's gateway holds other tests' objects too: any count).
+    stored = await wait_for(
+        lambda: db.fetchval("SELECT differences::text FROM gateway_reconciliations"),
+        timeout=30,
+        what="the scheduled reconciliation",
+    )
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     async with httpx.AsyncClient(timeout=10) as client:
-        metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+
+        async def scraped() -> str | None:
+            text = (await client.get(metrics_url)).text
+            return text if f"gateway_reconciliation_differences {stored}.0" in text else None
+
+        metrics = await wait_for(scraped, timeout=30, what="the reconciliation's gauge")
     assert "gateway_review_payments 0.0" in metrics
     assert 'gateway_checks_total{kind="charge",result="decided"} 1.0' in metrics
     log = relay.log_path.read_text()

@@ -27,10 +27,12 @@ async def written_through_the_gateway(
     postgres_server: Any, template_database: str, embedded_gateway: EmbeddedGateway
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     async with cloned_database(postgres_server, template_database, "check_gw_source") as name:
-        yield name, await _fill(postgres_server.dsn(name), embedded_gateway)
+        yield name, await fill_through_the_gateway(postgres_server.dsn(name), embedded_gateway)
 
 
-async def _fill(dsn: str, gateway: EmbeddedGateway) -> dict[str, Any]:
+async def fill_through_the_gateway(dsn: str, gateway: EmbeddedGateway) -> dict[str, Any]:
+    """Through the API at `gateway`: a charge, a decline, a charge partly refunded, and a charge
+    staged by an API that died right after (PENDING); their ids by those names (and `refund`)."""
     ids: dict[str, Any] = {}
     async with running_api(dsn, **gateway_settings(gateway.base_url)) as api:
 

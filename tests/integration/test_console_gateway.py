@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.console.reconciliation import last_reconciliation
+from payment_service.money.reconcile import latest_reconciliation
 from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi, create_payment, post_json
 from tests.support.audit import audit_rows
@@ -205,7 +205,7 @@ async def test_the_overview_puts_the_gateway_first_when_it_needs_attention(
     text = page_text(quiet.text)
     assert "never run" in text and "gateway needs attention" not in text
     assert order(quiet.text) == ["endpoints", "gateway"]
-    assert await last_reconciliation(db) is None
+    assert await latest_reconciliation(db) is None
 
     payment = await create_payment(api.client, method="UPI")
     await flag_for_review(db, payment["payment_id"], INTENT)
@@ -213,19 +213,16 @@ async def test_the_overview_puts_the_gateway_first_when_it_needs_attention(
     assert order(flagged.text) == ["gateway", "endpoints"]
     assert "1 charge or refund flagged for review" in page_text(flagged.text)
 
-    # Reconciliation's table, as its migration makes it, with a run that found differences.
+    # Two stored runs of the scheduled reconciliation, the later one with differences.
     await db.execute(
         """
-        CREATE TABLE gateway_reconciliations (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz,
-            since timestamptz, until timestamptz, differences int, report jsonb);
-        INSERT INTO gateway_reconciliations (finished_at, differences) VALUES (now(), 0);
-        INSERT INTO gateway_reconciliations (finished_at, differences) VALUES (now(), 3);
-        INSERT INTO gateway_reconciliations (finished_at, differences) VALUES (NULL, NULL);
+        INSERT INTO gateway_reconciliations
+               (started_at, finished_at, since, until, differences, report)
+        VALUES (now(), now(), now() - interval '2 hours', now() - interval '1 hour', 0, '{}'),
+               (now(), now(), now() - interval '1 hour', now(), 3, '{}');
         """
     )
-    last: Any = await last_reconciliation(db)
+    last: Any = await latest_reconciliation(db)
     assert last is not None and last.differences == 3, "the latest finished run"
     both = page_text((await signed_in.get("/")).text)
     assert "1 charge or refund flagged for review; 3 differences in the last reconciliation" in both

@@ -75,6 +75,32 @@ async def test_only_old_delivered_events_and_expired_keys_are_deleted(
     assert (again.deliveries_deleted, again.events_deleted, again.keys_deleted) == (0, 0, 0)
 
 
+async def test_the_gateways_old_webhooks_are_deleted_in_batches(conn: asyncpg.Connection) -> None:
+    """Webhooks received past GATEWAY_EVENTS_RETENTION_DAYS go, in batches; newer ones stay, and
+    without a retention none is touched."""
+    await conn.execute(
+        """INSERT INTO gateway_events
+                  (event_id, gateway_type, outcome, created_at, received_at)
+           SELECT 'evt_' || g, 'payment_intent.succeeded', 'not_ours',
+                  now() - make_interval(days => CASE WHEN g <= 7 THEN 31 ELSE 29 END),
+                  now() - make_interval(days => CASE WHEN g <= 7 THEN 31 ELSE 29 END)
+             FROM generate_series(1, 10) AS g"""
+    )
+    untouched = await housekeep(conn, retention_hours=168, batch_size=2)
+    assert untouched.gateway_events_deleted == 0
+    assert await conn.fetchval("SELECT count(*) FROM gateway_events") == 10
+
+    result = await housekeep(
+        conn, retention_hours=168, gateway_events_retention_days=30, batch_size=2
+    )
+    assert result.gateway_events_deleted == 7
+    assert result.rounds == 4  # batches of 2: 2, 2, 2, 1
+    left = {r[0] for r in await conn.fetch("SELECT event_id FROM gateway_events")}
+    assert left == {"evt_8", "evt_9", "evt_10"}
+    again = await housekeep(conn, retention_hours=168, gateway_events_retention_days=30)
+    assert again.gateway_events_deleted == 0
+
+
 async def test_retention_zero_deletes_every_delivered_event(conn: asyncpg.Connection) -> None:
     ids = await arrange(conn)
     result = await housekeep(conn, retention_hours=0)

@@ -35,9 +35,10 @@ import stripe
 from outbox_relay.gateway_worker import GatewayWorker
 from outbox_relay.metrics import RelayMetrics
 from outbox_relay.state import RelayState
-from payment_service.config import load_settings
+from payment_service.config import Settings, load_settings
 from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
 from payment_service.gateway.factory import gateway_from_settings
+from payment_service.gateway.interface import Gateway
 
 # A webhook secret for the tests only, in Stripe's format.
 WEBHOOK_SECRET = "whsec_tests-only-gateway-webhook-secret"
@@ -251,18 +252,31 @@ def only_loopback(addresses: list[IpAddress]) -> bool:
     return bool(addresses) and all(loopback(a) for a in addresses)
 
 
+def relay_settings(database_url: str | None, base_url: str, **overrides: Any) -> Settings:
+    """A relay's settings that charge at the gateway at `base_url` (`gateway_settings`)."""
+    return load_settings(
+        _env_file=None,
+        environment="test",
+        database_url=database_url,
+        **gateway_settings(base_url, **overrides),
+    )
+
+
+def gateway_adapter(base_url: str, **overrides: Any) -> Gateway:
+    """The service's adapter for the gateway at `base_url`, as a relay makes it (close it in the
+    event loop that used it)."""
+    gateway = gateway_from_settings(relay_settings(None, base_url, **overrides))
+    assert gateway is not None
+    return gateway
+
+
 @contextlib.asynccontextmanager
 async def running_worker(
     database_url: str, base_url: str, **overrides: Any
 ) -> AsyncIterator[GatewayWorker]:
     """The relay's gateway worker (outbox_relay.gateway_worker) against this database and the
     gateway at `base_url`, run in the test's event loop until the block ends."""
-    settings = load_settings(
-        _env_file=None,
-        environment="test",
-        database_url=database_url,
-        **gateway_settings(base_url, **overrides),
-    )
+    settings = relay_settings(database_url, base_url, **overrides)
     gateway = gateway_from_settings(settings)
     assert gateway is not None
     state = RelayState(settings, RelayMetrics())

@@ -37,6 +37,8 @@ def test_defaults() -> None:
     assert settings.gateway_timeout_seconds == 10
     assert settings.gateway_test_payment_method == "pm_card_visa"
     assert settings.gateway_max_checks == 12
+    assert settings.gateway_reconcile_interval == 3600
+    assert settings.gateway_events_retention_days == 30
 
 
 def test_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,6 +59,38 @@ def test_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.gateway_methods == ("CARD", "UPI")
     assert settings.gateway_timeout_seconds == 2.5
     assert settings.gateway_max_checks == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("GATEWAY_RECONCILE_INTERVAL", "0", 0.0),  # off
+        ("GATEWAY_RECONCILE_INTERVAL", "900", 900.0),
+        ("GATEWAY_EVENTS_RETENTION_DAYS", "7", 7.0),
+    ],
+)
+def test_reconciliation_and_retention_settings(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: float
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings(), name.lower()) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_RECONCILE_INTERVAL", "-1"),
+        ("GATEWAY_RECONCILE_INTERVAL", "700000"),  # more than a week
+        ("GATEWAY_EVENTS_RETENTION_DAYS", "0"),
+        ("GATEWAY_EVENTS_RETENTION_DAYS", "soon"),
+    ],
+)
+def test_reconciliation_and_retention_settings_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings()
 
 
 def test_an_empty_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:

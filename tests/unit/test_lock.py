@@ -133,20 +133,33 @@ def test_every_extra_has_a_lock() -> None:
     assert extras == set(LOCKS["requirements/bench.txt"]), extras
 
 
+# The compose gateway image's lock (deploy/gateway: localstripe alone), written by `make lock` too.
+GATEWAY_LOCK = "deploy/gateway/requirements.txt"
+
+
 def test_one_pin_per_package_across_the_locks() -> None:
-    """The image, `make install` and `make bench` run the same version of every package."""
-    every = {lock: parse_lock((REPO_ROOT / lock).read_text(encoding="utf-8")) for lock in LOCKS}
+    """The image, `make install`, `make bench` and the compose gateway run the same version of
+    every package."""
+    every = {
+        lock: parse_lock((REPO_ROOT / lock).read_text(encoding="utf-8"))
+        for lock in (*LOCKS, GATEWAY_LOCK)
+    }
     bench = {(p.name, p.version, p.marker) for p in every["requirements/bench.txt"]}
+    versions = {(name, version) for name, version, _marker in bench}
     for lock, pins in every.items():
+        # The gateway's lock needs some packages on fewer Pythons (a narrower marker).
         differing = [
-            f"{p.name}=={p.version}" for p in pins if (p.name, p.version, p.marker) not in bench
+            f"{p.name}=={p.version}"
+            for p in pins
+            if (p.name, p.version, p.marker) not in bench
+            and (lock != GATEWAY_LOCK or (p.name, p.version) not in versions)
         ]
         assert differing == [], f"{lock} pins other versions than requirements/bench.txt"
 
 
 def test_the_locks_name_no_index_or_host() -> None:
     """The machine's own pip configuration says where packages come from, never the repository."""
-    for lock in LOCKS:
+    for lock in (*LOCKS, GATEWAY_LOCK):
         text = (REPO_ROOT / lock).read_text(encoding="utf-8")
         assert not re.search(r"^\s*-", text, re.M) or all(
             line.strip().startswith("--hash=")
@@ -165,6 +178,16 @@ def test_every_install_uses_the_locks() -> None:
     assert "COPY requirements/runtime.txt ./requirements.txt" in dockerfile
     assert "pip install --require-hashes --requirement requirements.txt" in dockerfile
     assert "pip install --no-deps ." in dockerfile
+    gateway = (REPO_ROOT / "deploy" / "gateway" / "Dockerfile").read_text(encoding="utf-8")
+    assert "pip install --require-hashes --requirement /tmp/requirements.txt" in gateway
+
+
+def test_the_gateway_lock_holds_the_embedded_extras_localstripe() -> None:
+    embedded = _project()["optional-dependencies"]["embedded"]
+    (wanted,) = [r for r in embedded if r.startswith("localstripe")]
+    pins = {p.name: p for p in parse_lock((REPO_ROOT / GATEWAY_LOCK).read_text(encoding="utf-8"))}
+    assert f"localstripe=={pins['localstripe'].version}" == wanted
+    assert all(pin.hashes for pin in pins.values())
 
 
 # -- the check itself: it finds each kind of disagreement ------------------------------------------

@@ -1,0 +1,34 @@
+"""The bench's gateway rows as ratios against the row without a gateway (pure), and the section
+is selectable with --only."""
+
+from __future__ import annotations
+
+from loadtests.bench.gateway import render_gateway, summary
+from loadtests.bench.load import HttpResult
+from loadtests.bench.runner import SECTIONS, parse_args
+
+
+def row(rps: float, p99: float, cpu: dict[str, float]) -> HttpResult:
+    return HttpResult(
+        name="r", kind="gateway", config="c", rps=rps, p50_ms=1, p99_ms=p99, requests=1,
+        errors=0, cpu=cpu,
+    )  # fmt: skip
+
+
+def test_the_gateway_row_against_the_row_without() -> None:
+    without = row(1000, 10, {"server": 0.8})  # 0.8 ms of API CPU per request
+    through = row(250, 40, {"server": 0.4, "gateway": 0.5})  # 1.6 ms API, 2.0 ms gateway
+    figures = summary(without, through)
+    assert round(figures["rps_ratio"], 3) == 0.25
+    assert round(figures["p99_ratio"], 3) == 4
+    assert [round(v, 3) for v in figures["api_cpu_ms"]] == [0.8, 1.6]
+    assert round(figures["api_cpu_ratio"], 3) == 2
+    assert round(figures["gateway_cpu_ms"], 3) == 2
+    assert round(figures["gateway_cpu_ratio"], 3) == 2.5
+    table = "\n".join(render_gateway(figures))
+    assert "| through the embedded gateway | 250 (0.25x) | 40.0 (4.00x) | 1.60 (2.00x) |" in table
+
+
+def test_the_section_is_selectable() -> None:
+    assert "gateway" in SECTIONS
+    assert parse_args(["--only", "gateway"]).only == "gateway"
