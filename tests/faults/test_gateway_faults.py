@@ -1,0 +1,273 @@
+"""Money moves exactly once at a real gateway through crashes, lost answers and a slow gateway.
+
+Real processes: `payment-service serve` (2 workers) and `payment-service relay` (its gateway worker)
+against a real PostgreSQL and a real `localstripe` process of the test's own, a fault proxy in front
+of the gateway and one in front of the API; clients pay and refund under load, retrying each
+request with its idempotency key (tests/faults/gateway_harness.py).
+
+- kill -9 of the API after each phase of a charge, and of a refund;
+- the gateway's answer lost after it acted, a 500 without acting, a 500 after acting, a call that
+  hangs past GATEWAY_TIMEOUT_SECONDS: on the create, the confirm and the refund;
+- kill -9 of the relay while its gateway worker asks the gateway about an unknown outcome (an
+  intent, a refund) and while it confirms one.
+
+After each, every client got its final answer, and `assert_money_and_report` proves at the
+gateway (tests/support/money_checks.py): at most one confirmed intent per payment, at most one
+gateway refund per refund, every payment final or flagged for review, none FAILED while the
+gateway charged it, reconciliation agrees both ways (and `payment-service reconcile` where the CLI
+has it), `payment-service check` passes. What each test counted goes to GATEWAY_FAULT_REPORT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.faults.gateway_harness import (
+    CONFIRM,
+    CREATE,
+    FIND_REFUND,
+    LONG_TIMEOUT_SECONDS,
+    PAY,
+    PAY_REFUND,
+    REFUND,
+    RETRIEVE,
+    MoneyLoad,
+    MoneyStack,
+    declined_card,
+    end_dead_leases,
+    held,
+    held_first_answer,
+    wait_taken_over,
+)
+from tests.support.fault_proxy import (
+    DROP_AFTER_FORWARD,
+    HANG,
+    HANG_BEFORE_FORWARD,
+    Action,
+    Matcher,
+    answer,
+    delay,
+    forward_then_answer,
+    matching,
+)
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+# (what the API had done when it died, which proxy holds, the request held, how, forwarded)
+Phase = tuple[str, str, Matcher, Action, bool]
+CHARGE_PHASES: list[Phase] = [
+    ("staged, no call made", "gateway", CREATE, HANG_BEFORE_FORWARD, False),
+    ("intent created, its id not recorded", "gateway", CREATE, HANG, True),
+    ("intent recorded, not confirmed", "gateway", CONFIRM, HANG_BEFORE_FORWARD, False),
+    ("confirmed at the gateway, result not written", "gateway", CONFIRM, HANG, True),
+    ("result written, the client not answered", "api", PAY, HANG, True),
+]
+REFUND_PHASES: list[Phase] = [
+    ("refund staged, no call made", "gateway", REFUND, HANG_BEFORE_FORWARD, False),
+    ("refunded at the gateway, result not written", "gateway", REFUND, HANG, True),
+    ("refund written, the client not answered", "api", PAY_REFUND, HANG, True),
+]
+
+
+async def kill_api_after_each(stack: MoneyStack, load: MoneyLoad, phases: list[Phase]) -> None:
+    """For each phase: hold the call that starts the next one, kill -9 the API while it is held,
+    end the dead API's leases, start the API again; the load goes on throughout."""
+    api = stack.api
+    assert api is not None and stack.api_proxy is not None
+    taken: list[int] = []
+    for name, where, match, action, forwarded in phases:
+        # The last crash's operations are in the worker's hands: every lease left now is the
+        # live API's.
+        await wait_taken_over(stack, taken)
+        proxy = stack.gateway_proxy if where == "gateway" else stack.api_proxy
+        if where == "api":
+            exchange = await held_first_answer(proxy, match, action)
+        else:
+            exchange = await held(proxy, match, action, forwarded=forwarded)
+        await api.kill9()
+        proxy.release()
+        await wait_for(exchange.finished.is_set, timeout=30, what="the held request to end")
+        assert exchange.forwarded == int(forwarded), (name, exchange)
+        assert exchange.answered is None, (name, exchange)  # the API (or client) heard nothing
+        taken = await end_dead_leases(stack, ("STARTED",))
+        print(f"killed the API: {name}; it held operations {taken}")
+        api.start()
+        await api.wait_ready()
+        await load.wait_progress(flows=2)
+    await wait_taken_over(stack, taken)
+
+
+async def test_kill_9_of_the_api_after_each_phase_of_a_charge(
+    money_stack: MoneyStack, request: pytest.FixtureRequest
+) -> None:
+    stack = money_stack
+    await stack.start_api(timeout=LONG_TIMEOUT_SECONDS)
+    stack.start_relay()
+    assert stack.api_proxy is not None
+    load = MoneyLoad(
+        stack.api_proxy.base_url,
+        clients=4,
+        seed=11,
+        max_flows=50,
+        declined_method=await declined_card(stack.gateway),
+    )
+    load.start()
+    try:
+        await load.wait_progress(flows=3)
+        await kill_api_after_each(stack, load, CHARGE_PHASES)
+    finally:
+        await load.finish()
+    counts = await stack.assert_money_and_report(request.node.name, load)
+    assert stack.api is not None and stack.api.starts == len(CHARGE_PHASES) + 1
+    # The create whose answer died with the API left an intent nobody confirmed.
+    assert counts.orphan_intents >= 1, counts
+
+
+async def test_kill_9_of_the_api_after_each_phase_of_a_refund(
+    money_stack: MoneyStack, request: pytest.FixtureRequest
+) -> None:
+    stack = money_stack
+    await stack.start_api(timeout=LONG_TIMEOUT_SECONDS)
+    stack.start_relay()
+    assert stack.api_proxy is not None
+    load = MoneyLoad(stack.api_proxy.base_url, clients=4, seed=12, max_flows=40)
+    load.start()
+    try:
+        await load.wait_progress(flows=2, refunds=1)
+        await kill_api_after_each(stack, load, REFUND_PHASES)
+    finally:
+        await load.finish()
+    await stack.assert_money_and_report(request.node.name, load)
+    assert stack.api is not None and stack.api.starts == len(REFUND_PHASES) + 1
+
+
+# -- the gateway misbehaves: no process dies ------------------------------------------------------
+# (the fault, the request, the proxy's action, whether the gateway acted)
+Fault = tuple[str, Matcher, Action, bool]
+CHARGE_FAULTS: list[Fault] = [
+    ("create answered 500, not made", CREATE, answer(500), False),
+    ("create made, its answer dropped", CREATE, DROP_AFTER_FORWARD, True),
+    ("confirm made, its answer dropped", CONFIRM, DROP_AFTER_FORWARD, True),
+    ("confirm made, answered 500", CONFIRM, forward_then_answer(500), True),
+    ("confirm answered 500, not made", CONFIRM, answer(500), False),
+    ("confirm made, hangs past the time-out", CONFIRM, HANG, True),
+]
+REFUND_FAULTS: list[Fault] = [
+    ("refund answered 500, not made", REFUND, answer(500), False),
+    ("refund made, its answer dropped", REFUND, DROP_AFTER_FORWARD, True),
+    ("refund made, answered 500", REFUND, forward_then_answer(500), True),
+    ("refund made, hangs past the time-out", REFUND, HANG, True),
+]
+SHORT_TIMEOUT_SECONDS = 1
+
+
+async def fault_each(stack: MoneyStack, load: MoneyLoad, faults: list[Fault]) -> None:
+    for name, match, action, acted in faults:
+        exchange = await held(stack.gateway_proxy, match, action, forwarded=False)
+        # A hang ends when the API gives up on the call (its time-out), the others at once.
+        await wait_for(exchange.finished.is_set, timeout=60, what=f"the fault: {name}")
+        assert exchange.forwarded == int(acted), (name, exchange)
+        print(f"fault: {name}: answered {exchange.answered}, upstream {exchange.upstream_status}")
+        await load.wait_progress(flows=1)
+
+
+@pytest.mark.parametrize(
+    "faults", [CHARGE_FAULTS, REFUND_FAULTS], ids=["charge-faults", "refund-faults"]
+)
+async def test_the_gateway_loses_answers_fails_and_hangs(
+    money_stack: MoneyStack, request: pytest.FixtureRequest, faults: list[Fault]
+) -> None:
+    stack = money_stack
+    await stack.start_api(timeout=SHORT_TIMEOUT_SECONDS)
+    stack.start_relay()
+    assert stack.api_proxy is not None
+    declined = await declined_card(stack.gateway) if faults is CHARGE_FAULTS else None
+    load = MoneyLoad(
+        stack.api_proxy.base_url, clients=4, seed=13, max_flows=40, declined_method=declined
+    )
+    load.start()
+    try:
+        await load.wait_progress(flows=2)
+        await fault_each(stack, load, faults)
+    finally:
+        await load.finish()
+    counts = await stack.assert_money_and_report(request.node.name, load)
+    assert counts.review_flagged == 0, counts  # the gateway answered the worker every time
+
+
+# -- kill -9 of the relay while its worker asks the gateway -------------------------------------
+async def test_kill_9_of_the_relay_mid_check(
+    money_stack: MoneyStack, request: pytest.FixtureRequest
+) -> None:
+    """The API's call fails (the gateway acted, or not); the worker's check of the intent or
+    refund — or its confirm — is held at the proxy while the relay is killed; a new relay takes
+    the operation over and finishes it, never charging or refunding twice."""
+    stack = money_stack
+    # No webhook: the worker alone finishes what the API left.
+    await stack.start_api(timeout=SHORT_TIMEOUT_SECONDS, webhook=False)
+    stack.start_relay(through_proxy=True, timeout=LONG_TIMEOUT_SECONDS)
+    relay = stack.relay
+    assert relay is not None and stack.api_proxy is not None
+    proxy = stack.gateway_proxy
+    load = MoneyLoad(stack.api_proxy.base_url, clients=2, seed=14, max_flows=30)
+    load.start()
+    try:
+        await load.wait_progress(flows=2, refunds=1)
+        # 1. The gateway charged, the API heard 500: the worker's retrieve of the intent.
+        # 2. The gateway refunded, the API heard 500: the worker's search for the refund.
+        for what, api_fault, check in [
+            ("retrieving a charged intent", (CONFIRM, forward_then_answer(500)), RETRIEVE),
+            ("looking for a made refund", (REFUND, forward_then_answer(500)), FIND_REFUND),
+        ]:
+            proxy.on(*api_fault)
+            checking = await held(proxy, check, HANG_BEFORE_FORWARD, forwarded=False)
+            await kill_relay_and_restart(stack, checking, what)
+        # 3. The confirm was never made (500): the worker retrieves the intent (held until the
+        # test knows which intent it is), then confirms it; the gateway charges, the answer is
+        # held, and the relay dies.
+        retrieve = proxy.on(RETRIEVE, delay(60))
+        failed = await held(proxy, CONFIRM, answer(500), forwarded=False)
+        intent_confirm = matching("POST", failed.request.path)
+        await wait_for(lambda: retrieve.hits >= 1, timeout=60, what="the worker's retrieve")
+        confirming = proxy.on(intent_confirm, HANG)
+        proxy.release()
+        exchange = await wait_for(
+            lambda: next(
+                (e for e in proxy.matching_exchanges(intent_confirm) if e.forwarded), None
+            ),
+            timeout=60,
+            what="the worker's confirm to reach the gateway",
+        )
+        assert confirming.hits == 1
+        await kill_relay_and_restart(stack, exchange, "confirming an intent")
+        await load.wait_progress(flows=2)
+    finally:
+        await load.finish()
+    await stack.assert_money_and_report(request.node.name, load)
+    assert relay.starts == 4
+
+
+async def kill_relay_and_restart(stack: MoneyStack, exchange: Any, what: str) -> None:
+    relay = stack.relay
+    assert relay is not None
+    await relay.kill9()
+    await wait_for(exchange.finished.is_set, timeout=30, what="the held request to end")
+    assert exchange.answered is None, exchange  # the worker heard nothing
+    # The operations the dead relay held (the API holds STARTED ones, never these).
+    taken = await end_dead_leases(stack, ("PENDING", "REVIEW"))
+    print(f"killed the relay {what}; it held operations {taken}")
+    assert taken, f"the relay held nothing while {what}"
+    relay.start()
+
+    async def finished() -> bool:
+        left = await stack.db.fetchval(
+            "SELECT count(*) FROM gateway_operations "
+            "WHERE operation_id = ANY($1::bigint[]) AND phase <> 'DONE'",
+            taken,
+        )
+        return bool(left == 0)
+
+    await wait_for(finished, timeout=60, what=f"the new relay to finish {taken}")
