@@ -111,7 +111,7 @@ async def test_kill_9_of_the_api_after_each_phase_of_a_charge(
         stack.api_proxy.base_url,
         clients=4,
         seed=11,
-        max_flows=50,
+        max_flows=120,
         declined_method=await declined_card(stack.gateway),
     )
     load.start()
@@ -133,7 +133,7 @@ async def test_kill_9_of_the_api_after_each_phase_of_a_refund(
     await stack.start_api(timeout=LONG_TIMEOUT_SECONDS)
     stack.start_relay()
     assert stack.api_proxy is not None
-    load = MoneyLoad(stack.api_proxy.base_url, clients=4, seed=12, max_flows=40)
+    load = MoneyLoad(stack.api_proxy.base_url, clients=4, seed=12, max_flows=120)
     load.start()
     try:
         await load.wait_progress(flows=2, refunds=1)
@@ -186,7 +186,7 @@ async def test_the_gateway_loses_answers_fails_and_hangs(
     assert stack.api_proxy is not None
     declined = await declined_card(stack.gateway) if faults is CHARGE_FAULTS else None
     load = MoneyLoad(
-        stack.api_proxy.base_url, clients=4, seed=13, max_flows=40, declined_method=declined
+        stack.api_proxy.base_url, clients=4, seed=13, max_flows=120, declined_method=declined
     )
     load.start()
     try:
@@ -212,7 +212,7 @@ async def test_kill_9_of_the_relay_mid_check(
     relay = stack.relay
     assert relay is not None and stack.api_proxy is not None
     proxy = stack.gateway_proxy
-    load = MoneyLoad(stack.api_proxy.base_url, clients=2, seed=14, max_flows=30)
+    load = MoneyLoad(stack.api_proxy.base_url, clients=2, seed=14, max_flows=120)
     load.start()
     try:
         await load.wait_progress(flows=2, refunds=1)

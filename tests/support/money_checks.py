@@ -31,6 +31,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +194,17 @@ def _compare(
                 problems.append(f"{name}: decided but its operation is {p['phase']}")
         elif p["phase"] != "REVIEW":
             problems.append(f"{name}: undecided and not flagged for review")
-        refunded = to_minor_units(p["refunded_amount"], p["currency"])
+        refunded = _minor(p["refunded_amount"], p["currency"])
         if refunded_at_gateway[p["payment_id"]] != refunded:
             problems.append(
                 f"{name}: refunded {p['refunded_amount']} here, "
                 f"{refunded_at_gateway[p['payment_id']]} minor units at the gateway"
             )
     return problems
+
+
+def _minor(amount: Decimal, currency: str) -> int:
+    return 0 if amount == 0 else to_minor_units(amount, currency)
 
 
 @functools.cache
