@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 from payment_service.gateway.embedded import EmbeddedGateway
-from tests.faults.harness import ServiceStack
+from tests.faults.harness import ServiceStack, finish_clients
 from tests.support.fault_proxy import Action, Exchange, FaultProxy, Matcher, matching
 from tests.support.fault_report import record
 from tests.support.gateway import WEBHOOK_SECRET, gateway_settings, make_payment_method
@@ -209,18 +209,28 @@ async def end_dead_leases(stack: MoneyStack, phases: tuple[str, ...]) -> list[in
     return [row["operation_id"] for row in rows]
 
 
-async def wait_taken_over(stack: MoneyStack, operation_ids: list[int]) -> None:
-    """Until none of these operations is still waiting for someone to take it on (STARTED)."""
+async def wait_operations(
+    stack: MoneyStack, operation_ids: list[int], *, left_in: tuple[str, ...], what: str
+) -> None:
+    """Until none of these operations is in a phase of `left_in` any more."""
 
     async def moved() -> bool:
         left = await stack.db.fetchval(
             "SELECT count(*) FROM gateway_operations "
-            "WHERE operation_id = ANY($1::bigint[]) AND phase = 'STARTED'",
+            "WHERE operation_id = ANY($1::bigint[]) AND phase = ANY($2::text[])",
             operation_ids,
+            list(left_in),
         )
         return bool(left == 0)
 
-    await wait_for(moved, timeout=60, what=f"the worker to take over operations {operation_ids}")
+    await wait_for(moved, timeout=60, what=f"{what}: operations {operation_ids}")
+
+
+async def wait_taken_over(stack: MoneyStack, operation_ids: list[int]) -> None:
+    """Until none of these operations is still waiting for someone to take it on (STARTED)."""
+    await wait_operations(
+        stack, operation_ids, left_in=("STARTED",), what="the worker to take them over"
+    )
 
 
 # -- the clients ----------------------------------------------------------------------------------
@@ -280,16 +290,7 @@ class MoneyLoad:
 
     async def finish(self, timeout: float = OPERATION_DEADLINE_SECONDS + 30) -> None:
         self.stop()
-        try:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            for task in done:
-                task.result()
-            assert not pending, f"{len(pending)} client(s) still busy after {timeout} s"
-        finally:
-            if self._http is not None:
-                await self._http.aclose()
+        await finish_clients(self._tasks, self._http, timeout)
 
     def flows_started(self) -> list[Flow]:
         return [flow for flow in self.flows if flow.payment is not None]

@@ -39,6 +39,7 @@ from tests.faults.gateway_harness import (
     end_dead_leases,
     held,
     held_first_answer,
+    wait_operations,
     wait_taken_over,
 )
 from tests.support.fault_proxy import (
@@ -72,6 +73,22 @@ REFUND_PHASES: list[Phase] = [
 ]
 
 
+async def start_under_load(
+    stack: MoneyStack, timeout: float, *, seed: int, declines: bool
+) -> MoneyLoad:
+    """The API (with this gateway time-out) and the relay started, 4 clients paying through the
+    API's proxy (some with a card the gateway declines)."""
+    await stack.start_api(timeout=timeout)
+    stack.start_relay()
+    assert stack.api_proxy is not None
+    declined = await declined_card(stack.gateway) if declines else None
+    load = MoneyLoad(
+        stack.api_proxy.base_url, clients=4, seed=seed, max_flows=120, declined_method=declined
+    )
+    load.start()
+    return load
+
+
 async def kill_api_after_each(stack: MoneyStack, load: MoneyLoad, phases: list[Phase]) -> None:
     """For each phase: hold the call that starts the next one, kill -9 the API while it is held,
     end the dead API's leases, start the API again; the load goes on throughout."""
@@ -100,48 +117,25 @@ async def kill_api_after_each(stack: MoneyStack, load: MoneyLoad, phases: list[P
     await wait_taken_over(stack, taken)
 
 
-async def test_kill_9_of_the_api_after_each_phase_of_a_charge(
-    money_stack: MoneyStack, request: pytest.FixtureRequest
+@pytest.mark.parametrize(
+    ("phases", "seed"), [(CHARGE_PHASES, 11), (REFUND_PHASES, 12)], ids=["charge", "refund"]
+)
+async def test_kill_9_of_the_api_after_each_phase(
+    money_stack: MoneyStack, request: pytest.FixtureRequest, phases: list[Phase], seed: int
 ) -> None:
     stack = money_stack
-    await stack.start_api(timeout=LONG_TIMEOUT_SECONDS)
-    stack.start_relay()
-    assert stack.api_proxy is not None
-    load = MoneyLoad(
-        stack.api_proxy.base_url,
-        clients=4,
-        seed=11,
-        max_flows=120,
-        declined_method=await declined_card(stack.gateway),
-    )
-    load.start()
+    charges = phases is CHARGE_PHASES
+    load = await start_under_load(stack, LONG_TIMEOUT_SECONDS, seed=seed, declines=charges)
     try:
-        await load.wait_progress(flows=3)
-        await kill_api_after_each(stack, load, CHARGE_PHASES)
+        await load.wait_progress(flows=2, refunds=0 if charges else 1)
+        await kill_api_after_each(stack, load, phases)
     finally:
         await load.finish()
     counts = await stack.assert_money_and_report(request.node.name, load)
-    assert stack.api is not None and stack.api.starts == len(CHARGE_PHASES) + 1
-    # The create whose answer died with the API left an intent nobody confirmed.
-    assert counts.orphan_intents >= 1, counts
-
-
-async def test_kill_9_of_the_api_after_each_phase_of_a_refund(
-    money_stack: MoneyStack, request: pytest.FixtureRequest
-) -> None:
-    stack = money_stack
-    await stack.start_api(timeout=LONG_TIMEOUT_SECONDS)
-    stack.start_relay()
-    assert stack.api_proxy is not None
-    load = MoneyLoad(stack.api_proxy.base_url, clients=4, seed=12, max_flows=120)
-    load.start()
-    try:
-        await load.wait_progress(flows=2, refunds=1)
-        await kill_api_after_each(stack, load, REFUND_PHASES)
-    finally:
-        await load.finish()
-    await stack.assert_money_and_report(request.node.name, load)
-    assert stack.api is not None and stack.api.starts == len(REFUND_PHASES) + 1
+    assert stack.api is not None and stack.api.starts == len(phases) + 1
+    if charges:
+        # The create whose answer died with the API left an intent nobody confirmed.
+        assert counts.orphan_intents >= 1, counts
 
 
 # -- the gateway misbehaves: no process dies ------------------------------------------------------
@@ -181,14 +175,8 @@ async def test_the_gateway_loses_answers_fails_and_hangs(
     money_stack: MoneyStack, request: pytest.FixtureRequest, faults: list[Fault]
 ) -> None:
     stack = money_stack
-    await stack.start_api(timeout=SHORT_TIMEOUT_SECONDS)
-    stack.start_relay()
-    assert stack.api_proxy is not None
-    declined = await declined_card(stack.gateway) if faults is CHARGE_FAULTS else None
-    load = MoneyLoad(
-        stack.api_proxy.base_url, clients=4, seed=13, max_flows=120, declined_method=declined
-    )
-    load.start()
+    declines = faults is CHARGE_FAULTS
+    load = await start_under_load(stack, SHORT_TIMEOUT_SECONDS, seed=13, declines=declines)
     try:
         await load.wait_progress(flows=2)
         await fault_each(stack, load, faults)
@@ -261,13 +249,6 @@ async def kill_relay_and_restart(stack: MoneyStack, exchange: Any, what: str) ->
     print(f"killed the relay {what}; it held operations {taken}")
     assert taken, f"the relay held nothing while {what}"
     relay.start()
-
-    async def finished() -> bool:
-        left = await stack.db.fetchval(
-            "SELECT count(*) FROM gateway_operations "
-            "WHERE operation_id = ANY($1::bigint[]) AND phase <> 'DONE'",
-            taken,
-        )
-        return bool(left == 0)
-
-    await wait_for(finished, timeout=60, what=f"the new relay to finish {taken}")
+    await wait_operations(
+        stack, taken, left_in=("STARTED", "PENDING", "REVIEW"), what="the new relay to finish"
+    )
