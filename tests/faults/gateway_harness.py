@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 from payment_service.gateway.embedded import EmbeddedGateway
-from tests.faults.harness import ServiceStack, finish_clients
+from tests.faults.harness import ServiceStack, assert_every_event_delivered, finish_clients
 from tests.support.fault_proxy import Action, Exchange, FaultProxy, Matcher, matching
 from tests.support.fault_report import record
 from tests.support.gateway import WEBHOOK_SECRET, gateway_settings, make_payment_method
@@ -140,14 +140,17 @@ class MoneyStack:
             raise AssertionError(f"open gateway operations: {[dict(r) for r in rows]}") from None
 
     async def assert_money_and_report(self, test: str, load: MoneyLoad) -> Counts:
-        """Every client got its answer; the money agrees at the gateway; check passes; the
-        test's counts go to the report."""
+        """Every client got its answer; the money agrees at the gateway; check passes; every
+        event was delivered; the test's counts go to the report."""
         await self.wait_settled()
         load.assert_answered()
         counts = await assert_money_consistent(
             self.db.dsn, self.gateway.base_url, workdir=self.services.workdir
         )
         await self.services.check()
+        # Every event reached both endpoints, in order per payment (repeats only where a process
+        # died: exactly_once=False).
+        await assert_every_event_delivered(self.services, timeout=60, exactly_once=False)
         assert counts.payments == len(load.flows_started()), (counts, len(load.flows_started()))
         record(
             test,

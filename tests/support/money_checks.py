@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -232,5 +231,4 @@ def _run_reconcile(
         f"payment-service reconcile exited {finished.returncode}:\n"
         f"{finished.stdout[-4000:]}\n{finished.stderr[-2000:]}"
     )
-    json.loads(finished.stdout)  # its report is JSON
     return "exit 0"
