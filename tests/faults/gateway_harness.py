@@ -108,12 +108,13 @@ class MoneyStack:
             self.gateway.register_webhook(self.api.base_url + WEBHOOK_PATH, WEBHOOK_SECRET)
         return self.api
 
-    def start_relay(self, *, through_proxy: bool = False, timeout: float | None = None) -> None:
+    def start_relay(
+        self, *, through_proxy: bool = False, timeout: float | None = None, **env: object
+    ) -> None:
         """`payment-service relay`, its gateway worker straight to the gateway unless asked."""
         seconds = timeout if timeout is not None else WORKER_TIMEOUT_SECONDS
-        self.relay = self.services.relay(
-            **self.gateway_env(through_proxy=through_proxy, timeout=seconds)
-        )
+        settings = {**self.gateway_env(through_proxy=through_proxy, timeout=seconds), **env}
+        self.relay = self.services.relay("relay", **settings)
 
     async def close(self) -> None:
         if self.api_proxy is not None:

@@ -9,7 +9,7 @@ request with its idempotency key (tests/faults/gateway_harness.py).
 - the gateway's answer lost after it acted, a 500 without acting, a 500 after acting, a call that
   hangs past GATEWAY_TIMEOUT_SECONDS: on the create, the confirm and the refund;
 - kill -9 of the relay while its gateway worker asks the gateway about an unknown outcome (an
-  intent, a refund) and while it confirms one.
+  intent, a refund), and while it makes the call the API could not (a confirm, a refund).
 
 After each, every client got its final answer, and `assert_money_and_report` proves at the
 gateway (tests/support/money_checks.py): at most one confirmed intent per payment, at most one
@@ -196,7 +196,8 @@ async def test_kill_9_of_the_relay_mid_check(
     stack = money_stack
     # No webhook: the worker alone finishes what the API left.
     await stack.start_api(timeout=SHORT_TIMEOUT_SECONDS, webhook=False)
-    stack.start_relay(through_proxy=True, timeout=LONG_TIMEOUT_SECONDS)
+    # Its deliveries' leases short too: the dead relay's claimed callbacks come back soon.
+    stack.start_relay(through_proxy=True, timeout=LONG_TIMEOUT_SECONDS, relay_lease_seconds=3)
     relay = stack.relay
     assert relay is not None and stack.api_proxy is not None
     proxy = stack.gateway_proxy
@@ -213,29 +214,31 @@ async def test_kill_9_of_the_relay_mid_check(
             proxy.on(*api_fault)
             checking = await held(proxy, check, HANG_BEFORE_FORWARD, forwarded=False)
             await kill_relay_and_restart(stack, checking, what)
-        # 3. The confirm was never made (500): the worker retrieves the intent (held until the
-        # test knows which intent it is), then confirms it; the gateway charges, the answer is
-        # held, and the relay dies.
-        retrieve = proxy.on(RETRIEVE, delay(60))
-        failed = await held(proxy, CONFIRM, answer(500), forwarded=False)
-        intent_confirm = matching("POST", failed.request.path)
-        await wait_for(lambda: retrieve.hits >= 1, timeout=60, what="the worker's retrieve")
-        confirming = proxy.on(intent_confirm, HANG)
-        proxy.release()
-        exchange = await wait_for(
-            lambda: next(
-                (e for e in proxy.matching_exchanges(intent_confirm) if e.forwarded), None
-            ),
-            timeout=60,
-            what="the worker's confirm to reach the gateway",
-        )
-        assert confirming.hits == 1
-        await kill_relay_and_restart(stack, exchange, "confirming an intent")
+        # 3. The confirm (4. the refund) was never made (500): the worker asks the gateway
+        # (held until the test knows which intent or refund it is about), then makes the call
+        # itself; the gateway acts, its answer is held, and the relay dies.
+        for what, call, check in [
+            ("confirming an intent", CONFIRM, RETRIEVE),
+            ("making a refund", REFUND, FIND_REFUND),
+        ]:
+            asking = proxy.on(check, delay(60))
+            failed = await held(proxy, call, answer(500), forwarded=False)
+            # The worker's call: the same path and body as the API's.
+            again = matching("POST", failed.request.path, body=failed.request.body)
+            await wait_for(lambda: asking.hits >= 1, timeout=60, what="the worker's check")  # noqa: B023
+            proxy.on(again, HANG)
+            proxy.release()
+            exchange = await wait_for(
+                lambda: next((e for e in proxy.matching_exchanges(again) if e.forwarded), None),  # noqa: B023
+                timeout=60,
+                what=f"the worker's call {what} to reach the gateway",
+            )
+            await kill_relay_and_restart(stack, exchange, what)
         await load.wait_progress(flows=2)
     finally:
         await load.finish()
     await stack.assert_money_and_report(request.node.name, load)
-    assert relay.starts == 4
+    assert relay.starts == 5
 
 
 async def kill_relay_and_restart(stack: MoneyStack, exchange: Any, what: str) -> None:
