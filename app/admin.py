@@ -13,6 +13,7 @@ uses them too. A secret is shown only by POST /endpoints and rotate-secret.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -700,6 +701,10 @@ async def get_audit() -> Response:
 
 
 # -- payments -------------------------------------------------------------------------------------
+# The settlement's route (its keys' request path), shared with the console's review decision.
+SETTLEMENT_ROUTE = "/admin/payments/{payment_id}/settlement"
+
+
 @blueprint.post("/payments/<payment_id:payment_id>/settlement")
 @document_request(Settle)
 @document_response(Payment, 200)
@@ -707,9 +712,10 @@ async def get_audit() -> Response:
 async def post_payment_settlement(payment_id: int) -> Response:
     """An operator's decision on a PENDING payment: SUCCESS or FAILED (409 PAYMENT_NOT_PENDING
     otherwise; 409 GATEWAY_CALL_IN_PROGRESS while a call to the gateway for it may be in
-    flight). Idempotent by its idempotency_key, scoped to the admin key's name. The payment's
-    charge waiting at the gateway, if any, is closed: check what the gateway holds first
-    (`payment-service gateway review`)."""
-    route = "/admin/payments/{payment_id}/settlement"
-    outcome = await payment_write(payment_id, Settle, route, service.settle_payment)
-    return answer_outcome(outcome, route)
+    flight). Idempotent by its idempotency_key, scoped to the admin key's name. Recorded in the
+    audit log (`payment.settle`, with `reason` if given). The payment's charge waiting at the
+    gateway, if any, is closed: check what the gateway holds first (`payment-service gateway
+    review`, or the console's gateway review page)."""
+    settle = functools.partial(service.settle_payment, operator=_operator())
+    outcome = await payment_write(payment_id, Settle, SETTLEMENT_ROUTE, settle)
+    return answer_outcome(outcome, SETTLEMENT_ROUTE)

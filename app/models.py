@@ -354,6 +354,15 @@ class Settle(_Request):
         Annotated[str, Strict(), Field(min_length=1, max_length=500, pattern=_TEXT_PATTERN)] | None
     ) = None
 
+    reason: (
+        Annotated[
+            str,
+            Strict(),
+            Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$"),
+        ]
+        | None
+    ) = Field(default=None, description="Why: for the audit log (FAILED: failure_reason too).")
+
     @field_validator("failure_reason")
     @classmethod
     def _text(cls, value: str | None) -> str | None:

@@ -381,9 +381,10 @@ async def select_payments_page(
     )
 
 
-# The console's search: payments whose id, trip or reference is the one given, newest first
-# (each condition through its own index: the primary key, payments_trip_id_idx, the reference's
-# unique index).
+# The console's search: payments whose id, trip or reference is the one given, or whose charge's
+# intent or one of whose refunds' gateway id is, newest first (each condition through its own
+# index: the primary key, payments_trip_id_idx, the reference's unique index,
+# gateway_operations_charge_intent, payment_refunds_gateway_refund_idx).
 MATCHING = Statement(
     """
     SELECT p.payment_id, p.trip_id, p.reference, p.status, p.amount, p.currency, p.created_at
@@ -391,6 +392,13 @@ MATCHING = Statement(
      WHERE p.payment_id = :payment_id
         OR p.trip_id = :trip_id
         OR p.reference = :reference
+        OR p.payment_id = ANY (ARRAY(SELECT o.payment_id
+                                       FROM gateway_operations AS o
+                                      WHERE o.kind = 'CHARGE'
+                                        AND o.intent_id = :intent_id))
+        OR p.payment_id = ANY (ARRAY(SELECT r.payment_id
+                                       FROM payment_refunds AS r
+                                      WHERE r.gateway_refund_id = :gateway_refund_id))
      ORDER BY p.payment_id DESC
      LIMIT :limit
     """
@@ -403,9 +411,19 @@ async def select_payments_matching(
     payment_id: int | None = None,
     trip_id: int | None = None,
     reference: str | None = None,
+    intent_id: str | None = None,
+    gateway_refund_id: str | None = None,
     limit: int = 20,
 ) -> list[asyncpg.Record]:
-    """Payments whose id is `payment_id`, whose trip is `trip_id` or whose reference is
-    `reference` (None: not that way), newest first."""
-    values = MATCHING.args(payment_id=payment_id, trip_id=trip_id, reference=reference, limit=limit)
+    """Payments whose id is `payment_id`, whose trip is `trip_id`, whose reference is
+    `reference`, whose charge's intent at the gateway is `intent_id` or one of whose refunds is
+    `gateway_refund_id` at the gateway (None: not that way), newest first."""
+    values = MATCHING.args(
+        payment_id=payment_id,
+        trip_id=trip_id,
+        reference=reference,
+        intent_id=intent_id,
+        gateway_refund_id=gateway_refund_id,
+        limit=limit,
+    )
     return await conn.fetch(MATCHING.sql, *values)  # type: ignore[no-any-return]

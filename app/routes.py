@@ -210,20 +210,36 @@ def _idempotency_key(data: dict[str, Any]) -> str:
     return data["idempotency_key"]  # type: ignore[no-any-return]
 
 
-def _guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: Any) -> Guard:
-    """The key's guard; `decided` are body fields the request left to the service (the currency),
+def write_guard(key: str, route: str, params: dict[str, Any], model: Any, **decided: Any) -> Guard:
+    """The key's guard, in the scope of `g.caller` (the API key's name, `admin:<name>`,
+    `console:<name>`); `decided` are body fields the request left to the service (the currency),
     fingerprinted with the values they took."""
-    app = current_payment_app()
+    ttl = current_payment_app().settings.idempotency_key_ttl
+    return guard_for(key, g.caller, route, params, model, ttl_seconds=ttl, **decided)
+
+
+def guard_for(
+    key: str,
+    caller: str,
+    route: str,
+    params: dict[str, Any],
+    model: Any,
+    *,
+    ttl_seconds: int,
+    **decided: Any,
+) -> Guard:
+    """The guard of `key` in `caller`'s scope for a POST to `route` with this body (`model`):
+    what `write_guard` builds in a request, and the command line outside one."""
     body = model.model_dump(mode="json", exclude={"idempotency_key", "metadata"}, exclude_none=True)
     body.update(decided)
     metadata = getattr(model, "metadata", None)
     if metadata is not None:  # its numbers stay exact Decimals, not strings
         body["metadata"] = metadata
     return Guard(
-        key=IdempotencyKey.from_key(key, g.caller),  # the scope: set by the auth hook
+        key=IdempotencyKey.from_key(key, caller),  # the scope: set by the auth hook
         path=request_path("POST", route),
         fingerprint=fingerprint("POST", route, params, body),
-        ttl_seconds=app.settings.idempotency_key_ttl,
+        ttl_seconds=ttl_seconds,
     )
 
 
@@ -272,7 +288,7 @@ async def post_payment() -> Response:
             )
         if problem := service.amount_problem(model.amount, currency):
             raise APIError(400, "AMOUNT_NOT_REPRESENTABLE", problem)
-    guard = _guard(key, "/payments", {}, model, currency=currency)
+    guard = write_guard(key, "/payments", {}, model, currency=currency)
     outcome = await service.create_payment(
         app.pool,
         model,
@@ -341,7 +357,7 @@ async def payment_write(
     data = await json_body()
     key = _idempotency_key(data)
     model = validate_model(model_type, data)
-    guard = _guard(key, route, {"payment_id": payment_id}, model)
+    guard = write_guard(key, route, {"payment_id": payment_id}, model)
     pool = current_payment_app().pool
     return await operation(pool, payment_id, model, guard=guard)
 

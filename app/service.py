@@ -36,7 +36,9 @@ from app.idempotency import (
     key_in_progress,
     select_key_answer,
 )
-from app.models import CreatePayment, CreateRefund, Settle
+from app.models import CreatePayment, CreateRefund, Settle, validate_model
+from payment_service import audit
+from payment_service.audit import Operator, Target
 from payment_service.config import Settings
 from payment_service.database import acquire
 from payment_service.gateway.amounts import to_minor_units
@@ -336,10 +338,26 @@ def trip_already_charged(payment_id: int) -> APIError:
     )
 
 
+def operator_decision(
+    key: str, status: str, reason: str, gateway_reference: str | None = None
+) -> Settle:
+    """The settlement an operator decides outside the admin API (the console's review page,
+    `payment-service gateway settle`): `reason` goes to the audit log, and is a FAILED payment's
+    failure message too. Raises APIError 400 for a value the admin API would refuse."""
+    data: dict[str, Any] = {"idempotency_key": key, "status": status, "reason": reason}
+    if status == "FAILED":
+        data["failure_reason"] = reason
+    if gateway_reference:
+        data["gateway_reference"] = gateway_reference
+    return validate_model(Settle, data)
+
+
 async def settle_payment(
-    pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard
+    pool: asyncpg.Pool, payment_id: int, request: Settle, *, guard: Guard, operator: Operator
 ) -> Outcome:
-    """An operator's decision on a PENDING payment (POST /admin/payments/{id}/settlement)."""
+    """An operator's decision on a PENDING payment (POST /admin/payments/{id}/settlement, the
+    console's gateway review): recorded in the audit log (`payment.settle`, who, the status before
+    and after) in the transaction of the change; a replay of its key records nothing again."""
 
     async def decide(conn: asyncpg.Connection) -> Outcome:
         payment = await _claim_then_lock(conn, guard, payment_id)
@@ -366,13 +384,29 @@ async def settle_payment(
                 f"Payment {payment_id} is being charged at the gateway right now; retry shortly.",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
+        failure_reason = request.failure_reason if request.status == "FAILED" else None
         body = await payments.update_payment_settlement(
             conn,
             guard=guard,
             payment_id=payment_id,
             status=request.status,
             gateway_reference=request.gateway_reference,
-            failure_reason=request.failure_reason if request.status == "FAILED" else None,
+            failure_reason=failure_reason,
+        )
+        decided: dict[str, str] = {"status": request.status}
+        if request.gateway_reference is not None:
+            # Any text: one holding what looks like a signing secret is not recorded.
+            reference = request.gateway_reference
+            secret = audit.masked(reference) != reference
+            decided["gateway_reference"] = "(not recorded: like a secret)" if secret else reference
+        await audit.record(
+            conn,
+            operator=operator,
+            action="payment.settle",
+            target=Target("payment", str(payment_id)),
+            before={"status": payment["status"]},
+            after=decided,
+            reason=request.reason or failure_reason,
         )
         return Outcome(200, body)
 

@@ -4,9 +4,11 @@
 a fresh database on the PostgreSQL server at URL (default: DATABASE_URL's server), migrates it,
 fills it as a busy service leaves it — N deliveries (default 1,000,000) over four endpoints, one
 event per payment to each, nearly all delivered, some pending and some dead with their attempt
-logs, and 100,000 audit entries — then starts `payment-service serve` on it with an admin key,
-signs in to the console and asks for each page `--requests` times, printing the median and the
-slowest answer of each. The database is dropped at the end unless `--keep`.
+logs, every payment charged at the gateway with a webhook (one in a thousand flagged for review,
+one in a hundred refunded there), and 100,000 audit entries — then starts `payment-service
+serve` on it with an admin key, signs in to the console and asks for each page `--requests`
+times, printing the median and the slowest answer of each. The database is dropped at the end
+unless `--keep`.
 
 A measurement to run by hand (docs/benchmarks.md records one), never a timed test: the figures
 depend on the machine and what else runs on it.
@@ -91,6 +93,29 @@ SELECT e.id, n.endpoint_id, e.aggregate_id, s.status, s.attempts, s.attempts,
  WHERE n.name = ANY ($endpoints::text[])
  ORDER BY e.id, n.endpoint_id;
 
+-- Every payment charged at the gateway (its intent pi_<id>) with one webhook; every hundredth
+-- refunded there (re_<id>); every thousandth charge flagged for review.
+INSERT INTO gateway_operations (kind, payment_id, phase, key_hash, caller, intent_id, outcome)
+SELECT 'CHARGE', payment_id, CASE WHEN payment_id % 1000 = 3 THEN 'REVIEW' ELSE 'DONE' END,
+       idempotency_hash, 'default', 'pi_' || payment_id, 'success'
+  FROM payments;
+
+INSERT INTO payment_refunds (payment_id, amount, idempotency_hash, gateway_refund_id)
+SELECT payment_id, 1.00, idempotency_hash, 're_' || payment_id
+  FROM payments
+ WHERE payment_id % 100 = 11;
+
+INSERT INTO gateway_operations
+       (kind, payment_id, refund_id, phase, key_hash, caller, intent_id, gateway_refund_id)
+SELECT 'REFUND', payment_id, refund_id, 'DONE', idempotency_hash, 'default',
+       'pi_' || payment_id, 're_' || payment_id
+  FROM payment_refunds;
+
+INSERT INTO gateway_events (event_id, gateway_type, object_id, payment_id, outcome, created_at)
+SELECT 'evt_' || payment_id, 'payment_intent.succeeded', 'pi_' || payment_id, payment_id,
+       'applied', created_at
+  FROM payments;
+
 INSERT INTO audit_log (at, actor, action, target_kind, target_id, origin, before, after)
 SELECT now() - make_interval(secs => $audit - g),
        CASE WHEN g % 10 = 0 THEN 'cli:alice' ELSE 'admin:ops' END,
@@ -163,6 +188,11 @@ async def measure(base: str, requests: int) -> list[Timing]:
             "payment search (reference)": "/payments?q=PAY-20250101-0000006b",
             "payment search (trip or id)": "/payments?q=107",
             "payment story": f"/payments/{dead_payment}",
+            "payment search (intent)": "/payments?q=pi_107",
+            "payment search (gateway refund)": "/payments?q=re_111",
+            "payment story (gateway refund)": "/payments/111",
+            "gateway review": "/gateway/review",
+            "gateway review, later page": "/gateway/review?after=100000",
             "audit": "/audit",
             "audit, one actor": "/audit?actor=cli:alice",
             "audit, one target, older page": f"/audit?target=endpoint:trip&before={older}",

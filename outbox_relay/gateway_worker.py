@@ -35,7 +35,7 @@ import asyncpg
 from outbox_relay.state import RelayState, error_text, wait_for
 from payment_service.database import UNAVAILABLE_ERRORS, acquire, create_pool
 from payment_service.gateway.interface import Gateway
-from payment_service.money import charges, operations, refunds
+from payment_service.money import charges, operations, refunds, review
 from payment_service.money.operations import Operation
 from payment_service.money.results import Decided, LeaseLost, Undecided
 from payment_service.money.schedule import check_delay
@@ -101,7 +101,7 @@ class GatewayWorker:
         self._review_read_at = loop.time()
         assert self.pool is not None
         async with acquire(self.pool) as conn:
-            self.state.metrics.gateway_review.set(await operations.count_review(conn))
+            self.state.metrics.gateway_review.set(await review.count_review(conn))
 
     async def _take_on(self, operation: Operation) -> None:
         async with self._slots:

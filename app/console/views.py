@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,13 +25,18 @@ from typing import Any
 from quart import Blueprint, Response, g, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 
-from app import payments
+from app import payments, service
+from app.admin import SETTLEMENT_ROUTE
+from app.console.reconciliation import Reconciliation, last_reconciliation
 from app.console.session import COOKIE, CSRF_FIELD, IDLE_SECONDS, ConsoleSession, Sessions
 from app.context import current_payment_app
+from app.errors import APIError
 from app.hooks import key_of_token
+from app.routes import write_guard
 from payment_service import audit, deliveries, endpoints
 from payment_service.audit import Operator
 from payment_service.endpoints import Endpoint, EndpointError, EndpointNotFound
+from payment_service.money import history, review
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,7 @@ async def require_session() -> Response | None:
         if not session.csrf_matches(form.get(CSRF_FIELD, "")):
             return await _refused(403, "This form is stale or not the console's: reload the page.")
     g.console_session = session
+    g.caller = f"console:{session.key_name}"  # the access log's caller, the scope of its keys
     return None
 
 
@@ -265,17 +272,46 @@ def attention_first(
     )
 
 
+@dataclass(frozen=True)
+class GatewayAttention:
+    """The gateway's part of the overview: the review queue and the last reconciliation."""
+
+    review: int  # operations flagged for review
+    reconciliation: Reconciliation | None  # None: never run
+
+    @property
+    def differences(self) -> int:
+        return self.reconciliation.differences if self.reconciliation else 0
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.review > 0 or self.differences > 0
+
+    def summary(self) -> str:
+        """What needs attention, in words."""
+        parts = []
+        if self.review:
+            what = "charge or refund" if self.review == 1 else "charges or refunds"
+            parts.append(f"{self.review} {what} flagged for review")
+        if self.differences:
+            what = "difference" if self.differences == 1 else "differences"
+            parts.append(f"{self.differences} {what} in the last reconciliation")
+        return "; ".join(parts)
+
+
 @blueprint.get("/")
 async def overview() -> Response:
     async with current_payment_app().connection() as conn:
         found = await endpoints.select_endpoints(conn)
         backlog = {b.name: b for b in await deliveries.select_backlog(conn)}
+        gateway = GatewayAttention(await review.count_review(conn), await last_reconciliation(conn))
     rows = attention_first(found, backlog)
     return await _page(
         "overview.html",
         rows=rows,
         attention=sum(row.why is not None for row in rows),
         lagging_seconds=LAGGING_SECONDS,
+        gateway=gateway,
     )
 
 
@@ -467,23 +503,29 @@ async def post_endpoint_action(name: str, action: str) -> Response:
 
 # -- a payment's story ----------------------------------------------------------------------------
 REFERENCE = re.compile(r"^PAY-[0-9]{8}-[0-9a-f]{8}$")
+# The gateway's ids: `pi_…` (an intent), `re_…` (a refund), letters, digits and underscores.
+GATEWAY_ID = re.compile(r"^[a-z]{1,10}_[A-Za-z0-9_]{1,200}$")
 MAX_ID = 2**63 - 1
 
 
 def search_terms(text: str) -> dict[str, Any]:
-    """What a search for `text` looks for: a reference (`PAY-20250131-1a2b3c4d`), or digits as a
-    payment id and a trip id at once; nothing for anything else."""
+    """What a search for `text` looks for: a reference (`PAY-20250131-1a2b3c4d`), digits as a
+    payment id and a trip id at once, a gateway id (`pi_…`, `re_…`) as a charge's intent and a
+    refund's id at once; nothing for anything else."""
     text = text.strip()
     if REFERENCE.fullmatch(text):
         return {"reference": text}
     if text.isascii() and text.isdigit() and 0 < int(text) <= MAX_ID:
         return {"payment_id": int(text), "trip_id": int(text)}
+    if GATEWAY_ID.fullmatch(text):
+        return {"intent_id": text, "gateway_refund_id": text}
     return {}
 
 
 @blueprint.get("/payments")
 async def payment_search() -> Response:
-    """Find a payment by its id, its trip's id or its reference; one match goes to its story."""
+    """Find a payment by its id, its trip's id, its reference or a gateway id of its charge or
+    refunds; one match goes to its story."""
     text = request.args.get("q", "").strip()[:100]
     terms = search_terms(text)
     found: list[Any] = []
@@ -499,11 +541,13 @@ async def payment_search() -> Response:
 
 @blueprint.get("/payments/<payment_id:payment_id>")
 async def payment_story(payment_id: int) -> Response:
-    """The payment and its refunds, then its events, each with its deliveries and attempts."""
+    """The payment and its refunds, then its operations and webhooks at the gateway, then its
+    events, each with its deliveries and attempts."""
     async with current_payment_app().connection() as conn:
         document = await payments.select_payment_document(conn, payment_id=payment_id)
         if document is None:
             return await _refused(404, f"No payment with payment_id {payment_id}.")
+        gateway = await history.select_gateway_story(conn, payment_id=payment_id)
         events = await deliveries.select_payment_events(conn, payment_id=payment_id)
     payment = json.loads(document, parse_float=Decimal)
     return await _page(
@@ -512,9 +556,98 @@ async def payment_story(payment_id: int) -> Response:
         metadata=json.dumps(
             payment.get("metadata") or {}, indent=2, ensure_ascii=False, default=str
         ),
+        gateway=gateway,
+        webhooks_shown=history.WEBHOOKS_SHOWN,
         events=events,
         attempts_shown=deliveries.ATTEMPTS_SHOWN,
     )
+
+
+# -- gateway review -------------------------------------------------------------------------------
+REVIEW_PAGE = 20  # flagged operations per page (the gateway is asked about each)
+DECISIONS = {"SUCCESS": "Succeeded", "FAILED": "Failed"}
+
+
+def _gateway() -> Any:
+    """The gateway the API charges at (None with GATEWAY=none): asked, never closed here."""
+    charging = current_payment_app().charging
+    return None if charging is None else charging.gateway
+
+
+@blueprint.get("/gateway/review")
+async def gateway_review() -> Response:
+    """The charges and refunds whose outcome is unknown, oldest first, with what the gateway says
+    about each now, and a decision for each payment still PENDING."""
+    after_text = request.args.get("after", "")
+    after = int(after_text) if after_text.isdigit() and len(after_text) < 19 else 0
+    async with current_payment_app().connection() as conn:
+        page = await review.select_review_page(conn, after=after, limit=REVIEW_PAGE)
+        total = await review.count_review(conn)
+    items = await review.ask_the_gateway(_gateway(), page.items)  # no connection held meanwhile
+    later = None
+    if page.has_more:
+        later = url_for("console.gateway_review", after=items[-1].operation.operation_id)
+    decided = request.args.get("decided", "")
+    return await _page(
+        "review.html",
+        items=items,
+        total=total,
+        later=later,
+        paged=after > 0,
+        decided=int(decided) if decided.isdigit() and len(decided) < 19 else None,
+    )
+
+
+@blueprint.get("/gateway/review/<payment_id:payment_id>/<status>")
+async def confirm_decision(payment_id: int, status: str) -> Response:
+    """The confirmation page of a decision: the payment, what the gateway says, the form."""
+    if status not in DECISIONS:
+        return await _refused(404, "A decision is SUCCESS or FAILED.")
+    async with current_payment_app().connection() as conn:
+        document = await payments.select_payment_document(conn, payment_id=payment_id)
+        if document is None:
+            return await _refused(404, f"No payment with payment_id {payment_id}.")
+        charge = await review.select_open_charge(conn, payment_id=payment_id)
+    if charge is not None:  # asked with no connection held
+        charge = (await review.ask_the_gateway(_gateway(), [charge]))[0]
+    return await _page(
+        "decide.html",
+        payment=json.loads(document, parse_float=Decimal),
+        decision=status,
+        title=DECISIONS[status],
+        charge=charge,
+        key=f"console-decision-{uuid.uuid4()}",  # a second submit of this form replays the first
+    )
+
+
+@blueprint.post("/gateway/review/<payment_id:payment_id>/<status>")
+async def post_decision(payment_id: int, status: str) -> Response:
+    """Settle the payment as decided, through the admin API's settlement (audited there as
+    `payment.settle` by `console:<key name>`); then back to the review page."""
+    if status not in DECISIONS:
+        return await _refused(404, "A decision is SUCCESS or FAILED.")
+    form = await request.form
+    reason = form.get("reason", "").strip()
+    if not reason:
+        return await _refused(400, "Say why (the reason goes to the audit log).")
+    reference = form.get("gateway_reference", "").strip() or None
+    try:
+        model = service.operator_decision(form.get("key", ""), status, reason, reference)
+        guard = write_guard(
+            model.idempotency_key or "", SETTLEMENT_ROUTE, {"payment_id": payment_id}, model
+        )
+        outcome = await service.settle_payment(
+            current_payment_app().pool, payment_id, model, guard=guard, operator=_operator()
+        )
+    except APIError as error:
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in error.errors or [])
+        return await _refused(error.status, f"{error.detail} {detail}".strip())
+    if outcome.status != 200:
+        problem = json.loads(outcome.body)
+        return await _refused(outcome.status, str(problem.get("detail", "Refused.")))
+    if not outcome.replayed:
+        current_payment_app().notifier.poke()  # its outbox event is committed
+    return _redirect(url_for("console.gateway_review", decided=payment_id))
 
 
 # -- replays ---------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import each other; what they share lives here:
 - `charges` and `refunds`: the calls of phase 2 and the statements of phase 3, as state
   machines over what the gateway answers;
 - `webhooks`: the gateway's events applied forward-only;
-- `schedule`: how long to wait before asking the gateway again.
+- `schedule`: how long to wait before asking the gateway again;
+- `review`: the operations flagged for review and what the gateway says about each now;
+- `history`: a payment's operations and webhooks at the gateway, for the console's story.
 docs/gateway.md describes the phases; `payment_service.gateway` is the gateway itself.
 """

@@ -342,31 +342,6 @@ async def seconds_until_due(conn: asyncpg.Connection) -> float | None:
     return None if value is None else float(value)
 
 
-# -- review ---------------------------------------------------------------------------------------
-REVIEW_COUNT = "SELECT count(*) FROM gateway_operations WHERE phase = 'REVIEW'"
-
-REVIEW = f"""
-SELECT {OPERATION_SELECT},
-       o.last_error, o.next_check_at, o.created_at AS staged_at, p.status AS payment_status,
-       r.status AS refund_status
-  FROM gateway_operations AS o
-  JOIN payments AS p ON p.payment_id = o.payment_id
-  LEFT JOIN payment_refunds AS r ON r.refund_id = o.refund_id
- WHERE o.phase = 'REVIEW'
- ORDER BY o.operation_id
-"""
-
-
-async def count_review(conn: asyncpg.Connection) -> int:
-    """Operations flagged for review (outcome unknown after GATEWAY_MAX_CHECKS checks)."""
-    return int(await conn.fetchval(REVIEW_COUNT))
-
-
-async def select_review(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """The operations flagged for review, oldest first, with their payment's and refund's state."""
-    return list(await conn.fetch(REVIEW))
-
-
 # -- finding an operation -------------------------------------------------------------------------
 CHARGE_OF_INTENT = Statement(
     f"""

@@ -15,6 +15,7 @@ import pytest
 
 from payment_service import audit
 from payment_service.audit import Operator, Target
+from tests.support.api import ApiFactory, create_payment
 from tests.support.audit import EVERY_ENDPOINT_ACTION, audit_rows, audit_text
 from tests.support.commands import Finished, run_to_end
 from tests.support.database import insert_events
@@ -162,3 +163,47 @@ async def test_outbox_replays_are_audited_as_the_user_running_them(
     assert json.loads(rows[2]["after"])["replayed"] == 0, (
         "asked for, and recorded, with nothing done"
     )
+
+
+async def test_a_settlement_from_the_command_line_is_audited_as_the_user_running_it(
+    cli: Cli, db: asyncpg.Connection, api_factory: ApiFactory
+) -> None:
+    """`gateway settle` decides a PENDING payment through the admin API's settlement: its row
+    `payment.settle` names the operating-system user; a second run with the same key settles
+    nothing more, a decided payment is refused (exit 1), bad input exits 2."""
+    api = await api_factory()
+    pending = await create_payment(api.client, method="UPI")
+    payment_id = str(pending["payment_id"])
+
+    settled = cli(
+        "gateway", "settle", payment_id, "FAILED", "--reason", "bank: <b>declined</b>",
+        "--idempotency-key", "cli-settle-1",
+    )  # fmt: skip
+    assert settled.returncode == 0, settled.stderr
+    assert f"payment {payment_id} {pending['reference']}: FAILED" in settled.stdout
+    again = cli(
+        "gateway", "settle", payment_id, "FAILED", "--reason", "bank: <b>declined</b>",
+        "--idempotency-key", "cli-settle-1",
+    )  # fmt: skip
+    assert again.returncode == 0 and "already" in again.stdout, again.stderr
+    refused = cli("gateway", "settle", payment_id, "SUCCESS", "--reason", "changed my mind")
+    assert refused.returncode == 1 and "is FAILED" in refused.stderr, refused.stderr
+    missing = cli("gateway", "settle", "987654", "SUCCESS", "--reason", "who?")
+    assert missing.returncode == 1 and "No payment" in missing.stderr, missing.stderr
+    for bad in (["SUCCESS"], ["MAYBE", "--reason", "x"]):  # argparse: usage, then the error
+        assert cli("gateway", "settle", payment_id, *bad).returncode == 2, bad
+    empty = cli("gateway", "settle", payment_id, "SUCCESS", "--reason", "")
+    assert empty.returncode == 2 and len(empty.error_lines) == 1, empty.stderr
+    assert "reason" in empty.stderr
+
+    (row,) = await audit_rows(db, action="payment.settle")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert (row["actor"], row["origin"]) == (f"cli:{user}", f"cli@{socket.gethostname()}")
+    assert (row["target_kind"], row["target_id"]) == ("payment", payment_id)
+    assert json.loads(row["before"]) == {"status": "PENDING"}
+    assert json.loads(row["after"]) == {"status": "FAILED"}
+    assert row["reason"] == "bank: <b>declined</b>"
+    failure = await db.fetchval(
+        "SELECT failure_message FROM payments WHERE payment_id = $1", pending["payment_id"]
+    )
+    assert failure == "bank: <b>declined</b>"

@@ -4,7 +4,9 @@ whose receiver fails with its breaker open at the top of the overview, pauses an
 confirmation, finds a payment's story by its reference, replays the dead deliveries after a
 preview, and finds each action in the audit log; without a session or without the CSRF token
 nothing is done; and what comes from outside (a receiver's answer, metadata, a reason) renders as
-text.
+text. With the embedded gateway (a real localstripe process): the operator finds a payment's
+story by its intent id, sees the gateway review queue first on the overview, and decides a
+charge flagged for review, audited.
 
 Few tests, one browser for the session. With CONSOLE_SCREENSHOTS=<folder> they save each page
 there (`python -m tests.support.screenshots` writes docs/console/)."""
@@ -22,11 +24,14 @@ import httpx
 import pytest
 
 from payment_service.endpoints import select_endpoint
+from payment_service.gateway.embedded import EmbeddedGateway
 from tests.support.api import payment_body
 from tests.support.browser import Browser
 from tests.support.console import CONSOLE
 from tests.support.environment import minimal_environment
-from tests.support.processes import ApiProcess, RelayLauncher, RelayProcess
+from tests.support.fault_proxy import DROP_AFTER_FORWARD, FaultProxy, answer, matching
+from tests.support.gateway import gateway_settings
+from tests.support.processes import ApiProcess, RelayLauncher, RelayProcess, dump_logs
 from tests.support.receiver import Delivery, Receiver, Reply, answer_ok, subscribed
 from tests.support.waiting import wait_for
 
@@ -94,7 +99,7 @@ async def stack(
             await api.terminate()
 
 
-async def sign_in(browser: Browser, stack: Stack) -> None:
+async def sign_in(browser: Browser, stack: Stack | GatewayStack) -> None:
     await browser.open(stack.url("/"))
     assert (await browser.url()).endswith(CONSOLE + "/sign-in")
     await browser.screenshot("sign-in")
@@ -208,3 +213,119 @@ async def test_without_a_session_or_its_csrf_token_nothing_is_done(
     assert (await select_endpoint(stack.conn, "notification")).state == "ACTIVE"
     done = "SELECT count(*) FROM audit_log WHERE actor LIKE 'console:%'"
     assert await stack.conn.fetchval(done) == 0
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+CONFIRM = matching("POST", r"/v1/payment_intents/\w+/confirm")
+DECISION = "the gateway says the intent succeeded"
+
+
+@dataclass
+class GatewayStack:
+    api: ApiProcess
+    relay: RelayProcess
+    to_gateway: FaultProxy  # between the API and the gateway
+    conn: asyncpg.Connection
+
+    def url(self, path: str) -> str:
+        return self.api.base_url + CONSOLE + path
+
+    async def pay(self, expected: int) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=self.api.base_url, timeout=30) as client:
+            response = await client.post("/payments", json=payment_body(amount="31.50"))
+        assert response.status_code == expected, response.text
+        made: dict[str, Any] = response.json()
+        return made
+
+
+@pytest.fixture
+async def gateway_stack(
+    tmp_path: Path, database_url: str, conn: asyncpg.Connection, relays: RelayLauncher,
+    embedded_gateway: EmbeddedGateway, proxy_factory: Any,
+) -> AsyncIterator[GatewayStack]:  # fmt: skip
+    """`serve` charging at the embedded gateway through a fault proxy, and a relay whose gateway
+    worker finds the gateway down (its own proxy answers 503 to everything) and flags what it
+    cannot learn for review after 2 checks."""
+    to_gateway: FaultProxy = await proxy_factory(embedded_gateway.base_url)
+    down: FaultProxy = await proxy_factory(embedded_gateway.base_url)
+    down.on(matching(path=r"/v1/.*"), answer(503), times=None)
+    env = minimal_environment(
+        database_url=database_url,
+        environment="test",
+        log_level="WARNING",
+        admin_api_keys=f"ops:{TOKEN}",
+        **gateway_settings(to_gateway.base_url, gateway_timeout_seconds=1),
+    )
+    api = ApiProcess("api", env, tmp_path, workers=1)
+    api.start()
+    try:
+        await api.wait_ready()
+        relay = relays.start(**gateway_settings(down.base_url, gateway_max_checks=2))
+        yield GatewayStack(api, relay, to_gateway, conn)
+    finally:
+        await api.terminate()
+
+
+async def test_an_operator_follows_a_charge_at_the_gateway_and_decides_one_flagged_for_review(
+    browser: Browser, gateway_stack: GatewayStack
+) -> None:
+    stack = gateway_stack
+    await sign_in(browser, stack)
+    charged = await stack.pay(200)
+    intent = charged["gateway_reference"]
+    assert intent.startswith("pi_"), charged
+
+    # A payment's story, found by its intent at the gateway.
+    await browser.click("nav a[href$='/payments']")
+    await browser.fill("#q", intent)
+    await browser.click("form.filters button")
+    assert (await browser.url()).endswith(f"{CONSOLE}/payments/{charged['payment_id']}")
+    operations = await browser.text("#gateway-operations tbody")
+    assert intent in operations and "DONE" in operations and "charge" in operations
+    await browser.screenshot("payment-gateway")
+
+    # A charge whose answer is lost, then the gateway down for the worker: flagged for review.
+    stack.to_gateway.on(CONFIRM, DROP_AFTER_FORWARD)
+    pending = await stack.pay(202)
+
+    async def flagged() -> bool:
+        phase = await stack.conn.fetchval(
+            "SELECT phase FROM gateway_operations WHERE payment_id = $1", pending["payment_id"]
+        )
+        return bool(phase == "REVIEW")
+
+    try:
+        await wait_for(flagged, timeout=60, what="the charge to be flagged for review")
+    except AssertionError:
+        raise AssertionError(dump_logs([stack.relay])) from None
+
+    await browser.open(stack.url("/"))
+    assert "flagged for review" in await browser.text("#gateway-attention")
+    first = await browser.run_script("return document.querySelector('main table').id")
+    assert first == "gateway", "the review queue comes before the endpoints"
+    assert "never run" in await browser.text("#gateway-reconciliation")
+    await browser.screenshot("overview-gateway")
+
+    await browser.click("#gateway-review a")
+    row = await browser.text("#review tbody")
+    assert str(pending["payment_id"]) in row and "31.50" in row
+    assert "intent SUCCEEDED" in row, "the gateway's view, asked now (the API reaches it)"
+    await browser.screenshot("review")
+    await browser.click(f"#succeed-{pending['payment_id']}")
+    assert "succeeded?" in await browser.text("h1")
+    assert "intent SUCCEEDED" in await browser.text("#gateway-says")
+    await browser.fill("#reason", DECISION)
+    await browser.screenshot("decide")
+    await browser.click("#confirm")
+    assert f"Payment {pending['payment_id']} is decided" in await browser.text("#decided")
+    assert "Nothing is flagged for review." in await browser.text("#review tbody")
+    status = await stack.conn.fetchval(
+        "SELECT status FROM payments WHERE payment_id = $1", pending["payment_id"]
+    )
+    assert status == "SUCCESS"
+
+    await browser.click("#decided a")  # the audit log, filtered to the payment
+    log = await browser.text("#audit tbody")
+    assert "payment.settle" in log and "console:ops" in log and DECISION in log, log
+    assert "PENDING" in log and "SUCCESS" in log, "the status before and after"
+    assert await browser.run_script("return window.pwned === undefined")

@@ -5,6 +5,7 @@ POST /payments/{id}/settlement is gone: 410 with a pointer."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -27,7 +28,9 @@ from tests.support.api import (
     post_json,
     settle,
 )
+from tests.support.audit import audit_rows
 from tests.support.database import outbox_rows
+from tests.support.environment import new_signing_secret
 
 
 @pytest.fixture
@@ -166,6 +169,62 @@ async def test_settlement_replay(client: httpx.AsyncClient, db: asyncpg.Connecti
     assert first.status_code == 200, first.text
     assert_replay(first, await post_json(client, path, body, headers=ADMIN_AUTH))
     assert await db.fetchval("SELECT count(*) FROM outbox_events") == 2
+
+
+async def test_settlements_are_audited_once_in_their_transaction(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """Each settlement is one `payment.settle` row naming the admin key, the status before and
+    after, and the reason; a replay of its key, a refused one and a 404 record nothing."""
+    won = await create_payment(client, method="UPI")
+    lost = await create_payment(client, method="UPI")
+    body = {
+        "idempotency_key": new_key("settle"),
+        "status": "SUCCESS",
+        "gateway_reference": "gw-42",
+        "reason": "the bank's statement shows it",
+    }
+    path = f"/admin/payments/{won['payment_id']}/settlement"
+    first = await post_json(client, path, body, headers=ADMIN_AUTH)
+    assert first.status_code == 200, first.text
+    assert_replay(first, await post_json(client, path, body, headers=ADMIN_AUTH))
+    failed = await settle(client, lost["payment_id"], "FAILED", failure_reason="<b>declined</b>")
+    assert failed.status_code == 200, failed.text
+    assert_problem(await settle(client, won["payment_id"], "FAILED"), 409, "PAYMENT_NOT_PENDING")
+    assert_problem(await settle(client, 987654, "SUCCESS"), 404, "PAYMENT_NOT_FOUND")
+
+    rows = await audit_rows(db, action="payment.settle")
+    assert [(r["target_kind"], r["target_id"]) for r in rows] == [
+        ("payment", str(won["payment_id"])),
+        ("payment", str(lost["payment_id"])),
+    ]
+    assert {r["actor"] for r in rows} == {"admin:ops"}
+    assert {r["origin"] for r in rows} == {"127.0.0.1"}
+    assert [(json.loads(r["before"]), json.loads(r["after"])) for r in rows] == [
+        ({"status": "PENDING"}, {"status": "SUCCESS", "gateway_reference": "gw-42"}),
+        ({"status": "PENDING"}, {"status": "FAILED"}),
+    ]
+    assert [r["reason"] for r in rows] == ["the bank's statement shows it", "<b>declined</b>"]
+    # GET /admin/audit shows them, filtered by target.
+    listed = await client.get(
+        "/admin/audit", params={"target": f"payment:{lost['payment_id']}"}, headers=ADMIN_AUTH
+    )
+    assert listed.status_code == 200, listed.text
+    assert [e["action"] for e in listed.json()["data"]] == ["payment.settle"]
+
+
+async def test_a_gateway_reference_like_a_secret_is_masked_in_the_audit_log(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    pending = await create_payment(client, method="UPI")
+    secret = new_signing_secret()
+    response = await settle(client, pending["payment_id"], "SUCCESS", gateway_reference=secret)
+    assert response.status_code == 200, response.text
+    (row,) = await audit_rows(db, action="payment.settle")
+    assert secret not in row["after"] and json.loads(row["after"]) == {
+        "status": "SUCCESS",
+        "gateway_reference": "(not recorded: like a secret)",
+    }
 
 
 async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -> None:

@@ -15,6 +15,7 @@ from app import payments
 from app.console.views import LAGGING_SECONDS, attention_first
 from payment_service import deliveries, endpoints
 from payment_service.deliveries import Backlog
+from payment_service.money import history, review
 from tests.support.audit import OPERATOR
 from tests.support.database import insert_events
 
@@ -138,6 +139,11 @@ async def test_the_payment_search(db: asyncpg.Connection) -> None:
     assert await ids(trip_id=row["trip_id"]) == [row["payment_id"]]
     assert await ids(payment_id=row["payment_id"], trip_id=row["payment_id"]) != []
     assert await ids(reference="PAY-20250101-00000000") == []
+    await _at_the_gateway(db)
+    assert await ids(intent_id=f"pi_{row['payment_id']}") == [row["payment_id"]]
+    assert await ids(gateway_refund_id=f"re_{row['payment_id']}") == [row["payment_id"]]
+    assert await ids(intent_id="pi_0", gateway_refund_id="pi_0") == []
+    assert await ids(intent_id=f"re_{row['payment_id']}") == [], "a refund's id is no intent"
 
 
 def test_what_needs_attention_comes_first() -> None:
@@ -184,6 +190,43 @@ def test_what_needs_attention_comes_first() -> None:
     ]
 
 
+async def _at_the_gateway(db: asyncpg.Connection, review_every: int = 0) -> None:
+    """Every payment charged at the gateway (its intent `pi_<payment id>`), refunded there
+    (`re_<payment id>`), with two webhooks; every `review_every`th charge flagged for review."""
+    await db.execute(
+        """
+        INSERT INTO payment_refunds (payment_id, amount, idempotency_hash, gateway_refund_id)
+        SELECT payment_id, 1, encode(sha256(payment_id::text::bytea), 'hex'), 're_' || payment_id
+          FROM payments;
+        INSERT INTO gateway_operations (kind, payment_id, phase, key_hash, caller, intent_id)
+        SELECT 'CHARGE', payment_id, 'DONE', repeat('a', 64), 'default', 'pi_' || payment_id
+          FROM payments;
+        INSERT INTO gateway_operations
+               (kind, payment_id, refund_id, phase, key_hash, caller, intent_id, gateway_refund_id)
+        SELECT 'REFUND', payment_id, refund_id, 'DONE', repeat('b', 64), 'default',
+               'pi_' || payment_id, 're_' || payment_id
+          FROM payment_refunds;
+        INSERT INTO gateway_events (event_id, gateway_type, object_id, payment_id, outcome,
+                                    created_at)
+        SELECT 'evt_' || payment_id || '_' || n, 'payment_intent.succeeded', 'pi_' || payment_id,
+               payment_id, 'applied', now()
+          FROM payments, generate_series(1, 2) AS n;
+        """
+    )
+    if review_every:
+        await db.execute(
+            "UPDATE gateway_operations SET phase = 'REVIEW'"
+            " WHERE kind = 'CHARGE' AND payment_id % $1 = 0",
+            review_every,
+        )
+
+
+def _search(**terms: object) -> list[Any]:
+    """The search's arguments: these terms, the others None."""
+    names = ("payment_id", "trip_id", "reference", "intent_id", "gateway_refund_id")
+    return payments.MATCHING.args(**{name: terms.get(name) for name in names}, limit=20)
+
+
 async def _plan(db: asyncpg.Connection, sql: str, *args: object) -> str:
     return "\n".join(row[0] for row in await db.fetch("EXPLAIN " + sql, *args))
 
@@ -226,9 +269,7 @@ async def test_the_consoles_statements_cost_what_they_show(db: asyncpg.Connectio
         "search": await _plan(
             db,
             payments.MATCHING.sql,
-            *payments.MATCHING.args(
-                payment_id=payment_id, trip_id=payment_id, reference="PAY-TEST-1", limit=20
-            ),
+            *_search(payment_id=payment_id, trip_id=payment_id, reference="PAY-TEST-1"),
         ),
     }
     for name, plan in plans.items():
@@ -240,3 +281,59 @@ async def test_the_consoles_statements_cost_what_they_show(db: asyncpg.Connectio
         or "deliveries_pending_aggregate_idx" in (plans["failing"])
     ), plans["failing"]
     assert "outbox_events_aggregate_idx" in plans["payment events"], plans["payment events"]
+
+
+async def test_the_consoles_gateway_statements_cost_what_they_show(db: asyncpg.Connection) -> None:
+    """EXPLAIN over 20,000 payments charged and refunded at the gateway (40,000 operations, 40,000
+    webhooks), a few hundred flagged for review: the search by a gateway id, a payment's story at
+    the gateway and the review queue read through indexes, never a whole table."""
+    await insert_events(db, payments=20_000, events_per_payment=1)
+    await _at_the_gateway(db, review_every=97)
+    await db.execute("ANALYZE")
+    payment_id = await db.fetchval("SELECT max(payment_id) FROM payments")
+    plans = {
+        "search by intent": await _plan(
+            db,
+            payments.MATCHING.sql,
+            *_search(intent_id="pi_5", gateway_refund_id="pi_5"),
+        ),
+        "operations": await _plan(
+            db,
+            history.OPERATIONS_OF_PAYMENT.sql,
+            *history.OPERATIONS_OF_PAYMENT.args(payment_id=payment_id),
+        ),
+        "webhooks": await _plan(
+            db,
+            history.WEBHOOKS_OF_PAYMENT.sql,
+            *history.WEBHOOKS_OF_PAYMENT.args(payment_id=payment_id, limit=51),
+        ),
+        "review page": await _plan(
+            db, review.REVIEW_PAGE.sql, *review.REVIEW_PAGE.args(after=0, limit=21)
+        ),
+        "review count": await _plan(db, review.REVIEW_COUNT),
+        "open charge": await _plan(
+            db, review.OPEN_CHARGE.sql, *review.OPEN_CHARGE.args(payment_id=payment_id)
+        ),
+    }
+    for name, plan in plans.items():
+        for table in ("payments", "payment_refunds", "gateway_operations", "gateway_events"):
+            assert f"Seq Scan on {table}" not in plan, f"{name}:\n{plan}"
+    assert "gateway_operations_charge_intent" in plans["search by intent"]
+    assert "payment_refunds_gateway_refund_idx" in plans["search by intent"]
+    assert "gateway_operations_one_per_refund" in plans["operations"], plans["operations"]
+    assert "gateway_events_payment_idx" in plans["webhooks"], plans["webhooks"]
+    assert "gateway_operations_review_idx" in plans["review page"], plans["review page"]
+    # Either partial index holds only the open operations, never the DONE ones.
+    assert any(
+        f"gateway_operations_{index}" in plans["review count"]
+        for index in ("review_idx", "due_idx")
+    ), plans["review count"]
+    page = await review.select_review_page(db, limit=5)
+    assert page.has_more and len(page.items) == 5
+    assert [i.operation.payment_id % 97 for i in page.items] == [0] * 5
+    story = await history.select_gateway_story(db, payment_id=payment_id)
+    assert [(o.kind, o.intent_id) for o in story.operations] == [
+        ("CHARGE", f"pi_{payment_id}"),
+        ("REFUND", f"pi_{payment_id}"),
+    ]
+    assert len(story.webhooks) == 2 and not story.more_webhooks
