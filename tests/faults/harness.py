@@ -217,6 +217,23 @@ def _definitive(status: int, code: str | None) -> bool:
     return not (status == 409 and code == "IDEMPOTENCY_KEY_IN_PROGRESS")
 
 
+async def finish_clients(
+    tasks: list[asyncio.Task[None]], http: httpx.AsyncClient | None, timeout: float
+) -> None:
+    """Wait for the clients' tasks (told to stop) to end, each error raised; close their HTTP
+    client."""
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            task.result()
+        assert not pending, f"{len(pending)} client(s) still busy after {timeout} s"
+    finally:
+        if http is not None:
+            await http.aclose()
+
+
 class LoadGenerator:
     """Virtual clients that charge trips, settle asynchronous payments and refund some of them.
 
@@ -270,16 +287,7 @@ class LoadGenerator:
     async def finish(self, timeout: float = OPERATION_DEADLINE_SECONDS + 30) -> None:
         """Stop starting flows and wait for the ones in progress to get their answers."""
         self.stop()
-        try:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            for task in done:
-                task.result()
-            assert not pending, f"{len(pending)} client(s) still retrying after {timeout} s"
-        finally:
-            if self._http is not None:
-                await self._http.aclose()
+        await finish_clients(self._tasks, self._http, timeout)
 
     # -- what the tests read ------------------------------------------------------------------
     def successes(self) -> int:
