@@ -38,8 +38,9 @@ CREATE INDEX CONCURRENTLY gateway_events_received_idx ON gateway_events (receive
 DROP INDEX CONCURRENTLY IF EXISTS gateway_operations_created_idx;
 CREATE INDEX CONCURRENTLY gateway_operations_created_idx ON gateway_operations (created_at);
 
--- ...and, in a scheduled run, those decided (or otherwise changed) since the window's start,
--- whichever window they were staged in: a payment still PENDING at one run and decided hours
--- later (the review queue) is compared at the next.
-DROP INDEX CONCURRENTLY IF EXISTS gateway_operations_updated_idx;
-CREATE INDEX CONCURRENTLY gateway_operations_updated_idx ON gateway_operations (updated_at);
+-- ...and, in a scheduled run, those decided since the window's start, whichever window they were
+-- staged in: a payment still PENDING at one run and decided hours later (the review queue) is
+-- compared at the next. (An operation's updated_at changes when it is decided, and rarely after.)
+DROP INDEX CONCURRENTLY IF EXISTS gateway_operations_decided_idx;
+CREATE INDEX CONCURRENTLY gateway_operations_decided_idx
+    ON gateway_operations (updated_at) WHERE phase = 'DONE';

@@ -33,7 +33,10 @@ Payments recorded without a gateway (GATEWAY=none, CASH) have no charge at the g
 not compared. The window of our side is the staging time of each charge or refund; the gateway is
 listed over a wider window (`EDGE_SECONDS` either side) so that an intent created just after a
 charge staged just before `until` is found, and an intent recorded but created outside even that
-(a charge finished late by the worker) is asked for by its id.
+(a charge finished late by the worker) is asked for by its id. A scheduled run (`decided_since`)
+also compares the charges and refunds decided since its window's start, whenever they were
+staged: a payment still PENDING at one run (a note) and settled hours later is compared at the
+next, its objects at the gateway asked for by id.
 """
 
 from __future__ import annotations
@@ -169,27 +172,46 @@ def check_window(since: datetime, until: datetime, *, now: datetime | None = Non
 
 
 # -- our side ------------------------------------------------------------------------------------
+# Three index scans, not one OR over them (which reads the whole table): the operations staged in
+# the window; those of the ids the gateway's objects in the window name; and, in a scheduled run
+# (:decided_since), those decided since, whatever window they were staged in.
 CHARGES = Statement(
     """
+    WITH ops AS (
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'CHARGE' AND created_at >= :since AND created_at < :until
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'CHARGE' AND payment_id = ANY(:payment_ids::bigint[])
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'CHARGE' AND phase = 'DONE' AND updated_at >= :decided_since
+    )
     SELECT p.payment_id, p.status, p.amount, p.currency, p.reference, o.intent_id, o.phase
-      FROM gateway_operations AS o
+      FROM ops
+      JOIN gateway_operations AS o ON o.operation_id = ops.operation_id
       JOIN payments AS p ON p.payment_id = o.payment_id
-     WHERE o.kind = 'CHARGE'
-       AND (o.created_at >= :since AND o.created_at < :until
-            OR o.payment_id = ANY(:payment_ids::bigint[]))
     """
 )
 
 REFUNDS = Statement(
     """
+    WITH ops AS (
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'REFUND' AND created_at >= :since AND created_at < :until
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'REFUND' AND refund_id = ANY(:refund_ids::bigint[])
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = 'REFUND' AND phase = 'DONE' AND updated_at >= :decided_since
+    )
     SELECT r.refund_id, r.payment_id, r.amount, r.status, p.currency,
            coalesce(r.gateway_refund_id, o.gateway_refund_id) AS gateway_refund_id, o.intent_id
-      FROM gateway_operations AS o
+      FROM ops
+      JOIN gateway_operations AS o ON o.operation_id = ops.operation_id
       JOIN payment_refunds AS r ON r.refund_id = o.refund_id
       JOIN payments AS p ON p.payment_id = r.payment_id
-     WHERE o.kind = 'REFUND'
-       AND (o.created_at >= :since AND o.created_at < :until
-            OR o.refund_id = ANY(:refund_ids::bigint[]))
     """
 )
 
@@ -211,10 +233,12 @@ async def reconcile(
     *,
     since: datetime,
     until: datetime,
+    decided_since: datetime | None = None,
     progress: Progress | None = None,
 ) -> Reconciliation:
     """Compare our charges and refunds staged in [since, until) with the gateway's intents and
-    refunds created in it, both ways. Raises `WindowError` for a window it cannot compare and the
+    refunds created in it, both ways; with `decided_since` (a scheduled run), also those decided
+    since then, whenever staged (their objects at the gateway asked for by id). Raises `WindowError` for a window it cannot compare and the
     gateway's errors (`GatewayError`) when the gateway cannot be listed."""
     check_window(since, until)
     say = progress or (lambda _message: None)
@@ -232,6 +256,7 @@ async def reconcile(
             *CHARGES.args(
                 since=since,
                 until=until,
+                decided_since=decided_since,
                 payment_ids=sorted({i.payment_id for i in in_window if i.payment_id is not None}),
             ),
         )
@@ -243,6 +268,7 @@ async def reconcile(
             *REFUNDS.args(
                 since=since,
                 until=until,
+                decided_since=decided_since,
                 refund_ids=sorted(
                     {r.refund_id for r in refunds_in_window if r.refund_id is not None}
                 ),
