@@ -175,18 +175,24 @@ def check_window(since: datetime, until: datetime, *, now: datetime | None = Non
 # Three index scans, not one OR over them (which reads the whole table): the operations staged in
 # the window; those of the ids the gateway's objects in the window name; and, in a scheduled run
 # (:decided_since), those decided since, whatever window they were staged in.
+def _operations(kind: str, our_id: str) -> str:
+    """The CTE `ops`: the operations of `kind` to compare, by `our_id` (the column the gateway's
+    objects name)."""
+    return f"""ops AS (
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND created_at >= :since AND created_at < :until
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND {our_id} = ANY(:{our_id}s::bigint[])
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND phase = 'DONE' AND updated_at >= :decided_since
+    )"""
+
+
 CHARGES = Statement(
-    """
-    WITH ops AS (
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'CHARGE' AND created_at >= :since AND created_at < :until
-        UNION
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'CHARGE' AND payment_id = ANY(:payment_ids::bigint[])
-        UNION
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'CHARGE' AND phase = 'DONE' AND updated_at >= :decided_since
-    )
+    f"""
+    WITH {_operations("CHARGE", "payment_id")}
     SELECT p.payment_id, p.status, p.amount, p.currency, p.reference, o.intent_id, o.phase
       FROM ops
       JOIN gateway_operations AS o ON o.operation_id = ops.operation_id
@@ -195,17 +201,8 @@ CHARGES = Statement(
 )
 
 REFUNDS = Statement(
-    """
-    WITH ops AS (
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'REFUND' AND created_at >= :since AND created_at < :until
-        UNION
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'REFUND' AND refund_id = ANY(:refund_ids::bigint[])
-        UNION
-        SELECT operation_id FROM gateway_operations
-         WHERE kind = 'REFUND' AND phase = 'DONE' AND updated_at >= :decided_since
-    )
+    f"""
+    WITH {_operations("REFUND", "refund_id")}
     SELECT r.refund_id, r.payment_id, r.amount, r.status, p.currency,
            coalesce(r.gateway_refund_id, o.gateway_refund_id) AS gateway_refund_id, o.intent_id
       FROM ops
@@ -238,8 +235,9 @@ async def reconcile(
 ) -> Reconciliation:
     """Compare our charges and refunds staged in [since, until) with the gateway's intents and
     refunds created in it, both ways; with `decided_since` (a scheduled run), also those decided
-    since then, whenever staged (their objects at the gateway asked for by id). Raises `WindowError` for a window it cannot compare and the
-    gateway's errors (`GatewayError`) when the gateway cannot be listed."""
+    since then, whenever staged (their objects at the gateway asked for by id). Raises
+    `WindowError` for a window it cannot compare and the gateway's errors (`GatewayError`) when
+    the gateway cannot be listed."""
     check_window(since, until)
     say = progress or (lambda _message: None)
     intents, gateway_refunds = await _list(gateway, since, until, say)

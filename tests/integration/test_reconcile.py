@@ -564,6 +564,6 @@ async def test_a_payment_settled_after_its_window_is_compared_at_the_next_schedu
             await conn.close()
     assert second.since == first["until"] - timedelta(hours=3) - OVERLAP
     assert second.until == now
-    assert [
-        (d["kind"], d["payment_id"], d["intent_id"]) for d in second.report["differences"]
-    ] == [("charged_at_gateway", staged, intent_id)]
+    assert [(d["kind"], d["payment_id"], d["intent_id"]) for d in second.report["differences"]] == [
+        ("charged_at_gateway", staged, intent_id)
+    ]
