@@ -36,7 +36,9 @@ charge staged just before `until` is found, and an intent recorded but created o
 (a charge finished late by the worker) is asked for by its id. A scheduled run (`decided_since`)
 also compares the charges and refunds decided since its window's start, whenever they were
 staged: a payment still PENDING at one run (a note) and settled hours later is compared at the
-next, its objects at the gateway asked for by id.
+next, its objects at the gateway asked for by id. The gateway is listed before our rows are read:
+a charged_without_intent, charged_at_gateway or refund_missing_at_gateway is recorded only if the
+object it is about, asked for again after our read, still makes it one.
 """
 
 from __future__ import annotations
@@ -320,9 +322,8 @@ async def _charges(
         listed = {
             i.id: i for i in of_payment.get(payment_id, {}).values() if _same_reference(charge, i)
         }
-        _compare_charge(
-            result, charge, await _with_recorded(listed, charge["intent_id"], gateway.retrieve)
-        )
+        intents_now = await _with_recorded(listed, charge["intent_id"], gateway.retrieve)
+        await compare_again(result, _compare_charge, charge, intents_now, gateway.retrieve)
 
 
 def _stranger(intent: Intent, charges: dict[int, asyncpg.Record]) -> tuple[Kind, str] | None:
@@ -474,7 +475,7 @@ async def _refunds(
     for refund_id, row in sorted(refunds.items()):
         listed = {i: r for i, r in of_refund.get(refund_id, {}).items() if _same_intent(row, r)}
         made = await _with_recorded(listed, row["gateway_refund_id"], gateway.retrieve_refund)
-        _compare_refund(result, row, made)
+        await compare_again(result, _compare_refund, row, made, gateway.retrieve_refund)
 
 
 def _same_intent(row: asyncpg.Record, refund: Refund) -> bool:
@@ -536,6 +537,14 @@ def _compare_refund(result: Reconciliation, row: asyncpg.Record, made: list[Refu
             )
 
 
+# The differences a change between the gateway's listing and our read can make up: an intent
+# listed PROCESSING that succeeded (or failed) and that we recorded so in between. Before one is
+# recorded, the gateway's object it is about is asked for again and compared once more.
+RECHECKED = frozenset(
+    {Kind.CHARGED_WITHOUT_INTENT, Kind.CHARGED_AT_GATEWAY, Kind.REFUND_MISSING_AT_GATEWAY}
+)
+
+
 class _GatewayObject(Protocol):
     @property
     def id(self) -> str: ...
@@ -552,6 +561,40 @@ def _grouped(objects: Iterable[G], our_id: Callable[[G], int | None]) -> dict[in
         if key is not None:
             grouped[key][obj.id] = obj
     return grouped
+
+
+Row = Any  # one of our rows (an asyncpg.Record, or any mapping with its columns)
+
+
+async def compare_again(
+    result: Reconciliation,
+    compare: Callable[[Reconciliation, Row, list[G]], None],
+    row: Row,
+    objects: list[G],
+    retrieve: Callable[[str], Awaitable[G]],
+) -> None:
+    """`compare(result, row, objects)`, but a difference in RECHECKED is recorded only if it is
+    still one against the gateway's state now: the object it names is asked for again (one call
+    per suspected difference; our row was read after the listing, so what the gateway says now
+    is at least as new as our row) and the comparison made once more."""
+    first = Reconciliation(since=result.since, until=result.until)
+    compare(first, row, objects)
+    suspects = {
+        finding.gateway_refund_id
+        if finding.kind == Kind.REFUND_MISSING_AT_GATEWAY
+        else finding.intent_id
+        for finding in first.differences
+        if finding.kind in RECHECKED
+    } - {None}
+    if not suspects:
+        for finding in [*first.differences, *first.notes]:
+            result.add(finding)
+        return
+    fresh = {obj.id: obj for obj in objects}
+    for object_id in sorted(str(suspect) for suspect in suspects):
+        with contextlib.suppress(GatewayNotFound):
+            fresh[object_id] = await retrieve(object_id)
+    compare(result, row, list(fresh.values()))
 
 
 async def _with_recorded(
