@@ -619,7 +619,7 @@ OVERLAP = timedelta(minutes=10)
 
 @dataclass(frozen=True)
 class StoredReconciliation:
-    """One scheduled run, as `gateway_reconciliations` keeps it."""
+    """One scheduled run, as `gateway_reconciliations` keeps it (`report` None: not read)."""
 
     id: int
     started_at: datetime
@@ -627,12 +627,25 @@ class StoredReconciliation:
     since: datetime
     until: datetime
     differences: int
-    report: dict[str, Any]
+    report: dict[str, Any] | None = None
 
 
+_RUN_COLUMNS = "id, started_at, finished_at, since, until, differences"
+
+# The relay reads the last run every minute and the console on every overview: the row without
+# its report, which may be large.
 LATEST = Statement(
+    f"""
+    SELECT {_RUN_COLUMNS}
+      FROM gateway_reconciliations
+     ORDER BY until DESC, id DESC
+     LIMIT 1
     """
-    SELECT id, started_at, finished_at, since, until, differences, report
+)
+
+LATEST_WITH_REPORT = Statement(
+    f"""
+    SELECT {_RUN_COLUMNS}, report::text AS report
       FROM gateway_reconciliations
      ORDER BY until DESC, id DESC
      LIMIT 1
@@ -640,33 +653,34 @@ LATEST = Statement(
 )
 
 INSERT_RUN = Statement(
-    """
+    f"""
     INSERT INTO gateway_reconciliations
            (started_at, finished_at, since, until, differences, report)
     VALUES (:started_at, :finished_at, :since, :until, :differences, (:report::text)::jsonb)
-    RETURNING id, started_at, finished_at, since, until, differences, report
+    RETURNING {_RUN_COLUMNS}
     """
 )
 
 
-def _stored(row: asyncpg.Record) -> StoredReconciliation:
-    report = row["report"]
-    return StoredReconciliation(
-        **{**dict(row), "report": json.loads(report) if isinstance(report, str) else report}
-    )
-
-
-async def latest_reconciliation(conn: asyncpg.Connection) -> StoredReconciliation | None:
-    """The last scheduled run (its `differences` is what the metric and the console show); None
-    before the first."""
-    row = await conn.fetchrow(LATEST.sql)
-    return _stored(row) if row is not None else None
+async def latest_reconciliation(
+    conn: asyncpg.Connection, *, with_report: bool = False
+) -> StoredReconciliation | None:
+    """The last scheduled run (its `differences` is what the metric and the console show), with
+    its report only if asked; None before the first."""
+    row = await conn.fetchrow((LATEST_WITH_REPORT if with_report else LATEST).sql)
+    if row is None:
+        return None
+    values = dict(row)
+    if with_report:
+        values["report"] = json.loads(values["report"])
+    return StoredReconciliation(**values)
 
 
 async def insert_reconciliation(
     conn: asyncpg.Connection, result: Reconciliation, *, started_at: datetime, finished_at: datetime
 ) -> StoredReconciliation:
     """Store a scheduled run with its whole report."""
+    report = result.to_json()
     row = await conn.fetchrow(
         INSERT_RUN.sql,
         *INSERT_RUN.args(
@@ -675,11 +689,11 @@ async def insert_reconciliation(
             since=result.since,
             until=result.until,
             differences=len(result.differences),
-            report=json.dumps(result.to_json()),
+            report=json.dumps(report),
         ),
     )
     assert row is not None
-    return _stored(row)
+    return StoredReconciliation(**dict(row), report=report)
 
 
 def seconds_until_due(

@@ -357,8 +357,12 @@ async def test_a_scheduled_run_is_stored_with_its_differences_and_shown_as_a_met
         case.ids["charged"],
     )
 
+    # What the relay's gauge and the console's overview read: the row, not its report.
     latest = await latest_reconciliation(case.conn)
     assert latest is not None and (latest.id, latest.differences) == (run["id"], 1)
+    assert latest.report is None
+    whole = await latest_reconciliation(case.conn, with_report=True)
+    assert whole is not None and whole.report == json.loads(run["report"])
 
 
 async def test_the_next_run_starts_where_the_last_ended_with_an_overlap(case: Case) -> None:
@@ -564,6 +568,7 @@ async def test_a_payment_settled_after_its_window_is_compared_at_the_next_schedu
             await conn.close()
     assert second.since == first["until"] - timedelta(hours=3) - OVERLAP
     assert second.until == now
+    assert second.report is not None
     assert [(d["kind"], d["payment_id"], d["intent_id"]) for d in second.report["differences"]] == [
         ("charged_at_gateway", staged, intent_id)
     ]
