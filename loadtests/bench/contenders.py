@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .endpoints import add_endpoints
 from .load import HttpResult
 from .paths import BIN, LOADTESTS, ROOT
-from .processes import Proc, fmt_cpu, free_port, wait_http
+from .processes import Proc, fmt_cpu, free_port, idle_cores, wait_http
 
 if TYPE_CHECKING:
     from .harness import Bench
@@ -157,19 +157,22 @@ def bench_server(
     start: Callable[[str], tuple[Proc, str]],
     endpoints: int | None = None,
     groups: dict[str, Callable[[], set[int]]] | None = None,
+    idle_seconds: float = 0.0,
 ) -> HttpResult:
     """Start a server on a fresh database, load it with wrk, stop it.
 
     `endpoints`: the server runs the API's statement, with this many endpoints subscribed to every
     event type (no relay runs: their deliveries stay pending, as the events did before).
     `groups`: other processes whose CPU is measured apart (the gateway's).
+    `idle_seconds`: then the server's CPU without load over that long, in `cpu["server_idle"]`
+    (cores): what its processes spend whatever the rate.
     """
     dsn = bench.fresh_db(db)
     if endpoints is not None:
         add_endpoints(bench, db, endpoints)
     proc, base = start(dsn)
     try:
-        return measure_http(
+        result = measure_http(
             bench,
             name,
             kind,
@@ -179,6 +182,9 @@ def bench_server(
             db,
             fan_out=endpoints is not None,
         )
+        if idle_seconds:
+            result.cpu["server_idle"] = idle_cores({"server": proc.pids}, idle_seconds)["server"]
+        return result
     finally:
         proc.stop(signal.SIGTERM)
         bench.drop_db(db)
@@ -206,6 +212,7 @@ def bench_service(
     endpoints: int = 1,
     log_level: str = "INFO",
     kind: str = "service",
+    idle_seconds: float = 0.0,
 ) -> HttpResult:
     """This service under `server` with `workers`, `endpoints` subscribed to every event type and
     LOG_LEVEL; `kind` "shipped" marks the configuration compose runs."""
@@ -219,6 +226,7 @@ def bench_service(
         f"svc_{server}_{workers}_{endpoints}_{log_level.lower()}",
         lambda dsn: start_service(bench, dsn, workers=workers, server=server, log_level=log_level),
         endpoints=endpoints,
+        idle_seconds=idle_seconds,
     )
     result.endpoints = endpoints
     return result

@@ -32,3 +32,23 @@ def test_the_gateway_row_against_the_row_without() -> None:
 def test_the_section_is_selectable() -> None:
     assert "gateway" in SECTIONS
     assert parse_args(["--only", "gateway"]).only == "gateway"
+
+
+def test_net_of_idle_and_against_the_paced_row() -> None:
+    # 0.1 core idle: 0.8 -> 0.7 ms net at 1000 req/s; 0.4 -> 0.3 core busy at 20 req/s: 15 ms net.
+    without = row(1000, 10, {"server": 0.8, "server_idle": 0.1})
+    through = row(20, 40, {"server": 0.4, "server_idle": 0.1, "gateway": 0.5})
+    paced = row(20, 5, {"server": 0.2, "server_idle": 0.1})  # 10 ms gross, 5 ms net
+    figures = summary(without, through, paced)
+    assert [round(v, 3) for v in figures["api_cpu_net_ms"]] == [0.7, 15]
+    assert round(figures["api_cpu_net_ratio"], 3) == round(15 / 0.7, 3)
+    assert round(figures["paced"]["api_cpu_ms"], 3) == 10
+    assert round(figures["paced"]["api_cpu_net_ms"], 3) == 5
+    assert round(figures["paced"]["api_cpu_ratio"], 3) == 2
+    assert round(figures["paced"]["api_cpu_net_ratio"], 3) == 3
+    table = "\n".join(render_gateway(figures))
+    assert "| 20.00 (25.00x, 2.00x paced) | 15.00 (21.43x, 3.00x paced) |" in table
+    assert (
+        "| no gateway, paced at the gateway row's rate | 20.0 | 5.0 | 10.00 | 5.00 | - | 0 |"
+        in (table)
+    )
