@@ -19,7 +19,10 @@ requests and its per-request CPU is inflated. Two corrections, both in the same 
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
+import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
@@ -27,7 +30,9 @@ from payment_service.gateway.embedded import EMBEDDED_API_KEY, EmbeddedGateway
 from .contenders import SHIPPED, bench_server, bench_service, start_service
 from .endpoints import add_endpoints
 from .load import HttpResult, event_loop_runner, percentile, steady_load
+from .paths import REPORTS
 from .processes import CpuMeter, Proc, descendants, idle_cores
+from .profiling import format_profile, record, summarize_profile
 
 if TYPE_CHECKING:
     from .harness import Bench
@@ -49,6 +54,17 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
     without.name = f"no gateway (GATEWAY=none), {SHIPPED.endpoints} endpoint(s)"
     bench.results["http"].append(without)
     gateway = EmbeddedGateway(log_path=bench.logs / "localstripe.log")
+    spies: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def spied(started: tuple[Proc, str]) -> tuple[Proc, str]:
+        """With --profile, py-spy records the gateway row's server through warm-up and load."""
+        if bench.args.profile:
+            REPORTS.mkdir(parents=True, exist_ok=True)
+            raw = REPORTS / f"profile-gateway-{dt.datetime.now():%Y%m%d-%H%M%S}.txt"
+            seconds = bench.args.warmup + bench.args.duration + 2
+            spies.append((record(started[0].pid, seconds, "raw", raw), raw))
+        return started
+
     gateway.start()
     try:
         settings = {
@@ -63,7 +79,7 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
             "gateway",
             f"{label}, GATEWAY=stripe (localstripe)",
             f"svc_gateway_{SHIPPED.workers}",
-            lambda dsn: _start_shipped(bench, dsn, "service-gateway", settings),
+            lambda dsn: spied(_start_shipped(bench, dsn, "service-gateway", settings)),
             endpoints=SHIPPED.endpoints,
             groups={"gateway": lambda: _pids(gateway)},
             idle_seconds=idle,
@@ -72,6 +88,10 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
         gateway.stop()
     through.endpoints = SHIPPED.endpoints
     bench.results["http"].append(through)
+    for spy, raw in spies:
+        spy.wait(timeout=60)
+        print(f"  profile of the gateway row's server: {raw}", flush=True)
+        print(format_profile(summarize_profile(raw)), flush=True)
     paced = bench_paced(bench, through.rps) if through.rps else None
     if paced is not None:
         bench.results["http"].append(paced)
