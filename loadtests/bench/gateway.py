@@ -90,8 +90,8 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
     bench.results["http"].append(through)
     for spy, raw in spies:
         spy.wait(timeout=60)
-        print(f"  profile of the gateway row's server: {raw}", flush=True)
-        print(format_profile(summarize_profile(raw)), flush=True)
+        print(f"  profile of the gateway row's server (busy samples): {raw}", flush=True)
+        print(format_profile(summarize_profile(raw, busy_only=True)), flush=True)
     paced = bench_paced(bench, through.rps) if through.rps else None
     if paced is not None:
         bench.results["http"].append(paced)

@@ -3,8 +3,11 @@ is selectable with --only."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loadtests.bench.gateway import render_gateway, summary
 from loadtests.bench.load import HttpResult
+from loadtests.bench.profiling import summarize_profile
 from loadtests.bench.runner import SECTIONS, parse_args
 
 
@@ -52,3 +55,20 @@ def test_net_of_idle_and_against_the_paced_row() -> None:
         "| no gateway, paced at the gateway row's rate | 20.0 | 5.0 | 10.00 | 5.00 | - | 0 |"
         in (table)
     )
+
+
+def test_a_profile_of_busy_samples_leaves_the_idle_waits_out(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "process 1:x;Runner.run (asyncio/runners.py:118) 6\n"
+        "process 1:x;Thread.run (threading.py:1);Condition.wait (threading.py:331) 2\n"
+        "process 1:x;Runner.run (asyncio/runners.py:118);charge (app/service.py:1) 1\n"
+        "process 1:x;Runner.run (asyncio/runners.py:118);fetch (asyncpg/connection.py:2) 1\n"
+    )
+    assert summarize_profile(raw)["samples"] == 10
+    busy = summarize_profile(raw, busy_only=True)
+    assert busy["samples"] == 2
+    assert dict(busy["top_self"]) == {
+        "charge (app/service.py:1)": 0.5,
+        "fetch (asyncpg/connection.py:2)": 0.5,
+    }
