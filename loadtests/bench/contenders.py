@@ -100,12 +100,16 @@ def measure_http(
     groups: dict[str, Callable[[], set[int]]],
     dsn_db: str,
     fan_out: bool = False,
+    before_load: Callable[[], None] | None = None,
 ) -> HttpResult:
     """wrk against `url`; afterwards payments, outbox events and idempotency rows must match one
-    for one, and with `fan_out` (the API's statement) every event has one delivery per endpoint."""
+    for one, and with `fan_out` (the API's statement) every event has one delivery per endpoint.
+    `before_load` is called after the warm-up, right before the measured load."""
     args = bench.args
     bench.wrk(url, args.warmup, f"warm{bench.run_counter}")
     bench.pg.psql("CHECKPOINT")
+    if before_load is not None:
+        before_load()
     groups = {**groups, "postgres": bench.postgres_pids}
     stats, cores = bench.wrk(url, args.duration, f"run{bench.run_counter}", groups)
     seconds = stats["duration_us"] / 1e6
@@ -158,6 +162,7 @@ def bench_server(
     endpoints: int | None = None,
     groups: dict[str, Callable[[], set[int]]] | None = None,
     idle_seconds: float = 0.0,
+    before_load: Callable[[Proc], None] | None = None,
 ) -> HttpResult:
     """Start a server on a fresh database, load it with wrk, stop it.
 
@@ -166,6 +171,7 @@ def bench_server(
     `groups`: other processes whose CPU is measured apart (the gateway's).
     `idle_seconds`: then the server's CPU without load over that long, in `cpu["server_idle"]`
     (cores): what its processes spend whatever the rate.
+    `before_load`: called with the server after the warm-up, right before the measured load.
     """
     dsn = bench.fresh_db(db)
     if endpoints is not None:
@@ -181,6 +187,7 @@ def bench_server(
             {"server": proc.pids, **(groups or {})},
             db,
             fan_out=endpoints is not None,
+            before_load=None if before_load is None else functools.partial(before_load, proc),
         )
         if idle_seconds:
             result.cpu["server_idle"] = idle_cores({"server": proc.pids}, idle_seconds)["server"]

@@ -56,14 +56,12 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
     gateway = EmbeddedGateway(log_path=bench.logs / "localstripe.log")
     spies: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def spied(started: tuple[Proc, str]) -> tuple[Proc, str]:
-        """With --profile, py-spy records the gateway row's server through warm-up and load."""
-        if bench.args.profile:
-            REPORTS.mkdir(parents=True, exist_ok=True)
-            raw = REPORTS / f"profile-gateway-{dt.datetime.now():%Y%m%d-%H%M%S}.txt"
-            seconds = bench.args.warmup + bench.args.duration + 2
-            spies.append((record(started[0].pid, seconds, "raw", raw), raw))
-        return started
+    def spy(server: Proc) -> None:
+        """With --profile, py-spy records the gateway row's server over its measured load (after
+        the warm-up, which loads the SDK's modules)."""
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        raw = REPORTS / f"profile-gateway-{dt.datetime.now():%Y%m%d-%H%M%S}.txt"
+        spies.append((record(server.pid, bench.args.duration + 1, "raw", raw), raw))
 
     gateway.start()
     try:
@@ -79,17 +77,18 @@ def bench_gateway(bench: Bench) -> dict[str, Any]:
             "gateway",
             f"{label}, GATEWAY=stripe (localstripe)",
             f"svc_gateway_{SHIPPED.workers}",
-            lambda dsn: spied(_start_shipped(bench, dsn, "service-gateway", settings)),
+            lambda dsn: _start_shipped(bench, dsn, "service-gateway", settings),
             endpoints=SHIPPED.endpoints,
             groups={"gateway": lambda: _pids(gateway)},
             idle_seconds=idle,
+            before_load=spy if bench.args.profile else None,
         )
     finally:
         gateway.stop()
     through.endpoints = SHIPPED.endpoints
     bench.results["http"].append(through)
-    for spy, raw in spies:
-        spy.wait(timeout=60)
+    for py_spy, raw in spies:
+        py_spy.wait(timeout=60)
         print(f"  profile of the gateway row's server (busy samples): {raw}", flush=True)
         print(format_profile(summarize_profile(raw, busy_only=True)), flush=True)
     paced = bench_paced(bench, through.rps) if through.rps else None
