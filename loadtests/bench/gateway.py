@@ -8,9 +8,10 @@ flavour). Each charge is an intent created and then confirmed there: two calls p
 API's own CPU (its processes, from /proc/<pid>/stat) is measured apart from the gateway's
 (localstripe's process), so the API's cost of a charge at a gateway shows without the fake's.
 
-The gateway row answers only as fast as localstripe (15-20 charges/s), so the API's fixed costs
+The gateway row answers only as fast as localstripe (10-20 charges/s), so the API's fixed costs
 (two workers' event loops, timers, pool keep-alives: CPU spent at any rate) are shared by few
-requests and its per-request CPU is inflated. Two corrections, both in the same run:
+requests, and nothing is batched (each request its own wake-ups, reads, writes and round trips):
+its per-request CPU is inflated against the row at full rate. Two corrections, in the same run:
 - each row's server is then measured idle for as long as it was loaded, and its CPU per request
   is also given net of that idle CPU ("net");
 - a third row, no gateway again, is paced (an open-loop client, loadtests/bench/load.py) at the
