@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .endpoints import add_endpoints
 from .load import HttpResult
 from .paths import BIN, LOADTESTS, ROOT
-from .processes import Proc, fmt_cpu, free_port, wait_http
+from .processes import Proc, fmt_cpu, free_port, idle_cores, wait_http
 
 if TYPE_CHECKING:
     from .harness import Bench
@@ -100,12 +100,16 @@ def measure_http(
     groups: dict[str, Callable[[], set[int]]],
     dsn_db: str,
     fan_out: bool = False,
+    before_load: Callable[[], None] | None = None,
 ) -> HttpResult:
     """wrk against `url`; afterwards payments, outbox events and idempotency rows must match one
-    for one, and with `fan_out` (the API's statement) every event has one delivery per endpoint."""
+    for one, and with `fan_out` (the API's statement) every event has one delivery per endpoint.
+    `before_load` is called after the warm-up, right before the measured load."""
     args = bench.args
     bench.wrk(url, args.warmup, f"warm{bench.run_counter}")
     bench.pg.psql("CHECKPOINT")
+    if before_load is not None:
+        before_load()
     groups = {**groups, "postgres": bench.postgres_pids}
     stats, cores = bench.wrk(url, args.duration, f"run{bench.run_counter}", groups)
     seconds = stats["duration_us"] / 1e6
@@ -157,19 +161,24 @@ def bench_server(
     start: Callable[[str], tuple[Proc, str]],
     endpoints: int | None = None,
     groups: dict[str, Callable[[], set[int]]] | None = None,
+    idle_seconds: float = 0.0,
+    before_load: Callable[[Proc], None] | None = None,
 ) -> HttpResult:
     """Start a server on a fresh database, load it with wrk, stop it.
 
     `endpoints`: the server runs the API's statement, with this many endpoints subscribed to every
     event type (no relay runs: their deliveries stay pending, as the events did before).
     `groups`: other processes whose CPU is measured apart (the gateway's).
+    `idle_seconds`: then the server's CPU without load over that long, in `cpu["server_idle"]`
+    (cores): what its processes spend whatever the rate.
+    `before_load`: called with the server after the warm-up, right before the measured load.
     """
     dsn = bench.fresh_db(db)
     if endpoints is not None:
         add_endpoints(bench, db, endpoints)
     proc, base = start(dsn)
     try:
-        return measure_http(
+        result = measure_http(
             bench,
             name,
             kind,
@@ -178,7 +187,11 @@ def bench_server(
             {"server": proc.pids, **(groups or {})},
             db,
             fan_out=endpoints is not None,
+            before_load=None if before_load is None else functools.partial(before_load, proc),
         )
+        if idle_seconds:
+            result.cpu["server_idle"] = idle_cores({"server": proc.pids}, idle_seconds)["server"]
+        return result
     finally:
         proc.stop(signal.SIGTERM)
         bench.drop_db(db)
@@ -206,6 +219,7 @@ def bench_service(
     endpoints: int = 1,
     log_level: str = "INFO",
     kind: str = "service",
+    idle_seconds: float = 0.0,
 ) -> HttpResult:
     """This service under `server` with `workers`, `endpoints` subscribed to every event type and
     LOG_LEVEL; `kind` "shipped" marks the configuration compose runs."""
@@ -219,6 +233,7 @@ def bench_service(
         f"svc_{server}_{workers}_{endpoints}_{log_level.lower()}",
         lambda dsn: start_service(bench, dsn, workers=workers, server=server, log_level=log_level),
         endpoints=endpoints,
+        idle_seconds=idle_seconds,
     )
     result.endpoints = endpoints
     return result

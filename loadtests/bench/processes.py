@@ -109,6 +109,13 @@ class CpuMeter:
         self.cores["other"] = max(self.machine - self.ours, 0.0) / self.elapsed
 
 
+def idle_cores(groups: dict[str, Callable[[], set[int]]], seconds: float) -> dict[str, float]:
+    """CPU cores the groups use over `seconds` while nothing loads them (their fixed costs)."""
+    with CpuMeter(groups) as meter:
+        time.sleep(seconds)  # the measured window itself, not a wait for a condition
+    return meter.cores
+
+
 class Proc:
     """A child process in its own session, output to a log file, stopped by its PID."""
 

@@ -33,8 +33,19 @@ CATEGORIES = [
 ]
 
 
-def summarize_profile(raw: Path) -> dict[str, Any]:
-    """Self and inclusive sample shares by function and by library from py-spy's raw output."""
+# Leaf frames of a process waiting, not working (py-spy's --nonblocking samples count them): the
+# event loop's poll (uvloop's run, in C, under asyncio's Runner.run) and the log writer's sleep.
+# Dropped with `busy_only`; uvloop's own C work under Runner.run goes with them.
+IDLE_LEAVES = (
+    "Runner.run (asyncio/runners.py:",
+    "Condition.wait (threading.py:",
+    "Event.wait (threading.py:",
+)
+
+
+def summarize_profile(raw: Path, *, busy_only: bool = False) -> dict[str, Any]:
+    """Self and inclusive sample shares by function and by library from py-spy's raw output;
+    with `busy_only`, of the samples whose leaf is not an idle wait (IDLE_LEAVES)."""
     total = 0
     self_counts: dict[str, int] = {}
     inclusive: dict[str, int] = {}
@@ -47,6 +58,8 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
         frames = stack.split(";")
         if frames and frames[0].startswith("process "):
             frames = frames[1:]
+        if busy_only and frames and frames[-1].startswith(IDLE_LEAVES):
+            continue
         total += count
         if frames:
             self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count

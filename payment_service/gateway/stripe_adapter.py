@@ -4,6 +4,11 @@ The only module that knows Stripe's field names. Choices, and why:
 - **HTTP client**: the SDK's aiohttp client. Measured against the embedded gateway, a call cost
   about half the client CPU of the SDK's default HTTPX client (docs/gateway.md has the figures
   and the command), and a charge is two calls.
+- **Answers read as JSON**: the calls of a charge or a refund go through the SDK's raw request
+  (`raw_request_async`: the same request, options, time-out and typed errors as its services)
+  and their answers are read from the parsed JSON, without the SDK building its objects from
+  them, which cost about as much client CPU as the rest of the call (docs/gateway.md). Listings
+  (reconciliation) keep the SDK's services and their paging.
 - **Time-out**: one per call (`GATEWAY_TIMEOUT_SECONDS`), for the whole exchange. An expired
   call is an unknown outcome, not a failure.
 - **The SDK's retries: none.** They would resend within the call with the call's one idempotency
@@ -30,6 +35,7 @@ import asyncio
 import functools
 import json
 import math
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -153,10 +159,7 @@ class StripeGateway:
             params["payment_method_types"] = types
         key = create_key(charge.payment_id, charge.reference)
         return await self._intent_call(
-            lambda: self._client.v1.payment_intents.create_async(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": key},
-            )
+            lambda: self._request("post", "/v1/payment_intents", params, key=key)
         )
 
     async def confirm(self, intent_id: str, *, payment_id: int, saved_method: bool) -> Intent:
@@ -166,11 +169,7 @@ class StripeGateway:
         key = confirm_key(payment_id, intent_id)
         try:
             return await self._intent_call(
-                lambda: self._client.v1.payment_intents.confirm_async(
-                    intent_id,
-                    params=params,  # type: ignore[arg-type]
-                    options={"idempotency_key": key},
-                )
+                lambda: self._request("post", _intent_path(intent_id, "confirm"), params, key=key)
             )
         except (GatewayNotFound, GatewayDeclined):
             raise
@@ -180,17 +179,13 @@ class StripeGateway:
             return await self._unless_moved_on(intent_id, refusal, _CONFIRMABLE)
 
     async def retrieve(self, intent_id: str) -> Intent:
-        return await self._intent_call(
-            lambda: self._client.v1.payment_intents.retrieve_async(intent_id)
-        )
+        return await self._intent_call(lambda: self._request("get", _intent_path(intent_id)))
 
     async def cancel(self, intent_id: str, *, payment_id: int) -> Intent:
         key = cancel_key(payment_id, intent_id)
         try:
             return await self._intent_call(
-                lambda: self._client.v1.payment_intents.cancel_async(
-                    intent_id, options={"idempotency_key": key}
-                )
+                lambda: self._request("post", _intent_path(intent_id, "cancel"), key=key)
             )
         except GatewayNotFound:
             raise
@@ -222,15 +217,12 @@ class StripeGateway:
         }
         key = refund_key(request.refund_id, request.intent_id)
         return await self._refund_call(
-            lambda: self._client.v1.refunds.create_async(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": key},
-            )
+            lambda: self._request("post", "/v1/refunds", params, key=key)
         )
 
     async def retrieve_refund(self, gateway_refund_id: str) -> Refund:
         return await self._refund_call(
-            lambda: self._client.v1.refunds.retrieve_async(gateway_refund_id)
+            lambda: self._request("get", f"/v1/refunds/{_path_id(gateway_refund_id)}")
         )
 
     async def find_refund(self, intent_id: str, refund_id: int) -> Refund | None:
@@ -306,6 +298,19 @@ class StripeGateway:
     async def _refund_call(self, call: Callable[[], Awaitable[Any]]) -> Refund:
         return _parse(_refund_from, await self._call(call))
 
+    async def _request(
+        self,
+        method: Literal["get", "post"],
+        path: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+    ) -> Any:
+        """One request, answered as the gateway's parsed JSON object (see the module)."""
+        options = {"idempotency_key": key} if key else {}
+        response = await self._client.raw_request_async(method, path, **(params or {}), **options)
+        return response.data
+
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         """One request; the SDK's errors as ours. Messages never carry the request or a key."""
         try:
@@ -341,7 +346,17 @@ class StripeGateway:
             raise GatewayOutcomeUnknown(type(error).__name__) from None
 
 
-# -- reading Stripe's objects (SDK objects and webhook dicts alike) --------------------------------
+def _path_id(object_id: str) -> str:
+    """An id as one path segment (as the SDK's services quote it)."""
+    return urllib.parse.quote_plus(object_id)
+
+
+def _intent_path(intent_id: str, action: str | None = None) -> str:
+    path = f"/v1/payment_intents/{_path_id(intent_id)}"
+    return f"{path}/{action}" if action else path
+
+
+# -- reading Stripe's objects (parsed JSON, SDK objects and webhook dicts alike) -------------------
 def _get(obj: Any, key: str) -> Any:
     return obj[key] if obj is not None and key in obj else None
 

@@ -194,10 +194,19 @@ async def test_after_two_rotations_callbacks_carry_every_secret_of_the_day(
         tuple(secrets): " ".join(fingerprint(secret_key(s)) for s in secrets)
         for secrets in signers.values()
     }
-    logs = await conn.fetch(
+    delivered = (
         "SELECT d.attempt_log::text AS log FROM deliveries AS d JOIN endpoints AS n"
         " ON n.endpoint_id = d.endpoint_id WHERE n.name = 'trip' AND d.status = 'DELIVERED'"
     )
+    # A callback the receiver accepted is recorded by the relay once its answer is read: wait
+    # until every accepted callback is (no more events are written from here on).
+    accepted = len(trip.accepted_ids())
+
+    async def all_recorded() -> bool:
+        return len(await conn.fetch(delivered)) >= accepted
+
+    await wait_for(all_recorded, timeout=30, what="every accepted callback recorded")
+    logs = await conn.fetch(delivered)
     recorded = {json.loads(row["log"])[-1]["signed_with"] for row in logs}
     assert recorded <= set(prints.values()) and prints[(newest, new, TRIP_SECRET)] in recorded
     assert prints[(TRIP_SECRET,)] in recorded
