@@ -384,7 +384,10 @@ async def settle_payment(
                 f"Payment {payment_id} is being charged at the gateway right now; retry shortly.",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
-        failure_reason = request.failure_reason if request.status == "FAILED" else None
+        # The payment's failure message goes into its document and its payment.failed event,
+        # sent to every endpoint: a secret typed into it is masked there as in the audit log.
+        failed = request.status == "FAILED"
+        failure_reason = audit.masked(request.failure_reason) if failed else None
         body = await payments.update_payment_settlement(
             conn,
             guard=guard,

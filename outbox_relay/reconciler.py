@@ -1,6 +1,8 @@
 """Scheduled reconciliation: every GATEWAY_RECONCILE_INTERVAL seconds, one relay compares our
-charges and refunds with the gateway's over the window since the previous run (with an overlap;
-payment_service.money.reconcile) and stores the run in `gateway_reconciliations`.
+charges and refunds with the gateway's over the window since the previous run (with an overlap),
+and those decided since the window's start whenever they were staged (a payment PENDING at one
+run and decided later by the worker or an operator is compared at the next;
+payment_service.money.reconcile), and stores the run in `gateway_reconciliations`.
 
 Exactly one relay runs a given pass: a relay that finds a pass due (the interval has passed
 since the last run started) opens a connection of its own, takes a session advisory lock on it,
@@ -102,7 +104,11 @@ class Reconciler:
         since, until = reconcile.next_window(
             latest, now=now, interval_seconds=self.interval_seconds
         )
-        result = await reconcile.reconcile(conn, self.gateway, since=since, until=until)
+        # Also what was decided since the window's start, whenever it was staged: a payment still
+        # PENDING at the last run (a note) and decided since (the review queue) is compared now.
+        result = await reconcile.reconcile(
+            conn, self.gateway, since=since, until=until, decided_since=since
+        )
         stored = await reconcile.insert_reconciliation(
             conn,
             result,

@@ -35,6 +35,7 @@ from payment_service.callback_urls import (
 from payment_service.vocabulary import GATEWAY_METHODS, PAYMENT_METHODS, event_type_patterns
 
 STRIPE_TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")  # secret and restricted test-mode keys
+STRIPE_LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")  # and live-mode ones: real money
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 # API_KEYS: `name:token`; a bare token is named DEFAULT_CALLER. Names are stored with idempotency
 # keys and written to the access log, so they are short and plain.
@@ -451,6 +452,26 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"https?://[^/\s?#]+", value):
             raise ValueError("must be a scheme and a host, such as https://api.stripe.com")
         return value
+
+    @model_validator(mode="after")
+    def _live_key_pairing(self) -> Settings:
+        # Each STRIPE_* setting has a default of its own (the embedded gateway's, in compose): a
+        # live key set without the others would travel in clear to the fake, or real Stripe be
+        # spoken to as if it were the fake. Named, never quoted: the message must not carry the key.
+        key = self.stripe_secret_key.get_secret_value() if self.stripe_secret_key else ""
+        if self.gateway != "stripe" or not key.startswith(STRIPE_LIVE_KEY_PREFIXES):
+            return self
+        if self.stripe_api_flavour == "localstripe":
+            raise ValueError(
+                "STRIPE_API_FLAVOUR=localstripe with a live STRIPE_SECRET_KEY: set "
+                "STRIPE_API_FLAVOUR=stripe and STRIPE_API_BASE=https://api.stripe.com"
+            )
+        if not self.stripe_api_base.startswith("https://"):
+            raise ValueError(
+                "STRIPE_API_BASE is plain http:// with a live STRIPE_SECRET_KEY (the key would "
+                "travel unencrypted): use https://api.stripe.com"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gateway_in_production(self) -> Settings:

@@ -1,3 +1,4 @@
+-- migrate: no-transaction
 -- Scheduled reconciliation (docs/gateway.md, "Reconciliation"): every GATEWAY_RECONCILE_INTERVAL
 -- seconds one relay compares our charges and refunds with the gateway's over the window since
 -- the previous run (with an overlap) and stores the run here, with the number of differences it
@@ -7,14 +8,12 @@
 -- Exactly one relay runs a given pass: each takes a session advisory lock before it reads the
 -- last run, and runs the pass only when the interval has passed since that run started.
 --
--- A new table, and an index on gateway_events for housekeeping, which deletes the webhooks older
--- than GATEWAY_EVENTS_RETENTION_DAYS in short batches, oldest first. Building it locks out the
--- webhook's inserts while it reads the table: that table holds a webhook or two per payment, and
--- a repeated webhook the gateway could not deliver meanwhile is sent again.
+-- A new table, and indexes on tables that may be big, built CONCURRENTLY (writes go on
+-- meanwhile): this file runs outside a transaction, one statement at a time, and runs again from
+-- the top if it stops half-way, so every statement is idempotent; the DROPs remove what a failed
+-- build leaves behind (an INVALID index).
 
-SET LOCAL lock_timeout = '5s';
-
-CREATE TABLE gateway_reconciliations (
+CREATE TABLE IF NOT EXISTS gateway_reconciliations (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at  timestamptz NOT NULL,
     finished_at timestamptz NOT NULL,
@@ -27,7 +26,21 @@ CREATE TABLE gateway_reconciliations (
 );
 
 -- The last run (the next window starts from its `until`; the console shows it).
-CREATE INDEX gateway_reconciliations_until_idx ON gateway_reconciliations (until DESC);
+CREATE INDEX IF NOT EXISTS gateway_reconciliations_until_idx
+    ON gateway_reconciliations (until DESC);
 
--- Housekeeping's oldest-first batches of old webhooks.
-CREATE INDEX gateway_events_received_idx ON gateway_events (received_at);
+-- Housekeeping's oldest-first batches of old webhooks (deleted after
+-- GATEWAY_EVENTS_RETENTION_DAYS).
+DROP INDEX CONCURRENTLY IF EXISTS gateway_events_received_idx;
+CREATE INDEX CONCURRENTLY gateway_events_received_idx ON gateway_events (received_at);
+
+-- Reconciliation: the charges and refunds staged in a window...
+DROP INDEX CONCURRENTLY IF EXISTS gateway_operations_created_idx;
+CREATE INDEX CONCURRENTLY gateway_operations_created_idx ON gateway_operations (created_at);
+
+-- ...and, in a scheduled run, those decided since the window's start, whichever window they were
+-- staged in: a payment still PENDING at one run and decided hours later (the review queue) is
+-- compared at the next. (An operation's updated_at changes when it is decided, and rarely after.)
+DROP INDEX CONCURRENTLY IF EXISTS gateway_operations_decided_idx;
+CREATE INDEX CONCURRENTLY gateway_operations_decided_idx
+    ON gateway_operations (updated_at) WHERE phase = 'DONE';

@@ -33,7 +33,12 @@ Payments recorded without a gateway (GATEWAY=none, CASH) have no charge at the g
 not compared. The window of our side is the staging time of each charge or refund; the gateway is
 listed over a wider window (`EDGE_SECONDS` either side) so that an intent created just after a
 charge staged just before `until` is found, and an intent recorded but created outside even that
-(a charge finished late by the worker) is asked for by its id.
+(a charge finished late by the worker) is asked for by its id. A scheduled run (`decided_since`)
+also compares the charges and refunds decided since its window's start, whenever they were
+staged: a payment still PENDING at one run (a note) and settled hours later is compared at the
+next, its objects at the gateway asked for by id. The gateway is listed before our rows are read:
+a charged_without_intent, charged_at_gateway or refund_missing_at_gateway is recorded only if the
+object it is about, asked for again after our read, still makes it one.
 """
 
 from __future__ import annotations
@@ -169,27 +174,43 @@ def check_window(since: datetime, until: datetime, *, now: datetime | None = Non
 
 
 # -- our side ------------------------------------------------------------------------------------
+# Three index scans, not one OR over them (which reads the whole table): the operations staged in
+# the window; those of the ids the gateway's objects in the window name; and, in a scheduled run
+# (:decided_since), those decided since, whatever window they were staged in.
+def _operations(kind: str, our_id: str) -> str:
+    """The CTE `ops`: the operations of `kind` to compare, by `our_id` (the column the gateway's
+    objects name)."""
+    return f"""ops AS (
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND created_at >= :since AND created_at < :until
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND {our_id} = ANY(:{our_id}s::bigint[])
+        UNION
+        SELECT operation_id FROM gateway_operations
+         WHERE kind = '{kind}' AND phase = 'DONE' AND updated_at >= :decided_since
+    )"""
+
+
 CHARGES = Statement(
-    """
+    f"""
+    WITH {_operations("CHARGE", "payment_id")}
     SELECT p.payment_id, p.status, p.amount, p.currency, p.reference, o.intent_id, o.phase
-      FROM gateway_operations AS o
+      FROM ops
+      JOIN gateway_operations AS o ON o.operation_id = ops.operation_id
       JOIN payments AS p ON p.payment_id = o.payment_id
-     WHERE o.kind = 'CHARGE'
-       AND (o.created_at >= :since AND o.created_at < :until
-            OR o.payment_id = ANY(:payment_ids::bigint[]))
     """
 )
 
 REFUNDS = Statement(
-    """
+    f"""
+    WITH {_operations("REFUND", "refund_id")}
     SELECT r.refund_id, r.payment_id, r.amount, r.status, p.currency,
            coalesce(r.gateway_refund_id, o.gateway_refund_id) AS gateway_refund_id, o.intent_id
-      FROM gateway_operations AS o
+      FROM ops
+      JOIN gateway_operations AS o ON o.operation_id = ops.operation_id
       JOIN payment_refunds AS r ON r.refund_id = o.refund_id
       JOIN payments AS p ON p.payment_id = r.payment_id
-     WHERE o.kind = 'REFUND'
-       AND (o.created_at >= :since AND o.created_at < :until
-            OR o.refund_id = ANY(:refund_ids::bigint[]))
     """
 )
 
@@ -211,11 +232,14 @@ async def reconcile(
     *,
     since: datetime,
     until: datetime,
+    decided_since: datetime | None = None,
     progress: Progress | None = None,
 ) -> Reconciliation:
     """Compare our charges and refunds staged in [since, until) with the gateway's intents and
-    refunds created in it, both ways. Raises `WindowError` for a window it cannot compare and the
-    gateway's errors (`GatewayError`) when the gateway cannot be listed."""
+    refunds created in it, both ways; with `decided_since` (a scheduled run), also those decided
+    since then, whenever staged (their objects at the gateway asked for by id). Raises
+    `WindowError` for a window it cannot compare and the gateway's errors (`GatewayError`) when
+    the gateway cannot be listed."""
     check_window(since, until)
     say = progress or (lambda _message: None)
     intents, gateway_refunds = await _list(gateway, since, until, say)
@@ -232,6 +256,7 @@ async def reconcile(
             *CHARGES.args(
                 since=since,
                 until=until,
+                decided_since=decided_since,
                 payment_ids=sorted({i.payment_id for i in in_window if i.payment_id is not None}),
             ),
         )
@@ -243,6 +268,7 @@ async def reconcile(
             *REFUNDS.args(
                 since=since,
                 until=until,
+                decided_since=decided_since,
                 refund_ids=sorted(
                     {r.refund_id for r in refunds_in_window if r.refund_id is not None}
                 ),
@@ -296,9 +322,8 @@ async def _charges(
         listed = {
             i.id: i for i in of_payment.get(payment_id, {}).values() if _same_reference(charge, i)
         }
-        _compare_charge(
-            result, charge, await _with_recorded(listed, charge["intent_id"], gateway.retrieve)
-        )
+        intents_now = await _with_recorded(listed, charge["intent_id"], gateway.retrieve)
+        await compare_again(result, _compare_charge, charge, intents_now, gateway.retrieve)
 
 
 def _stranger(intent: Intent, charges: dict[int, asyncpg.Record]) -> tuple[Kind, str] | None:
@@ -450,7 +475,7 @@ async def _refunds(
     for refund_id, row in sorted(refunds.items()):
         listed = {i: r for i, r in of_refund.get(refund_id, {}).items() if _same_intent(row, r)}
         made = await _with_recorded(listed, row["gateway_refund_id"], gateway.retrieve_refund)
-        _compare_refund(result, row, made)
+        await compare_again(result, _compare_refund, row, made, gateway.retrieve_refund)
 
 
 def _same_intent(row: asyncpg.Record, refund: Refund) -> bool:
@@ -512,6 +537,14 @@ def _compare_refund(result: Reconciliation, row: asyncpg.Record, made: list[Refu
             )
 
 
+# The differences a change between the gateway's listing and our read can make up: an intent
+# listed PROCESSING that succeeded (or failed) and that we recorded so in between. Before one is
+# recorded, the gateway's object it is about is asked for again and compared once more.
+RECHECKED = frozenset(
+    {Kind.CHARGED_WITHOUT_INTENT, Kind.CHARGED_AT_GATEWAY, Kind.REFUND_MISSING_AT_GATEWAY}
+)
+
+
 class _GatewayObject(Protocol):
     @property
     def id(self) -> str: ...
@@ -528,6 +561,40 @@ def _grouped(objects: Iterable[G], our_id: Callable[[G], int | None]) -> dict[in
         if key is not None:
             grouped[key][obj.id] = obj
     return grouped
+
+
+Row = Any  # one of our rows (an asyncpg.Record, or any mapping with its columns)
+
+
+async def compare_again(
+    result: Reconciliation,
+    compare: Callable[[Reconciliation, Row, list[G]], None],
+    row: Row,
+    objects: list[G],
+    retrieve: Callable[[str], Awaitable[G]],
+) -> None:
+    """`compare(result, row, objects)`, but a difference in RECHECKED is recorded only if it is
+    still one against the gateway's state now: the object it names is asked for again (one call
+    per suspected difference; our row was read after the listing, so what the gateway says now
+    is at least as new as our row) and the comparison made once more."""
+    first = Reconciliation(since=result.since, until=result.until)
+    compare(first, row, objects)
+    suspects = {
+        finding.gateway_refund_id
+        if finding.kind == Kind.REFUND_MISSING_AT_GATEWAY
+        else finding.intent_id
+        for finding in first.differences
+        if finding.kind in RECHECKED
+    } - {None}
+    if not suspects:
+        for finding in [*first.differences, *first.notes]:
+            result.add(finding)
+        return
+    fresh = {obj.id: obj for obj in objects}
+    for object_id in sorted(str(suspect) for suspect in suspects):
+        with contextlib.suppress(GatewayNotFound):
+            fresh[object_id] = await retrieve(object_id)
+    compare(result, row, list(fresh.values()))
 
 
 async def _with_recorded(
@@ -552,7 +619,7 @@ OVERLAP = timedelta(minutes=10)
 
 @dataclass(frozen=True)
 class StoredReconciliation:
-    """One scheduled run, as `gateway_reconciliations` keeps it."""
+    """One scheduled run, as `gateway_reconciliations` keeps it (`report` None: not read)."""
 
     id: int
     started_at: datetime
@@ -560,12 +627,25 @@ class StoredReconciliation:
     since: datetime
     until: datetime
     differences: int
-    report: dict[str, Any]
+    report: dict[str, Any] | None = None
 
 
+_RUN_COLUMNS = "id, started_at, finished_at, since, until, differences"
+
+# The relay reads the last run every minute and the console on every overview: the row without
+# its report, which may be large.
 LATEST = Statement(
+    f"""
+    SELECT {_RUN_COLUMNS}
+      FROM gateway_reconciliations
+     ORDER BY until DESC, id DESC
+     LIMIT 1
     """
-    SELECT id, started_at, finished_at, since, until, differences, report
+)
+
+LATEST_WITH_REPORT = Statement(
+    f"""
+    SELECT {_RUN_COLUMNS}, report::text AS report
       FROM gateway_reconciliations
      ORDER BY until DESC, id DESC
      LIMIT 1
@@ -573,33 +653,34 @@ LATEST = Statement(
 )
 
 INSERT_RUN = Statement(
-    """
+    f"""
     INSERT INTO gateway_reconciliations
            (started_at, finished_at, since, until, differences, report)
     VALUES (:started_at, :finished_at, :since, :until, :differences, (:report::text)::jsonb)
-    RETURNING id, started_at, finished_at, since, until, differences, report
+    RETURNING {_RUN_COLUMNS}
     """
 )
 
 
-def _stored(row: asyncpg.Record) -> StoredReconciliation:
-    report = row["report"]
-    return StoredReconciliation(
-        **{**dict(row), "report": json.loads(report) if isinstance(report, str) else report}
-    )
-
-
-async def latest_reconciliation(conn: asyncpg.Connection) -> StoredReconciliation | None:
-    """The last scheduled run (its `differences` is what the metric and the console show); None
-    before the first."""
-    row = await conn.fetchrow(LATEST.sql)
-    return _stored(row) if row is not None else None
+async def latest_reconciliation(
+    conn: asyncpg.Connection, *, with_report: bool = False
+) -> StoredReconciliation | None:
+    """The last scheduled run (its `differences` is what the metric and the console show), with
+    its report only if asked; None before the first."""
+    row = await conn.fetchrow((LATEST_WITH_REPORT if with_report else LATEST).sql)
+    if row is None:
+        return None
+    values = dict(row)
+    if with_report:
+        values["report"] = json.loads(values["report"])
+    return StoredReconciliation(**values)
 
 
 async def insert_reconciliation(
     conn: asyncpg.Connection, result: Reconciliation, *, started_at: datetime, finished_at: datetime
 ) -> StoredReconciliation:
     """Store a scheduled run with its whole report."""
+    report = result.to_json()
     row = await conn.fetchrow(
         INSERT_RUN.sql,
         *INSERT_RUN.args(
@@ -608,11 +689,11 @@ async def insert_reconciliation(
             since=result.since,
             until=result.until,
             differences=len(result.differences),
-            report=json.dumps(result.to_json()),
+            report=json.dumps(report),
         ),
     )
     assert row is not None
-    return _stored(row)
+    return StoredReconciliation(**dict(row), report=report)
 
 
 def seconds_until_due(

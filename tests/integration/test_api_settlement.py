@@ -227,6 +227,31 @@ async def test_a_gateway_reference_like_a_secret_is_masked_in_the_audit_log(
     }
 
 
+async def test_a_failure_reason_like_a_secret_is_masked_in_the_payment_and_its_event(
+    client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """The reason of a FAILED decision is the payment's failure message, in its document and in
+    the payment.failed event every endpoint receives: masked there as in the audit log."""
+    pending = await create_payment(client, method="UPI")
+    secret = new_signing_secret()
+    response = await settle(
+        client, pending["payment_id"], "FAILED", failure_reason=f"bank said: {secret} (pasted)"
+    )
+    assert response.status_code == 200, response.text
+    payment = exact_json(response)
+    assert secret not in response.text
+    assert payment["failure_message"] == "bank said: whsec_… (pasted)"
+    stored = await db.fetchval(
+        "SELECT failure_reason FROM payments WHERE payment_id = $1", pending["payment_id"]
+    )
+    assert stored == "bank said: whsec_… (pasted)"
+    failed = (await outbox_rows(db, pending["payment_id"]))[-1]
+    assert failed["event_type"] == "payment.failed"
+    assert secret not in json.dumps(failed["payload"], default=str)
+    (row,) = await audit_rows(db, action="payment.settle")
+    assert secret not in row["reason"]
+
+
 async def test_settlement_of_unknown_payment_is_404(client: httpx.AsyncClient) -> None:
     assert_problem(await settle(client, 987654, "SUCCESS"), 404, "PAYMENT_NOT_FOUND")
 

@@ -7,7 +7,9 @@ written as the gateway worker leaves them (the browser test flags one through th
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,7 +19,9 @@ from payment_service.money.reconcile import latest_reconciliation
 from tests.integration.conftest import ApiFactory
 from tests.support.api import RunningApi, create_payment, post_json
 from tests.support.audit import audit_rows
+from tests.support.commands import run_to_end
 from tests.support.console import CONSOLE, ConsoleClient, page_text, script_elements
+from tests.support.environment import clean_env
 
 TOKEN = "Zq3vR8xK1mWb7tYc0pLf5nHd2sGj9uAe-console-tests"
 KEYS = (f"ops:{TOKEN}",)
@@ -170,6 +174,64 @@ async def test_the_review_page_and_a_manual_decision_audited(
     assert f"Payment {payment_id} is decided" in after
     audit_page = await signed_in.get("/audit", target=f"payment:{payment_id}")
     assert "payment.settle" in page_text(audit_page.text)
+
+
+async def test_no_decision_while_a_call_to_the_gateway_is_in_flight(
+    api: RunningApi,
+    signed_in: ConsoleClient,
+    db: asyncpg.Connection,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """A charge STARTED under a live lease (its call to the gateway may be in flight): the
+    console's decision is refused 409 and `gateway settle` exits 1, both saying why, and nothing is
+    recorded; once the lease has run out, the decision goes through."""
+    pending = await create_payment(api.client, method="UPI")
+    payment_id = pending["payment_id"]
+    await db.execute(
+        """
+        INSERT INTO gateway_operations
+               (kind, payment_id, phase, key_hash, caller, intent_id, locked_until, claim_token)
+        VALUES ('CHARGE', $1, 'STARTED', repeat('a', 64), 'default', $2,
+                now() + interval '10 minutes', gen_random_uuid())
+        """,
+        payment_id,
+        INTENT,
+    )
+    path = f"/gateway/review/{payment_id}/FAILED"
+    form = (await signed_in.get(path)).text
+    fields = {"csrf": _field(form, "csrf"), "key": _field(form, "key"), "reason": "no answer"}
+
+    refused = await signed_in.post(path, **fields)
+    assert refused.status_code == 409
+    assert "is being charged at the gateway right now" in page_text(refused.text)
+    cli = await asyncio.to_thread(
+        run_to_end,
+        ["gateway", "settle", str(payment_id), "FAILED", "--reason", "no answer"],
+        clean_env(DATABASE_URL=database_url),
+        tmp_path,
+    )
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert "is being charged at the gateway right now" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+    assert (
+        await db.fetchval("SELECT status FROM payments WHERE payment_id = $1", payment_id)
+        == "PENDING"
+    )
+    assert await audit_rows(db, action="payment.settle") == []
+
+    # The lease ran out (its holder died): the operator may decide now.
+    await db.execute(
+        "UPDATE gateway_operations SET locked_until = now() - interval '1 second'"
+        " WHERE payment_id = $1",
+        payment_id,
+    )
+    decided = await signed_in.post(path, **fields)
+    assert decided.status_code == 303, decided.text
+    assert (
+        await db.fetchval("SELECT status FROM payments WHERE payment_id = $1", payment_id)
+        == "FAILED"
+    )
 
 
 def _field(html: str, name: str) -> str:

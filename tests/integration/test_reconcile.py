@@ -357,8 +357,12 @@ async def test_a_scheduled_run_is_stored_with_its_differences_and_shown_as_a_met
         case.ids["charged"],
     )
 
+    # What the relay's gauge and the console's overview read: the row, not its report.
     latest = await latest_reconciliation(case.conn)
     assert latest is not None and (latest.id, latest.differences) == (run["id"], 1)
+    assert latest.report is None
+    whole = await latest_reconciliation(case.conn, with_report=True)
+    assert whole is not None and whole.report == json.loads(run["report"])
 
 
 async def test_the_next_run_starts_where_the_last_ended_with_an_overlap(case: Case) -> None:
@@ -512,3 +516,59 @@ async def test_a_payment_confirmed_twice_at_the_gateway_is_a_difference(
         ("several_confirmed_intents", payment["payment_id"]),
         ("amount_mismatch", payment["payment_id"]),
     }
+
+
+async def test_a_payment_settled_after_its_window_is_compared_at_the_next_scheduled_run(
+    case: Case,
+) -> None:
+    """Pending at one run (a note), settled FAILED by hand later while the gateway charged it: the
+    next scheduled run, whose window neither stages it nor lists its intent, still compares it."""
+    staged = case.ids["staged"]
+    reference = await case.conn.fetchval(
+        "SELECT reference FROM payments WHERE payment_id = $1", staged
+    )
+    intent_id = await confirmed_intent(case, payment_id=str(staged), reference=reference)
+    await case.conn.execute(
+        "UPDATE gateway_operations SET intent_id = $2 WHERE payment_id = $1", staged, intent_id
+    )
+    async with reconciler(case, gateway_reconcile_interval=3600) as scheduled:
+        await scheduled.attempt()
+        (first,) = await case.conn.fetch("SELECT * FROM gateway_reconciliations")
+        notes = json.loads(first["report"])["notes"]
+        assert ("undecided_payment", staged) in {(n["kind"], n["payment_id"]) for n in notes}
+        assert first["differences"] == 0
+
+        # Its call's lease ran out; hours later an operator settles it FAILED.
+        await case.conn.execute(
+            "UPDATE gateway_operations SET locked_until = now() - interval '1 second' "
+            "WHERE payment_id = $1",
+            staged,
+        )
+        settled = await asyncio.to_thread(
+            run_to_end,
+            ["gateway", "settle", str(staged), "FAILED", "--reason", "no answer from the bank"],
+            clean_env(DATABASE_URL=case.url),
+            case.cwd,
+        )
+        assert settled.returncode == 0, settled.stderr
+
+        # The next run's window: two hours after the first one's, which the payment and its
+        # intent (made a moment ago) both precede by far.
+        await case.conn.execute(
+            "UPDATE gateway_reconciliations SET until = until - interval '3 hours', "
+            "since = since - interval '3 hours', started_at = started_at - interval '3 hours', "
+            "finished_at = finished_at - interval '3 hours'"
+        )
+        latest = await latest_reconciliation(case.conn)
+        now = datetime.now(UTC) - timedelta(hours=1)
+        conn = await asyncpg.connect(case.url)
+        try:
+            second = await scheduled._pass(conn, latest, now)
+        finally:
+            await conn.close()
+    assert second.since == first["until"] - timedelta(hours=3) - OVERLAP
+    assert second.until == now
+    assert second.report is not None
+    assert [(d["kind"], d["payment_id"], d["intent_id"]) for d in second.report["differences"]] == [
+        ("charged_at_gateway", staged, intent_id)
+    ]

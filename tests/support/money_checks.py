@@ -16,17 +16,14 @@ adapter under test), and asserts:
   payment's recorded intent; every gateway refund is one of our refunds, of that payment.
 
 The gateway must be this database's alone (the fault tests start one per test), so that
-everything it holds is ours. Then, if the CLI has `payment-service reconcile`, it runs
-`reconcile --since <the first payment's time> --json` and expects exit 0 (no difference); where
-the subcommand does not exist yet only the comparison above is made (`Counts.reconcile` says
-which). Returns what was counted, for the fault tests' report (tests/support/fault_report.py).
+everything it holds is ours. Then it runs `payment-service reconcile --since <the first payment's
+time> --json` and expects exit 0 (no difference; `Counts.reconcile` records it). Returns what
+was counted, for the fault tests' report (tests/support/fault_report.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -57,7 +54,7 @@ class Counts:
     refunds_at_gateway: int
     review_flagged: int  # operations in REVIEW
     failed_payments: int
-    reconcile: str  # "exit 0", or "not available" when the CLI has no reconcile
+    reconcile: str  # "exit 0": what `payment-service reconcile` answered
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,11 +96,9 @@ async def assert_money_consistent(
         f"{len(problems)} difference(s) between our database and the gateway:\n"
         + "\n".join(problems[:20])
     )
-    reconcile = "not available"
-    if await asyncio.to_thread(reconcile_available):
-        reconcile = await asyncio.to_thread(
-            _run_reconcile, database_url, gateway_base_url, first, workdir
-        )
+    reconcile = await asyncio.to_thread(
+        _run_reconcile, database_url, gateway_base_url, first, workdir
+    )
     return Counts(
         payments=len(payments),
         intents_created=len(ledger.intents),
@@ -204,14 +199,6 @@ def _compare(
 
 def _minor(amount: Decimal, currency: str) -> int:
     return 0 if amount == 0 else to_minor_units(amount, currency)
-
-
-@functools.cache
-def reconcile_available() -> bool:
-    """Whether this CLI has `payment-service reconcile` (it lists its subcommands in --help)."""
-    finished = run_to_end(["--help"], clean_env(), Path.cwd(), timeout=60)
-    assert finished.returncode == 0, finished.stderr
-    return re.search(r"^\s+reconcile\b", finished.stdout, re.MULTILINE) is not None
 
 
 def _run_reconcile(

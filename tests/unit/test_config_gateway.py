@@ -183,3 +183,42 @@ def test_the_test_payment_method_only_with_a_test_key_or_the_embedded_gateway() 
     assert fallback_payment_method(embedded) == "pm_x"
     assert fallback_payment_method(load_settings(stripe_secret_key=LIVE_KEY)) is None
     assert fallback_payment_method(load_settings()) is None
+
+
+@pytest.mark.parametrize("key", [LIVE_KEY, "rk_live_canary0123456789"])
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"STRIPE_API_FLAVOUR": "localstripe"}, "STRIPE_API_FLAVOUR=localstripe"),
+        ({"STRIPE_API_FLAVOUR": "localstripe", "STRIPE_API_BASE": "https://api.stripe.com"},
+         "STRIPE_API_FLAVOUR=localstripe"),
+        ({"STRIPE_API_BASE": "http://gateway:8420"}, "STRIPE_API_BASE is plain http://"),
+    ],
+)  # fmt: skip
+def test_a_live_key_is_refused_with_the_fake_gateways_settings_in_any_environment(
+    monkeypatch: pytest.MonkeyPatch, key: str, variables: dict[str, str], named: str
+) -> None:
+    monkeypatch.setenv("STRIPE_SECRET_KEY", key)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    message = refused()
+    assert named in message
+    assert "canary" not in message, "a secret is named, never quoted"
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"STRIPE_SECRET_KEY": "sk_test_abc", "STRIPE_API_BASE": "http://gateway:8420",
+         "STRIPE_API_FLAVOUR": "localstripe"},
+        {"STRIPE_SECRET_KEY": LIVE_KEY},
+        {"STRIPE_SECRET_KEY": LIVE_KEY, "GATEWAY": "none", "STRIPE_API_BASE": "http://gateway:8420"},
+    ],
+    ids=["a test key with the fake", "a live key with real Stripe", "no gateway"],
+)  # fmt: skip
+def test_the_fake_with_a_test_key_and_a_live_key_with_real_stripe_start(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().stripe_secret_key is not None
