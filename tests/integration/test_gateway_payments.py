@@ -232,10 +232,11 @@ async def test_requests_the_gateway_cannot_carry_are_refused_before_anything_is_
     for field, value in (("payment_method", "card_visa"), ("customer", "pm_x")):
         odd = await post_json(charging.client, "/payments", payment_body(**{field: value}))
         assert_problem(odd, 400, "VALIDATION_ERROR")
-    # A live key never charges a made-up payment method: the request must name one.
+    # A live key never charges a made-up payment method: the request must name one. (A live key
+    # travels over https only; the request is refused before any call, so nothing listens there.)
     live = await api_factory(
         **gateway_settings(
-            embedded_gateway.base_url, stripe_secret_key="sk_live_x", stripe_api_flavour="stripe"
+            "https://127.0.0.1:9", stripe_secret_key="sk_live_x", stripe_api_flavour="stripe"
         )
     )
     nameless = await post_json(live.client, "/payments", payment_body())
