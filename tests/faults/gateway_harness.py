@@ -48,7 +48,7 @@ import httpx
 
 from payment_service.gateway.embedded import EmbeddedGateway
 from tests.faults.harness import ServiceStack, assert_every_event_delivered, finish_clients
-from tests.support.fault_proxy import Action, Exchange, FaultProxy, Matcher, matching
+from tests.support.fault_proxy import Action, Exchange, FaultProxy, Matcher, Request, matching
 from tests.support.fault_report import record
 from tests.support.gateway import WEBHOOK_SECRET, gateway_settings, make_payment_method
 from tests.support.money_checks import Counts, assert_money_consistent
@@ -60,7 +60,15 @@ CREATE = matching("POST", "/v1/payment_intents")
 CONFIRM = matching("POST", r"/v1/payment_intents/\w+/confirm")
 REFUND = matching("POST", "/v1/refunds")
 RETRIEVE = matching("GET", r"/v1/payment_intents/\w+")
-FIND_REFUND = matching("GET", "/v1/refunds")
+_REFUNDS_LISTED = matching("GET", "/v1/refunds")
+
+
+def FIND_REFUND(request: Request) -> bool:
+    """The worker's search for a refund of one intent, not a reconciliation's listing of every
+    refund (which a relay makes at its start, and which must not be the request held)."""
+    return _REFUNDS_LISTED(request) and "payment_intent=" in request.target
+
+
 PAY = matching("POST", "/payments")
 PAY_REFUND = matching("POST", r"/payments/\d+/refunds")
 
