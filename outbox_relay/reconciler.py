@@ -9,8 +9,10 @@ since the last run started) opens a connection of its own, takes a session advis
 reads the last run again, and runs the pass only if it is still due; the others skip. Every
 relay exports the last run's number of differences as `gateway_reconciliation_differences` (the
 alert GatewayReconciliationDifferences fires on it). A run the gateway or the database cut short is
-logged and tried again after RETRY_SECONDS; nothing is stored for it. Runs only with
-GATEWAY=stripe and a non-zero interval.
+logged and tried again after RETRY_SECONDS; nothing is stored for it. After a stored run, the
+orphan intents it found that nothing of ours will ever confirm (created for a payment whose
+operation recorded another) are canceled at the gateway. Runs only with GATEWAY=stripe and a
+non-zero interval.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Reconciler:
         self.interval_seconds = state.settings.gateway_reconcile_interval
         self.attempts = 0  # passes tried (whether this relay ran them or another did)
         self.runs = 0  # passes this relay ran and stored
+        self.canceled = 0  # orphan intents this relay canceled
         self._retry_at = 0.0  # monotonic: no pass before, after one cut short
 
     async def run(self) -> None:
@@ -116,6 +119,7 @@ class Reconciler:
             finished_at=datetime.now(UTC),
         )
         self.runs += 1
+        await self._cancel_abandoned(result)
         log = logger.warning if stored.differences else logger.info
         log(
             "scheduled reconciliation with the gateway",
@@ -129,6 +133,25 @@ class Reconciler:
             },
         )
         return stored
+
+    async def _cancel_abandoned(self, result: reconcile.Reconciliation) -> None:
+        """Cancel the orphan intents nothing of ours will confirm, so that nobody can later (one
+        the gateway will not cancel is logged and left: it stays a note of every run)."""
+        for orphan in result.abandoned:
+            assert orphan.intent_id is not None and orphan.payment_id is not None
+            try:
+                await self.gateway.cancel(orphan.intent_id, payment_id=orphan.payment_id)
+            except GatewayError as error:
+                logger.warning(
+                    "an orphan intent could not be canceled",
+                    extra={"intent_id": orphan.intent_id, "error": str(error)},
+                )
+                continue
+            self.canceled += 1
+            logger.info(
+                "canceled an orphan intent (never confirmed; its payment has another)",
+                extra={"intent_id": orphan.intent_id, "payment_id": orphan.payment_id},
+            )
 
     def _show(self, latest: StoredReconciliation | None) -> None:
         if latest is not None:

@@ -132,6 +132,11 @@ class Reconciliation:
     gateway_refunds: int = 0
     differences: list[Finding] = field(default_factory=list)
     notes: list[Finding] = field(default_factory=list)
+    # Orphans (notes too) that nothing of ours will ever confirm: intents created for a payment
+    # whose operation recorded another intent (a create whose answer was lost, made again). The
+    # scheduled run cancels them, so that nobody can confirm them later; a run by hand only
+    # lists them.
+    abandoned: list[Finding] = field(default_factory=list)
 
     def add(self, finding: Finding) -> None:
         (self.notes if finding.kind in NOTE_KINDS else self.differences).append(finding)
@@ -370,14 +375,22 @@ def _compare_charge(result: Reconciliation, charge: asyncpg.Record, intents: lis
         )
     for intent in intents:
         if not intent.status.confirmed:
-            result.add(
-                Finding(
-                    Kind.ORPHAN_INTENT,
-                    f"intent {intent.status.value} (payment {status}): nothing moved through it",
-                    payment_id=payment_id,
-                    intent_id=intent.id,
-                )
+            orphan = Finding(
+                Kind.ORPHAN_INTENT,
+                f"intent {intent.status.value} (payment {status}): nothing moved through it",
+                payment_id=payment_id,
+                intent_id=intent.id,
             )
+            result.add(orphan)
+            # Only the operation's recorded intent is ever confirmed: another one, still
+            # unconfirmed, never will be by us.
+            recorded = charge["intent_id"]
+            if (
+                intent.status == IntentStatus.REQUIRES_CONFIRMATION
+                and recorded is not None
+                and intent.id != recorded
+            ):
+                result.abandoned.append(orphan)
     if status == "PENDING":
         says = ", ".join(f"{i.id} {i.status.value}" for i in intents) or "no intent"
         result.add(
@@ -589,6 +602,7 @@ async def compare_again(
     if not suspects:
         for finding in [*first.differences, *first.notes]:
             result.add(finding)
+        result.abandoned.extend(first.abandoned)
         return
     fresh = {obj.id: obj for obj in objects}
     for object_id in sorted(str(suspect) for suspect in suspects):

@@ -572,3 +572,65 @@ async def test_a_payment_settled_after_its_window_is_compared_at_the_next_schedu
     assert [(d["kind"], d["payment_id"], d["intent_id"]) for d in second.report["differences"]] == [
         ("charged_at_gateway", staged, intent_id)
     ]
+
+
+async def unconfirmed_intent(case: Case, payment_id: int) -> str:
+    """An intent made at the case's gateway for one of our payments (its reference too), never
+    confirmed: what a create whose answer was lost leaves behind."""
+    reference = await case.conn.fetchval(
+        "SELECT reference FROM payments WHERE payment_id = $1", payment_id
+    )
+    async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
+        created = await client.post(
+            "/v1/payment_intents",
+            data={
+                "amount": "100",
+                "currency": "inr",
+                "payment_method": "pm_card_visa",
+                "metadata[payment_id]": str(payment_id),
+                "metadata[reference]": reference,
+            },
+        )
+    assert created.json()["status"] == "requires_confirmation", created.text
+    return str(created.json()["id"])
+
+
+async def intent_status(case: Case, intent_id: str) -> str:
+    async with httpx.AsyncClient(base_url=case.gateway.base_url, headers=AUTH) as client:
+        return str((await client.get(f"/v1/payment_intents/{intent_id}")).json()["status"])
+
+
+async def test_a_scheduled_run_cancels_the_orphans_nothing_of_ours_will_confirm(
+    case: Case,
+) -> None:
+    """An unconfirmed intent of a payment whose operation recorded another is canceled at the
+    gateway by the scheduled run; one of a payment with no recorded intent yet (its call may
+    still record it) is left alone, and a run by hand cancels nothing."""
+    charged, staged = case.ids["charged"], case.ids["staged"]
+    assert (
+        await case.conn.fetchval(
+            "SELECT intent_id FROM gateway_operations WHERE payment_id = $1", staged
+        )
+        is None
+    )
+    recorded = await case.conn.fetchval(
+        "SELECT intent_id FROM gateway_operations WHERE payment_id = $1", charged
+    )
+    abandoned = await unconfirmed_intent(case, charged)
+    maybe_recorded = await unconfirmed_intent(case, staged)
+
+    code, report = await case.reconciled()  # by hand: listed, nothing canceled
+    assert code == 0, report
+    orphans = {n["intent_id"] for n in report["notes"] if n["kind"] == "orphan_intent"}
+    assert {abandoned, maybe_recorded} <= orphans
+    assert await intent_status(case, abandoned) == "requires_confirmation"
+
+    async with reconciler(case, gateway_reconcile_interval=3600) as scheduled:
+        await scheduled.attempt()
+        assert scheduled.runs == 1 and scheduled.canceled == 1
+        assert differences_gauge(scheduled) == 0
+    assert await intent_status(case, abandoned) == "canceled"
+    assert await intent_status(case, maybe_recorded) == "requires_confirmation"
+    assert await intent_status(case, recorded) == "succeeded"
+    code, _ = await case.reconciled()
+    assert code == 0
